@@ -1,0 +1,64 @@
+"""DeepSpeed ZeRO as the training engine, in one process, on CPU or CUDA.
+
+Every training rule is one Snakemake job = one process = one DeepSpeed rank, so the
+rendezvous is set up here (a free loopback port per job lets jobs run side by side).
+`DS_ACCELERATOR` decides the device: `cpu` here, CUDA where there is a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_process() -> None:
+    import deepspeed  # imported late: it probes the accelerator at import
+
+    if os.environ.get("WORLD_SIZE") is None:  # not started by a launcher
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    from deepspeed.accelerator import get_accelerator
+
+    backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def deepspeed_config(batch_size: int, lr: float, zero_stage: int, grad_clip: float, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": zero_stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
+        "gradient_clipping": grad_clip,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,  # progress is ours (tqdm); DeepSpeed's own prints would flood the log
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize(model, config: dict):
+    import deepspeed
+
+    init_single_process()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("no trainable parameters: check train_modules")
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    return engine
+
+
+def save_hf(engine, processor, out_dir, zero_stage: int) -> None:
+    """Save in the standard Hugging Face layout (safetensors), gathering ZeRO-3 shards first."""
+    module = engine.module
+    if zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    else:
+        module.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)

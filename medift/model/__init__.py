@@ -1,0 +1,1 @@
+"""Model construction, the proxy instruction, and the embedded default base model."""

@@ -1,0 +1,68 @@
+import pytest
+
+from medift import mcq
+from medift.chat import IGNORE_INDEX, collate, encode_conversation
+from medift.model.embedded import EmbeddedModelConfig, build_processor
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(EmbeddedModelConfig())
+
+
+def test_mcq_instruction_is_the_papers_template():
+    text = mcq.build_mcq_instruction("What is the cell size?", ["big", "small"])
+    assert text == (
+        "What is the cell size?\nA. big\nB. small\n"
+        'Response with only the letter of the correct choice, starting with "The correct answer is [A or B]".'
+    )
+
+
+@pytest.mark.parametrize(
+    "output,n,expected",
+    [
+        ("The correct answer is B.", 2, "B"),
+        ("The correct answer is [C]", 4, "C"),
+        ("The correct answer is *A*.", 3, "A"),
+        ("the correct answer is d", 5, "D"),
+        ("The correct answer is E.", 4, None),  # not a valid letter for 4 options
+        ("The correct answer is Because", 4, None),  # no substring matching
+        ("B", 4, None),  # no prefix: unparseable, counted as wrong
+        ("", 2, None),
+    ],
+)
+def test_parse_answer_letter(output, n, expected):
+    assert mcq.parse_answer_letter(output, n) == expected
+
+
+def test_format_answer_round_trips_through_the_parser():
+    for i in range(6):
+        assert mcq.parse_answer_letter(mcq.format_answer(i), 6) == mcq.LETTERS[i]
+
+
+def test_loss_is_on_responses_only(processor):
+    encoded = encode_conversation(processor, ["What is the color?", "Describe this image."],
+                                  ["The correct answer is B.", "big size, red color"], with_image=True)
+    tok = processor.tokenizer
+    supervised = [tok.convert_ids_to_tokens(i) for i, l in zip(encoded.input_ids, encoded.labels) if l != IGNORE_INDEX]
+    assert supervised[:7] == ["The", "correct", "answer", "is", "B", ".", "</s>"]
+    assert "big" in supervised and "What" not in supervised and "<image>" not in supervised
+    assert encoded.input_ids.count(tok.convert_tokens_to_ids("<image>")) == 64
+
+
+def test_every_medical_word_is_in_the_embedded_vocabulary(processor):
+    from medift.datasets import DATASETS
+
+    tok = processor.tokenizer
+    for module in DATASETS.values():
+        for key, values in module.ATTRIBUTES.items():
+            for text in (module.QUESTION_TEXT[key], *values):
+                assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_left_padding_keeps_prompts_flush_right(processor):
+    a = encode_conversation(processor, ["Describe this image."], ["x"], with_image=False)
+    b = encode_conversation(processor, ["What is the color?\nA. red\nB. blue"], ["y"], with_image=False)
+    batch = collate([a, b], processor.tokenizer.pad_token_id, pad_left=True)
+    assert batch["attention_mask"][:, -1].tolist() == [1, 1]
+    assert batch["attention_mask"][0, 0] == 0

@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+from medift.model.loading import select_trainable
+from medift.proxy import ProxyInstruction
+from tiny_models import PROXY_ID, llava_inputs, mllama_inputs, tiny_llava, tiny_mllama
+
+BUILDERS = {"llava": (tiny_llava, llava_inputs), "mllama": (tiny_mllama, mllama_inputs)}
+
+
+def make(arch: str, k: int = 3):
+    build, inputs = BUILDERS[arch]
+    model = build()
+    hidden = model.get_input_embeddings().weight.shape[1]
+    proxy = ProxyInstruction(k, hidden, PROXY_ID, torch.Generator().manual_seed(0))
+    return model, proxy, inputs(k=k)
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_placeholder_embeddings_are_replaced_by_the_proxy(arch):
+    model, proxy, batch = make(arch)
+    embed = model.get_input_embeddings()
+    plain = embed(batch["input_ids"]).detach()
+    proxy.attach(model)
+    replaced = embed(batch["input_ids"]).detach()
+    mask = batch["input_ids"] == PROXY_ID
+    for row in range(batch["input_ids"].shape[0]):
+        assert torch.equal(replaced[row][mask[row]], proxy.weight.detach())
+    assert torch.equal(replaced[~mask], plain[~mask])
+    assert not torch.equal(replaced[mask], plain[mask])
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_proxy_gets_gradient_through_the_whole_model(arch):
+    model, proxy, batch = make(arch)
+    select_trainable(model, ["vision", "projector"])
+    proxy.attach(model)
+    model(**batch).loss.backward()
+    assert proxy.weight.grad is not None and proxy.weight.grad.abs().sum() > 0
+    frozen = [p for n, p in model.named_parameters() if "language_model" in n and "cross_attn" not in n]
+    assert frozen and all(p.grad is None for p in frozen)
+
+
+def test_momentum_copy_moves_by_exactly_one_minus_m_of_the_step():
+    model, proxy, batch = make("llava")
+    proxy.attach(model)
+    m = 0.9
+    with torch.no_grad():
+        proxy.momentum_copy.add_(0.05)  # P_bar != P, so the reset in step 1 is observable
+    optimizer = torch.optim.AdamW([proxy.weight], lr=1e-2)
+    p_bar_before = proxy.momentum_copy.clone()
+    proxy.load_momentum_copy()
+    assert torch.equal(proxy.weight.detach(), p_bar_before)
+    model(**batch).loss.backward()
+    optimizer.step()
+    step = proxy.weight.detach() - p_bar_before
+    assert step.abs().max() > 0
+    proxy.update_momentum_copy(m)
+    torch.testing.assert_close(proxy.momentum_copy - p_bar_before, (1 - m) * step, rtol=0, atol=1e-7)
+
+
+def test_proxy_is_absent_at_evaluation():
+    model, proxy, batch = make("llava")
+    with torch.no_grad():
+        before = model(**batch).logits
+    proxy.attach(model)
+    with torch.no_grad():
+        with_proxy = model(**batch).logits
+    proxy.detach()
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert not torch.allclose(before, with_proxy)
+    assert torch.equal(before, after)
+    assert not any("proxy" in name for name in model.state_dict())
+
+
+def test_wrong_number_of_placeholders_is_an_error():
+    model, proxy, batch = make("llava", k=3)
+    proxy.attach(model)
+    batch["input_ids"][0, 4] = 7  # row 0 now has 2 placeholders
+    with pytest.raises(ValueError, match="exactly 3 proxy placeholders"):
+        model(**batch)
+
+
+def test_attaching_twice_is_an_error():
+    model, proxy, _ = make("llava")
+    proxy.attach(model)
+    with pytest.raises(RuntimeError):
+        proxy.attach(model)
+
+
+def test_unknown_or_empty_module_group_is_an_error():
+    with pytest.raises(ValueError, match="unknown"):
+        select_trainable(tiny_llava(), ["decoder"])
+    with pytest.raises(ValueError, match="matches no parameter"):
+        select_trainable(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["vision"])
+
+
+def test_paper_default_trains_vision_and_projector_only():
+    model = tiny_llava()
+    counts = select_trainable(model, ["vision", "projector"])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("vision_tower" in n or "multi_modal_projector" in n for n in trained)
+    assert 0 < counts["trainable"] < counts["total"]
+
+
+def test_mllama_fusion_group_is_the_cross_attention_and_projector():
+    model = tiny_mllama()
+    select_trainable(model, ["fusion"])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("cross_attn" in n for n in trained) and any("multi_modal_projector" in n for n in trained)
+    assert not any("self_attn" in n for n in trained)
+
+
+def test_lora_adds_trainable_adapters_to_the_language_model_only():
+    model = tiny_llava()
+    select_trainable(model, ["lora"])
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n and "language_model" in n for n in trained)
