@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
+from medift.runtime import set_torch_threads
 from medift.model.embedded import EmbeddedModelConfig
 from medift.model.loading import load_base_model
 from medift.model.pretrain import PretrainConfig, general_mcq_accuracy, held_out_questions, pretrain
@@ -34,7 +35,7 @@ class BaseEvalConfig:
 
 
 def evaluate_base(config: BaseEvalConfig) -> dict:
-    torch.set_num_threads(config.threads)
+    set_torch_threads(config.threads)
     model, processor = load_base_model(config.model)
     result = general_mcq_accuracy(model, processor, held_out_questions(config.n, config.seed, config.image_size))
     result["format_retention"] = round(1 - result["parse_failures"] / result["n"], 4)

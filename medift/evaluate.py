@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
+from medift.runtime import set_torch_threads
 from medift import mcq
 from medift.generation import generate_answers
 from medift.images import decode_image
@@ -68,7 +69,7 @@ def score_questions(model, processor, questions: pd.DataFrame, config: EvaluateC
 
 
 def evaluate(config: EvaluateConfig) -> dict:
-    torch.set_num_threads(config.threads)
+    set_torch_threads(config.threads)
     started = time.time()
     model, processor = load_base_model(config.model, trust_remote_code=config.trust_remote_code)
     questions = load_questions(Path(config.shards), config.split)

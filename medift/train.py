@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from medift.runtime import set_torch_threads
 from medift.chat import Encoded, collate, encode_conversation
 from medift.generation import pixel_values_for
 from medift.images import decode_image
-from medift.model.loading import load_base_model, select_trainable
+from medift.model.loading import load_base_model, merge_lora, select_trainable
 from medift.proxy import ProxyInstruction
 from medift.shards import load_descriptions
 from medift import engine as ds_engine
@@ -154,7 +155,7 @@ def run_main(engine, proxy, samples, processor, config, load_counts, history) ->
 
 
 def train(config: TrainConfig) -> dict:
-    torch.set_num_threads(config.threads)
+    set_torch_threads(config.threads)
     torch.manual_seed(config.seed)
     started = time.time()
     model, processor = load_base_model(config.base_model, trust_remote_code=config.trust_remote_code)
@@ -175,6 +176,10 @@ def train(config: TrainConfig) -> dict:
     run_main(engine, proxy, samples, processor, config, load_counts, history)
     if proxy is not None:
         proxy.detach()  # the tuned model is evaluated without it
+    if "lora" in trainable["groups"]:
+        if config.zero_stage == 3:
+            raise ValueError("LoRA with ZeRO-3 is not supported: adapters cannot be merged into partitioned weights")
+        merge_lora(engine.module)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ds_engine.save_hf(engine, processor, out_dir, config.zero_stage)

@@ -117,3 +117,21 @@ def test_lora_adds_trainable_adapters_to_the_language_model_only():
     select_trainable(model, ["lora"])
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n and "language_model" in n for n in trained)
+
+
+def test_lora_merges_back_into_a_plain_checkpoint():
+    from medift.model.loading import merge_lora
+
+    model = tiny_llava()
+    plain_keys = set(model.state_dict())
+    select_trainable(model, ["lora"])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # make the adapters do something
+    batch = llava_inputs()
+    with torch.no_grad():
+        adapted = model(**batch).logits
+    assert merge_lora(model) > 0
+    assert set(model.state_dict()) == plain_keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, adapted, rtol=1e-4, atol=1e-4)

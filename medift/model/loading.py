@@ -88,3 +88,17 @@ def add_lora(model, rank: int) -> None:
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.requires_grad_(True)
+
+
+def merge_lora(model) -> int:
+    """Fold LoRA adapters into their base weights so the checkpoint is a plain model again."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+            merged += 1
+    return merged

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from medift.runtime import set_torch_threads
 from medift import mcq
 from medift.chat import Encoded, collate, encode_conversation
 from medift.datasets import DATASETS
@@ -194,8 +195,9 @@ def general_mcq_accuracy(model, processor, items, max_new_tokens: int = 50) -> d
 # ---------------------------------------------------------------- the loop
 
 
-def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig) -> dict:
-    torch.set_num_threads(config.threads)
+def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_after: int | None = None) -> dict:
+    """Pre-train and save; with `stop_after`, return the first steps' history unsaved (tests)."""
+    set_torch_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     processor = build_processor(model_config)
@@ -232,6 +234,8 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig) -> dict:
             model.train()
             log.info("step %d: %s", step + 1, record)
         history.append(record)
+        if stop_after is not None and len(history) >= stop_after:
+            return {"history": history}
         bar.set_postfix(lm=f"{record['lm_loss']:.3f}", aux=f"{record['aux_loss']:.3f}", refresh=False)
     final = general_mcq_accuracy(model, processor, held_out)
     final["train_seconds"] = round(time.time() - started, 1)

@@ -1,0 +1,25 @@
+"""Process-level settings shared by every step."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def set_torch_threads(requested: int) -> int:
+    """torch threads = the rule's `threads`, but never more than the CPUs this process may use.
+
+    `snakemake --cores 8` on a 2-core machine may hand a job 8 threads; oversubscribing
+    OpenMP threads makes every matmul slower, so the count is clamped.
+    """
+    threads = max(1, min(requested, available_cpus()))
+    torch.set_num_threads(threads)
+    return threads
