@@ -1,0 +1,264 @@
+"""The Snakemake workflow: lint, dry runs of the real DAG, invalidation, and an end-to-end run.
+
+Every run goes into a temporary working directory (`--directory`) with the repository's
+Snakefile, so nothing is written to the checkout. The end-to-end test (marked `e2e`,
+deselect with `-m "not e2e"`) fine-tunes and evaluates the committed embedded base
+model `models/embedded-base` on tiny synthetic data; it is skipped while that model is
+absent. MEDIFT_TEST_BASE_MODEL=DIR makes it use another checkpoint of that layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from medift.tables import PREDICTION_COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+DEFAULT_CONFIG = REPO / "config" / "config.yaml"
+EMBEDDED_BASE = REPO / "models" / "embedded-base"
+DATASETS = ["wbcatt", "cbis_ddsm"]
+TABLE1 = ["zero_shot", "caption_ft", "ift"]
+TABLE2 = ["ift", "ift_no_momentum", "ift_no_shuffle", "ift_no_warmup"]
+TRAINED = ["caption_ft", "ift", "ift_no_momentum", "ift_no_shuffle", "ift_no_warmup"]
+DATA_TARGETS = [f"results/{d}/data_report.json" for d in DATASETS]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    # The jobs import this checkout's medift, installed or not.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def snakemake(*args: str, workdir: Path | None = None, check: bool = True,
+              timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m snakemake` with the repository's Snakefile, in `workdir` (default: the repo)."""
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--cores", "2"]
+    if workdir is not None:
+        command += ["--directory", str(workdir)]
+    result = subprocess.run(
+        [*command, *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(args)} exited {result.returncode}:\n"
+                    f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def dry_run_jobs(output: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job a dry run (`-n`) lists."""
+    jobs: list[tuple[str, dict[str, str]]] = []
+    for line in output.splitlines():
+        rule = re.match(r"^(?:local)?rule (\w+):$", line)
+        if rule:
+            jobs.append((rule.group(1), {}))
+            continue
+        wildcards = re.match(r"^\s+wildcards: (.*)$", line)
+        if wildcards and jobs:
+            jobs[-1][1].update(item.split("=", 1) for item in wildcards.group(1).split(", "))
+    return jobs
+
+
+def rule_counts(jobs) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rule, _ in jobs:
+        counts[rule] = counts.get(rule, 0) + 1
+    return counts
+
+
+def dry_run(*targets: str, workdir: Path, configfile: Path) -> list[tuple[str, dict[str, str]]]:
+    result = snakemake("-n", f"--configfile={configfile}", *targets, workdir=workdir)
+    return dry_run_jobs(result.stdout + result.stderr)
+
+
+def default_config() -> dict:
+    return yaml.safe_load(DEFAULT_CONFIG.read_text())
+
+
+def tiny_config(base_model: str = "embedded") -> dict:
+    """The default config shrunk: 12/4/8 synthetic images, one epoch, 8 new tokens."""
+    config = default_config()
+    config["base_model"]["path"] = base_model
+    for entry in config["datasets"].values():
+        entry["synthetic"] = {"n_train": 12, "n_val": 4, "n_test": 8, "image_size": 64}
+    config["train"].update(epochs=1, warmup_epochs=1, batch_size=4, threads=1)
+    config["evaluate"].update(max_new_tokens=8, threads=1)
+    config["threads"] = {"prepare": 1, "pretrain": 1}
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def embedded_base_available() -> bool:
+    return (EMBEDDED_BASE / "config.json").is_file() and (EMBEDDED_BASE / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- static checks
+
+
+def test_lint_is_clean():
+    result = snakemake("--lint")
+    assert "Congratulations" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("results/table1.csv", {"synthesize_raw_data": 2, "make_shards": 2, "train_model": 4,
+                                "evaluate_model": 6, "make_table": 1}),
+        ("all", {"synthesize_raw_data": 2, "make_shards": 2, "train_model": 10,
+                 "evaluate_model": 12, "make_table": 2, "evaluate_base_model": 1, "all": 1}),
+    ],
+)
+def test_dry_run_default_config(tmp_path, target, expected):
+    """A fresh clone: the committed embedded base model is there, nothing else."""
+    if (REPO / "models").is_dir():
+        (tmp_path / "models").symlink_to(REPO / "models")  # a dry run writes nothing
+    jobs = dry_run(target, workdir=tmp_path, configfile=DEFAULT_CONFIG)
+    if not embedded_base_available():
+        expected = {**expected, "pretrain_base_model": 1}
+    assert rule_counts(jobs) == expected
+    evaluated = {(w["dataset"], w["method"]) for rule, w in jobs if rule == "evaluate_model"}
+    methods = TABLE1 if target == "results/table1.csv" else TABLE1 + TABLE2[1:]
+    assert evaluated == {(d, m) for d in DATASETS for m in methods}
+    trained = {(w["dataset"], w["method"]) for rule, w in jobs if rule == "train_model"}
+    assert trained == {(d, m) for d, m in evaluated if m != "zero_shot"}
+
+
+def test_dry_run_real_checkpoint_has_no_pretraining(tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    config = write_config(tmp_path / "config.yaml", {**default_config(), "base_model": {"path": str(checkpoint)}})
+    result = snakemake("-n", f"--configfile={config}", "all", workdir=tmp_path / "work")
+    output = result.stdout + result.stderr
+    counts = rule_counts(dry_run_jobs(output))
+    assert "pretrain_base_model" not in counts and "evaluate_base_model" not in counts
+    assert counts["train_model"] == 10 and counts["make_table"] == 2
+    assert f"--base_model {checkpoint} " in output
+    assert f"--model {checkpoint} " in output  # zero_shot evaluates the checkpoint itself
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["tables"]["table1"].append("no_such_method"), "no_such_method"),
+        (lambda c: c["datasets"]["wbcatt"].update(source="raw"), "raw_dir"),
+        (lambda c: c["train"].update(accelerator="tpu"), "tpu"),
+        (lambda c: c["datasets"].update(mnist={"source": "synthetic"}), "adapter"),
+    ],
+)
+def test_invalid_config_is_rejected(tmp_path, change, message):
+    config = copy.deepcopy(default_config())
+    change(config)
+    result = snakemake("-n", f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
+                       workdir=tmp_path, check=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+def test_changing_one_dataset_reruns_only_that_dataset(tmp_path):
+    work = tmp_path / "work"
+    config = tiny_config()
+    configfile = write_config(tmp_path / "config.yaml", config)
+    snakemake(f"--configfile={configfile}", *DATA_TARGETS, workdir=work)
+    for dataset in DATASETS:
+        report = json.loads((work / "results" / dataset / "data_report.json").read_text())
+        assert report["dataset"] == dataset and report["records_kept"] > 0
+        assert (work / "resources" / "shards" / dataset / "manifest.json").is_file()
+    assert dry_run(*DATA_TARGETS, workdir=work, configfile=configfile) == []
+
+    config["threads"]["prepare"] = 2  # threads change no result: nothing to re-run
+    write_config(configfile, config)
+    assert dry_run(*DATA_TARGETS, workdir=work, configfile=configfile) == []
+
+    config["datasets"]["wbcatt"]["synthetic"]["n_train"] = 14
+    write_config(configfile, config)
+    jobs = dry_run(*DATA_TARGETS, workdir=work, configfile=configfile)
+    assert sorted(rule for rule, _ in jobs) == ["make_shards", "synthesize_raw_data"]
+    assert all(wildcards["dataset"] == "wbcatt" for _, wildcards in jobs)
+
+
+@pytest.mark.e2e
+def test_end_to_end_tables(tmp_path):
+    source = Path(os.environ.get("MEDIFT_TEST_BASE_MODEL", EMBEDDED_BASE))
+    if not ((source / "config.json").is_file() and (source / "model.safetensors").is_file()):
+        pytest.skip(f"{source} has no model.safetensors: the embedded base model is not built "
+                    "(python -m medift.base_model pretrain --out_dir models/embedded-base)")
+    work = tmp_path / "work"
+    # The default `embedded` base model, as on a fresh clone: present, so not rebuilt.
+    shutil.copytree(source, work / "models" / "embedded-base")
+    config = tiny_config()
+    configfile = write_config(tmp_path / "config.yaml", config)
+    snakemake(f"--configfile={configfile}", "results/table1.csv", "results/table2.csv",
+              workdir=work, timeout=900)
+
+    results = work / "results"
+    for name, methods in (("table1", TABLE1), ("table2", TABLE2)):
+        table = pd.read_csv(results / f"{name}.csv", index_col=0)
+        assert list(table.index) == methods
+        assert list(table.columns) == DATASETS + ["average"]
+        assert table.notna().all().all()
+        assert ((table >= 0) & (table <= 100)).all().all()
+        assert (table["average"] - table[DATASETS].mean(axis=1)).abs().max() <= 0.011
+        long = pd.read_csv(results / f"{name}_long.csv")
+        assert len(long) == len(methods) * len(DATASETS)
+        assert (results / f"{name}.png").stat().st_size > 0
+
+    for dataset in DATASETS:
+        for method in TABLE1 + TABLE2[1:]:
+            predictions = pd.read_csv(results / dataset / method / "predictions.csv")
+            assert set(PREDICTION_COLUMNS) <= set(predictions.columns)
+            assert len(predictions) > 0 and predictions["correct"].isin([0, 1]).all()
+            metrics = json.loads((results / dataset / method / "metrics.json").read_text())
+            assert metrics["n"] == len(predictions)
+        summaries = {
+            method: json.loads((work / "resources/models" / dataset / method / "train_summary.json").read_text())["config"]
+            for method in TRAINED
+        }
+        assert summaries["caption_ft"]["proxy"] is False and summaries["ift"]["proxy"] is True
+        assert summaries["ift_no_momentum"]["momentum"] == 0.0 and summaries["ift"]["momentum"] == 0.999
+        assert summaries["ift_no_shuffle"]["shuffle_responses"] is False
+        assert summaries["ift_no_warmup"]["warmup_epochs"] == 0 and summaries["ift"]["warmup_epochs"] == 1
+        assert all(s["epochs"] == 1 and s["batch_size"] == 4 for s in summaries.values())
+
+    logs = work / "logs"
+    expected_logs = (
+        [logs / rule / f"{d}.log" for rule in ("synthesize_raw_data", "make_shards") for d in DATASETS]
+        + [logs / "train_model" / d / f"{m}.log" for d in DATASETS for m in TRAINED]
+        + [logs / "evaluate_model" / d / f"{m}.log" for d in DATASETS for m in TABLE1 + TABLE2[1:]]
+        + [logs / "make_table" / f"{t}.log" for t in ("table1", "table2")]
+    )
+    missing = [str(p.relative_to(work)) for p in expected_logs if not p.is_file() or p.stat().st_size == 0]
+    assert not missing, f"missing or empty logs: {missing}"
+    assert sorted(p for p in logs.rglob("*.log")) == sorted(expected_logs)  # no pre-training ran
+
+    # Done means done, whatever the threads; one dataset's training settings touch only
+    # that dataset's jobs.
+    config["train"]["threads"] = 2
+    config["evaluate"]["threads"] = 2
+    write_config(configfile, config)
+    assert dry_run("results/table1.csv", "results/table2.csv", workdir=work, configfile=configfile) == []
+    config["datasets"]["cbis_ddsm"]["train"]["repeat_train"] = 2
+    write_config(configfile, config)
+    jobs = dry_run("results/table1.csv", workdir=work, configfile=configfile)
+    assert rule_counts(jobs) == {"train_model": 2, "evaluate_model": 2, "make_table": 1}
+    assert {w.get("dataset") for rule, w in jobs if rule != "make_table"} == {"cbis_ddsm"}

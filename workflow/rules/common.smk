@@ -1,0 +1,204 @@
+import os
+import re
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+
+# Jobs call `python -m medift...`: put the interpreter that runs Snakemake first on the
+# jobs' PATH, so that `.venv/bin/snakemake` works without activating the venv. (This sets
+# PATH rather than reading a variable the user must provide, hence no `envvars:`.) Under
+# `--sdm conda` each job activates its conda environment after this, which then comes first.
+os.environ.update(
+    PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+)
+
+# Adapters that medift.datasets provides (also the synthetic generators).
+ADAPTERS = ("wbcatt", "cbis_ddsm")
+EMBEDDED_BASE_DIR = "models/embedded-base"
+
+
+##### configuration checks the schema cannot express #####
+
+
+def _check_config():
+    for name, entry in config["datasets"].items():
+        adapter = entry["adapter"] or name
+        if adapter not in ADAPTERS:
+            raise WorkflowError(
+                f"datasets.{name}: no adapter {adapter!r}; name the entry after one of "
+                f"{', '.join(ADAPTERS)} or set `adapter:`"
+            )
+    for table, methods in config["tables"].items():
+        unknown = [m for m in methods if m not in config["methods"]]
+        if unknown:
+            raise WorkflowError(
+                f"tables.{table}: methods {unknown} are not configured under `methods:`"
+            )
+    if config["base_model"]["path"] != "embedded":
+        path = Path(config["base_model"]["path"])
+        if not (path / "config.json").is_file():
+            raise WorkflowError(
+                f"base_model.path {str(path)!r} is not a Hugging Face checkpoint directory "
+                "(no config.json); use `embedded` for the embedded default"
+            )
+
+
+_check_config()
+
+
+##### wildcard constraints #####
+
+
+def _alternatives(names):
+    return "|".join(re.escape(name) for name in names)
+
+
+wildcard_constraints:
+    dataset=_alternatives(config["datasets"]),
+    method=_alternatives(config["methods"]),
+    table=_alternatives(config["tables"]),
+
+
+##### datasets #####
+
+
+def get_datasets():
+    """Configured datasets, in table column order."""
+    return list(config["datasets"])
+
+
+def get_dataset_config(wildcards):
+    return config["datasets"][wildcards.dataset]
+
+
+def get_adapter(wildcards):
+    """medift's dataset adapter of the dataset (its name unless `adapter:` is set)."""
+    return get_dataset_config(wildcards)["adapter"] or wildcards.dataset
+
+
+def get_synthetic_settings(wildcards):
+    return get_dataset_config(wildcards)["synthetic"]
+
+
+def get_raw_dir(wildcards):
+    """Root of the raw release: generated under resources/raw/ or the configured raw_dir."""
+    entry = get_dataset_config(wildcards)
+    if entry["source"] == "synthetic":
+        return f"resources/raw/{wildcards.dataset}"
+    return entry["raw_dir"]
+
+
+def get_raw_input(wildcards):
+    """What the shards depend on: the synthetic generator's marker, or the real release."""
+    if get_dataset_config(wildcards)["source"] == "synthetic":
+        return f"resources/raw/{wildcards.dataset}/.synthetic.done"
+    return get_dataset_config(wildcards)["raw_dir"]
+
+
+def get_shards_dir(wildcards):
+    return f"resources/shards/{wildcards.dataset}"
+
+
+##### base model #####
+
+
+def is_embedded_base():
+    return config["base_model"]["path"] == "embedded"
+
+
+def get_base_model():
+    """Directory of the base model: the embedded default, or the configured checkpoint."""
+    if is_embedded_base():
+        return EMBEDDED_BASE_DIR
+    return config["base_model"]["path"]
+
+
+def get_base_model_files():
+    """Files whose change makes every model-dependent job out of date.
+
+    For the embedded default these are outputs of rule pretrain_base_model (committed, so
+    the rule does not run on a fresh clone); a real checkpoint (possibly with sharded
+    weights) is represented by its config.json, so that rule is then not in the DAG.
+    """
+    if is_embedded_base():
+        return [f"{EMBEDDED_BASE_DIR}/config.json", f"{EMBEDDED_BASE_DIR}/model.safetensors"]
+    return [os.path.join(config["base_model"]["path"], "config.json")]
+
+
+##### methods and training #####
+
+
+def get_methods():
+    return list(config["methods"])
+
+
+def get_trained_methods():
+    """Methods that have a fine-tuning job (all but those with `train: false`)."""
+    return [m for m, entry in config["methods"].items() if entry["train"]]
+
+
+def is_trained(method):
+    return config["methods"][method]["train"]
+
+
+def get_train_settings(wildcards):
+    """Train settings of one (dataset, method): global < dataset's `train` < method.
+
+    Depends on nothing but the global block, this dataset's block and this method's entry,
+    so editing one dataset's settings only makes that dataset's jobs out of date.
+    """
+    method = {k: v for k, v in config["methods"][wildcards.method].items() if k != "train"}
+    settings = {**config["train"], **get_dataset_config(wildcards)["train"], **method}
+    return dict(sorted(settings.items()))
+
+
+def get_train_params(wildcards):
+    """The train settings that are job parameters: all but `threads`, which changes no result."""
+    return {k: v for k, v in get_train_settings(wildcards).items() if k != "threads"}
+
+
+def get_train_threads(wildcards):
+    return get_train_settings(wildcards)["threads"]
+
+
+def get_model_dir(wildcards):
+    """Model evaluated for (dataset, method): the fine-tuned one, or the base for `train: false`."""
+    if is_trained(wildcards.method):
+        return f"resources/models/{wildcards.dataset}/{wildcards.method}"
+    return get_base_model()
+
+
+def get_model_files(wildcards):
+    if is_trained(wildcards.method):
+        model_dir = get_model_dir(wildcards)
+        return [f"{model_dir}/config.json", f"{model_dir}/model.safetensors"]
+    return get_base_model_files()
+
+
+##### tables and targets #####
+
+
+def get_table_methods(wildcards):
+    return config["tables"][wildcards.table]
+
+
+def get_table_predictions(wildcards):
+    return expand(
+        "results/{dataset}/{method}/predictions.csv",
+        dataset=get_datasets(),
+        method=get_table_methods(wildcards),
+    )
+
+
+def get_final_output():
+    """Targets of `all`: every table, and the embedded base model's general accuracy."""
+    targets = expand("results/{table}.csv", table=config["tables"])
+    if is_embedded_base():
+        targets.append("results/base_model.json")
+    return targets

@@ -1,0 +1,49 @@
+rule synthesize_raw_data:
+    """Small synthetic raw release of one dataset, in the real on-disk format."""
+    output:
+        marker=touch("resources/raw/{dataset}/.synthetic.done"),
+    params:
+        raw_dir="resources/raw/{dataset}",
+        adapter=get_adapter,
+        seed=config["seed"],
+        n_train=lambda wildcards: get_synthetic_settings(wildcards)["n_train"],
+        n_val=lambda wildcards: get_synthetic_settings(wildcards)["n_val"],
+        n_test=lambda wildcards: get_synthetic_settings(wildcards)["n_test"],
+        image_size=lambda wildcards: get_synthetic_settings(wildcards)["image_size"],
+    log:
+        "logs/synthesize_raw_data/{dataset}.log",
+    threads: 1
+    conda:
+        "../envs/medift.yaml"
+    shell:
+        # The directory is cleared first so that a smaller rerun leaves no stale images.
+        "(rm -rf {params.raw_dir} && python -m medift.prepare synthesize"
+        " --dataset {params.adapter} --out_dir {params.raw_dir} --seed {params.seed}"
+        " --n_train {params.n_train} --n_val {params.n_val} --n_test {params.n_test}"
+        " --image_size {params.image_size}) > {log} 2>&1"
+
+
+rule make_shards:
+    """Records -> descriptions and questions -> Parquet shards, and the data report."""
+    input:
+        get_raw_input,
+    output:
+        manifest="resources/shards/{dataset}/manifest.json",
+        report="results/{dataset}/data_report.json",
+    params:
+        raw_dir=get_raw_dir,
+        out_dir=subpath(output.manifest, parent=True),
+        adapter=get_adapter,
+        image_size=config["image_size"],
+        seed=config["seed"],
+        strict=lambda wildcards: get_dataset_config(wildcards)["strict"],
+    log:
+        "logs/make_shards/{dataset}.log",
+    threads: config["threads"]["prepare"]
+    conda:
+        "../envs/medift.yaml"
+    shell:
+        "python -m medift.prepare shards --dataset {params.adapter}"
+        " --raw_dir {params.raw_dir} --out_dir {params.out_dir} --report {output.report}"
+        " --image_size {params.image_size} --seed {params.seed} --strict {params.strict}"
+        " --threads {threads} > {log} 2>&1"

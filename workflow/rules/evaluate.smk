@@ -1,0 +1,28 @@
+rule evaluate_model:
+    """Multiple-choice evaluation of one (dataset, method); `train: false` methods use the base model."""
+    input:
+        manifest="resources/shards/{dataset}/manifest.json",
+        model=get_model_files,
+    output:
+        predictions="results/{dataset}/{method}/predictions.csv",
+        metrics="results/{dataset}/{method}/metrics.json",
+    params:
+        shards=subpath(input.manifest, parent=True),
+        model=lambda wildcards, input: os.path.dirname(input.model[0]),
+        trust_remote_code=config["base_model"]["trust_remote_code"],
+        split=config["evaluate"]["split"],
+        max_new_tokens=config["evaluate"]["max_new_tokens"],
+        batch_size=config["evaluate"]["batch_size"],
+    log:
+        "logs/evaluate_model/{dataset}/{method}.log",
+    benchmark:
+        "benchmarks/evaluate_model/{dataset}/{method}.tsv"
+    threads: config["evaluate"]["threads"]
+    conda:
+        "../envs/medift.yaml"
+    shell:
+        "HF_HUB_OFFLINE=1 python -m medift.evaluate --model {params.model}"
+        " --shards {params.shards} --split {params.split}"
+        " --out {output.predictions} --summary {output.metrics}"
+        " --max_new_tokens {params.max_new_tokens} --batch_size {params.batch_size}"
+        " --trust_remote_code {params.trust_remote_code} --threads {threads} > {log} 2>&1"

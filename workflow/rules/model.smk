@@ -1,0 +1,46 @@
+rule pretrain_base_model:
+    """Pre-train the embedded default base model (used when base_model.path is `embedded`).
+
+    Its output is committed to git and the rule has no inputs, so on a fresh clone it does
+    not run; `--forcerun pretrain_base_model` rebuilds it (about TODO(measured) CPU minutes).
+    Only the files later jobs depend on are declared; the command also writes the
+    tokenizer and processor files and pretrain_history.json into the same directory.
+    """
+    output:
+        config="models/embedded-base/config.json",
+        weights="models/embedded-base/model.safetensors",
+    params:
+        out_dir=subpath(output.config, parent=True),
+        seed=config["base_model"]["seed"],
+        image_size=config["image_size"],
+    log:
+        "logs/pretrain_base_model.log",
+    threads: config["threads"]["pretrain"]
+    conda:
+        "../envs/medift.yaml"
+    shell:
+        "HF_HUB_OFFLINE=1 python -m medift.base_model pretrain --out_dir {params.out_dir}"
+        " --seed {params.seed} --image_size {params.image_size} --threads {threads}"
+        " > {log} 2>&1"
+
+
+rule evaluate_base_model:
+    """General-domain multiple-choice accuracy of the base model (instruction following)."""
+    input:
+        get_base_model_files(),
+    output:
+        "results/base_model.json",
+    params:
+        model=lambda wildcards, input: os.path.dirname(input[0]),
+        n=config["base_model"]["eval_questions"],
+        seed=config["base_model"]["seed"],
+        image_size=config["image_size"],
+    log:
+        "logs/evaluate_base_model.log",
+    threads: config["evaluate"]["threads"]
+    conda:
+        "../envs/medift.yaml"
+    shell:
+        "HF_HUB_OFFLINE=1 python -m medift.base_model evaluate --model {params.model}"
+        " --out {output} --n {params.n} --seed {params.seed}"
+        " --image_size {params.image_size} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,41 @@
+rule train_model:
+    """Fine-tune the base model on one dataset's descriptions with one method (DeepSpeed).
+
+    caption_ft, ift and the ablations differ only in their train settings
+    (get_train_settings: global < dataset < method).
+    """
+    input:
+        manifest="resources/shards/{dataset}/manifest.json",
+        base_model=get_base_model_files(),
+    output:
+        config="resources/models/{dataset}/{method}/config.json",
+        weights="resources/models/{dataset}/{method}/model.safetensors",
+        summary="resources/models/{dataset}/{method}/train_summary.json",
+    params:
+        shards=subpath(input.manifest, parent=True),
+        base_model=lambda wildcards, input: os.path.dirname(input.base_model[0]),
+        out_dir=subpath(output.weights, parent=True),
+        trust_remote_code=config["base_model"]["trust_remote_code"],
+        seed=config["seed"],
+        settings=get_train_params,
+    wildcard_constraints:
+        method=_alternatives(get_trained_methods()),
+    log:
+        "logs/train_model/{dataset}/{method}.log",
+    benchmark:
+        "benchmarks/train_model/{dataset}/{method}.tsv"
+    threads: get_train_threads
+    conda:
+        "../envs/medift.yaml"
+    shell:
+        "DS_ACCELERATOR={params.settings[accelerator]} HF_HUB_OFFLINE=1 python -m medift.train"
+        " --shards {params.shards} --base_model {params.base_model} --out_dir {params.out_dir}"
+        " --proxy {params.settings[proxy]} --proxy_tokens {params.settings[proxy_tokens]}"
+        " --momentum {params.settings[momentum]} --warmup_epochs {params.settings[warmup_epochs]}"
+        " --epochs {params.settings[epochs]} --shuffle_responses {params.settings[shuffle_responses]}"
+        " --train_modules {params.settings[train_modules]} --lora_rank {params.settings[lora_rank]}"
+        " --lr {params.settings[lr]} --batch_size {params.settings[batch_size]}"
+        " --grad_clip {params.settings[grad_clip]} --zero_stage {params.settings[zero_stage]}"
+        " --bf16 {params.settings[bf16]} --repeat_train {params.settings[repeat_train]}"
+        " --trust_remote_code {params.trust_remote_code} --seed {params.seed}"
+        " --threads {threads} > {log} 2>&1"
