@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import socket
 
+import torch
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -29,12 +31,13 @@ def init_single_process() -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def deepspeed_config(batch_size: int, lr: float, zero_stage: int, grad_clip: float, bf16: bool) -> dict:
+def deepspeed_config(batch_size: int, zero_stage: int, grad_clip: float, bf16: bool) -> dict:
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": zero_stage},
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
+        # The optimizer is torch's AdamW (see `initialize`), as in the reference code.
+        "zero_allow_untested_optimizer": True,
         "gradient_clipping": grad_clip,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # progress is ours (tqdm); DeepSpeed's own prints would flood the log
@@ -42,14 +45,20 @@ def deepspeed_config(batch_size: int, lr: float, zero_stage: int, grad_clip: flo
     }
 
 
-def initialize(model, config: dict):
+def initialize(model, config: dict, lr: float):
+    """Wrap `model` in a ZeRO engine whose optimizer is torch's AdamW over the trainable parameters.
+
+    torch's AdamW (not DeepSpeed's fused kernels) is what the reference trains with, and it
+    spares every fresh machine a C++ build of DeepSpeed's fused Adam.
+    """
     import deepspeed
 
     init_single_process()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters: check train_modules")
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
 
@@ -62,3 +71,22 @@ def save_hf(engine, processor, out_dir, zero_stage: int) -> None:
     else:
         module.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
+
+
+def build_ops() -> None:
+    """Compile (or load from the torch extensions cache) the op DeepSpeed's CPU backend needs."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load()
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--build-ops"]:
+        print("usage: python -m medift.engine --build-ops", file=sys.stderr)
+        raise SystemExit(2)
+    build_ops()

@@ -171,8 +171,8 @@ def train(config: TrainConfig) -> dict:
     if proxy is not None and config.warmup_epochs > 0:
         run_warmup(model, proxy, samples, processor, config, load_counts, history)
         proxy.reset_momentum_copy()
-    ds_config = ds_engine.deepspeed_config(config.batch_size, config.lr, config.zero_stage, config.grad_clip, config.bf16)
-    engine = ds_engine.initialize(model, ds_config)
+    ds_config = ds_engine.deepspeed_config(config.batch_size, config.zero_stage, config.grad_clip, config.bf16)
+    engine = ds_engine.initialize(model, ds_config, config.lr)
     run_main(engine, proxy, samples, processor, config, load_counts, history)
     if proxy is not None:
         proxy.detach()  # the tuned model is evaluated without it

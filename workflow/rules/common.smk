@@ -23,6 +23,22 @@ ADAPTERS = ("wbcatt", "cbis_ddsm")
 EMBEDDED_BASE_DIR = "models/embedded-base"
 
 
+##### CPU slots #####
+
+# A job's torch threads come from its `threads` (medift clamps them to the CPUs it may
+# use). `--cores` alone does not stop `--cores 8` on a 2-core machine from running four
+# 2-thread jobs at once, and oversubscribed OpenMP threads slow every matmul down; so the
+# heavy rules also take `cpu_slots`, of which a local run has as many as this machine has
+# CPUs. `--resources cpu_slots=N` overrides it; cluster executors are not limited by it.
+CPU_SLOTS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+if workflow.local_exec and "cpu_slots" not in workflow.global_resources:
+    workflow.register_resource("cpu_slots", CPU_SLOTS)
+
+
+def get_cpu_slots(wildcards, threads):
+    return min(threads, CPU_SLOTS)
+
+
 ##### configuration checks the schema cannot express #####
 
 

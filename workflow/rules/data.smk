@@ -13,6 +13,8 @@ rule synthesize_raw_data:
     log:
         "logs/synthesize_raw_data/{dataset}.log",
     threads: 1
+    resources:
+        cpu_slots=get_cpu_slots,
     conda:
         "../envs/medift.yaml"
     shell:
@@ -40,6 +42,8 @@ rule make_shards:
     log:
         "logs/make_shards/{dataset}.log",
     threads: config["threads"]["prepare"]
+    resources:
+        cpu_slots=get_cpu_slots,
     conda:
         "../envs/medift.yaml"
     shell:

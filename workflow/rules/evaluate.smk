@@ -18,6 +18,8 @@ rule evaluate_model:
     benchmark:
         "benchmarks/evaluate_model/{dataset}/{method}.tsv"
     threads: config["evaluate"]["threads"]
+    resources:
+        cpu_slots=get_cpu_slots,
     conda:
         "../envs/medift.yaml"
     shell:

@@ -16,6 +16,8 @@ rule pretrain_base_model:
     log:
         "logs/pretrain_base_model.log",
     threads: config["threads"]["pretrain"]
+    resources:
+        cpu_slots=get_cpu_slots,
     conda:
         "../envs/medift.yaml"
     shell:
@@ -38,6 +40,8 @@ rule evaluate_base_model:
     log:
         "logs/evaluate_base_model.log",
     threads: config["evaluate"]["threads"]
+    resources:
+        cpu_slots=get_cpu_slots,
     conda:
         "../envs/medift.yaml"
     shell:

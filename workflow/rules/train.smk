@@ -25,6 +25,8 @@ rule train_model:
     benchmark:
         "benchmarks/train_model/{dataset}/{method}.tsv"
     threads: get_train_threads
+    resources:
+        cpu_slots=get_cpu_slots,
     conda:
         "../envs/medift.yaml"
     shell:
