@@ -54,6 +54,7 @@ class PretrainConfig:
     aux_weight: float = field(default=1.0, metadata={"help": "Weight of the vision tower's attribute heads."})
     text_fraction: float = field(default=0.3, metadata={"help": "Share of text-only conversations in phase 2."})
     medical_text_fraction: float = field(default=0.5, metadata={"help": "Share of text-only conversations using medical vocabularies."})
+    fixed_order_fraction: float = field(default=0.5, metadata={"help": "Share of general multiple-choice turns whose options are the full vocabulary in fixed order (the rest: shuffled subsets)."})
     max_turns: int = field(default=3, metadata={"help": "Most question turns per image conversation."})
     eval_questions: int = field(default=300, metadata={"help": "Held-out general multiple-choice questions."})
     eval_every: int = field(default=200, metadata={"help": "Steps between held-out checks (0: only at the end)."})
@@ -63,9 +64,16 @@ class PretrainConfig:
 # ---------------------------------------------------------------- conversations
 
 
-def random_options(values: tuple[str, ...], answer: str, rng: random.Random) -> tuple[list[str], int]:
-    """Half the time the full vocabulary in fixed order (as WBCAtt asks), else a shuffled subset."""
-    if rng.random() < 0.5 or len(values) == 2:
+def random_options(
+    values: tuple[str, ...], answer: str, rng: random.Random, fixed_fraction: float = 0.5
+) -> tuple[list[str], int]:
+    """The full vocabulary in fixed order (as WBCAtt asks) with probability `fixed_fraction`,
+    else a shuffled subset of 2-5 options (as CBIS-DDSM asks).
+
+    Fixed order can be answered by memorising each value's letter; only shuffled options
+    force the model to bind a letter to the option it stands before.
+    """
+    if rng.random() < fixed_fraction or len(values) == 2:
         options = list(values)
     else:
         k = rng.randint(2, min(5, len(values)))
@@ -74,12 +82,12 @@ def random_options(values: tuple[str, ...], answer: str, rng: random.Random) -> 
     return options, options.index(answer)
 
 
-def general_turn(attributes: dict[str, str], rng: random.Random) -> tuple[str, str]:
+def general_turn(attributes: dict[str, str], rng: random.Random, fixed_fraction: float = 0.5) -> tuple[str, str]:
     """One (instruction, response) about a general-domain object."""
     kind = rng.random()
     if kind < 0.6:
         key = rng.choice(list(general.ATTRIBUTES))
-        options, answer = random_options(general.ATTRIBUTES[key], attributes[key], rng)
+        options, answer = random_options(general.ATTRIBUTES[key], attributes[key], rng, fixed_fraction)
         return mcq.build_mcq_instruction(general.QUESTION_TEXT[key], options), mcq.format_answer(answer)
     if kind < 0.8:
         return rng.choice(general.DESCRIBE_REQUESTS), general.describe(attributes)
@@ -100,9 +108,9 @@ def medical_text_turn(rng: random.Random) -> tuple[str, str]:
     return context + mcq.build_mcq_instruction(q.question, q.options), mcq.format_answer(q.answer_index)
 
 
-def general_text_turn(rng: random.Random) -> tuple[str, str]:
+def general_text_turn(rng: random.Random, fixed_fraction: float) -> tuple[str, str]:
     attributes = general.sample_attributes(rng)
-    instruction, response = general_turn(attributes, rng)
+    instruction, response = general_turn(attributes, rng, fixed_fraction)
     return f"{CONTEXT_PREFIX} {general.describe(attributes)}\n{instruction}", response
 
 
@@ -114,13 +122,14 @@ class ConversationSampler:
         if self.rng.random() < self.config.medical_text_fraction:
             instruction, response = medical_text_turn(self.rng)
         else:
-            instruction, response = general_text_turn(self.rng)
+            instruction, response = general_text_turn(self.rng, self.config.fixed_order_fraction)
         return encode_conversation(self.processor, [instruction], [response], with_image=False)
 
     def image_conversation(self) -> tuple[Encoded, object, dict[str, str]]:
         attributes = general.sample_attributes(self.rng)
         image = general.render(attributes, self.rng, self.image_size)
-        turns = [general_turn(attributes, self.rng) for _ in range(self.rng.randint(1, self.config.max_turns))]
+        fixed = self.config.fixed_order_fraction
+        turns = [general_turn(attributes, self.rng, fixed) for _ in range(self.rng.randint(1, self.config.max_turns))]
         encoded = encode_conversation(
             self.processor, [t[0] for t in turns], [t[1] for t in turns], with_image=True
         )
@@ -175,7 +184,8 @@ def held_out_questions(n: int, seed: int, image_size: int):
         image = general.render(attributes, rng, image_size)
         key = rng.choice(list(general.ATTRIBUTES))
         options, answer = random_options(general.ATTRIBUTES[key], attributes[key], rng)
-        items.append((mcq.build_mcq_instruction(general.QUESTION_TEXT[key], options), image, len(options), answer))
+        fixed = options == list(general.ATTRIBUTES[key])
+        items.append((mcq.build_mcq_instruction(general.QUESTION_TEXT[key], options), image, len(options), answer, fixed))
     return items
 
 
@@ -184,11 +194,16 @@ def general_mcq_accuracy(model, processor, items, max_new_tokens: int = 50) -> d
         model, processor, [i[0] for i in items], [i[1] for i in items], max_new_tokens=max_new_tokens
     )
     parsed = [mcq.parse_answer_letter(o, i[2]) for o, i in zip(outputs, items)]
-    correct = sum(p == mcq.LETTERS[i[3]] for p, i in zip(parsed, items))
+    hits = [p == mcq.LETTERS[i[3]] for p, i in zip(parsed, items)]
+    by_format = {}
+    for name, wanted in (("fixed_order", True), ("shuffled", False)):
+        subset = [h for h, i in zip(hits, items) if i[4] == wanted]
+        by_format[name] = {"n": len(subset), "accuracy": round(sum(subset) / len(subset), 4) if subset else None}
     return {
-        "general_mcq_accuracy": correct / len(items),
+        "general_mcq_accuracy": round(sum(hits) / len(items), 4),
         "n": len(items),
         "parse_failures": sum(p is None for p in parsed),
+        "by_option_format": by_format,
     }
 
 
