@@ -89,7 +89,7 @@ def data_report(result, records, questions) -> dict:
         "records_kept": len(records),
         "quarantined": len(result.quarantined),
         "quarantined_by_reason": result.quarantine_summary(),
-        "patients_in_two_splits": 0,
+        "patients_in_two_splits": sum(shared.values()),
         "splits": per_split,
     }
 
