@@ -28,3 +28,16 @@ def test_shipped_weights_come_from_this_pretraining_code():
     for ours, theirs in zip(rerun, shipped["history"][:3]):
         # Losses are rounded to 5 decimals; thread count may change float summation order.
         assert ours["lm_loss"] == pytest.approx(theirs["lm_loss"], abs=2e-3)
+
+
+@pytest.mark.skipif(not (SHIPPED / "pretrain_history.json").exists(), reason="no shipped base model")
+def test_rule_defaults_rebuild_the_shipped_model():
+    """`--forcerun pretrain_base_model` passes only out_dir, seed, image size and threads."""
+    from dataclasses import asdict
+
+    shipped = json.loads((SHIPPED / "pretrain_history.json").read_text())
+    defaults = asdict(PretrainConfig())
+    for key, value in shipped["config"].items():
+        if key not in ("out_dir", "threads"):
+            assert defaults[key] == value, key
+    assert asdict(EmbeddedModelConfig()) == shipped["model_config"]

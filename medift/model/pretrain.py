@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 class PretrainConfig:
     out_dir: str = field(default="resources/base_model", metadata={"help": "Where the model is saved (HF layout)."})
     seed: int = field(default=1, metadata={"help": "Seeds initialisation and every sampled example."})
-    text_steps: int = field(default=400, metadata={"help": "Steps of the text-only phase."})
-    mixed_steps: int = field(default=900, metadata={"help": "Steps of the mixed image+text phase."})
+    text_steps: int = field(default=300, metadata={"help": "Steps of the text-only phase."})
+    mixed_steps: int = field(default=1700, metadata={"help": "Steps of the mixed image+text phase."})
     batch_size: int = field(default=32, metadata={"help": "Conversations per step."})
     lr: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (cosine decay to a tenth)."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps."})
@@ -57,7 +57,7 @@ class PretrainConfig:
     fixed_order_fraction: float = field(default=0.5, metadata={"help": "Share of general multiple-choice turns whose options are the full vocabulary in fixed order (the rest: shuffled subsets)."})
     max_turns: int = field(default=3, metadata={"help": "Most question turns per image conversation."})
     eval_questions: int = field(default=300, metadata={"help": "Held-out general multiple-choice questions."})
-    eval_every: int = field(default=200, metadata={"help": "Steps between held-out checks (0: only at the end)."})
+    eval_every: int = field(default=300, metadata={"help": "Steps between held-out checks (0: only at the end)."})
     threads: int = field(default=2, metadata={"help": "torch intra-op threads."})
 
 
