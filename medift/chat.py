@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100
+# The fixed instruction of caption fine-tuning (method.md's no-proxy baseline).
+CAPTION_INSTRUCTION = "Describe this medical scan."
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from medift.runtime import set_torch_threads
-from medift.chat import Encoded, collate, encode_conversation
+from medift.chat import CAPTION_INSTRUCTION, Encoded, collate, encode_conversation
 from medift.generation import pixel_values_for
 from medift.images import decode_image
 from medift.model.loading import load_base_model, merge_lora, select_trainable
@@ -26,9 +26,6 @@ from medift.shards import load_descriptions
 from medift import engine as ds_engine
 
 log = logging.getLogger(__name__)
-
-CAPTION_INSTRUCTION = "Describe this medical scan."
-
 
 @dataclass
 class TrainConfig:

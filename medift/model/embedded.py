@@ -21,9 +21,10 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from medift import mcq
+from medift.chat import CAPTION_INSTRUCTION
 from medift.datasets import DATASETS
 from medift.model import general
-from medift.model.tokenizer import IMAGE_TOKEN, PROXY_TOKEN, build_tokenizer
+from medift.model.tokenizer import IMAGE_TOKEN, build_tokenizer
 
 # One template for every message shape the pipeline writes: a user turn whose content
 # is a list of {"type": "image"} / {"type": "text"} parts, an assistant turn with text.
@@ -40,7 +41,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
-CAPTION_INSTRUCTION = "Describe this medical scan."
 CONTEXT_PREFIX = "Context:"
 
 
@@ -141,7 +141,3 @@ def build_model(config: EmbeddedModelConfig, processor: LlavaProcessor, seed: in
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
-
-
-def proxy_token(processor) -> str:
-    return PROXY_TOKEN
