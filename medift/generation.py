@@ -7,11 +7,16 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from medift.chat import Encoded, collate, encode_prompt
+from medift.chat import IGNORE_INDEX, Encoded, collate, encode_prompt
 
 
 def pixel_values_for(processor, images: Sequence[Image.Image]) -> torch.Tensor:
     return processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+
+def prompt_only(processor, instruction: str, with_image: bool) -> Encoded:
+    ids = encode_prompt(processor, instruction, with_image)
+    return Encoded(ids, [IGNORE_INDEX] * len(ids), with_image)
 
 
 @torch.no_grad()
@@ -34,11 +39,9 @@ def generate_answers(
     outputs: list[str] = []
     for start in range(0, len(instructions), batch_size):
         chunk = range(start, min(start + batch_size, len(instructions)))
-        encoded = [Encoded(encode_prompt(processor, instructions[i], images[i] is not None), [], False) for i in chunk]
-        for e in encoded:
-            e.labels = [0] * len(e.input_ids)
+        encoded = [prompt_only(processor, instructions[i], images[i] is not None) for i in chunk]
         batch = collate(encoded, tokenizer.pad_token_id, pad_left=True)
-        batch.pop("labels")
+        batch.pop("labels")  # a prompt has nothing to predict; generate() takes no labels
         chunk_images = [images[i] for i in chunk if images[i] is not None]
         if chunk_images:
             batch["pixel_values"] = pixel_values_for(processor, chunk_images).to(model.dtype)

@@ -262,3 +262,14 @@ def test_end_to_end_tables(tmp_path):
     jobs = dry_run("results/table1.csv", workdir=work, configfile=configfile)
     assert rule_counts(jobs) == {"train_model": 2, "evaluate_model": 2, "make_table": 1}
     assert {w.get("dataset") for rule, w in jobs if rule != "make_table"} == {"cbis_ddsm"}
+
+
+def test_workflow_adapters_are_the_package_datasets():
+    """common.smk lists adapters without importing medift (a conda driver env may lack it)."""
+    import re
+
+    from medift.datasets import DATASETS
+
+    common = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "common.smk").read_text()
+    listed = re.search(r"ADAPTERS = \(([^)]*)\)", common).group(1)
+    assert sorted(re.findall(r'"(\w+)"', listed)) == sorted(DATASETS)
