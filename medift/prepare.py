@@ -65,13 +65,23 @@ def build_texts(module, records, seed: int):
     return descriptions, questions
 
 
-def data_report(result, records, questions) -> dict:
-    patients = {split: {r.patient_id for r in records if r.split == split} for split in SPLITS}
-    shared = {
-        f"{a}&{b}": len(patients[a] & patients[b]) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1 :]
-    }
+def patients_by_split(records) -> dict[str, set[str]]:
+    return {split: {r.patient_id for r in records if r.split == split} for split in SPLITS}
+
+
+def shared_patients(patients: dict[str, set[str]]) -> dict[str, int]:
+    return {f"{a}&{b}": len(patients[a] & patients[b]) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1 :]}
+
+
+def check_patient_splits(records) -> None:
+    """No patient may sit in two splits; checked before any image is decoded."""
+    shared = shared_patients(patients_by_split(records))
     if any(shared.values()):
         raise ValueError(f"patients in two splits: {shared}")
+
+
+def data_report(result, records, questions) -> dict:
+    patients = patients_by_split(records)
     per_split = {}
     for split in SPLITS:
         split_records = [r for r in records if r.split == split]
@@ -89,7 +99,7 @@ def data_report(result, records, questions) -> dict:
         "records_kept": len(records),
         "quarantined": len(result.quarantined),
         "quarantined_by_reason": result.quarantine_summary(),
-        "patients_in_two_splits": sum(shared.values()),
+        "patients_in_two_splits": sum(shared_patients(patients).values()),
         "splits": per_split,
     }
 
@@ -98,6 +108,7 @@ def prepare_shards(config: ShardsConfig) -> dict:
     module = get_dataset(config.dataset)
     result = module.read_records(Path(config.raw_dir), seed=config.seed, strict=config.strict)
     records = result.records
+    check_patient_splits(records)
     descriptions, questions = build_texts(module, records, config.seed)
     manifest = write_shards(
         records, descriptions, questions, Path(config.out_dir), config.image_size,
