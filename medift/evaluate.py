@@ -1,7 +1,17 @@
-"""Multiple-choice evaluation as the paper does it: generate, parse the letter, score.
+"""Multiple-choice evaluation: the paper's generate-and-parse, or one-pass letter scoring.
 
-Every question's prompt, options, raw output, parsed letter and correctness are saved,
-so any number in a table can be audited back to the model's words.
+Scoring modes (`--scoring`):
+- `generate` (the paper's): greedy generation of up to `max_new_tokens`, then the letter
+  after `The correct answer is` is parsed; an unparseable answer is wrong and counted;
+- `letter`: the prompt is followed by the forced prefix `The correct answer is` and the
+  prediction is the valid option letter with the highest next-token logit (one forward
+  pass per question; no parse failure is possible).
+
+With `--circular`, every question is also asked with its options rotated (all n
+rotations); tables then count a question as right only if every rotation is.
+
+Every asked prompt's options, raw output (or letter scores), parsed letter and
+correctness are saved, so any number in a table can be audited back to the model.
 `python -m medift.evaluate --help` lists the options.
 """
 
@@ -21,7 +31,7 @@ from transformers import HfArgumentParser
 
 from medift.runtime import set_torch_threads
 from medift import mcq
-from medift.generation import generate_answers
+from medift.generation import best_letter, generate_answers, score_letters
 from medift.images import decode_image
 from medift.model.loading import load_base_model
 from medift.shards import load_questions
@@ -36,23 +46,63 @@ class EvaluateConfig:
     out: str = field(metadata={"help": "predictions.csv to write (one row per question)."})
     summary: str = field(metadata={"help": "metrics.json to write (accuracy, parse failures, timing)."})
     split: str = field(default="test", metadata={"help": "Question split to evaluate (val or test)."})
+    scoring: str = field(default="generate", metadata={"help": "generate (the paper's: generate, parse the letter) or letter (argmax of the valid letters' logits after the forced answer prefix)."})
+    circular: bool = field(default=False, metadata={"help": "Also ask every rotation of each question's options."})
     max_new_tokens: int = field(default=50, metadata={"help": "Generation budget per answer (the paper: 50)."})
     batch_size: int = field(default=32, metadata={"help": "Questions per generate call."})
     threads: int = field(default=1, metadata={"help": "torch intra-op threads (the rule's `threads`)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint."})
 
 
-def score_questions(model, processor, questions: pd.DataFrame, config: EvaluateConfig) -> pd.DataFrame:
-    instructions = [mcq.build_mcq_instruction(q, opts) for q, opts in zip(questions["question"], questions["options"])]
-    images = [decode_image(data) for data in questions["image"]]
-    with tqdm(total=len(instructions), desc="evaluate", unit="q", mininterval=5) as bar:
-        outputs = generate_answers(model, processor, instructions, images, config.max_new_tokens, config.batch_size, bar)
+SCORING_MODES = ("generate", "letter")
+
+
+def asked_prompts(questions: pd.DataFrame, circular: bool) -> pd.DataFrame:
+    """One row per prompt to ask: rotation 0 of every question, plus the others if circular."""
     rows = []
-    for (_, q), prompt, output in zip(questions.iterrows(), instructions, outputs):
-        letter = mcq.parse_answer_letter(output, len(q["options"]))
+    for _, q in questions.iterrows():
+        options = list(q["options"])
+        for shift in range(len(options) if circular else 1):
+            rotated, answer = mcq.rotate_options(options, int(q["answer_index"]), shift)
+            rows.append({
+                "question_id": q["question_id"],
+                "rotation": shift,
+                "image_id": q["image_id"],
+                "attribute": q["attribute"],
+                "question": q["question"],
+                "options": rotated,
+                "answer_index": answer,
+                "image": q["image"],
+            })
+    return pd.DataFrame(rows)
+
+
+def score_questions(model, processor, questions: pd.DataFrame, config: EvaluateConfig) -> pd.DataFrame:
+    """Ask every prompt in `config.scoring` mode; one output row per asked prompt."""
+    if config.scoring not in SCORING_MODES:
+        raise ValueError(f"scoring must be one of {SCORING_MODES}, got {config.scoring!r}")
+    asked = asked_prompts(questions, config.circular)
+    instructions = [mcq.build_mcq_instruction(q, opts) for q, opts in zip(asked["question"], asked["options"])]
+    # Rotations of a question share its image: decode each image once.
+    decoded = {image_id: decode_image(data) for image_id, data in zip(asked["image_id"], asked["image"])}
+    images = [decoded[image_id] for image_id in asked["image_id"]]
+    n_options = [len(options) for options in asked["options"]]
+    with tqdm(total=len(instructions), desc=f"evaluate ({config.scoring})", unit="q", mininterval=5) as bar:
+        if config.scoring == "generate":
+            outputs = generate_answers(model, processor, instructions, images, config.max_new_tokens, config.batch_size, bar)
+            letters = [mcq.parse_answer_letter(output, n) for output, n in zip(outputs, n_options)]
+            scores = [""] * len(outputs)
+        else:
+            letter_scores = score_letters(model, processor, instructions, images, n_options, config.batch_size, bar)
+            letters = [best_letter(s) for s in letter_scores]
+            outputs = [""] * len(letters)
+            scores = [json.dumps({k: round(v, 4) for k, v in s.items()}) for s in letter_scores]
+    rows = []
+    for (_, q), prompt, output, letter, score in zip(asked.iterrows(), instructions, outputs, letters, scores):
         answer = mcq.LETTERS[int(q["answer_index"])]
         rows.append({
             "question_id": q["question_id"],
+            "rotation": int(q["rotation"]),
             "image_id": q["image_id"],
             "attribute": q["attribute"],
             "question": q["question"],
@@ -61,11 +111,28 @@ def score_questions(model, processor, questions: pd.DataFrame, config: EvaluateC
             "answer_letter": answer,
             "prompt": prompt,
             "raw_output": output,
+            "letter_scores": score,
             "parsed_letter": letter or "",
             "correct": int(letter == answer),
             "parse_failed": int(letter is None),
         })
     return pd.DataFrame(rows)
+
+
+def summarize(predictions: pd.DataFrame) -> dict:
+    """Accuracy on rotation 0 (the question as written) and, if asked, circular accuracy."""
+    plain = predictions[predictions["rotation"] == 0]
+    summary = {
+        "n": len(plain),
+        "accuracy": round(100 * plain["correct"].mean(), 2),
+        "parse_failures": int(plain["parse_failed"].sum()),
+        "format_retention": round(100 * (1 - plain["parse_failed"].mean()), 2),
+        "prompts_asked": len(predictions),
+    }
+    if (predictions["rotation"] > 0).any():
+        circular = predictions.groupby("question_id")["correct"].min()
+        summary["circular_accuracy"] = round(100 * circular.mean(), 2)
+    return summary
 
 
 def evaluate(config: EvaluateConfig) -> dict:
@@ -75,14 +142,15 @@ def evaluate(config: EvaluateConfig) -> dict:
     questions = load_questions(Path(config.shards), config.split)
     if questions.empty:
         raise ValueError(f"{config.shards}: no {config.split} questions")
+    scoring_started = time.time()
     predictions = score_questions(model, processor, questions, config)
+    scoring_seconds = time.time() - scoring_started
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(config.out, index=False)
     summary = {
-        "n": len(predictions),
-        "accuracy": round(100 * predictions["correct"].mean(), 2),
-        "parse_failures": int(predictions["parse_failed"].sum()),
-        "format_retention": round(100 * (1 - predictions["parse_failed"].mean()), 2),
+        **summarize(predictions),
+        "scoring": config.scoring,
+        "scoring_seconds": round(scoring_seconds, 2),
         "seconds": round(time.time() - started, 1),
         "split": config.split,
         "model": config.model,

@@ -48,3 +48,16 @@ def parse_answer_letter(output: str, n_options: int) -> str | None:
     if len(token) == 1 and token.upper() in LETTERS[:n_options]:
         return token.upper()
     return None
+
+
+def rotate_options(options: list[str] | tuple[str, ...], answer_index: int, shift: int) -> tuple[list[str], int]:
+    """The options moved `shift` places to the left (wrapping), and the answer's new index.
+
+    Circular evaluation asks every rotation 0..n-1: each option then stands once
+    behind every letter, so a model that favours a letter cannot pass by position.
+    """
+    n = len(options)
+    if not 0 <= shift < n:
+        raise ValueError(f"rotation {shift} outside 0..{n - 1}")
+    rotated = list(options[shift:]) + list(options[:shift])
+    return rotated, (answer_index - shift) % n

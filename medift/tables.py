@@ -1,27 +1,38 @@
-"""Benchmark tables from per-(dataset, method) prediction files.
+"""Benchmark tables from per-(dataset, method, seed) prediction files.
 
-Input: `results/<dataset>/<method>/predictions.csv`, one row per question, with columns
-PREDICTION_COLUMNS. Every question counts: an unparseable answer is wrong (correct=0) and is
-also reported as a parse failure, never dropped from the denominator.
+Input: `results/<dataset>/<method>/seed-<seed>/predictions.csv`, one row per asked prompt,
+with columns PREDICTION_COLUMNS. Rotation 0 is the question as written; rotations 1..n-1
+(circular evaluation) ask the same question with its options rotated. Every question
+counts: an unparseable answer is wrong (correct=0) and is also reported as a parse failure,
+never dropped from the denominator.
+
+Per (dataset, method) the seeds' results are combined: a question's score is the fraction
+of seeds that answered it right, the accuracy is the mean over questions (equal to the mean
+of the seeds' accuracies), and `seed_std` is the spread of the seeds' accuracies.
 
 Outputs:
 - table 1 (`accuracy_table`): one row per method, one column per dataset plus `average`
   (mean of the dataset accuracies, unweighted, computed before rounding), accuracy in percent
   rounded to 2 decimals;
-- the long table (`long_table`): one row per (method, dataset) with n, correct, accuracy,
-  95% bootstrap interval, parse failures, format retention and chance level, all in percent;
-- a grouped bar chart (`plot_table`) of table 1 with the long table's intervals as error bars.
+- the long table (`long_table`): one row per (method, dataset) with LONG_COLUMNS: n, seeds,
+  accuracy with its 95% bootstrap interval and seed spread, parse failures, format retention,
+  chance, circular accuracy with its interval, and for configured comparisons the paired
+  bootstrap difference to another method on the same questions;
+- the per-attribute table (`attribute_table`): accuracy per (method, dataset, attribute);
+- figures: a grouped bar chart of table 1 with intervals, a per-attribute heat map.
 
 CLI:
-    python -m medift.tables --predictions results/*/*/predictions.csv \
+    python -m medift.tables --predictions results/*/*/seed-*/predictions.csv \
         --methods base ift --datasets wbcatt cbis_ddsm --table t1.csv --long t1_long.csv \
-        [--figure t1.png]
+        [--attributes t1_attributes.csv] [--figure t1.png] [--heatmap t1_attributes.png] \
+        [--compare ift:base]
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from medift.mcq import LETTERS
-from medift.stats import bootstrap_ci
+from medift.stats import bootstrap_mean_ci, paired_bootstrap_mean_diff
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +54,7 @@ PREDICTION_COLUMNS = (
     "options",
     "answer_index",
     "answer_letter",
+    "rotation",
     "raw_output",
     "parsed_letter",
     "correct",
@@ -52,17 +64,27 @@ LONG_COLUMNS = (
     "method",
     "dataset",
     "n",
-    "correct",
+    "seeds",
     "accuracy",
     "ci_low",
     "ci_high",
+    "seed_std",
     "parse_failures",
     "format_retention",
     "chance",
+    "circular_accuracy",
+    "circular_ci_low",
+    "circular_ci_high",
+    "compared_to",
+    "diff",
+    "diff_ci_low",
+    "diff_ci_high",
 )
+ATTRIBUTE_COLUMNS = ("method", "dataset", "attribute", "n", "accuracy", "ci_low", "ci_high")
 AVERAGE = "average"
 
-PredictionFiles = Mapping[tuple[str, str], "str | Path"]  # (dataset, method) -> predictions.csv
+# (dataset, method, seed) -> predictions.csv
+PredictionFiles = Mapping[tuple[str, str, int], "str | Path"]
 
 
 class PredictionError(ValueError):
@@ -95,9 +117,11 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
         raise PredictionError(f"{path}: missing columns {missing}")
     if frame.empty:
         raise PredictionError(f"{path}: no predictions")
-    duplicated = frame["question_id"][frame["question_id"].duplicated()]
-    if not duplicated.empty:
-        raise PredictionError(f"{path}: duplicated question_id {duplicated.iloc[0]!r}")
+    frame["rotation"] = pd.to_numeric(frame["rotation"], errors="raise").astype(int)
+    duplicated = frame.duplicated(["question_id", "rotation"])
+    if duplicated.any():
+        row = frame[duplicated].iloc[0]
+        raise PredictionError(f"{path}: question_id {row['question_id']!r} rotation {row['rotation']} appears twice")
 
     frame["correct"] = _binary_column(frame, "correct", path)
     frame["parse_failed"] = _binary_column(frame, "parse_failed", path)
@@ -114,29 +138,78 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
         raise PredictionError(f"{path}: parse_failed must be 1 exactly when parsed_letter is empty")
     if not ((parsed == frame["answer_letter"]).astype(int) == frame["correct"]).all():
         raise PredictionError(f"{path}: correct disagrees with parsed_letter == answer_letter")
+    _check_rotations(frame, path)
     return frame
 
 
-def _load_requested(
-    pred_files: PredictionFiles, methods: Sequence[str], datasets: Sequence[str]
-) -> dict[tuple[str, str], pd.DataFrame]:
-    """Read every requested (dataset, method); all methods must answer the same questions."""
-    missing = [(d, m) for m in methods for d in datasets if (d, m) not in pred_files]
+def _check_rotations(frame: pd.DataFrame, path: Path) -> None:
+    """Every question has rotation 0; a circularly evaluated one has all n rotations."""
+    rotations = frame.groupby("question_id")["rotation"].agg(["min", "max", "count"])
+    n_options = frame.groupby("question_id")["n_options"].first()
+    plain = (rotations["max"] == 0) & (rotations["count"] == 1)
+    full = (rotations["min"] == 0) & (rotations["max"] == n_options - 1) & (rotations["count"] == n_options)
+    if not (plain | full).all():
+        bad = rotations.index[~(plain | full)][0]
+        raise PredictionError(f"{path}: question_id {bad!r} has an incomplete set of option rotations")
+    if plain.any() and full.any():
+        raise PredictionError(f"{path}: some questions were asked circularly and some not")
+
+
+Frames = dict[tuple[str, str], dict[int, pd.DataFrame]]  # (dataset, method) -> {seed: frame}
+
+
+def _load_requested(pred_files: PredictionFiles, methods: Sequence[str], datasets: Sequence[str]) -> Frames:
+    """Read every seed of every requested (dataset, method); all must answer the same questions."""
+    frames: Frames = {}
+    for (dataset, method, seed), path in sorted(pred_files.items()):
+        if dataset in datasets and method in methods:
+            frames.setdefault((dataset, method), {})[seed] = read_predictions(path)
+    missing = [(d, m) for m in methods for d in datasets if (d, m) not in frames]
     if missing:
         listed = ", ".join(f"{d}/{m}" for d, m in missing)
         raise PredictionError(f"no predictions for (dataset/method): {listed}")
-    frames = {(d, m): read_predictions(pred_files[d, m]) for m in methods for d in datasets}
     for dataset in datasets:
-        # A method scored on other (or fewer) questions is not comparable in one table.
-        reference_method = methods[0]
-        reference = set(frames[dataset, reference_method]["question_id"])
-        for method in methods[1:]:
-            if set(frames[dataset, method]["question_id"]) != reference:
-                raise PredictionError(
-                    f"{dataset}: {method} and {reference_method} were scored on different questions "
-                    f"({pred_files[dataset, method]} vs {pred_files[dataset, reference_method]})"
-                )
+        # A method or seed scored on other (or fewer) questions is not comparable in one table.
+        reference_key = (dataset, methods[0], min(frames[dataset, methods[0]]))
+        reference = _question_set(frames[dataset, methods[0]][reference_key[2]])
+        for method in methods:
+            for seed, frame in frames[dataset, method].items():
+                if _question_set(frame) != reference:
+                    raise PredictionError(
+                        f"{dataset}: {method} (seed {seed}) and {methods[0]} (seed {reference_key[2]}) "
+                        f"were scored on different questions ({pred_files[dataset, method, seed]} "
+                        f"vs {pred_files[reference_key]})"
+                    )
     return frames
+
+
+def _question_set(frame: pd.DataFrame) -> set[tuple[str, int]]:
+    return set(zip(frame["question_id"], frame["rotation"]))
+
+
+def question_scores(seed_frames: Mapping[int, pd.DataFrame], circular: bool = False) -> pd.DataFrame:
+    """Per question (index question_id, sorted): the fraction of seeds right, and its attribute.
+
+    Plain: rotation 0 only. Circular: a seed gets a question right only if every rotation is.
+    """
+    per_seed = []
+    for frame in seed_frames.values():
+        if circular:
+            right = frame.groupby("question_id")["correct"].min()
+        else:
+            right = frame[frame["rotation"] == 0].set_index("question_id")["correct"]
+        per_seed.append(right.sort_index())
+    first = next(iter(seed_frames.values()))
+    plain = first[first["rotation"] == 0].set_index("question_id").sort_index()
+    return pd.DataFrame({
+        "score": pd.concat(per_seed, axis=1).mean(axis=1),
+        "attribute": plain["attribute"],
+        "n_options": plain["n_options"],
+    })
+
+
+def is_circular(seed_frames: Mapping[int, pd.DataFrame]) -> bool:
+    return all((frame["rotation"] > 0).any() for frame in seed_frames.values())
 
 
 # --------------------------------------------------------------------------- tables
@@ -146,11 +219,9 @@ def _percent(fraction: float) -> float:
     return round(100.0 * float(fraction), 2)
 
 
-def _accuracy_from_frames(
-    frames: Mapping[tuple[str, str], pd.DataFrame], methods: Sequence[str], datasets: Sequence[str]
-) -> pd.DataFrame:
+def _accuracy_from_frames(frames: Frames, methods: Sequence[str], datasets: Sequence[str]) -> pd.DataFrame:
     accuracy = pd.DataFrame(
-        [[100.0 * frames[d, m]["correct"].mean() for d in datasets] for m in methods],
+        [[100.0 * question_scores(frames[d, m])["score"].mean() for d in datasets] for m in methods],
         index=pd.Index(list(methods), name="method"),
         columns=list(datasets),
     )
@@ -158,42 +229,78 @@ def _accuracy_from_frames(
     return accuracy.round(2)
 
 
+def _seed_spread(seed_frames: Mapping[int, pd.DataFrame]) -> float:
+    """Sample standard deviation of the seeds' accuracies (percent); NaN for one seed."""
+    accuracies = [100.0 * f.loc[f["rotation"] == 0, "correct"].mean() for f in seed_frames.values()]
+    return round(float(np.std(accuracies, ddof=1)), 2) if len(accuracies) > 1 else float("nan")
+
+
 def _long_from_frames(
-    frames: Mapping[tuple[str, str], pd.DataFrame],
+    frames: Frames,
     methods: Sequence[str],
     datasets: Sequence[str],
     n_boot: int,
     seed: int,
+    comparisons: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
+    comparisons = {a: b for a, b in (comparisons or {}).items() if a in methods and b in methods}
     rows = []
     for method in methods:
         for dataset in datasets:
-            frame = frames[dataset, method]
-            correct = frame["correct"].to_numpy(dtype=bool)
-            n = int(correct.size)
-            low, high = bootstrap_ci(correct, n_boot=n_boot, seed=seed)
-            parse_failures = int(frame["parse_failed"].sum())
-            rows.append(
-                {
-                    "method": method,
-                    "dataset": dataset,
-                    "n": n,
-                    "correct": int(correct.sum()),
-                    "accuracy": _percent(correct.mean()),
-                    "ci_low": _percent(low),
-                    "ci_high": _percent(high),
-                    "parse_failures": parse_failures,
-                    "format_retention": _percent(1.0 - parse_failures / n),
-                    # Expected accuracy of a uniform guess over each question's own options.
-                    "chance": _percent(np.mean(1.0 / frame["n_options"].to_numpy())),
-                }
-            )
+            seed_frames = frames[dataset, method]
+            scores = question_scores(seed_frames)
+            n = len(scores)
+            low, high = bootstrap_mean_ci(scores["score"].to_numpy(), n_boot=n_boot, seed=seed)
+            plain = pd.concat([f[f["rotation"] == 0] for f in seed_frames.values()])
+            parse_failures = int(plain["parse_failed"].sum())
+            row = {
+                "method": method,
+                "dataset": dataset,
+                "n": n,
+                "seeds": len(seed_frames),
+                "accuracy": _percent(scores["score"].mean()),
+                "ci_low": _percent(low),
+                "ci_high": _percent(high),
+                "seed_std": _seed_spread(seed_frames),
+                # Summed over seeds, out of n x seeds answers.
+                "parse_failures": parse_failures,
+                "format_retention": _percent(1.0 - parse_failures / len(plain)),
+                # Expected accuracy of a uniform guess over each question's own options.
+                "chance": _percent(np.mean(1.0 / scores["n_options"].to_numpy())),
+            }
+            if is_circular(seed_frames):
+                circular = question_scores(seed_frames, circular=True)["score"].to_numpy()
+                c_low, c_high = bootstrap_mean_ci(circular, n_boot=n_boot, seed=seed)
+                row.update(circular_accuracy=_percent(circular.mean()), circular_ci_low=_percent(c_low),
+                           circular_ci_high=_percent(c_high))
+            if method in comparisons:
+                other = question_scores(frames[dataset, comparisons[method]])["score"]
+                diff, d_low, d_high = paired_bootstrap_mean_diff(
+                    scores["score"].to_numpy(), other.loc[scores.index].to_numpy(), n_boot=n_boot, seed=seed
+                )
+                row.update(compared_to=comparisons[method], diff=_percent(diff), diff_ci_low=_percent(d_low),
+                           diff_ci_high=_percent(d_high))
+            rows.append(row)
     return pd.DataFrame(rows, columns=list(LONG_COLUMNS))
 
 
-def accuracy_table(
-    pred_files: PredictionFiles, methods: Sequence[str], datasets: Sequence[str]
+def _attributes_from_frames(
+    frames: Frames, methods: Sequence[str], datasets: Sequence[str], n_boot: int, seed: int
 ) -> pd.DataFrame:
+    rows = []
+    for dataset in datasets:
+        for method in methods:
+            scores = question_scores(frames[dataset, method])
+            for attribute, group in scores.groupby("attribute", sort=True):
+                low, high = bootstrap_mean_ci(group["score"].to_numpy(), n_boot=n_boot, seed=seed)
+                rows.append({
+                    "method": method, "dataset": dataset, "attribute": attribute, "n": len(group),
+                    "accuracy": _percent(group["score"].mean()), "ci_low": _percent(low), "ci_high": _percent(high),
+                })
+    return pd.DataFrame(rows, columns=list(ATTRIBUTE_COLUMNS))
+
+
+def accuracy_table(pred_files: PredictionFiles, methods: Sequence[str], datasets: Sequence[str]) -> pd.DataFrame:
     """Table 1: rows = methods (index `method`), columns = datasets + `average`, percent, 2 dp."""
     frames = _load_requested(pred_files, methods, datasets)
     return _accuracy_from_frames(frames, methods, datasets)
@@ -205,10 +312,23 @@ def long_table(
     datasets: Sequence[str],
     n_boot: int = 2000,
     seed: int = 0,
+    comparisons: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """One row per (method, dataset): LONG_COLUMNS; percentages rounded to 2 decimals."""
+    """One row per (method, dataset): LONG_COLUMNS; percentages rounded to 2 decimals.
+
+    `comparisons` maps a method to the method it is compared with (e.g. ift -> caption_ft);
+    pairs whose methods are not both in `methods` are left out.
+    """
     frames = _load_requested(pred_files, methods, datasets)
-    return _long_from_frames(frames, methods, datasets, n_boot, seed)
+    return _long_from_frames(frames, methods, datasets, n_boot, seed, comparisons)
+
+
+def attribute_table(
+    pred_files: PredictionFiles, methods: Sequence[str], datasets: Sequence[str], n_boot: int = 2000, seed: int = 0
+) -> pd.DataFrame:
+    """Accuracy per (method, dataset, attribute) with its bootstrap interval, percent."""
+    frames = _load_requested(pred_files, methods, datasets)
+    return _attributes_from_frames(frames, methods, datasets, n_boot, seed)
 
 
 # --------------------------------------------------------------------------- figure
@@ -287,35 +407,81 @@ def plot_table(
     plt.close(fig)
 
 
+def plot_attributes(attributes_df: pd.DataFrame, out_png: str | Path) -> None:
+    """Heat map of per-attribute accuracy: one row per dataset/attribute, one column per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = attributes_df.pivot_table(index=["dataset", "attribute"], columns="method", values="accuracy", sort=False)
+    grid = grid[list(dict.fromkeys(attributes_df["method"]))]
+    fig, ax = plt.subplots(figsize=(2.0 + 1.1 * grid.shape[1], 1.0 + 0.35 * grid.shape[0]))
+    image = ax.imshow(grid.to_numpy(dtype=float), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=30, ha="right")
+    ax.set_yticks(range(grid.shape[0]), [f"{d}: {a}" for d, a in grid.index], fontsize=8)
+    for (i, j), value in np.ndenumerate(grid.to_numpy(dtype=float)):
+        ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < 60 else "black")
+    fig.colorbar(image, ax=ax, label="Accuracy (%)")
+    ax.set_title("Accuracy per attribute")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=150)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
 @dataclass
 class TablesArguments:
     predictions: list[str] = field(
-        metadata={"help": "predictions.csv files, each at .../<dataset>/<method>/predictions.csv"}
+        metadata={"help": "predictions.csv files, each at .../<dataset>/<method>/seed-<seed>/predictions.csv"}
     )
     methods: list[str] = field(metadata={"help": "methods, in table row order"})
     datasets: list[str] = field(metadata={"help": "datasets, in table column order"})
     table: str = field(metadata={"help": "output CSV of table 1 (accuracy in percent; methods x datasets + average)"})
     long: str = field(metadata={"help": "output CSV of the long table (one row per method and dataset)"})
+    attributes: str | None = field(default=None, metadata={"help": "optional output CSV of per-attribute accuracy"})
     figure: str | None = field(default=None, metadata={"help": "optional output PNG of the grouped bar chart"})
+    heatmap: str | None = field(default=None, metadata={"help": "optional output PNG of the per-attribute heat map"})
+    compare: list[str] = field(
+        default_factory=list,
+        metadata={"help": "method:baseline pairs whose paired bootstrap difference goes in the long table"},
+    )
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples for the intervals"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed"})
 
 
-def prediction_files_from_paths(paths: Sequence[str | Path]) -> dict[tuple[str, str], Path]:
-    """`.../<dataset>/<method>/predictions.csv` -> {(dataset, method): path}."""
-    files: dict[tuple[str, str], Path] = {}
+_SEED_DIR = re.compile(r"seed-(\d+)")
+
+
+def prediction_files_from_paths(paths: Sequence[str | Path]) -> dict[tuple[str, str, int], Path]:
+    """`.../<dataset>/<method>/seed-<seed>/predictions.csv` -> {(dataset, method, seed): path}."""
+    files: dict[tuple[str, str, int], Path] = {}
     for raw in paths:
         path = Path(raw)
-        if len(path.parts) < 3:
-            raise PredictionError(f"cannot read dataset/method from {path}; expected .../<dataset>/<method>/predictions.csv")
-        key = (path.parent.parent.name, path.parent.name)
+        match = _SEED_DIR.fullmatch(path.parent.name)
+        if len(path.parts) < 4 or match is None:
+            raise PredictionError(
+                f"cannot read dataset/method/seed from {path}; expected .../<dataset>/<method>/seed-<seed>/predictions.csv"
+            )
+        key = (path.parent.parent.parent.name, path.parent.parent.name, int(match.group(1)))
         if key in files:
-            raise PredictionError(f"two predictions files for {key[0]}/{key[1]}: {files[key]} and {path}")
+            raise PredictionError(f"two predictions files for {key[0]}/{key[1]} seed {key[2]}: {files[key]} and {path}")
         files[key] = path
     return files
+
+
+def parse_comparisons(pairs: Sequence[str]) -> dict[str, str]:
+    comparisons = {}
+    for pair in pairs:
+        method, sep, baseline = pair.partition(":")
+        if not sep or not method or not baseline:
+            raise ValueError(f"--compare takes method:baseline, got {pair!r}")
+        comparisons[method] = baseline
+    return comparisons
 
 
 def _parse_args(argv: Sequence[str] | None) -> TablesArguments:
@@ -330,21 +496,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parse_args(argv)
     files = prediction_files_from_paths(args.predictions)
-    unused = sorted(set(files) - {(d, m) for d in args.datasets for m in args.methods})
+    unused = sorted({(d, m) for d, m, _ in files} - {(d, m) for d in args.datasets for m in args.methods})
     if unused:
         log.warning("ignoring predictions not requested: %s", ", ".join(f"{d}/{m}" for d, m in unused))
     frames = _load_requested(files, args.methods, args.datasets)
     table = _accuracy_from_frames(frames, args.methods, args.datasets)
-    long = _long_from_frames(frames, args.methods, args.datasets, args.n_boot, args.seed)
-    for out in (args.table, args.long):
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.table, float_format="%.2f")
-    long.to_csv(args.long, index=False, float_format="%.2f")
+    long = _long_from_frames(frames, args.methods, args.datasets, args.n_boot, args.seed, parse_comparisons(args.compare))
+    outputs = [args.table, args.long]
+    table.to_csv(_ready(args.table), float_format="%.2f")
+    long.to_csv(_ready(args.long), index=False, float_format="%.2f")
+    if args.attributes or args.heatmap:
+        attributes = _attributes_from_frames(frames, args.methods, args.datasets, args.n_boot, args.seed)
+        if args.attributes:
+            attributes.to_csv(_ready(args.attributes), index=False, float_format="%.2f")
+            outputs.append(args.attributes)
+        if args.heatmap:
+            plot_attributes(attributes, args.heatmap)
+            outputs.append(args.heatmap)
     if args.figure:
         plot_table(table, args.figure, long_df=long)
+        outputs.append(args.figure)
     print(table.to_string())
-    print(f"wrote {args.table}, {args.long}" + (f", {args.figure}" if args.figure else ""))
+    print("wrote " + ", ".join(map(str, outputs)))
     return 0
+
+
+def _ready(path: str) -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ import pandas as pd
 import pytest
 
 from medift.mcq import LETTERS
-from medift.stats import bootstrap_ci, paired_bootstrap_diff
+from medift.stats import bootstrap_ci, bootstrap_mean_ci, paired_bootstrap_diff, paired_bootstrap_mean_diff
 from medift.tables import (
     PredictionError,
     accuracy_table,
+    attribute_table,
     long_table,
     main,
+    plot_attributes,
     plot_table,
     prediction_files_from_paths,
     read_predictions,
@@ -79,45 +81,78 @@ def test_paired_diff_estimate_interval_and_determinism():
         paired_bootstrap_diff(a, b[:-1])
 
 
+def test_mean_ci_takes_the_exact_path_for_binary_and_resamples_fractions():
+    correct = np.random.default_rng(3).random(200) < 0.7
+    assert bootstrap_mean_ci(correct.astype(float), seed=5) == bootstrap_ci(correct, seed=5)
+    fractions = np.random.default_rng(4).integers(0, 3, 300) / 2  # two seeds: 0, 0.5 or 1
+    lo, hi = bootstrap_mean_ci(fractions, seed=1)
+    assert lo < fractions.mean() < hi
+    half_width = 1.96 * fractions.std() / np.sqrt(fractions.size)
+    assert (hi - lo) / 2 == pytest.approx(half_width, rel=0.15)
+    assert (lo, hi) == bootstrap_mean_ci(fractions, seed=1)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        bootstrap_mean_ci(np.array([0.5, 1.5]))
+
+
+def test_paired_mean_diff_matches_the_binary_paired_bootstrap_and_pairs_fractions():
+    rng = np.random.default_rng(1)
+    b = rng.random(400) < 0.5
+    a = b | (rng.random(400) < 0.3)
+    assert paired_bootstrap_mean_diff(a * 1.0, b * 1.0, seed=2) == paired_bootstrap_diff(a, b, seed=2)
+    a2, b2 = (a + (rng.random(400) < 0.5)) / 2, (b + (rng.random(400) < 0.5)) / 2
+    diff, lo, hi = paired_bootstrap_mean_diff(a2, b2, seed=3)
+    assert diff == pytest.approx(a2.mean() - b2.mean())
+    assert lo <= diff <= hi
+    assert paired_bootstrap_mean_diff(a2, a2.copy()) == (0.0, 0.0, 0.0)
+
+
 # ----------------------------------------------------------------------------- tables
 
 
-def _write_predictions(path: Path, outcomes: list[str], n_options: int = 3) -> Path:
-    """One question per outcome: 'c' correct, 'w' wrong letter, 'f' unparseable output."""
+def _question_rows(i: int, outcome: str, n_options: int, attribute: str, rotation: int) -> dict:
+    answer = (i + rotation) % n_options
+    answer_letter = LETTERS[answer]
+    parsed = {"c": answer_letter, "w": LETTERS[(answer + 1) % n_options], "f": ""}[outcome]
+    return {
+        "question_id": f"img{i}:{attribute}",
+        "image_id": f"img{i}",
+        "attribute": attribute,
+        "question": f"What is the {attribute}?",
+        "options": json.dumps([f"opt{(k + rotation) % n_options}" for k in range(n_options)]),
+        "answer_index": answer,
+        "answer_letter": answer_letter,
+        "rotation": rotation,
+        "raw_output": f"The correct answer is {parsed}." if parsed else "I think it is big",
+        "parsed_letter": parsed,
+        "correct": int(outcome == "c"),
+        "parse_failed": int(outcome == "f"),
+    }
+
+
+def _write_predictions(path: Path, outcomes: list[str], n_options: int = 3, attributes=("size",)) -> Path:
+    """One question per outcome: 'c' correct, 'w' wrong letter, 'f' unparseable output.
+
+    An outcome of several letters (e.g. "ccw") is one question asked circularly: one letter
+    per rotation. Question i asks about attributes[i % len(attributes)].
+    """
     rows = []
     for i, outcome in enumerate(outcomes):
-        answer = i % n_options
-        answer_letter = LETTERS[answer]
-        parsed = {"c": answer_letter, "w": LETTERS[(answer + 1) % n_options], "f": ""}[outcome]
-        rows.append(
-            {
-                "question_id": f"img{i}:size",
-                "image_id": f"img{i}",
-                "attribute": "size",
-                "question": "What is the size?",
-                "options": json.dumps([f"opt{k}" for k in range(n_options)]),
-                "answer_index": answer,
-                "answer_letter": answer_letter,
-                "raw_output": f"The correct answer is {parsed}." if parsed else "I think it is big",
-                "parsed_letter": parsed,
-                "correct": int(outcome == "c"),
-                "parse_failed": int(outcome == "f"),
-            }
-        )
+        for rotation, letter in enumerate(outcome):
+            rows.append(_question_rows(i, letter, n_options, attributes[i % len(attributes)], rotation))
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
 
 
 @pytest.fixture
-def predictions(tmp_path) -> dict[tuple[str, str], Path]:
+def predictions(tmp_path) -> dict[tuple[str, str, int], Path]:
     """Hand-made results: accuracies base 2/4 and 1/3, ift 3/4 and 3/3."""
     root = tmp_path / "results"
     return {
-        ("wbcatt", "base"): _write_predictions(root / "wbcatt/base/predictions.csv", list("cwcf")),
-        ("wbcatt", "ift"): _write_predictions(root / "wbcatt/ift/predictions.csv", list("cccw")),
-        ("skincon", "base"): _write_predictions(root / "skincon/base/predictions.csv", list("cff"), n_options=5),
-        ("skincon", "ift"): _write_predictions(root / "skincon/ift/predictions.csv", list("ccc"), n_options=5),
+        ("wbcatt", "base", 1): _write_predictions(root / "wbcatt/base/seed-1/predictions.csv", list("cwcf")),
+        ("wbcatt", "ift", 1): _write_predictions(root / "wbcatt/ift/seed-1/predictions.csv", list("cccw")),
+        ("skincon", "base", 1): _write_predictions(root / "skincon/base/seed-1/predictions.csv", list("cff"), n_options=5),
+        ("skincon", "ift", 1): _write_predictions(root / "skincon/ift/seed-1/predictions.csv", list("ccc"), n_options=5),
     }
 
 
@@ -133,11 +168,13 @@ def test_accuracy_table_values(predictions):
 def test_long_table_values(predictions):
     long = long_table(predictions, ["base", "ift"], ["wbcatt", "skincon"])
     assert list(long.columns) == [
-        "method", "dataset", "n", "correct", "accuracy", "ci_low", "ci_high",
-        "parse_failures", "format_retention", "chance",
+        "method", "dataset", "n", "seeds", "accuracy", "ci_low", "ci_high", "seed_std",
+        "parse_failures", "format_retention", "chance", "circular_accuracy", "circular_ci_low",
+        "circular_ci_high", "compared_to", "diff", "diff_ci_low", "diff_ci_high",
     ]
     row = long.set_index(["method", "dataset"]).loc[("base", "skincon")]
-    assert (row["n"], row["correct"], row["accuracy"]) == (3, 1, 33.33)
+    assert (row["n"], row["seeds"], row["accuracy"]) == (3, 1, 33.33)
+    assert np.isnan(row["seed_std"]) and np.isnan(row["circular_accuracy"]) and pd.isna(row["compared_to"])
     assert row["parse_failures"] == 2 and row["format_retention"] == 33.33
     assert row["chance"] == 20.0
     assert row["ci_low"] <= row["accuracy"] <= row["ci_high"]
@@ -146,13 +183,13 @@ def test_long_table_values(predictions):
 
 
 def test_missing_method_dataset_pair_is_an_error(predictions):
-    del predictions[("skincon", "ift")]
+    del predictions[("skincon", "ift", 1)]
     with pytest.raises(PredictionError, match="skincon/ift"):
         accuracy_table(predictions, ["base", "ift"], ["wbcatt", "skincon"])
 
 
 def test_inconsistent_prediction_rows_are_refused(tmp_path):
-    path = _write_predictions(tmp_path / "d/m/predictions.csv", list("cw"))
+    path = _write_predictions(tmp_path / "d/m/seed-1/predictions.csv", list("cw"))
     frame = pd.read_csv(path)
     frame.loc[1, "correct"] = 1  # claims a wrong letter is correct
     frame.to_csv(path, index=False)
@@ -162,16 +199,68 @@ def test_inconsistent_prediction_rows_are_refused(tmp_path):
 
 def test_methods_scored_on_different_questions_are_refused(tmp_path):
     files = {
-        ("d", "a"): _write_predictions(tmp_path / "d/a/predictions.csv", list("cc")),
-        ("d", "b"): _write_predictions(tmp_path / "d/b/predictions.csv", list("ccc")),
+        ("d", "a", 1): _write_predictions(tmp_path / "d/a/seed-1/predictions.csv", list("cc")),
+        ("d", "b", 1): _write_predictions(tmp_path / "d/b/seed-1/predictions.csv", list("ccc")),
     }
     with pytest.raises(PredictionError, match="different questions"):
         accuracy_table(files, ["a", "b"], ["d"])
 
 
-def test_paths_give_dataset_and_method():
-    files = prediction_files_from_paths(["results/wbcatt/ift/predictions.csv"])
-    assert files == {("wbcatt", "ift"): Path("results/wbcatt/ift/predictions.csv")}
+def test_paths_give_dataset_method_and_seed():
+    files = prediction_files_from_paths(["results/wbcatt/ift/seed-3/predictions.csv"])
+    assert files == {("wbcatt", "ift", 3): Path("results/wbcatt/ift/seed-3/predictions.csv")}
+    with pytest.raises(PredictionError, match="seed"):
+        prediction_files_from_paths(["results/wbcatt/ift/predictions.csv"])
+
+
+def test_seeds_give_the_mean_and_the_spread(tmp_path):
+    files = {
+        ("d", "m", 1): _write_predictions(tmp_path / "d/m/seed-1/predictions.csv", list("ccww")),  # 50 %
+        ("d", "m", 2): _write_predictions(tmp_path / "d/m/seed-2/predictions.csv", list("cccw")),  # 75 %
+    }
+    assert accuracy_table(files, ["m"], ["d"]).loc["m", "d"] == 62.5
+    row = long_table(files, ["m"], ["d"]).iloc[0]
+    assert (row["seeds"], row["accuracy"], row["seed_std"]) == (2, 62.5, round(float(np.std([50, 75], ddof=1)), 2))
+    assert row["ci_low"] <= 62.5 <= row["ci_high"]
+
+
+def test_circular_accuracy_needs_every_rotation_right(tmp_path):
+    # Three 3-option questions: right in all rotations, right only as written, right in none.
+    path = _write_predictions(tmp_path / "d/m/seed-1/predictions.csv", ["ccc", "cww", "www"])
+    row = long_table({("d", "m", 1): path}, ["m"], ["d"]).iloc[0]
+    assert row["accuracy"] == 66.67  # rotation 0: two of three
+    assert row["circular_accuracy"] == 33.33
+    assert row["circular_ci_low"] <= 33.33 <= row["circular_ci_high"]
+
+
+def test_incomplete_rotations_are_refused(tmp_path):
+    path = _write_predictions(tmp_path / "d/m/seed-1/predictions.csv", ["ccc", "cc"])
+    with pytest.raises(PredictionError, match="incomplete set of option rotations"):
+        read_predictions(path)
+
+
+def test_paired_difference_in_the_long_table(tmp_path):
+    files = {
+        ("d", "ift", 1): _write_predictions(tmp_path / "d/ift/seed-1/predictions.csv", list("ccccw" * 20)),
+        ("d", "base", 1): _write_predictions(tmp_path / "d/base/seed-1/predictions.csv", list("cwcww" * 20)),
+    }
+    long = long_table(files, ["base", "ift"], ["d"], comparisons={"ift": "base", "other": "base"})
+    row = long.set_index("method").loc["ift"]
+    assert (row["compared_to"], row["diff"]) == ("base", 40.0)
+    assert 0 < row["diff_ci_low"] < 40.0 < row["diff_ci_high"]
+    assert pd.isna(long.set_index("method").loc["base", "compared_to"])
+
+
+def test_attribute_table_and_heatmap(tmp_path):
+    files = {
+        ("d", "m", 1): _write_predictions(tmp_path / "d/m/seed-1/predictions.csv", list("cwcc"), attributes=("size", "shape")),
+    }
+    table = attribute_table(files, ["m"], ["d"]).set_index("attribute")
+    assert table.loc["size", "accuracy"] == 100.0 and table.loc["shape", "accuracy"] == 50.0
+    assert table.loc["size", "n"] == 2
+    out = tmp_path / "heat.png"
+    plot_attributes(table.reset_index(), out)
+    assert out.read_bytes().startswith(b"\x89PNG")
 
 
 def test_plot_table_writes_png(predictions, tmp_path):
@@ -185,15 +274,19 @@ def test_plot_table_writes_png(predictions, tmp_path):
 
 def test_cli_end_to_end(predictions, tmp_path, capsys):
     table_csv, long_csv, figure = tmp_path / "out/table1.csv", tmp_path / "out/long.csv", tmp_path / "out/t1.png"
+    attributes, heatmap = tmp_path / "out/attr.csv", tmp_path / "out/attr.png"
     argv = ["--predictions", *map(str, predictions.values()), "--methods", "base", "ift",
             "--datasets", "wbcatt", "skincon", "--table", str(table_csv), "--long", str(long_csv),
-            "--figure", str(figure)]
+            "--figure", str(figure), "--attributes", str(attributes), "--heatmap", str(heatmap),
+            "--compare", "ift:base"]
     assert main(argv) == 0
     table = pd.read_csv(table_csv, index_col="method")
     assert table.loc["ift", "average"] == 87.5 and table.loc["base", "skincon"] == 33.33
     long = pd.read_csv(long_csv)
     assert len(long) == 4 and set(long["dataset"]) == {"wbcatt", "skincon"}
-    assert figure.read_bytes().startswith(b"\x89PNG")
+    assert list(long.loc[long["method"] == "ift", "diff"]) == [25.0, 66.67]
+    assert len(pd.read_csv(attributes)) == 4
+    assert figure.read_bytes().startswith(b"\x89PNG") and heatmap.read_bytes().startswith(b"\x89PNG")
     assert "wrote" in capsys.readouterr().out
 
     with pytest.raises(PredictionError, match="wbcatt/other"):

@@ -88,13 +88,14 @@ def default_config() -> dict:
 
 
 def tiny_config(base_model: str = "embedded") -> dict:
-    """The default config shrunk: 12/4/8 synthetic images, one epoch, 8 new tokens."""
+    """The default config shrunk: 12/4/8 synthetic images, one epoch, 8 new tokens, two seeds."""
     config = default_config()
     config["base_model"]["path"] = base_model
     for entry in config["datasets"].values():
         entry["synthetic"] = {"n_train": 12, "n_val": 4, "n_test": 8, "image_size": 64}
     config["train"].update(epochs=1, warmup_epochs=1, batch_size=4, threads=1)
     config["evaluate"].update(max_new_tokens=8, threads=1)
+    config["seeds"] = [1, 2]
     config["threads"] = {"prepare": 1, "pretrain": 1}
     return config
 
@@ -134,6 +135,7 @@ def test_dry_run_default_config(tmp_path, target, expected):
         expected = {**expected, "pretrain_base_model": 1}
     assert rule_counts(jobs) == expected
     evaluated = {(w["dataset"], w["method"]) for rule, w in jobs if rule == "evaluate_model"}
+    assert {w["seed"] for rule, w in jobs if rule in ("evaluate_model", "train_model")} == {"1"}
     methods = TABLE1 if target == "results/table1.csv" else TABLE1 + TABLE2[1:]
     assert evaluated == {(d, m) for d in DATASETS for m in methods}
     trained = {(w["dataset"], w["method"]) for rule, w in jobs if rule == "train_model"}
@@ -223,17 +225,32 @@ def test_end_to_end_tables(tmp_path):
         assert len(long) == len(methods) * len(DATASETS)
         assert (results / f"{name}.png").stat().st_size > 0
 
+        long = long.set_index(["method", "dataset"])
+        assert (long["seeds"] == [1 if m == "zero_shot" else 2 for m, _ in long.index]).all()
+        assert long["circular_accuracy"].notna().all()
+        assert (long["circular_accuracy"] <= long["accuracy"]).all()
+        attributes = pd.read_csv(results / f"{name}_attributes.csv")
+        assert set(attributes["dataset"]) == set(DATASETS) and set(attributes["method"]) == set(methods)
+        assert (results / f"{name}_attributes.png").stat().st_size > 0
+    compared = pd.read_csv(results / "table1_long.csv").set_index("method").loc["ift"]
+    assert (compared["compared_to"] == "caption_ft").all() and compared["diff"].notna().all()
+
+    seeds = {m: [1] if m == "zero_shot" else [1, 2] for m in TABLE1 + TABLE2[1:]}
     for dataset in DATASETS:
         for method in TABLE1 + TABLE2[1:]:
-            predictions = pd.read_csv(results / dataset / method / "predictions.csv")
-            assert set(PREDICTION_COLUMNS) <= set(predictions.columns)
-            assert len(predictions) > 0 and predictions["correct"].isin([0, 1]).all()
-            metrics = json.loads((results / dataset / method / "metrics.json").read_text())
-            assert metrics["n"] == len(predictions)
+            for seed in seeds[method]:
+                predictions = pd.read_csv(results / dataset / method / f"seed-{seed}" / "predictions.csv")
+                assert set(PREDICTION_COLUMNS) <= set(predictions.columns)
+                assert len(predictions) > 0 and predictions["correct"].isin([0, 1]).all()
+                assert predictions["rotation"].max() > 0  # circular evaluation is on by default
+                metrics = json.loads((results / dataset / method / f"seed-{seed}" / "metrics.json").read_text())
+                assert metrics["n"] == (predictions["rotation"] == 0).sum()
+                assert metrics["prompts_asked"] == len(predictions)
         summaries = {
-            method: json.loads((work / "resources/models" / dataset / method / "train_summary.json").read_text())["config"]
+            method: json.loads((work / "resources/models" / dataset / method / "seed-2" / "train_summary.json").read_text())["config"]
             for method in TRAINED
         }
+        assert all(s["seed"] == 2 for s in summaries.values())
         assert summaries["caption_ft"]["proxy"] is False and summaries["ift"]["proxy"] is True
         assert summaries["ift_no_momentum"]["momentum"] == 0.0 and summaries["ift"]["momentum"] == 0.999
         assert summaries["ift_no_shuffle"]["shuffle_responses"] is False
@@ -243,8 +260,9 @@ def test_end_to_end_tables(tmp_path):
     logs = work / "logs"
     expected_logs = (
         [logs / rule / f"{d}.log" for rule in ("synthesize_raw_data", "make_shards") for d in DATASETS]
-        + [logs / "train_model" / d / f"{m}.log" for d in DATASETS for m in TRAINED]
-        + [logs / "evaluate_model" / d / f"{m}.log" for d in DATASETS for m in TABLE1 + TABLE2[1:]]
+        + [logs / "train_model" / d / m / f"seed-{s}.log" for d in DATASETS for m in TRAINED for s in (1, 2)]
+        + [logs / "evaluate_model" / d / m / f"seed-{s}.log" for d in DATASETS for m in TABLE1 + TABLE2[1:]
+           for s in seeds[m]]
         + [logs / "make_table" / f"{t}.log" for t in ("table1", "table2")]
     )
     missing = [str(p.relative_to(work)) for p in expected_logs if not p.is_file() or p.stat().st_size == 0]
@@ -260,8 +278,16 @@ def test_end_to_end_tables(tmp_path):
     config["datasets"]["cbis_ddsm"]["train"]["repeat_train"] = 2
     write_config(configfile, config)
     jobs = dry_run("results/table1.csv", workdir=work, configfile=configfile)
-    assert rule_counts(jobs) == {"train_model": 2, "evaluate_model": 2, "make_table": 1}
+    assert rule_counts(jobs) == {"train_model": 4, "evaluate_model": 4, "make_table": 1}
     assert {w.get("dataset") for rule, w in jobs if rule != "make_table"} == {"cbis_ddsm"}
+
+    # The Snakemake report holds every table and figure with its caption.
+    config["datasets"]["cbis_ddsm"]["train"]["repeat_train"] = 1
+    write_config(configfile, config)
+    snakemake(f"--configfile={configfile}", "--report", "results/report.html",
+              "results/table1.csv", "results/table2.csv", workdir=work)
+    html = (results / "report.html").read_text(errors="replace")
+    assert "table1_attributes.png" in html and "table2_long.csv" in html
 
 
 def test_workflow_adapters_are_the_package_datasets():

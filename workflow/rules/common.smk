@@ -50,6 +50,10 @@ def _check_config():
                 f"datasets.{name}: no adapter {adapter!r}; name the entry after one of "
                 f"{', '.join(ADAPTERS)} or set `adapter:`"
             )
+    for method, baseline in config["comparisons"].items():
+        unknown = [m for m in (method, baseline) if m not in config["methods"]]
+        if unknown:
+            raise WorkflowError(f"comparisons: methods {unknown} are not configured under `methods:`")
     for table, methods in config["tables"].items():
         unknown = [m for m in methods if m not in config["methods"]]
         if unknown:
@@ -79,6 +83,7 @@ wildcard_constraints:
     dataset=_alternatives(config["datasets"]),
     method=_alternatives(config["methods"]),
     table=_alternatives(config["tables"]),
+    seed=_alternatives(str(seed) for seed in config["seeds"]),
 
 
 ##### datasets #####
@@ -183,10 +188,16 @@ def get_train_threads(wildcards):
     return get_train_settings(wildcards)["threads"]
 
 
+def get_method_seeds(method):
+    """Seeds a method runs with: all of `seeds`, or the first only for a method without training
+    (its evaluation does not depend on a seed)."""
+    return config["seeds"] if is_trained(method) else config["seeds"][:1]
+
+
 def get_model_dir(wildcards):
-    """Model evaluated for (dataset, method): the fine-tuned one, or the base for `train: false`."""
+    """Model evaluated for (dataset, method, seed): the fine-tuned one, or the base for `train: false`."""
     if is_trained(wildcards.method):
-        return f"resources/models/{wildcards.dataset}/{wildcards.method}"
+        return f"resources/models/{wildcards.dataset}/{wildcards.method}/seed-{wildcards.seed}"
     return get_base_model()
 
 
@@ -205,11 +216,19 @@ def get_table_methods(wildcards):
 
 
 def get_table_predictions(wildcards):
-    return expand(
-        "results/{dataset}/{method}/predictions.csv",
-        dataset=get_datasets(),
-        method=get_table_methods(wildcards),
-    )
+    return [
+        f"results/{dataset}/{method}/seed-{seed}/predictions.csv"
+        for method in get_table_methods(wildcards)
+        for seed in get_method_seeds(method)
+        for dataset in get_datasets()
+    ]
+
+
+def get_table_comparisons(wildcards):
+    """`method:baseline` pairs of `comparisons` whose two methods are both in this table."""
+    methods = get_table_methods(wildcards)
+    pairs = [f"{m}:{b}" for m, b in config["comparisons"].items() if m in methods and b in methods]
+    return " ".join(["--compare", *pairs]) if pairs else ""
 
 
 def get_final_output():

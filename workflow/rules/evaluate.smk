@@ -1,22 +1,24 @@
 rule evaluate_model:
-    """Multiple-choice evaluation of one (dataset, method); `train: false` methods use the base model."""
+    """Multiple-choice evaluation of one (dataset, method, seed); `train: false` methods use the base model."""
     input:
         manifest="resources/shards/{dataset}/manifest.json",
         model=get_model_files,
     output:
-        predictions="results/{dataset}/{method}/predictions.csv",
-        metrics="results/{dataset}/{method}/metrics.json",
+        predictions="results/{dataset}/{method}/seed-{seed}/predictions.csv",
+        metrics="results/{dataset}/{method}/seed-{seed}/metrics.json",
     params:
         shards=subpath(input.manifest, parent=True),
         model=lambda wildcards, input: os.path.dirname(input.model[0]),
         trust_remote_code=config["base_model"]["trust_remote_code"],
         split=config["evaluate"]["split"],
+        scoring=config["evaluate"]["scoring"],
+        circular=config["evaluate"]["circular"],
         max_new_tokens=config["evaluate"]["max_new_tokens"],
         batch_size=config["evaluate"]["batch_size"],
     log:
-        "logs/evaluate_model/{dataset}/{method}.log",
+        "logs/evaluate_model/{dataset}/{method}/seed-{seed}.log",
     benchmark:
-        "benchmarks/evaluate_model/{dataset}/{method}.tsv"
+        "benchmarks/evaluate_model/{dataset}/{method}/seed-{seed}.tsv"
     threads: config["evaluate"]["threads"]
     resources:
         cpu_slots=get_cpu_slots,
@@ -25,6 +27,7 @@ rule evaluate_model:
     shell:
         "HF_HUB_OFFLINE=1 python -m medift.evaluate --model {params.model}"
         " --shards {params.shards} --split {params.split}"
+        " --scoring {params.scoring} --circular {params.circular}"
         " --out {output.predictions} --summary {output.metrics}"
         " --max_new_tokens {params.max_new_tokens} --batch_size {params.batch_size}"
         " --trust_remote_code {params.trust_remote_code} --threads {threads} > {log} 2>&1"

@@ -8,22 +8,21 @@ rule train_model:
         manifest="resources/shards/{dataset}/manifest.json",
         base_model=get_base_model_files(),
     output:
-        config="resources/models/{dataset}/{method}/config.json",
-        weights="resources/models/{dataset}/{method}/model.safetensors",
-        summary="resources/models/{dataset}/{method}/train_summary.json",
+        config="resources/models/{dataset}/{method}/seed-{seed}/config.json",
+        weights="resources/models/{dataset}/{method}/seed-{seed}/model.safetensors",
+        summary="resources/models/{dataset}/{method}/seed-{seed}/train_summary.json",
     params:
         shards=subpath(input.manifest, parent=True),
         base_model=lambda wildcards, input: os.path.dirname(input.base_model[0]),
         out_dir=subpath(output.weights, parent=True),
         trust_remote_code=config["base_model"]["trust_remote_code"],
-        seed=config["seed"],
         settings=get_train_params,
     wildcard_constraints:
         method=_alternatives(get_trained_methods()),
     log:
-        "logs/train_model/{dataset}/{method}.log",
+        "logs/train_model/{dataset}/{method}/seed-{seed}.log",
     benchmark:
-        "benchmarks/train_model/{dataset}/{method}.tsv"
+        "benchmarks/train_model/{dataset}/{method}/seed-{seed}.tsv"
     threads: get_train_threads
     resources:
         cpu_slots=get_cpu_slots,
@@ -39,5 +38,5 @@ rule train_model:
         " --lr {params.settings[lr]} --batch_size {params.settings[batch_size]}"
         " --grad_clip {params.settings[grad_clip]} --zero_stage {params.settings[zero_stage]}"
         " --bf16 {params.settings[bf16]} --repeat_train {params.settings[repeat_train]}"
-        " --trust_remote_code {params.trust_remote_code} --seed {params.seed}"
+        " --trust_remote_code {params.trust_remote_code} --seed {wildcards.seed}"
         " --threads {threads} > {log} 2>&1"

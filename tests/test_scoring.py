@@ -1,0 +1,143 @@
+"""Letter scoring, batch invariance of both scoring modes, and circular-evaluation bookkeeping."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+from medift import mcq
+from medift.evaluate import EvaluateConfig, asked_prompts, score_questions, summarize
+from medift.generation import best_letter, forced_answer_context, generate_answers, score_letters
+from medift.images import encode_image
+from medift.model.embedded import EmbeddedModelConfig, build_processor
+from medift.model.loading import load_base_model
+from medift.model.pretrain import held_out_questions
+
+SHIPPED_MODEL = "models/embedded-base"
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(EmbeddedModelConfig())
+
+
+class KnownLogitsModel(torch.nn.Module):
+    """Returns the same next-token logits for every prompt: `favourites` get high values."""
+
+    def __init__(self, vocab_size: int, favourites: dict[int, float]):
+        super().__init__()
+        self.vocab_size, self.favourites = vocab_size, favourites
+        self.seen = []
+
+    @property
+    def dtype(self):
+        return torch.float32
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, **_):
+        self.seen.append((input_ids, attention_mask, position_ids))
+        logits = torch.zeros(input_ids.shape[0], 1, self.vocab_size)
+        for token, value in self.favourites.items():
+            logits[:, -1, token] = value
+        return SimpleNamespace(logits=logits)
+
+
+def test_forced_prefix_is_the_trained_response_prefix(processor):
+    prefix, letter_ids = forced_answer_context(processor, 5)
+    assert processor.tokenizer.decode(prefix) == mcq.ANSWER_PREFIX
+    assert [processor.tokenizer.convert_ids_to_tokens(letter_ids[l]) for l in "ABCDE"] == list("ABCDE")
+
+
+def test_known_logits_give_the_known_letter_restricted_to_valid_letters(processor):
+    _, letter_ids = forced_answer_context(processor)
+    # E is the model's favourite, then B; a 3-option question may not answer E.
+    model = KnownLogitsModel(len(processor.tokenizer), {letter_ids["E"]: 9.0, letter_ids["B"]: 5.0, letter_ids["A"]: 1.0})
+    instructions = [mcq.build_mcq_instruction("What is the size?", ["big", "small", "tiny"]),
+                    mcq.build_mcq_instruction("What is the color?", ["red", "green", "blue", "yellow", "purple"])]
+    scores = score_letters(model, processor, instructions, [None, None], [3, 5], batch_size=2)
+    assert list(scores[0]) == ["A", "B", "C"] and list(scores[1]) == list("ABCDE")
+    assert [best_letter(s) for s in scores] == ["B", "E"]
+    assert scores[0] == {"A": 1.0, "B": 5.0, "C": 0.0}
+    # Left padding: the shorter prompt is padded on the left, its positions start at 0 at its first token.
+    input_ids, attention, positions = model.seen[0]
+    short = int(attention[0].sum()) < int(attention[1].sum())
+    row = 0 if short else 1
+    first = int((attention[row] == 0).sum())
+    assert attention[row, :first].sum() == 0 and positions[row, first] == 0
+    assert positions[row, -1] == attention[row].sum() - 1
+
+
+def test_best_letter_breaks_ties_towards_the_first_letter():
+    assert best_letter({"A": 1.0, "B": 2.0, "C": 2.0}) == "B"
+
+
+def test_rotations_put_every_option_behind_every_letter():
+    options = ["big", "small", "tiny"]
+    seen = [mcq.rotate_options(options, 1, shift) for shift in range(3)]
+    assert seen == [(["big", "small", "tiny"], 1), (["small", "tiny", "big"], 0), (["tiny", "big", "small"], 2)]
+    for rotated, answer in seen:
+        assert rotated[answer] == "small"
+    with pytest.raises(ValueError):
+        mcq.rotate_options(options, 0, 3)
+
+
+def _questions_frame(n: int = 20, seed: int = 7) -> pd.DataFrame:
+    rows = []
+    for i, (instruction, image, n_options, answer, _) in enumerate(held_out_questions(n, seed, 64)):
+        lines = instruction.split("\n")
+        rows.append({
+            "question_id": f"q{i}", "image_id": f"img{i}", "attribute": lines[0], "question": lines[0],
+            "options": [line.split(". ", 1)[1] for line in lines[1 : 1 + n_options]],
+            "answer_index": answer, "image": encode_image(image),
+        })
+    return pd.DataFrame(rows)
+
+
+def test_asked_prompts_bookkeeping():
+    questions = _questions_frame(4)
+    asked = asked_prompts(questions, circular=True)
+    assert len(asked) == sum(len(o) for o in questions["options"])
+    for _, row in asked.iterrows():
+        original = questions.set_index("question_id").loc[row["question_id"]]
+        assert row["options"][row["answer_index"]] == original["options"][original["answer_index"]]
+        assert sorted(row["options"]) == sorted(original["options"])
+    assert len(asked_prompts(questions, circular=False)) == 4
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_base_model(SHIPPED_MODEL)
+
+
+@pytest.mark.parametrize("scoring", ["generate", "letter"])
+def test_predictions_do_not_depend_on_the_batch_size(shipped, scoring):
+    model, processor = shipped
+    questions = _questions_frame(20)
+    letters = {}
+    for batch_size in (1, 16):
+        config = EvaluateConfig(model="", shards="", out="", summary="", scoring=scoring, batch_size=batch_size,
+                                max_new_tokens=12)
+        frame = score_questions(model, processor, questions, config)
+        letters[batch_size] = list(frame["parsed_letter"])
+    assert letters[1] == letters[16]
+    assert sum(l != "" for l in letters[1]) == 20  # the shipped model follows the format
+
+
+def test_letter_scoring_agrees_with_generation_and_circular_summary(shipped):
+    model, processor = shipped
+    questions = _questions_frame(12)
+    generated = score_questions(model, processor, questions, EvaluateConfig(
+        model="", shards="", out="", summary="", scoring="generate", circular=True, max_new_tokens=12))
+    scored = score_questions(model, processor, questions, EvaluateConfig(
+        model="", shards="", out="", summary="", scoring="letter", circular=True))
+    assert list(generated["parsed_letter"]) == list(scored["parsed_letter"])
+    assert scored["raw_output"].eq("").all() and scored["parse_failed"].eq(0).all()
+    assert all(set(json.loads(s)) == set(mcq.LETTERS[: len(json.loads(o))]) for s, o in zip(scored["letter_scores"], scored["options"]))
+    summary = summarize(scored)
+    plain = scored[scored["rotation"] == 0]
+    assert summary["n"] == 12 and summary["accuracy"] == round(100 * plain["correct"].mean(), 2)
+    assert summary["circular_accuracy"] == round(100 * scored.groupby("question_id")["correct"].min().mean(), 2)
+    assert summary["circular_accuracy"] <= summary["accuracy"]

@@ -1,0 +1,25 @@
+rule bench_scoring:
+    """Benchmark (not part of `all`): letter scoring vs generate-and-parse on the base model,
+    same questions, same process; prints agreement and speed ratios."""
+    input:
+        manifests=expand("resources/shards/{dataset}/manifest.json", dataset=get_datasets()),
+        model=get_base_model_files(),
+    output:
+        "results/bench/scoring.json",
+    params:
+        shards=lambda wildcards, input: [os.path.dirname(m) for m in input.manifests],
+        model=lambda wildcards, input: os.path.dirname(input.model[0]),
+        split=config["evaluate"]["split"],
+        batch_size=config["evaluate"]["batch_size"],
+        max_new_tokens=config["evaluate"]["max_new_tokens"],
+    log:
+        "logs/bench_scoring.log",
+    threads: config["evaluate"]["threads"]
+    resources:
+        cpu_slots=get_cpu_slots,
+    conda:
+        "../envs/medift.yaml"
+    shell:
+        "HF_HUB_OFFLINE=1 python bench/scoring.py --model {params.model} --shards {params.shards}"
+        " --split {params.split} --batch_size {params.batch_size}"
+        " --max_new_tokens {params.max_new_tokens} --threads {threads} --out {output} 2>&1 | tee {log}"
