@@ -43,15 +43,19 @@ log = logging.getLogger(__name__)
 class EvaluateConfig:
     model: str = field(metadata={"help": "Local Hugging Face checkpoint to evaluate."})
     shards: str = field(metadata={"help": "Shard directory of one dataset."})
-    out: str = field(metadata={"help": "predictions.csv to write (one row per question)."})
+    out: str = field(metadata={"help": "predictions.csv to write (one row per asked prompt: question x rotation)."})
     summary: str = field(metadata={"help": "metrics.json to write (accuracy, parse failures, timing)."})
     split: str = field(default="test", metadata={"help": "Question split to evaluate (val or test)."})
     scoring: str = field(default="generate", metadata={"help": "generate (the paper's: generate, parse the letter) or letter (argmax of the valid letters' logits after the forced answer prefix)."})
     circular: bool = field(default=False, metadata={"help": "Also ask every rotation of each question's options."})
     max_new_tokens: int = field(default=50, metadata={"help": "Generation budget per answer (the paper: 50)."})
-    batch_size: int = field(default=32, metadata={"help": "Questions per generate call."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per forward or generate call (results do not depend on it)."})
     threads: int = field(default=1, metadata={"help": "torch intra-op threads (the rule's `threads`)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint."})
+
+    def __post_init__(self):
+        if self.scoring not in SCORING_MODES:
+            raise ValueError(f"scoring must be one of {SCORING_MODES}, got {self.scoring!r}")
 
 
 SCORING_MODES = ("generate", "letter")
@@ -79,8 +83,6 @@ def asked_prompts(questions: pd.DataFrame, circular: bool) -> pd.DataFrame:
 
 def score_questions(model, processor, questions: pd.DataFrame, config: EvaluateConfig) -> pd.DataFrame:
     """Ask every prompt in `config.scoring` mode; one output row per asked prompt."""
-    if config.scoring not in SCORING_MODES:
-        raise ValueError(f"scoring must be one of {SCORING_MODES}, got {config.scoring!r}")
     asked = asked_prompts(questions, config.circular)
     instructions = [mcq.build_mcq_instruction(q, opts) for q, opts in zip(asked["question"], asked["options"])]
     # Rotations of a question share its image: decode each image once.

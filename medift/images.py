@@ -12,6 +12,9 @@ Choices, and why:
   gets a description and would be trained on as if it were whole.
 - PNG with fixed settings and no metadata, so the same pixels always give the same bytes and
   shard checksums are reproducible.
+- DICOM files (TCIA's CBIS-DDSM) are read with pydicom: MONOCHROME1 is inverted so that
+  dense tissue is bright as in every other image, and 12/16-bit values are stretched to 8
+  bits like any other high-depth image. A file whose pixel data is cut short is an error.
 """
 
 from __future__ import annotations
@@ -105,6 +108,43 @@ def decode_image(data: bytes) -> Image.Image:
         return to_rgb(image)
 
 
+DICOM_MAGIC_OFFSET = 128
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    """By the `.dcm` suffix or the `DICM` marker after the 128-byte preamble."""
+    if os.fspath(path).lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(DICOM_MAGIC_OFFSET + 4)
+    except OSError:
+        return False
+    return head[DICOM_MAGIC_OFFSET:] == b"DICM"
+
+
+def _read_dicom(path: str | os.PathLike) -> Image.Image:
+    """A DICOM file's pixels as a PIL image (L, I or RGB), fully decoded."""
+    import pydicom  # imported here: only DICOM releases need it
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = pydicom.dcmread(path)
+        pixels = np.asarray(dataset.pixel_array)
+    except (InvalidDicomError, RuntimeError, NotImplementedError, KeyError, AttributeError) as error:
+        # Not DICOM, no pixel data, or a compressed transfer syntax without its decoder.
+        raise ValueError(f"DICOM pixel data unreadable: {type(error).__name__}: {error}") from error
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        return Image.fromarray(pixels.astype(np.uint8), mode="RGB")
+    if pixels.ndim != 2:
+        raise ValueError(f"unsupported DICOM pixel array of shape {pixels.shape} (one frame expected)")
+    if str(dataset.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        pixels = pixels.max() - pixels.astype(np.int64) + pixels.min()
+    if pixels.dtype == np.uint8:
+        return Image.fromarray(pixels, mode="L")
+    return _high_depth_to_8bit(Image.fromarray(pixels.astype(np.float32), mode="F"))
+
+
 def _read_strict(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode `path`, refusing truncated files.
 
@@ -124,8 +164,10 @@ def _read_strict(path: str | os.PathLike) -> Image.Image:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """A raw image file as RGB, or `ImageLoadError` naming the file."""
+    """A raw image file (JPEG, PNG, ... or DICOM) as RGB, or `ImageLoadError` naming the file."""
     try:
+        if is_dicom(path):
+            return to_rgb(_read_dicom(path))
         return to_rgb(_read_strict(path))
     except FileNotFoundError as error:
         raise ImageLoadError(f"image file not found: {os.fspath(path)}") from error
@@ -141,6 +183,19 @@ def load_and_letterbox(path: str | os.PathLike, size: int) -> bytes:
     return encode_image(letterbox(load_image(path), size))
 
 
-def load_and_letterbox_many(paths: Sequence[str], size: int) -> list[bytes]:
-    """`load_and_letterbox` over a chunk of paths: the unit of work sent to a worker process."""
-    return [load_and_letterbox(path, size) for path in paths]
+def load_and_letterbox_many(paths: Sequence[str], size: int,
+                            keep_errors: bool = False) -> list[bytes | ImageLoadError]:
+    """`load_and_letterbox` over a chunk of paths: the unit of work sent to a worker process.
+
+    With `keep_errors`, an unreadable image gives its `ImageLoadError` in its place, so
+    that one bad file does not sink the chunk; otherwise the first error is raised.
+    """
+    results: list[bytes | ImageLoadError] = []
+    for path in paths:
+        try:
+            results.append(load_and_letterbox(path, size))
+        except ImageLoadError as error:
+            if not keep_errors:
+                raise
+            results.append(error)
+    return results

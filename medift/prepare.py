@@ -14,19 +14,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
-from medift.datasets import get_dataset
+from medift.datasets import AdapterResult, DataError, Quarantined, get_dataset
+from medift.datasets.common import observed_values
 from medift.datasets.synthetic import write_synthetic
 from medift.records import SPLITS
 from medift.shards import write_shards
 
 log = logging.getLogger(__name__)
 
+EMPTY_DESCRIPTION = "empty description"
+UNREADABLE_IMAGE = "image unreadable or truncated"
+
 
 @dataclass
 class SynthesizeConfig:
-    dataset: str = field(metadata={"help": "Dataset format to imitate (wbcatt, cbis_ddsm)."})
+    dataset: str = field(metadata={"help": "Dataset format to imitate (wbcatt, cbis_ddsm, skincon, mimic_cxr)."})
     out_dir: str = field(metadata={"help": "Raw dataset root to write."})
     seed: int = field(default=0, metadata={"help": "Seeds every attribute and pixel."})
     n_train: int = field(default=300, metadata={"help": "Training images."})
@@ -37,21 +39,26 @@ class SynthesizeConfig:
 
 @dataclass
 class ShardsConfig:
-    dataset: str = field(metadata={"help": "Dataset adapter (wbcatt, cbis_ddsm)."})
+    dataset: str = field(metadata={"help": "Dataset adapter (wbcatt, cbis_ddsm, skincon, mimic_cxr)."})
     raw_dir: str = field(metadata={"help": "Raw dataset root, as its publisher ships it."})
     out_dir: str = field(metadata={"help": "Shard directory to write."})
     report: str = field(metadata={"help": "data_report.json to write (counts per split)."})
     image_size: int = field(default=64, metadata={"help": "Model input size: images are letterboxed to it once."})
     seed: int = field(default=0, metadata={"help": "Seeds splits that the release does not fix, and questions."})
-    strict: bool = field(default=False, metadata={"help": "Turn every quarantine into an error."})
+    strict: bool = field(default=False, metadata={"help": "Turn every quarantine (missing or unreadable image, duplicated id, empty description, ...) into an error."})
     rows_per_shard: int = field(default=512, metadata={"help": "Rows per Parquet file."})
-    threads: int = field(default=1, metadata={"help": "Image decoding workers."})
+    threads: int = field(default=1, metadata={"help": "Image decoding worker processes (memory stays bounded whatever the count)."})
 
 
 def build_texts(module, records, seed: int):
-    """Description per image; seeded questions per val/test image (train images get none)."""
+    """Description per image; seeded questions per val/test image (train images get none).
+
+    Questions are drawn in record order from one seeded generator; datasets whose options
+    come from the data (SKINCON) get the values that occur in all records.
+    """
     descriptions, questions = {}, {}
     rng = random.Random(f"{seed}:questions")
+    observed = observed_values(records)
     empty = []
     for record in records:
         text = module.describe(record.attributes)
@@ -59,7 +66,7 @@ def build_texts(module, records, seed: int):
             empty.append(record.source or record.image_id)
         descriptions[record.image_id] = text
         if record.split != "train":
-            questions[record.image_id] = module.make_questions(record, rng)
+            questions[record.image_id] = module.make_questions(record, rng, observed)
     if empty:
         raise ValueError(f"{len(empty)} records have an empty description, first: {empty[0]}")
     return descriptions, questions
@@ -80,7 +87,64 @@ def check_patient_splits(records) -> None:
         raise ValueError(f"patients in two splits: {shared}")
 
 
-def data_report(result, records, questions) -> dict:
+def _move_to_quarantine(result: AdapterResult, dropped: list[Quarantined]) -> AdapterResult:
+    """The same result with the records of `dropped` moved to its quarantined rows."""
+    gone = {q.image_id for q in dropped}
+    return AdapterResult(
+        records=[r for r in result.records if r.image_id not in gone],
+        quarantined=result.quarantined + dropped,
+        rows_read=result.rows_read,
+        excluded=result.excluded,
+        counts=result.counts,
+    )
+
+
+def quarantine_empty_descriptions(module, result: AdapterResult, strict: bool) -> AdapterResult:
+    """A record whose rules give no description text cannot be trained on: quarantine it."""
+    empty = [Quarantined(r.source, r.image_id, EMPTY_DESCRIPTION)
+             for r in result.records if not module.describe(r.attributes).strip()]
+    if empty and strict:
+        raise DataError(f"{empty[0].source}: {EMPTY_DESCRIPTION} (strict: quarantine is an error); "
+                        f"{len(empty)} such records")
+    return _move_to_quarantine(result, empty) if empty else result
+
+
+def quarantine_unreadable(result: AdapterResult, unreadable) -> AdapterResult:
+    """Records whose image could not be decoded while the shards were written."""
+    if not unreadable:
+        return result
+    log.warning("%d images unreadable or truncated; first: %s", len(unreadable), unreadable[0][1])
+    return _move_to_quarantine(
+        result, [Quarantined(record.source, record.image_id, UNREADABLE_IMAGE) for record, _ in unreadable])
+
+
+def _file_of(source: str) -> str:
+    return source.rsplit(":", 1)[0] if ":" in source else source
+
+
+def counts_by_file(result: AdapterResult) -> dict[str, dict]:
+    """Per annotation file: rows read = kept + quarantined (by reason) + excluded (by reason)."""
+    files: dict[str, dict] = {}
+
+    def entry(source: str) -> dict:
+        return files.setdefault(_file_of(source), {"rows_read": 0, "kept": 0, "quarantined": {}, "excluded": {}})
+
+    for record in result.records:
+        entry(record.source)["kept"] += 1
+    for kind, rows in (("quarantined", result.quarantined), ("excluded", result.excluded)):
+        for row in rows:
+            reasons = entry(row.source)[kind]
+            reasons[row.reason] = reasons.get(row.reason, 0) + 1
+    for counts in files.values():
+        counts["rows_read"] = counts["kept"] + sum(counts["quarantined"].values()) + sum(counts["excluded"].values())
+        counts["quarantined"] = dict(sorted(counts["quarantined"].items()))
+        counts["excluded"] = dict(sorted(counts["excluded"].items()))
+    return dict(sorted(files.items()))
+
+
+def data_report(result: AdapterResult, questions) -> dict:
+    """Counts in = counts out + counts rejected, overall, per file and per split."""
+    records = result.records
     patients = patients_by_split(records)
     per_split = {}
     for split in SPLITS:
@@ -99,22 +163,31 @@ def data_report(result, records, questions) -> dict:
         "records_kept": len(records),
         "quarantined": len(result.quarantined),
         "quarantined_by_reason": result.quarantine_summary(),
+        "excluded": len(result.excluded),
+        "excluded_by_reason": result.exclusion_summary(),
+        "balanced": result.rows_read == len(records) + len(result.quarantined) + len(result.excluded),
         "patients_in_two_splits": sum(shared_patients(patients).values()),
         "splits": per_split,
+        "files": counts_by_file(result),
+        "adapter_counts": dict(sorted(result.counts.items())),
     }
 
 
 def prepare_shards(config: ShardsConfig) -> dict:
     module = get_dataset(config.dataset)
     result = module.read_records(Path(config.raw_dir), seed=config.seed, strict=config.strict)
-    records = result.records
-    check_patient_splits(records)
-    descriptions, questions = build_texts(module, records, config.seed)
+    check_patient_splits(result.records)
+    result = quarantine_empty_descriptions(module, result, config.strict)
+    descriptions, questions = build_texts(module, result.records, config.seed)
+    unreadable = None if config.strict else []
     manifest = write_shards(
-        records, descriptions, questions, Path(config.out_dir), config.image_size,
+        result.records, descriptions, questions, Path(config.out_dir), config.image_size,
         rows_per_shard=config.rows_per_shard, threads=config.threads, seed=config.seed,
+        unreadable=unreadable,
     )
-    report = data_report(result, records, questions)
+    result = quarantine_unreadable(result, unreadable)
+    written = {r.image_id for r in result.records}
+    report = data_report(result, {k: v for k, v in questions.items() if k in written})
     report["dataset"] = config.dataset
     report["shard_rows"] = manifest.get("totals")
     Path(config.report).parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +196,10 @@ def prepare_shards(config: ShardsConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Imported here, not at the top: the image workers (spawned processes) import this
+    # module again, and transformers would cost each of them ~1 s and ~25 MB for nothing.
+    from transformers import HfArgumentParser
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("synthesize", "shards"):

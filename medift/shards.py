@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from medift.images import load_and_letterbox, load_and_letterbox_many
+from medift.images import ImageLoadError, load_and_letterbox, load_and_letterbox_many
 from medift.records import SPLITS, Question, Record
 
 log = logging.getLogger(__name__)
@@ -203,22 +203,33 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
         yield list(items[start : start + size])
 
 
-def letterboxed_in_order(paths: Sequence[str], size: int, threads: int) -> Iterator[bytes]:
+def _load_one(path: str, size: int, keep_errors: bool) -> bytes | ImageLoadError:
+    try:
+        return load_and_letterbox(path, size)
+    except ImageLoadError as error:
+        if keep_errors:
+            return error
+        raise
+
+
+def letterboxed_in_order(paths: Sequence[str], size: int, threads: int,
+                         keep_errors: bool = False) -> Iterator[bytes | ImageLoadError]:
     """PNG bytes for each path, in input order, decoded by `threads` worker processes.
 
     Like `Pool.imap(..., chunksize)` but with back-pressure: at most
     threads x CHUNKS_IN_FLIGHT_PER_WORKER chunks are pending, so results cannot pile up in
     memory while the consumer writes a shard. Each image is processed by the same function
-    whatever `threads` is, so the bytes do not depend on it.
+    whatever `threads` is, so the bytes do not depend on it. With `keep_errors`, an
+    unreadable image yields its `ImageLoadError` instead of raising it.
     """
     if threads <= 1:
         for path in paths:
-            yield load_and_letterbox(path, size)
+            yield _load_one(path, size, keep_errors)
         return
     # spawn, not fork: the parent may hold threads (tqdm, torch) that fork would copy in a
     # locked state.
     executor = ProcessPoolExecutor(max_workers=threads, mp_context=multiprocessing.get_context("spawn"))
-    work = partial(load_and_letterbox_many, size=size)
+    work = partial(load_and_letterbox_many, size=size, keep_errors=keep_errors)
     pending: deque[Future] = deque()
     try:
         for chunk in _chunks(paths, CHUNK_SIZE):
@@ -291,6 +302,7 @@ def write_shards(
     threads: int = 1,
     *,
     seed: int | None = None,
+    unreadable: list[tuple[Record, str]] | None = None,
 ) -> dict:
     """Write the shard directory for one dataset and return its manifest.
 
@@ -298,6 +310,10 @@ def write_shards(
     image_ids to their questions. `seed` is the seed the caller used to build splits and
     questions; it is recorded in the manifest for provenance (this function draws no random
     numbers). `threads` only changes speed, never the output.
+
+    An unreadable or truncated image raises `ImageLoadError` naming the file, unless
+    `unreadable` is a list: then the record (and its questions) is left out of the shards
+    and `(record, error message)` is appended to it, for the caller to count.
     """
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
@@ -316,16 +332,23 @@ def write_shards(
         "writing shards of %s: %d images, size %d, %d rows/shard, %d worker(s) -> %s",
         dataset, len(ordered), image_size, rows_per_shard, threads, out_dir,
     )
-    images = letterboxed_in_order([record.image_path for record in ordered], image_size, threads)
+    keep_errors = unreadable is not None
+    images = letterboxed_in_order([record.image_path for record in ordered], image_size, threads,
+                                  keep_errors=keep_errors)
     progress = tqdm(total=len(ordered), desc=f"shards {dataset}", unit="img", file=sys.stderr)
+    written = 0
     try:
         for record, image in zip(ordered, images, strict=True):
+            progress.update(1)
+            if isinstance(image, ImageLoadError):
+                unreadable.append((record, str(image)))
+                continue
+            written += 1
             writers[DESCRIPTIONS, record.split].add(
                 _description_row(record, descriptions[record.image_id], image)
             )
             for question in questions.get(record.image_id, ()):
                 writers[QUESTIONS, record.split].add(_question_row(record, question, image))
-            progress.update(1)
     finally:
         progress.close()
         images.close()  # stops the worker pool if a row failed
@@ -344,7 +367,7 @@ def write_shards(
             "letterbox_fill": [0, 0, 0],
         },
         "files": files,
-        "totals": _totals(files, len(ordered)),
+        "totals": _totals(files, written),
     }
     _write_manifest(out_dir, manifest)
     log.info(

@@ -52,9 +52,10 @@ def test_loss_is_on_responses_only(processor):
 
 def test_every_medical_word_is_in_the_embedded_vocabulary(processor):
     from medift.datasets import DATASETS
+    from medift.model.embedded import EMBEDDED_DATASETS
 
     tok = processor.tokenizer
-    for module in DATASETS.values():
+    for module in (DATASETS[name] for name in EMBEDDED_DATASETS):
         for key, values in module.ATTRIBUTES.items():
             for text in (module.QUESTION_TEXT[key], *values):
                 assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"], text

@@ -233,7 +233,7 @@ def test_synthetic_cbis_round_trip(synthetic_cbis):
     assert {r.patient_id for r in other.records if r.split == "val"} != val_patients
 
 
-@pytest.mark.parametrize("name", ["wbcatt", "cbis_ddsm"])
+@pytest.mark.parametrize("name", ["wbcatt", "cbis_ddsm", "skincon", "mimic_cxr"])
 def test_synthetic_is_deterministic(name, tmp_path):
     for run in ("a", "b"):
         write_synthetic(name, tmp_path / run, seed=11, n_train=8, n_val=3, n_test=4,

@@ -163,6 +163,7 @@ def test_dry_run_real_checkpoint_has_no_pretraining(tmp_path):
         (lambda c: c["datasets"]["wbcatt"].update(source="raw"), "raw_dir"),
         (lambda c: c["train"].update(accelerator="tpu"), "tpu"),
         (lambda c: c["datasets"].update(mnist={"source": "synthetic"}), "adapter"),
+        (lambda c: c["datasets"].update(skincon={"source": "synthetic"}), "needs a real checkpoint"),
     ],
 )
 def test_invalid_config_is_rejected(tmp_path, change, message):
@@ -297,5 +298,9 @@ def test_workflow_adapters_are_the_package_datasets():
     from medift.datasets import DATASETS
 
     common = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "common.smk").read_text()
-    listed = re.search(r"ADAPTERS = \(([^)]*)\)", common).group(1)
+    listed = re.search(r"\nADAPTERS = \(([^)]*)\)", common).group(1)
     assert sorted(re.findall(r'"(\w+)"', listed)) == sorted(DATASETS)
+    from medift.model.embedded import EMBEDDED_DATASETS
+
+    embedded = re.search(r"\nEMBEDDED_DATASETS = \(([^)]*)\)", common).group(1)
+    assert tuple(re.findall(r'"(\w+)"', embedded)) == EMBEDDED_DATASETS

@@ -6,19 +6,26 @@ Each module exposes:
 - `QUESTION_TEXT: dict[str, str]`: attribute key -> question text;
 - `read_records(raw_dir, seed, strict=False) -> AdapterResult`;
 - `describe(attributes) -> str`: the reference training description;
-- `make_questions(record, rng) -> list[Question]`: the reference questions (val/test only).
+- `make_questions(record, rng, observed=None) -> list[Question]`: the questions (val/test
+  only); `observed` maps each attribute key to the values that occur in the whole dataset
+  (`common.observed_values`), for datasets whose distractors are drawn from the data.
+
+Adding a dataset here does not change the embedded base model's vocabulary: that is built
+from the fixed list `medift.model.embedded.tokenizer_corpus` names.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from medift.datasets import cbis_ddsm, wbcatt
+from medift.datasets import cbis_ddsm, mimic_cxr, skincon, wbcatt
 from medift.datasets.common import AdapterResult, DataError, Quarantined
 
 DATASETS: dict[str, ModuleType] = {
     "wbcatt": wbcatt,
     "cbis_ddsm": cbis_ddsm,
+    "skincon": skincon,
+    "mimic_cxr": mimic_cxr,
 }
 
 

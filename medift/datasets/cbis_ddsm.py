@@ -1,21 +1,34 @@
-"""CBIS-DDSM (mammography lesions), JPEG re-release: raw format, description and questions.
+"""CBIS-DDSM (mammography lesions): raw format, description and questions.
 
-Raw layout that `read_records` expects under `raw_dir` (the popular JPEG re-release):
+Two image sources are read, chosen by what `raw_dir` holds. The four case-description
+files are in `raw_dir/csv/` in both (all four required; header-only is fine):
 
-    raw_dir/csv/mass_case_description_train_set.csv
-    raw_dir/csv/mass_case_description_test_set.csv
-    raw_dir/csv/calc_case_description_train_set.csv
-    raw_dir/csv/calc_case_description_test_set.csv    # all four required (header-only is fine)
-    raw_dir/csv/dicom_info.csv
-    raw_dir/jpeg/<SeriesInstanceUID>/<n>-<k>.jpg       # `image_path` of dicom_info.csv,
-                                                       # written there as CBIS-DDSM/jpeg/...
+    raw_dir/csv/{mass,calc}_case_description_{train,test}_set.csv
 
-Joining a case row to its cropped-lesion JPEG: as the reference does, the first folder of
-the row's `cropped image file path` (e.g. `Mass-Training_P_00001_LEFT_CC_1`) is looked up as
-`PatientID` among the dicom_info rows whose `SeriesDescription` is `cropped images`; the
-`000000.dcm`/`000001.dcm` file name is never trusted. If a case has several cropped rows,
-the series UID (third folder of the path) decides. That first folder is also the record's
-`image_id`: one abnormality in one view.
+1. The popular JPEG re-release, when `raw_dir/csv/dicom_info.csv` exists:
+
+       raw_dir/csv/dicom_info.csv
+       raw_dir/jpeg/<SeriesInstanceUID>/<n>-<k>.jpg   # `image_path` of dicom_info.csv,
+                                                      # written there as CBIS-DDSM/jpeg/...
+
+   As the reference does, the first folder of the row's `cropped image file path` (e.g.
+   `Mass-Training_P_00001_LEFT_CC_1`) is looked up as `PatientID` among the dicom_info rows
+   whose `SeriesDescription` is `cropped images`; if a case has several, the series UID
+   (third folder of the path) decides.
+
+2. Otherwise the TCIA DICOM download, in the NBIA Data Retriever's descriptive layout
+   (under `raw_dir/CBIS-DDSM/` if that folder exists, else under `raw_dir`):
+
+       <case folder>/<date>-DDSM-NA-<n>/<n>.000000-cropped images-<n>/1-1.dcm
+
+   The case folder is the same first folder of the CSV path. The crop is the one DICOM in
+   a series folder named `... cropped images ...`. Where folder names do not settle it,
+   the DICOM headers do (`SeriesDescription == 'cropped images'`, then the CSV's series
+   UID), and where crop and mask share a series (older downloads), the crop is the
+   smaller image: a mask has the full mammogram's size.
+
+In both, the `000000.dcm`/`000001.dcm` file name is never trusted, and the case folder is
+the record's `image_id`: one abnormality in one view.
 
 Splits (datasets.md): the official test files are `test`; patients of the official train
 files are shuffled with the seed and 10 % of them are `val`. Train-file rows of a patient
@@ -176,8 +189,13 @@ def _fixed_question(record: Record, key: str) -> Question | None:
     return Question(record.image_id, key, QUESTION_TEXT[key], options, options.index(value))
 
 
-def make_questions(record: Record, rng: random.Random) -> list[Question]:
-    """Reference questions: lesion keys with shuffled distractors, then type and pathology."""
+def make_questions(record: Record, rng: random.Random, observed=None) -> list[Question]:
+    """Reference questions: lesion keys with shuffled distractors, then type and pathology.
+
+    `observed` (values occurring in the data) is unused: distractors come from the
+    reference's option lists.
+    """
+    del observed
     keys = DISTRACTOR_KEYS.get(record.attributes.get("abnormality_type", ""), ())
     questions = [_distractor_question(record, key, rng) for key in keys]
     questions += [_fixed_question(record, key) for key in BARE_VALUE_KEYS]
@@ -247,6 +265,77 @@ def _find_cropped_image(index: dict[str, list[tuple[str, str]]], case: str,
     return candidates[0][0], ""
 
 
+class JpegCrops:
+    """Cropped-lesion JPEGs of the re-release, found through `csv/dicom_info.csv`."""
+
+    def __init__(self, raw_dir: Path):
+        self.raw_dir = raw_dir
+        self.index = _cropped_image_index(raw_dir)
+
+    def find(self, case: str, series: str) -> tuple[str | None, str]:
+        jpeg, reason = _find_cropped_image(self.index, case, series)
+        return (_resolve_jpeg(self.raw_dir, jpeg) if jpeg else None), reason
+
+
+class DicomCrops:
+    """Cropped-lesion DICOMs of the TCIA download, in the NBIA descriptive folder layout."""
+
+    FOLDER_MARK = CROPPED_SERIES  # series folders are named `<n>-<SeriesDescription>-<n>`
+
+    def __init__(self, raw_dir: Path):
+        nbia = raw_dir / "CBIS-DDSM"
+        self.root = nbia if nbia.is_dir() else raw_dir
+
+    def find(self, case: str, series: str) -> tuple[str | None, str]:
+        case_dir = self.root / case
+        if not case_dir.is_dir():
+            return None, "no DICOM folder for the case"
+        files = sorted(case_dir.glob("*/*/*.dcm"))
+        named = [f for f in files if self.FOLDER_MARK in f.parent.name]
+        if len(named) == 1:
+            return str(named[0].resolve()), ""
+        crop = _crop_by_headers(files, series)
+        if crop is None:
+            return None, "no single cropped image in the case's DICOM folder"
+        return str(crop.resolve()), ""
+
+
+def _crop_by_headers(files: list[Path], series: str) -> Path | None:
+    """The crop among `files` by their DICOM headers, or None when that is ambiguous."""
+    import pydicom  # only the DICOM layout needs it
+    from pydicom.errors import InvalidDicomError
+
+    headers = []
+    for path in files:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, KeyError, AttributeError):
+            continue  # an unreadable file cannot be the crop; the others may settle it
+        headers.append((path, str(header.get("SeriesDescription", "")),
+                        str(header.get("SeriesInstanceUID", "")),
+                        int(header.get("Rows", 0)) * int(header.get("Columns", 0))))
+    cropped = [h for h in headers if h[1] == CROPPED_SERIES]
+    if len(cropped) > 1:
+        cropped = [h for h in cropped if h[2] == series]
+    if len(cropped) == 1:
+        return cropped[0][0]
+    if cropped:
+        return None  # several crops in the case's series: ambiguous
+    # No header names a crop: crop and mask share one series (older downloads). The mask
+    # has the full mammogram's size, so the smaller image is the crop.
+    in_series = sorted((h for h in headers if h[2] == series), key=lambda h: h[3])
+    if len(in_series) >= 2 and in_series[0][3] < in_series[1][3]:
+        return in_series[0][0]
+    return None
+
+
+def crop_finder(raw_dir: Path) -> JpegCrops | DicomCrops:
+    """The JPEG re-release when `csv/dicom_info.csv` exists, else the TCIA DICOM layout."""
+    if (raw_dir / CSV_DIR / DICOM_INFO).is_file():
+        return JpegCrops(raw_dir)
+    return DicomCrops(raw_dir)
+
+
 def _read_case_files(raw_dir: Path) -> list[tuple[CaseFile, Path, pd.DataFrame]]:
     tables = []
     for case_file in CASE_FILES:
@@ -274,7 +363,7 @@ def _attributes_of(row: dict[str, str], case_file: CaseFile, csv_path: Path,
 def read_records(raw_dir: Path, seed: int, strict: bool = False) -> AdapterResult:
     raw_dir = Path(raw_dir).resolve()
     tables = _read_case_files(raw_dir)
-    crops = _cropped_image_index(raw_dir)
+    crops = crop_finder(raw_dir)
 
     def patients_of(split: str) -> set[str]:
         return {pid for case_file, _, frame in tables if case_file.official_split == split
@@ -298,14 +387,14 @@ def read_records(raw_dir: Path, seed: int, strict: bool = False) -> AdapterResul
                 continue
             else:
                 split = "val" if patient_id in val_patients else "train"
-            jpeg, reason = _find_cropped_image(crops, image_id, parts[2])
-            if jpeg is None:
+            image_path, reason = crops.find(image_id, parts[2])
+            if image_path is None:
                 sink.quarantine(source, image_id, reason)
                 continue
             sink.accept(Record(
                 dataset=NAME,
                 image_id=image_id,
-                image_path=_resolve_jpeg(raw_dir, jpeg),
+                image_path=image_path,
                 patient_id=patient_id,
                 split=split,
                 attributes=attributes,

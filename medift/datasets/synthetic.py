@@ -11,13 +11,20 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from medift.datasets import synthetic_cbis_ddsm, synthetic_wbcatt
+from medift.datasets import (
+    synthetic_cbis_ddsm,
+    synthetic_mimic_cxr,
+    synthetic_skincon,
+    synthetic_wbcatt,
+)
 
 log = logging.getLogger(__name__)
 
 WRITERS: dict[str, Callable[..., None]] = {
     "wbcatt": synthetic_wbcatt.write_synthetic,
     "cbis_ddsm": synthetic_cbis_ddsm.write_synthetic,
+    "skincon": synthetic_skincon.write_synthetic,
+    "mimic_cxr": synthetic_mimic_cxr.write_synthetic,
 }
 
 
@@ -27,6 +34,9 @@ def write_synthetic(name: str, out_dir: Path, seed: int, n_train: int, n_val: in
 
     For CBIS-DDSM, whose release has no validation split, the training files get
     `n_train + n_val` rows and the reader picks the validation patients (datasets.md).
+    SKINCON has no official split at all: `n_train + n_val + n_test` images are described
+    and the reader splits them 80/10/10. MIMIC-CXR's counts are studies with a frontal
+    image per official split.
     """
     if name not in WRITERS:
         raise KeyError(f"no synthetic generator for {name!r}; known: {sorted(WRITERS)}")

@@ -99,8 +99,12 @@ def describe(attributes: dict[str, str]) -> str:
     return ", ".join(phrases)
 
 
-def make_questions(record: Record, rng: random.Random) -> list[Question]:
-    """One question on a randomly chosen non-nil attribute; options in fixed order."""
+def make_questions(record: Record, rng: random.Random, observed=None) -> list[Question]:
+    """One question on a randomly chosen non-nil attribute; options in fixed order.
+
+    `observed` (values occurring in the data) is unused: the options are the vocabulary.
+    """
+    del observed
     askable = [
         key for key in DESCRIPTION_ORDER
         if record.attributes.get(key) not in (None, NOT_APPLICABLE)

@@ -56,11 +56,17 @@ class EmbeddedModelConfig:
     max_positions: int = field(default=512, metadata={"help": "Longest sequence the decoder takes."})
 
 
-def tokenizer_corpus() -> tuple[list[str], list[str]]:
+# The datasets the shipped model was built with.
+EMBEDDED_DATASETS = ("wbcatt", "cbis_ddsm")
+
+
+def tokenizer_corpus(datasets: tuple[str, ...] = EMBEDDED_DATASETS) -> tuple[list[str], list[str]]:
     """Every text the embedded model must be able to read or write, and its multi-word phrases.
 
     The vocabulary is closed: it is built from the prompt templates and from the
-    attribute vocabularies of the general domain and of every registered dataset.
+    attribute vocabularies of the general domain and of `datasets`. That list is fixed to
+    the datasets the shipped model (models/embedded-base) was built with, not every
+    registered one, so that registering a dataset changes no token id of that model.
     """
     corpus = [
         CHAT_TEMPLATE.replace("{%", " ").replace("%}", " "),
@@ -75,7 +81,7 @@ def tokenizer_corpus() -> tuple[list[str], list[str]]:
     ]
     phrases: list[str] = []
     vocabularies = [(general.ATTRIBUTES, general.QUESTION_TEXT)]
-    vocabularies += [(module.ATTRIBUTES, module.QUESTION_TEXT) for module in DATASETS.values()]
+    vocabularies += [(DATASETS[name].ATTRIBUTES, DATASETS[name].QUESTION_TEXT) for name in datasets]
     for attributes, questions in vocabularies:
         for key, values in attributes.items():
             corpus.append(questions[key])

@@ -36,7 +36,7 @@ from medift.chat import Encoded, collate, encode_conversation
 from medift.datasets import DATASETS
 from medift.generation import generate_answers, pixel_values_for
 from medift.model import general
-from medift.model.embedded import CONTEXT_PREFIX, EmbeddedModelConfig, build_model, build_processor
+from medift.model.embedded import CONTEXT_PREFIX, EMBEDDED_DATASETS, EmbeddedModelConfig, build_model, build_processor
 from medift.records import Record
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def general_turn(attributes: dict[str, str], rng: random.Random, fixed_fraction:
 
 def medical_text_turn(rng: random.Random) -> tuple[str, str]:
     """A text-only multiple-choice turn on a random medical attribute combination."""
-    name = rng.choice(sorted(DATASETS))
+    name = rng.choice(sorted(EMBEDDED_DATASETS))
     module = DATASETS[name]
     attributes = importlib.import_module(f"medift.datasets.synthetic_{name}").sample_attributes(rng)
     record = Record(module.NAME, "text", "", "text", "test", attributes)

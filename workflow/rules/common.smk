@@ -19,8 +19,10 @@ os.environ.update(
 )
 
 # Adapters that medift.datasets provides (also the synthetic generators).
-ADAPTERS = ("wbcatt", "cbis_ddsm")
+ADAPTERS = ("wbcatt", "cbis_ddsm", "skincon", "mimic_cxr")
 EMBEDDED_BASE_DIR = "models/embedded-base"
+# Datasets whose words the embedded model's closed vocabulary holds (medift.model.embedded).
+EMBEDDED_DATASETS = ("wbcatt", "cbis_ddsm")
 
 
 ##### CPU slots #####
@@ -49,6 +51,11 @@ def _check_config():
             raise WorkflowError(
                 f"datasets.{name}: no adapter {adapter!r}; name the entry after one of "
                 f"{', '.join(ADAPTERS)} or set `adapter:`"
+            )
+        if config["base_model"]["path"] == "embedded" and adapter not in EMBEDDED_DATASETS:
+            raise WorkflowError(
+                f"datasets.{name}: the embedded base model's vocabulary covers only "
+                f"{', '.join(EMBEDDED_DATASETS)}; {adapter} needs a real checkpoint (base_model.path)"
             )
     for method, baseline in config["comparisons"].items():
         unknown = [m for m in (method, baseline) if m not in config["methods"]]

@@ -1,0 +1,155 @@
+"""CBIS-DDSM from the TCIA DICOM download (NBIA descriptive layout), with tiny DICOM files
+written by pydicom, and DICOM decoding in the one image pipeline."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from medift.datasets import cbis_ddsm
+from medift.images import ImageLoadError, is_dicom, load_image
+from test_datasets import REAL_DATA, _assert_patients_disjoint, _real_cbis_layout
+
+STUDY_FOLDER = "07-21-2016-DDSM-NA-96009"
+
+
+def write_dicom(path: Path, pixels: np.ndarray, description: str, series_uid: str,
+                photometric: str = "MONOCHROME2") -> Path:
+    """A minimal single-frame grayscale DICOM file (uncompressed, explicit VR little endian)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    dataset.Modality = "MG"
+    dataset.SeriesDescription, dataset.SeriesInstanceUID = description, series_uid
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, photometric
+    bits = 8 if pixels.dtype == np.uint8 else 16
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = bits, bits, bits - 1
+    dataset.PixelRepresentation = 0
+    dataset.PixelData = pixels.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _crop_pixels(size=(12, 10)) -> np.ndarray:
+    return (np.arange(size[0] * size[1]).reshape(size) * 300).astype(np.uint16)
+
+
+def _mask_pixels(size=(40, 30)) -> np.ndarray:
+    mask = np.zeros(size, dtype=np.uint8)
+    mask[10:20, 5:15] = 255
+    return mask
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+
+def test_dicom_is_decoded_stretched_and_monochrome1_inverted(tmp_path):
+    pixels = _crop_pixels()
+    plain = write_dicom(tmp_path / "a.dcm", pixels, "cropped images", "1.2.3")
+    image = load_image(plain)
+    assert image.size == (10, 12) and image.mode == "RGB"
+    assert image.getpixel((0, 0)) == (0, 0, 0) and image.getpixel((9, 11)) == (255, 255, 255)
+    inverted = load_image(write_dicom(tmp_path / "b.dcm", pixels, "cropped images", "1.2.3", "MONOCHROME1"))
+    assert inverted.getpixel((0, 0)) == (255, 255, 255) and inverted.getpixel((9, 11)) == (0, 0, 0)
+    renamed = tmp_path / "no_suffix"
+    shutil.copy(plain, renamed)
+    assert is_dicom(renamed) and load_image(renamed).size == (10, 12)
+
+
+def test_truncated_or_non_dicom_file_names_the_file(tmp_path):
+    path = write_dicom(tmp_path / "cut.dcm", _crop_pixels(), "cropped images", "1.2.3")
+    path.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(ImageLoadError, match="cut.dcm"):
+        load_image(path)
+    (tmp_path / "text.dcm").write_text("not a dicom")
+    with pytest.raises(ImageLoadError, match="text.dcm"):
+        load_image(tmp_path / "text.dcm")
+
+
+# --- finding the crop -----------------------------------------------------------------------------
+
+
+def _case_dir(root: Path, case: str) -> Path:
+    return root / "CBIS-DDSM" / case / STUDY_FOLDER
+
+
+def test_crop_by_folder_name_then_by_header_then_by_size(tmp_path):
+    # 1. The descriptive layout: one DICOM in a "cropped images" series folder.
+    case = _case_dir(tmp_path, "Mass-Training_P_00001_LEFT_CC_1")
+    write_dicom(case / "1.000000-ROI mask images-80621" / "1-1.dcm", _mask_pixels(), "ROI mask images", "9.1")
+    crop = write_dicom(case / "1.000000-cropped images-34483" / "1-1.dcm", _crop_pixels(), "cropped images", "9.2")
+    finder = cbis_ddsm.crop_finder(tmp_path)  # no csv/dicom_info.csv: the DICOM layout
+    assert isinstance(finder, cbis_ddsm.DicomCrops)
+    assert finder.find("Mass-Training_P_00001_LEFT_CC_1", "9.2") == (str(crop.resolve()), "")
+    # 2. Folders not descriptive (UIDs): the SeriesDescription header decides.
+    case = _case_dir(tmp_path, "Calc-Training_P_00005_RIGHT_CC_1")
+    write_dicom(case / "9.3" / "000000.dcm", _mask_pixels(), "ROI mask images", "9.3")
+    crop = write_dicom(case / "9.4" / "000001.dcm", _crop_pixels(), "cropped images", "9.4")
+    assert finder.find("Calc-Training_P_00005_RIGHT_CC_1", "9.4")[0] == str(crop.resolve())
+    # 3. Crop and mask sharing one series (older downloads): the smaller image is the crop,
+    #    whatever the file names say.
+    case = _case_dir(tmp_path, "Mass-Test_P_00016_LEFT_CC_1")
+    write_dicom(case / "1.000000-ROI mask images-11111" / "1-1.dcm", _mask_pixels(), "ROI mask images", "9.5")
+    crop = write_dicom(case / "1.000000-ROI mask images-11111" / "1-2.dcm", _crop_pixels(), "ROI mask images", "9.5")
+    assert finder.find("Mass-Test_P_00016_LEFT_CC_1", "9.5")[0] == str(crop.resolve())
+    # Ambiguous or absent: quarantined with a reason.
+    case = _case_dir(tmp_path, "Mass-Test_P_00017_LEFT_CC_1")
+    for name in ("1-1.dcm", "1-2.dcm"):
+        write_dicom(case / "1.000000-ROI mask images-22222" / name, _mask_pixels(), "ROI mask images", "9.6")
+    assert finder.find("Mass-Test_P_00017_LEFT_CC_1", "9.6") == (
+        None, "no single cropped image in the case's DICOM folder")
+    assert finder.find("Mass-Test_P_00099_LEFT_CC_1", "9.7") == (None, "no DICOM folder for the case")
+
+
+# --- the real case descriptions in the NBIA layout ----------------------------------------------------
+
+
+def real_cbis_dicom_layout(root: Path) -> Path:
+    """The real train CSVs (header-only test files) and, for every case folder they name, a
+    crop and a mask series in the NBIA descriptive layout (hard links to two tiny DICOMs)."""
+    csv_dir = root / "csv"
+    csv_dir.mkdir(parents=True)
+    crop = write_dicom(root / "crop.dcm", _crop_pixels(), "cropped images", "9.9")
+    mask = write_dicom(root / "mask.dcm", _mask_pixels(), "ROI mask images", "9.9")
+    for case_file in cbis_ddsm.CASE_FILES:
+        if case_file.official_split == "test":
+            (csv_dir / case_file.file_name).write_text(",".join(case_file.header) + "\r\n")
+            continue
+        shutil.copy(REAL_DATA / "cbis-ddsm" / case_file.file_name, csv_dir)
+        frame = pd.read_csv(csv_dir / case_file.file_name, dtype=str)
+        for number, raw in enumerate(frame["cropped image file path"]):
+            case = _case_dir(root, raw.strip().split("/")[0])
+            for source, series in ((crop, f"1.000000-cropped images-{number:05d}"),
+                                   (mask, f"1.000000-ROI mask images-{number:05d}")):
+                (case / series).mkdir(parents=True, exist_ok=True)
+                if not (case / series / "1-1.dcm").exists():
+                    (case / series / "1-1.dcm").hardlink_to(source)
+    return root
+
+
+@pytest.mark.skipif(not (REAL_DATA / "cbis-ddsm").is_dir(), reason="real CBIS-DDSM files absent")
+def test_real_case_descriptions_with_dicom_images_match_the_jpeg_release(tmp_path):
+    dicom = cbis_ddsm.read_records(real_cbis_dicom_layout(tmp_path / "dicom"), seed=0)
+    assert dicom.rows_read == 1318 + 1546 and not dicom.quarantined
+    assert all("cropped images" in r.image_path and r.image_path.endswith("1-1.dcm") for r in dicom.records)
+    _assert_patients_disjoint(dicom.records)
+    _real_cbis_layout(tmp_path / "jpeg")
+    jpeg = cbis_ddsm.read_records(tmp_path / "jpeg", seed=0)
+
+    def summary(result):
+        return sorted((r.image_id, r.patient_id, r.split, tuple(sorted(r.attributes.items()))) for r in result.records)
+
+    assert summary(dicom) == summary(jpeg)
+    assert load_image(dicom.records[0].image_path).size == (10, 12)
