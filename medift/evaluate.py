@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm import tqdm
 from transformers import HfArgumentParser
 

@@ -20,6 +20,16 @@ def pixel_values_for(processor, images: Sequence[Image.Image]) -> torch.Tensor:
     return processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
 
+def left_padded_batch(model, processor, encoded: list[Encoded], images: Sequence[Image.Image | None]) -> dict:
+    """Prompts padded on the left (no labels: nothing to predict) with their images' pixels."""
+    batch = collate(encoded, processor.tokenizer.pad_token_id, pad_left=True)
+    batch.pop("labels")
+    present = [image for image in images if image is not None]
+    if present:
+        batch["pixel_values"] = pixel_values_for(processor, present).to(model.dtype)
+    return batch
+
+
 def prompt_only(processor, instruction: str, with_image: bool) -> Encoded:
     ids = encode_prompt(processor, instruction, with_image)
     return Encoded(ids, [IGNORE_INDEX] * len(ids), with_image)
@@ -48,12 +58,8 @@ def generate_answers(
     outputs: list[str] = []
     for start in range(0, len(instructions), batch_size):
         chunk = range(start, min(start + batch_size, len(instructions)))
-        encoded = [prompt_only(processor, instructions[i], images[i] is not None) for i in chunk]
-        batch = collate(encoded, tokenizer.pad_token_id, pad_left=True)
-        batch.pop("labels")  # a prompt has nothing to predict; generate() takes no labels
-        chunk_images = [images[i] for i in chunk if images[i] is not None]
-        if chunk_images:
-            batch["pixel_values"] = pixel_values_for(processor, chunk_images).to(model.dtype)
+        batch = left_padded_batch(model, processor, [prompt_only(processor, instructions[i], images[i] is not None) for i in chunk],
+                                  [images[i] for i in chunk])
         generated = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -124,12 +130,8 @@ def score_letters(
         for i in chunk:
             ids = encode_prompt(processor, instructions[i], images[i] is not None) + prefix_ids
             encoded.append(Encoded(ids, [IGNORE_INDEX] * len(ids), images[i] is not None))
-        batch = collate(encoded, processor.tokenizer.pad_token_id, pad_left=True)
-        batch.pop("labels")
+        batch = left_padded_batch(model, processor, encoded, [images[i] for i in chunk])
         batch["position_ids"] = position_ids_for(batch["attention_mask"])
-        chunk_images = [images[i] for i in chunk if images[i] is not None]
-        if chunk_images:
-            batch["pixel_values"] = pixel_values_for(processor, chunk_images).to(model.dtype)
         # Only the last position is needed: logits_to_keep=1 skips the vocabulary projection elsewhere.
         logits = model(**batch, logits_to_keep=1).logits[:, -1, :].float()
         for row, i in enumerate(chunk):

@@ -7,14 +7,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from medift.datasets import cbis_ddsm
 from medift.images import ImageLoadError, is_dicom, load_image
-from test_datasets import REAL_DATA, _assert_patients_disjoint, _real_cbis_layout
+from test_datasets import REAL_DATA, _assert_patients_disjoint, _real_cbis_layout, real_cbis_case_files
 
 STUDY_FOLDER = "07-21-2016-DDSM-NA-96009"
 
@@ -119,16 +118,9 @@ def test_crop_by_folder_name_then_by_header_then_by_size(tmp_path):
 def real_cbis_dicom_layout(root: Path) -> Path:
     """The real train CSVs (header-only test files) and, for every case folder they name, a
     crop and a mask series in the NBIA descriptive layout (hard links to two tiny DICOMs)."""
-    csv_dir = root / "csv"
-    csv_dir.mkdir(parents=True)
     crop = write_dicom(root / "crop.dcm", _crop_pixels(), "cropped images", "9.9")
     mask = write_dicom(root / "mask.dcm", _mask_pixels(), "ROI mask images", "9.9")
-    for case_file in cbis_ddsm.CASE_FILES:
-        if case_file.official_split == "test":
-            (csv_dir / case_file.file_name).write_text(",".join(case_file.header) + "\r\n")
-            continue
-        shutil.copy(REAL_DATA / "cbis-ddsm" / case_file.file_name, csv_dir)
-        frame = pd.read_csv(csv_dir / case_file.file_name, dtype=str)
+    for frame in real_cbis_case_files(root / "csv"):
         for number, raw in enumerate(frame["cropped image file path"]):
             case = _case_dir(root, raw.strip().split("/")[0])
             for source, series in ((crop, f"1.000000-cropped images-{number:05d}"),

@@ -451,16 +451,22 @@ def _placeholders(root: Path, relative_paths) -> None:
             shutil.copyfile(source, path)
 
 
-@pytest.mark.skipif(not (REAL_DATA / "wbcatt").is_dir(), reason="real WBCAtt files absent")
-def test_real_wbcatt_files(tmp_path):
+def real_wbcatt_layout(root: Path) -> Path:
+    """The real train/val CSVs, a header-only test file (not shipped here), placeholder images."""
+    root.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
-        shutil.copy(REAL_DATA / "wbcatt" / wbcatt.SPLIT_FILES[split], tmp_path)
-    # The test split is not shipped here: a header-only file stands in for it.
-    (tmp_path / wbcatt.SPLIT_FILES["test"]).write_text(",".join(wbcatt.CSV_HEADER) + "\n")
+        shutil.copy(REAL_DATA / "wbcatt" / wbcatt.SPLIT_FILES[split], root)
+    (root / wbcatt.SPLIT_FILES["test"]).write_text(",".join(wbcatt.CSV_HEADER) + "\n")
     paths = []
     for split in ("train", "val"):
-        paths += list(pd.read_csv(tmp_path / wbcatt.SPLIT_FILES[split], dtype=str)["path"])
-    _placeholders(tmp_path, paths)
+        paths += list(pd.read_csv(root / wbcatt.SPLIT_FILES[split], dtype=str)["path"])
+    _placeholders(root, paths)
+    return root
+
+
+@pytest.mark.skipif(not (REAL_DATA / "wbcatt").is_dir(), reason="real WBCAtt files absent")
+def test_real_wbcatt_files(tmp_path):
+    real_wbcatt_layout(tmp_path)
 
     result = wbcatt.read_records(tmp_path, seed=0)
     assert result.rows_read == 6169 + 1030 and not result.quarantined
@@ -475,17 +481,21 @@ def test_real_wbcatt_files(tmp_path):
     assert wbcatt.describe(example.attributes) == WBCATT_EXAMPLE_TEXT
 
 
-def _real_cbis_layout(root: Path) -> None:
-    """The JPEG re-release layout for the real train CSVs: dicom_info rows + placeholders."""
-    csv_dir = root / "csv"
+def real_cbis_case_files(csv_dir: Path):
+    """Copy the real train case CSVs into csv_dir (header-only test files) and yield each frame."""
     csv_dir.mkdir(parents=True)
-    rows = []
     for case_file in cbis_ddsm.CASE_FILES:
         if case_file.official_split == "test":
             (csv_dir / case_file.file_name).write_text(",".join(case_file.header) + "\r\n")
             continue
         shutil.copy(REAL_DATA / "cbis-ddsm" / case_file.file_name, csv_dir)
-        frame = pd.read_csv(csv_dir / case_file.file_name, dtype=str)
+        yield pd.read_csv(csv_dir / case_file.file_name, dtype=str)
+
+
+def _real_cbis_layout(root: Path) -> None:
+    """The JPEG re-release layout for the real train CSVs: dicom_info rows + placeholders."""
+    rows = []
+    for frame in real_cbis_case_files(root / "csv"):
         for raw in frame["cropped image file path"]:
             case, _study, series = raw.strip().split("/")[:3]
             rows.append({"file_path": f"CBIS-DDSM/dicom/{series}/1-1.dcm",
@@ -497,7 +507,7 @@ def _real_cbis_layout(root: Path) -> None:
                          "image_path": f"CBIS-DDSM/jpeg/{series}/2-1.jpg",
                          "PatientID": case, "SeriesDescription": "ROI mask images",
                          "SeriesInstanceUID": series})
-    pd.DataFrame(rows).to_csv(csv_dir / "dicom_info.csv", index=False)
+    pd.DataFrame(rows).to_csv(root / "csv" / "dicom_info.csv", index=False)
     _placeholders(root, [row["image_path"].removeprefix("CBIS-DDSM/") for row in rows
                          if row["SeriesDescription"] == "cropped images"])
 

@@ -5,7 +5,6 @@ and the real annotation files of ../shared/data run through descriptions, questi
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +18,7 @@ from medift.images import ImageLoadError
 from medift.prepare import ShardsConfig, prepare_shards
 from medift.records import SPLITS, Record
 from medift.shards import load_descriptions, load_questions, read_manifest
-from test_datasets import REAL_DATA, _placeholders, _real_cbis_layout
+from test_datasets import REAL_DATA, _placeholders, _real_cbis_layout, real_wbcatt_layout
 
 SIZES = dict(n_train=24, n_val=6, n_test=8, image_size=32)
 
@@ -129,18 +128,6 @@ def test_patient_in_two_splits_is_an_error_before_decoding(tmp_path, monkeypatch
 
 
 # --- the real annotation files, through descriptions, questions and shards ------------------------
-
-
-def real_wbcatt_layout(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val"):
-        shutil.copy(REAL_DATA / "wbcatt" / wbcatt.SPLIT_FILES[split], root)
-    (root / wbcatt.SPLIT_FILES["test"]).write_text(",".join(wbcatt.CSV_HEADER) + "\n")
-    paths = []
-    for split in ("train", "val"):
-        paths += list(pd.read_csv(root / wbcatt.SPLIT_FILES[split], dtype=str)["path"])
-    _placeholders(root, paths)
-    return root
 
 
 def _layouts():
