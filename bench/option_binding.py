@@ -34,7 +34,7 @@ from medift import mcq
 from medift.chat import collate, encode_conversation
 from medift.model import general
 from medift.model.embedded import CONTEXT_PREFIX, EmbeddedModelConfig, build_model, build_processor
-from medift.model.pretrain import random_options
+from medift.model.pretrain import lookup_sequence, random_options
 from medift.runtime import set_torch_threads
 
 SHUFFLED_KEYS = [key for key, values in general.ATTRIBUTES.items() if len(values) > 2]
@@ -56,16 +56,8 @@ def template_conversation(task: str, rng: random.Random, turns: int, only_shuffl
     return instructions, responses
 
 
-def lookup_sequence(rng: random.Random, vocab: dict[str, int], words: list[str], n_options: int):
-    chosen = rng.sample(words, n_options)
-    ids, labels = [], []
-    for k, word in enumerate(chosen):
-        ids += [vocab[mcq.LETTERS[k]], vocab["."], vocab[word], vocab["\n"]]
-        labels += [-100] * 4
-    for k in rng.sample(range(n_options), n_options):
-        ids += [vocab[chosen[k]], vocab[":"], vocab[mcq.LETTERS[k]], vocab["\n"]]
-        labels += [-100, -100, vocab[mcq.LETTERS[k]], -100]
-    return ids, labels
+def letter_token(k: int, merged: bool) -> str:
+    return mcq.LETTERS[k] + ("." if merged else "")
 
 
 def make_batch(args, processor, rng, size, held_out=False, n_options=None):
@@ -85,6 +77,10 @@ def make_batch(args, processor, rng, size, held_out=False, n_options=None):
     return collate(encoded, processor.tokenizer.pad_token_id)
 
 
+def to_device(batch: dict, device: str) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 @torch.no_grad()
 def held_out_accuracy(model, batch, letter_ids: set[int]) -> float:
     """Accuracy on the letter tokens of the labels (teacher forced)."""
@@ -92,7 +88,7 @@ def held_out_accuracy(model, batch, letter_ids: set[int]) -> float:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
     model.train()
     targets = batch["labels"][:, 1:]
-    is_letter = torch.isin(targets, torch.tensor(sorted(letter_ids)))
+    is_letter = torch.isin(targets, torch.tensor(sorted(letter_ids), device=targets.device))
     return (logits.argmax(-1)[is_letter] == targets[is_letter]).float().mean().item()
 
 
@@ -107,18 +103,20 @@ def main(argv=None) -> int:
     parser.add_argument("--turns", type=int, default=3, help="questions per training conversation")
     parser.add_argument("--options", type=int, default=5, help="pairs per lookup sequence")
     parser.add_argument("--curriculum", default="", help="lookup only: N:STEPS,... pairs per training stage")
+    parser.add_argument("--merged", action="store_true", help="one-token 'A.' (the embedded tokenizer's letter_dot_tokens); lookup: 'A.' right before its word")
     parser.add_argument("--eval_every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     set_torch_threads(args.threads)
     torch.manual_seed(args.seed)
-    config = EmbeddedModelConfig(heads=args.heads, text_layers=args.layers)
+    config = EmbeddedModelConfig(heads=args.heads, text_layers=args.layers, letter_dot_tokens=args.merged)
     processor = build_processor(config)
-    model = build_model(config, processor, args.seed)
+    model = build_model(config, processor, args.seed).to(args.device)
     vocab = processor.tokenizer.get_vocab()
-    letter_ids = {vocab[letter] for letter in mcq.LETTERS[:8]}
-    held_out = make_batch(args, processor, random.Random(f"held-out-{args.seed}"), 200, held_out=True)
+    letter_ids = {vocab[token] for k in range(8) for token in (letter_token(k, False), letter_token(k, True)) if token in vocab}
+    held_out = to_device(make_batch(args, processor, random.Random(f"held-out-{args.seed}"), 200, held_out=True), args.device)
     rng = random.Random(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98))
     stages = [tuple(map(int, stage.split(":"))) for stage in args.curriculum.split(",") if stage]
@@ -137,7 +135,7 @@ def main(argv=None) -> int:
     for step in range(1, args.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, step / 50)
-        loss = model(**make_batch(args, processor, rng, args.batch_size, n_options=pairs_at(step))).loss
+        loss = model(**to_device(make_batch(args, processor, rng, args.batch_size, n_options=pairs_at(step)), args.device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -28,11 +28,11 @@ import pandas as pd
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-from medift.runtime import set_torch_threads
 from medift import mcq
 from medift.generation import best_letter, generate_answers, score_letters
 from medift.images import decode_image
 from medift.model.loading import load_base_model
+from medift.runtime import resolve_device, set_torch_threads
 from medift.shards import load_questions
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class EvaluateConfig:
     max_new_tokens: int = field(default=50, metadata={"help": "Generation budget per answer (the paper: 50)."})
     batch_size: int = field(default=32, metadata={"help": "Prompts per forward or generate call (results do not depend on it)."})
     threads: int = field(default=1, metadata={"help": "torch intra-op threads (the rule's `threads`)."})
+    device: str = field(default="auto", metadata={"help": "auto (the GPU if torch sees one, else the CPU), cpu, cuda or cuda:N."})
+    dtype: str = field(default="float32", metadata={"help": "Weights' dtype for scoring: float32, bfloat16 or float16 (a real 11B checkpoint: bfloat16)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint."})
 
     def __post_init__(self):
@@ -139,7 +141,8 @@ def summarize(predictions: pd.DataFrame) -> dict:
 def evaluate(config: EvaluateConfig) -> dict:
     set_torch_threads(config.threads)
     started = time.time()
-    model, processor = load_base_model(config.model, trust_remote_code=config.trust_remote_code)
+    model, processor = load_base_model(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
+    model.to(resolve_device(config.device))
     questions = load_questions(Path(config.shards), config.split)
     if questions.empty:
         raise ValueError(f"{config.shards}: no {config.split} questions")
@@ -155,6 +158,8 @@ def evaluate(config: EvaluateConfig) -> dict:
         "seconds": round(time.time() - started, 1),
         "split": config.split,
         "model": config.model,
+        "device": str(model.device),
+        "dtype": config.dtype,
     }
     Path(config.summary).write_text(json.dumps(summary, indent=1))
     return summary

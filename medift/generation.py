@@ -27,7 +27,7 @@ def left_padded_batch(model, processor, encoded: list[Encoded], images: Sequence
     present = [image for image in images if image is not None]
     if present:
         batch["pixel_values"] = pixel_values_for(processor, present).to(model.dtype)
-    return batch
+    return {key: value.to(model.device) for key, value in batch.items()}
 
 
 def prompt_only(processor, instruction: str, with_image: bool) -> Encoded:

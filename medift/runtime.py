@@ -23,3 +23,13 @@ def set_torch_threads(requested: int) -> int:
     threads = max(1, min(requested, available_cpus()))
     torch.set_num_threads(threads)
     return threads
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: the GPU when torch sees one, else the CPU; a named device that is absent is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device

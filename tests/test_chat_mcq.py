@@ -67,3 +67,25 @@ def test_left_padding_keeps_prompts_flush_right(processor):
     batch = collate([a, b], processor.tokenizer.pad_token_id, pad_left=True)
     assert batch["attention_mask"][:, -1].tolist() == [1, 1]
     assert batch["attention_mask"][0, 0] == 0
+
+
+def test_letter_dot_tokens_put_the_letter_right_before_its_option():
+    from medift.generation import forced_answer_context
+
+    processor = build_processor(EmbeddedModelConfig(letter_dot_tokens=True))
+    tokenizer = processor.tokenizer
+    prompt = mcq.build_mcq_instruction("What is the color?", ["red", "light blue"])
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(prompt + "\n" + mcq.format_answer(1))["input_ids"])
+    assert pieces[5:11] == ["\n", "A.", "red", "\n", "B.", "light blue"]
+    assert pieces[-1] == "B."  # the answer ends in the option's own token
+    assert "[ A or B ]" in tokenizer.decode(tokenizer(prompt)["input_ids"])  # bare letters stay letters
+    assert tokenizer.convert_ids_to_tokens(tokenizer("USER: A.b US.")["input_ids"]) == ["USER", ":", "A", ".", "<unk>", "<unk>", "."]
+    decoded = tokenizer.decode(tokenizer(mcq.format_answer(2))["input_ids"])
+    assert mcq.parse_answer_letter(decoded, 3) == "C"
+    _, letter_ids = forced_answer_context(processor, 5)
+    assert tokenizer.convert_ids_to_tokens(list(letter_ids.values())) == ["A.", "B.", "C.", "D.", "E."]
+
+
+def test_without_letter_dot_tokens_the_letter_and_stop_are_two_tokens(processor):
+    pieces = processor.tokenizer.tokenize(mcq.format_answer(0))
+    assert pieces[-2:] == ["A", "."]

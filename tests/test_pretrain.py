@@ -3,10 +3,23 @@
 import json
 from pathlib import Path
 
+import random
+
 import pytest
 
-from medift.model.embedded import EmbeddedModelConfig
-from medift.model.pretrain import PretrainConfig, pretrain
+from medift import mcq
+from medift.chat import IGNORE_INDEX
+from medift.model.embedded import EmbeddedModelConfig, build_processor
+from medift.model.pretrain import (
+    PretrainConfig,
+    binding_conversation,
+    binding_stage,
+    curriculum_stage,
+    lookup_sequence,
+    option_values,
+    parse_curriculum,
+    pretrain,
+)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "embedded-base"
 
@@ -17,6 +30,64 @@ def test_pretraining_is_deterministic_on_cpu():
     second = pretrain(config, EmbeddedModelConfig(), stop_after=4)["history"]
     assert first == second
     assert first[-1]["aux_loss"] > 0  # the mixed phase (images) was reached
+
+
+def test_optional_binding_phases_are_deterministic_and_reach_the_mixed_phase():
+    config = PretrainConfig(
+        lookup_curriculum="2:1,5:1", lookup_batch_size=4, lookup_fraction=0.5,
+        binding_steps=2, binding_batch_size=4, binding_hops=1,
+        text_steps=1, mixed_steps=1, batch_size=4, eval_questions=4, eval_every=0, threads=1,
+    )
+    model_config = EmbeddedModelConfig(letter_dot_tokens=True)
+    first = pretrain(config, model_config, stop_after=6)["history"]
+    assert first == pretrain(config, model_config, stop_after=6)["history"]
+    assert [h["aux_loss"] > 0 for h in first] == [False] * 5 + [True]
+
+
+def test_lookup_sequences_predict_the_letter_before_each_value():
+    processor = build_processor(EmbeddedModelConfig(letter_dot_tokens=True))
+    vocab = processor.tokenizer.get_vocab()
+    values = option_values()
+    assert len(values) == len(set(values)) and all(value in vocab for value in values)
+    ids, labels = lookup_sequence(random.Random(0), vocab, values, 4)
+    listing = ids[: 4 * 3]  # "A." value "\n" per pair
+    asked = [(ids[i - 2], label) for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert len(asked) == 4
+    for value, letter in asked:
+        assert listing[listing.index(value) - 1] == letter
+    assert {processor.tokenizer.convert_ids_to_tokens(letter) for _, letter in asked} == {"A.", "B.", "C.", "D."}
+
+
+@pytest.mark.parametrize("text, error", [("1:5", "PAIRS >= 2"), ("3", "PAIRS:STEPS"), ("2:x", "PAIRS:STEPS")])
+def test_bad_lookup_curriculum_is_an_error(text, error):
+    with pytest.raises(ValueError, match=error):
+        parse_curriculum(text)
+
+
+def test_curriculum_stages():
+    stages = parse_curriculum("2:3, 5:2")
+    assert [curriculum_stage(step, stages) for step in range(5)] == [2, 2, 2, 5, 5]
+    assert binding_stage(0, PretrainConfig(binding_steps=8)) == 2
+    assert binding_stage(7, PretrainConfig(binding_steps=8)) == 5
+
+
+@pytest.mark.parametrize("hops", [1, 2])
+def test_binding_questions_are_answerable_from_their_context(hops):
+    rng = random.Random(3)
+    for _ in range(50):
+        instructions, responses = binding_conversation(rng, 4, 3, 0.5, hops)
+        assert instructions[0].startswith("Context: ")
+        assert all(i.startswith("Context: ") == (hops == 1 or n == 0) for n, i in enumerate(instructions))
+        for instruction, response in zip(instructions, responses):
+            letter = mcq.parse_answer_letter(response, 26)
+            lines = instruction.split("\n")
+            options = [line[3:] for line in lines if line[:1].isupper() and line[1:3] == ". "]
+            assert 2 <= len(options) <= 4
+            chosen = options[mcq.LETTERS.index(letter)]
+            if hops == 1:
+                assert lines[0] == f"Context: {chosen}"
+            elif chosen not in ("yes", "no", "nil"):  # stated by the phrase's presence or absence
+                assert chosen in instructions[0].split("\n")[0]
 
 
 @pytest.mark.skipif(not (SHIPPED / "pretrain_history.json").exists(), reason="no shipped base model")
@@ -40,4 +111,17 @@ def test_rule_defaults_rebuild_the_shipped_model():
     for key, value in shipped["config"].items():
         if key not in ("out_dir", "threads"):
             assert defaults[key] == value, key
-    assert asdict(EmbeddedModelConfig()) == shipped["model_config"]
+    model_defaults = asdict(EmbeddedModelConfig())
+    for key, value in shipped["model_config"].items():
+        assert model_defaults[key] == value, key
+    # Settings added after the shipped run default to what that run did.
+    for key, value in {**defaults, **model_defaults}.items():
+        if key not in shipped["config"] and key not in shipped["model_config"]:
+            assert value == ADDED_SINCE_SHIPPED_RUN[key], key
+
+
+ADDED_SINCE_SHIPPED_RUN = {
+    "fixed_order_fraction": 0.5, "lookup_curriculum": "", "lookup_batch_size": 64, "lookup_fraction": 0.0,
+    "binding_steps": 0, "binding_options": "2,3,4,5", "binding_hops": 2, "binding_batch_size": 64,
+    "device": "cpu", "letter_dot_tokens": False,
+}

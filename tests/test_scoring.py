@@ -37,6 +37,10 @@ class KnownLogitsModel(torch.nn.Module):
     def dtype(self):
         return torch.float32
 
+    @property
+    def device(self):
+        return torch.device("cpu")
+
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, **_):
         self.seen.append((input_ids, attention_mask, position_ids))
         logits = torch.zeros(input_ids.shape[0], 1, self.vocab_size)
@@ -141,3 +145,23 @@ def test_letter_scoring_agrees_with_generation_and_circular_summary(shipped):
     assert summary["n"] == 12 and summary["accuracy"] == round(100 * plain["correct"].mean(), 2)
     assert summary["circular_accuracy"] == round(100 * scored.groupby("question_id")["correct"].min().mean(), 2)
     assert summary["circular_accuracy"] <= summary["accuracy"]
+
+
+def test_device_resolution():
+    import torch
+
+    from medift.runtime import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_unknown_dtype_is_an_error(tmp_path):
+    from medift.model.loading import load_base_model
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_base_model(str(tmp_path), dtype="float8")

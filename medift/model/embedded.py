@@ -54,6 +54,10 @@ class EmbeddedModelConfig:
     text_layers: int = field(default=4, metadata={"help": "Llama decoder depth."})
     heads: int = field(default=4, metadata={"help": "Attention heads in both towers."})
     max_positions: int = field(default=512, metadata={"help": "Longest sequence the decoder takes."})
+    letter_dot_tokens: bool = field(
+        default=False,
+        metadata={"help": "Tokenize an option letter with its full stop ('A.') as one token, so the letter sits right before its option (the shipped model: off)."},
+    )
 
 
 # The datasets the shipped model was built with.
@@ -93,7 +97,7 @@ def tokenizer_corpus(datasets: tuple[str, ...] = EMBEDDED_DATASETS) -> tuple[lis
 
 def build_processor(config: EmbeddedModelConfig) -> LlavaProcessor:
     corpus, phrases = tokenizer_corpus()
-    tokenizer = build_tokenizer(corpus, phrases)
+    tokenizer = build_tokenizer(corpus, phrases, letter_dot=config.letter_dot_tokens)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": config.image_size},
         crop_size={"height": config.image_size, "width": config.image_size},

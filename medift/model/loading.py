@@ -22,15 +22,20 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
-def load_base_model(path: str, trust_remote_code: bool = False):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_base_model(path: str, trust_remote_code: bool = False, dtype: str = "float32"):
     """Model and processor from a local directory, offline, weights via safetensors."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint (no config.json)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(
-        path, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32
+        path, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=DTYPES[dtype]
     )
     ensure_proxy_token(model, processor)
     return model, processor

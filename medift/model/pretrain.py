@@ -13,6 +13,11 @@ curriculum, each piece answering a failure seen in trials:
 3. auxiliary attribute-classification heads on the vision tower during phase 2 stand in
    for a pretrained vision encoder (without them the decoder learns to ignore the image).
    The heads are discarded; only the standard LLaVA model is saved.
+
+Two optional phases come before these, off in the shipped run: dense letter lookup
+(`lookup_curriculum`) and template option binding (`binding_steps`). The shipped model
+binds a letter to its option only by memorising fixed-order vocabularies (shuffled
+options: chance); the README gives what was measured with these phases on a GPU.
 """
 
 from __future__ import annotations
@@ -21,18 +26,19 @@ import importlib
 import json
 import logging
 import math
+import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from medift.runtime import set_torch_threads
+from medift.runtime import resolve_device, set_torch_threads
 from medift import mcq
-from medift.chat import Encoded, collate, encode_conversation
+from medift.chat import IGNORE_INDEX, Encoded, collate, encode_conversation
 from medift.datasets import DATASETS
 from medift.generation import generate_answers, pixel_values_for
 from medift.model import general
@@ -46,6 +52,21 @@ log = logging.getLogger(__name__)
 class PretrainConfig:
     out_dir: str = field(default="resources/base_model", metadata={"help": "Where the model is saved (HF layout)."})
     seed: int = field(default=1, metadata={"help": "Seeds initialisation and every sampled example."})
+    lookup_curriculum: str = field(
+        default="",
+        metadata={"help": "Option-lookup phase first: PAIRS:STEPS,... stages of dense letter-lookup sequences (empty: none)."},
+    )
+    lookup_batch_size: int = field(default=64, metadata={"help": "Sequences per step in the lookup phase."})
+    lookup_fraction: float = field(
+        default=0.0, metadata={"help": "Share of lookup sequences (5 pairs) in later phases' batches, so the binding circuit stays in use."}
+    )
+    binding_steps: int = field(default=0, metadata={"help": "Steps of the option-binding phase (text only, before the text phase)."})
+    binding_options: str = field(
+        default="2,3,4,5",
+        metadata={"help": "Most options per question in each equal-length stage of the binding phase."},
+    )
+    binding_hops: int = field(default=2, metadata={"help": "Binding phase: 1 states the asked value right before each question, 2 the whole description once."})
+    binding_batch_size: int = field(default=64, metadata={"help": "Conversations per step in the binding phase."})
     text_steps: int = field(default=300, metadata={"help": "Steps of the text-only phase."})
     mixed_steps: int = field(default=1700, metadata={"help": "Steps of the mixed image+text phase."})
     batch_size: int = field(default=32, metadata={"help": "Conversations per step."})
@@ -59,6 +80,7 @@ class PretrainConfig:
     eval_questions: int = field(default=300, metadata={"help": "Held-out general multiple-choice questions."})
     eval_every: int = field(default=300, metadata={"help": "Steps between held-out checks (0: only at the end)."})
     threads: int = field(default=2, metadata={"help": "torch intra-op threads."})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto. CUDA runs use deterministic kernels but do not reproduce CPU runs bit for bit."})
 
 
 # ---------------------------------------------------------------- conversations
@@ -114,9 +136,104 @@ def general_text_turn(rng: random.Random, fixed_fraction: float) -> tuple[str, s
     return f"{CONTEXT_PREFIX} {general.describe(attributes)}\n{instruction}", response
 
 
+def option_values() -> list[str]:
+    """Every attribute value the model will see as an option (each one token), in a fixed order."""
+    vocabularies = [general.ATTRIBUTES] + [DATASETS[name].ATTRIBUTES for name in sorted(EMBEDDED_DATASETS)]
+    return list(dict.fromkeys(value for vocabulary in vocabularies for values in vocabulary.values() for value in values))
+
+
+def lookup_sequence(rng: random.Random, vocab: dict[str, int], values: list[str], pairs: int) -> tuple[list[int], list[int]]:
+    """`A. v1 \n B. v2 ...` then every `v : <letter>` in random order; only the letters are predicted.
+
+    The dense form of option binding (find the option, say the letter before it): every
+    query is answered, and the sequence is short. Letters are the tokens the option lines
+    and answers use ("A." with letter_dot_tokens, else "A" then ".").
+    """
+    merged = "A." in vocab
+    chosen = rng.sample(values, pairs)
+    ids: list[int] = []
+    labels: list[int] = []
+    for k, value in enumerate(chosen):
+        letter = [vocab[mcq.LETTERS[k] + "."]] if merged else [vocab[mcq.LETTERS[k]], vocab["."]]
+        ids += letter + [vocab[value], vocab["\n"]]
+        labels += [IGNORE_INDEX] * (len(letter) + 2)
+    for k in rng.sample(range(pairs), pairs):
+        answer = vocab[mcq.LETTERS[k] + "."] if merged else vocab[mcq.LETTERS[k]]
+        ids += [vocab[chosen[k]], vocab[":"], answer, vocab["\n"]]
+        labels += [IGNORE_INDEX, IGNORE_INDEX, answer, IGNORE_INDEX]
+    return ids, labels
+
+
+def parse_curriculum(text: str) -> list[tuple[int, int]]:
+    """`2:800,5:2000` -> [(2, 800), (5, 2000)]: (pairs, steps) per stage."""
+    stages = []
+    for stage in filter(None, (part.strip() for part in text.split(","))):
+        pairs, _, steps = stage.partition(":")
+        if not (pairs.isdigit() and steps.isdigit()) or int(pairs) < 2:
+            raise ValueError(f"lookup_curriculum stage {stage!r}: expected PAIRS:STEPS with PAIRS >= 2")
+        stages.append((int(pairs), int(steps)))
+    return stages
+
+
+def curriculum_stage(step: int, stages: list[tuple[int, int]]) -> int:
+    for pairs, steps in stages:
+        if step < steps:
+            return pairs
+        step -= steps
+    raise ValueError("step past the curriculum")
+
+
+def binding_conversation(
+    rng: random.Random, most_options: int, turns: int, medical_fraction: float, hops: int = 2
+) -> tuple[list[str], list[str]]:
+    """`turns` questions with 2..`most_options` shuffled options about a stated context.
+
+    hops=2: the whole description once (`Context: ...`), before the first question (look the
+    value up, then find its option); hops=1: the asked value alone right before each question.
+
+    Why a separate phase: with the full vocabulary in fixed order a letter can be memorised
+    per value, and with 5 shuffled options a small decoder stays at answering by
+    elimination; starting from 2 options and growing is what lets it learn to find the
+    option and say the letter before it (bench/option_binding.py measures this).
+    """
+    if rng.random() < medical_fraction:
+        name = rng.choice(sorted(EMBEDDED_DATASETS))
+        module = DATASETS[name]
+        vocabulary, question_text = module.ATTRIBUTES, module.QUESTION_TEXT
+        attributes = importlib.import_module(f"medift.datasets.synthetic_{name}").sample_attributes(rng)
+        context = module.describe(attributes)
+    else:
+        vocabulary, question_text = general.ATTRIBUTES, general.QUESTION_TEXT
+        attributes = general.sample_attributes(rng)
+        context = general.describe(attributes)
+    keys = [key for key in attributes if len(vocabulary[key]) >= 2]
+    instructions, responses = [], []
+    for _ in range(turns):
+        key = rng.choice(keys)
+        values = vocabulary[key]
+        k = min(rng.randint(2, most_options), len(values))
+        options = [attributes[key]] + rng.sample([v for v in values if v != attributes[key]], k - 1)
+        rng.shuffle(options)
+        question = mcq.build_mcq_instruction(question_text[key], options)
+        if hops == 1:
+            question = f"{CONTEXT_PREFIX} {attributes[key]}\n{question}"
+        instructions.append(question)
+        responses.append(mcq.format_answer(options.index(attributes[key])))
+    if hops == 2:
+        instructions[0] = f"{CONTEXT_PREFIX} {context}\n{instructions[0]}"
+    return instructions, responses
+
+
+def binding_stage(step: int, config: PretrainConfig) -> int:
+    """Most options per question at `step` of the binding phase."""
+    stages = [int(n) for n in config.binding_options.split(",")]
+    return stages[min(len(stages) - 1, step * len(stages) // max(1, config.binding_steps))]
+
+
 class ConversationSampler:
     def __init__(self, processor, config: PretrainConfig, rng: random.Random, image_size: int):
         self.processor, self.config, self.rng, self.image_size = processor, config, rng, image_size
+        self.values = option_values()
 
     def text_conversation(self) -> Encoded:
         if self.rng.random() < self.config.medical_text_fraction:
@@ -135,10 +252,31 @@ class ConversationSampler:
         )
         return encoded, image, attributes
 
+    def lookup_batch(self, pairs: int) -> dict:
+        vocab = self.processor.tokenizer.get_vocab()
+        rows = [lookup_sequence(self.rng, vocab, self.values, pairs) for _ in range(self.config.lookup_batch_size)]
+        return {"input_ids": torch.tensor([r[0] for r in rows]), "labels": torch.tensor([r[1] for r in rows])}
+
+    def binding_batch(self, most_options: int) -> dict:
+        encoded = [
+            encode_conversation(
+                self.processor,
+                *binding_conversation(
+                    self.rng, most_options, self.config.max_turns, self.config.medical_text_fraction, self.config.binding_hops
+                ),
+                with_image=False,
+            )
+            for _ in range(self.config.binding_batch_size)
+        ]
+        return collate(encoded, self.processor.tokenizer.pad_token_id)
+
     def batch(self, text_only: bool) -> dict:
         encoded, images, attrs = [], [], []
+        vocab = self.processor.tokenizer.get_vocab()
         for _ in range(self.config.batch_size):
-            if text_only or self.rng.random() < self.config.text_fraction:
+            if self.config.lookup_fraction and self.rng.random() < self.config.lookup_fraction:
+                encoded.append(Encoded(*lookup_sequence(self.rng, vocab, self.values, 5), has_image=False))
+            elif text_only or self.rng.random() < self.config.text_fraction:
                 encoded.append(self.text_conversation())
             else:
                 e, image, a = self.image_conversation()
@@ -189,6 +327,17 @@ def held_out_questions(n: int, seed: int, image_size: int):
     return items
 
 
+@torch.no_grad()
+def lookup_accuracy(model, batch: dict) -> float:
+    """Teacher-forced accuracy on the predicted letters of held-out lookup sequences."""
+    model.eval()
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+    model.train()
+    targets = batch["labels"][:, 1:]
+    predicted = targets != IGNORE_INDEX
+    return round((logits.argmax(-1)[predicted] == targets[predicted]).float().mean().item(), 4)
+
+
 def general_mcq_accuracy(model, processor, items, max_new_tokens: int = 50) -> dict:
     outputs = generate_answers(
         model, processor, [i[0] for i in items], [i[1] for i in items], max_new_tokens=max_new_tokens
@@ -213,28 +362,49 @@ def general_mcq_accuracy(model, processor, items, max_new_tokens: int = 50) -> d
 def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_after: int | None = None) -> dict:
     """Pre-train and save; with `stop_after`, return the first steps' history unsaved (tests)."""
     set_torch_threads(config.threads)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        # cuBLAS needs this before its first call to pick deterministic kernels.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # The fused attention kernels' backward passes are not deterministic; the math one is.
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warns, in the log, of any op without one
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     processor = build_processor(model_config)
     model = build_model(model_config, processor, config.seed)
     heads = AttributeHeads(model_config.vision_hidden)
+    model.to(device)
+    heads.to(device)
     params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sampler = ConversationSampler(processor, config, rng, model_config.image_size)
     held_out = held_out_questions(config.eval_questions, config.seed, model_config.image_size)
-    total = config.text_steps + config.mixed_steps
+    held_out_lookup = {key: value.to(device) for key, value in ConversationSampler(
+        processor, replace(config, lookup_batch_size=200), random.Random(f"held-out-lookup-{config.seed}"), model_config.image_size
+    ).lookup_batch(5).items()}
+    lookup = parse_curriculum(config.lookup_curriculum)
+    lookup_steps = sum(steps for _, steps in lookup)
+    total = lookup_steps + config.binding_steps + config.text_steps + config.mixed_steps
     history = []
     started = time.time()
     model.train()
     bar = tqdm(range(total), desc="pretrain", mininterval=5)
     for step in bar:
-        batch = sampler.batch(text_only=step < config.text_steps)
+        if step < lookup_steps:
+            batch = sampler.lookup_batch(curriculum_stage(step, lookup))
+        elif step < lookup_steps + config.binding_steps:
+            batch = sampler.binding_batch(binding_stage(step - lookup_steps, config))
+        else:
+            batch = sampler.batch(text_only=step < lookup_steps + config.binding_steps + config.text_steps)
+        batch = {key: value.to(device) for key, value in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, config)
         aux_targets = batch.pop("aux_targets", None)
         out = model(**batch, output_hidden_states=False)
         loss = out.loss
-        aux = torch.zeros(())
+        aux = torch.zeros((), device=device)
         if aux_targets is not None:
             pooled = model.model.vision_tower(batch["pixel_values"]).pooler_output
             aux = heads.loss(pooled, aux_targets)
@@ -246,6 +416,7 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
         record = {"step": step, "lm_loss": round(out.loss.item(), 5), "aux_loss": round(aux.item(), 5)}
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total:
             record.update(general_mcq_accuracy(model, processor, held_out[:100], max_new_tokens=8))
+            record["lookup_accuracy"] = lookup_accuracy(model, held_out_lookup)
             model.train()
             log.info("step %d: %s", step + 1, record)
         history.append(record)
@@ -254,9 +425,10 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
         bar.set_postfix(lm=f"{record['lm_loss']:.3f}", aux=f"{record['aux_loss']:.3f}", refresh=False)
     final = general_mcq_accuracy(model, processor, held_out)
     final["train_seconds"] = round(time.time() - started, 1)
+    final["device"] = str(device)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.to("cpu").save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     (out_dir / "pretrain_history.json").write_text(json.dumps(
         {"config": asdict(config), "model_config": asdict(model_config), "final": final, "history": history}, indent=1

@@ -23,12 +23,19 @@ SPECIAL_TOKENS = [PAD, UNK, BOS, EOS, IMAGE_TOKEN, PROXY_TOKEN]
 
 _WORD = r"[A-Za-z0-9]+(?:[-'/][A-Za-z0-9]+)*"
 _OTHER = r"\n|[^\sA-Za-z0-9]"
+_LETTER_DOT = r"[A-Z]\.(?![A-Za-z0-9])"
 
 
-def split_pattern(phrases: Iterable[str]) -> str:
-    """Regex matching multi-word phrases first, then words, newlines and punctuation."""
+def split_pattern(phrases: Iterable[str], letter_dot: bool = False) -> str:
+    """Regex matching multi-word phrases first, then words, newlines and punctuation.
+
+    With `letter_dot`, a capital letter followed by a full stop ("A.") is one piece, so an
+    option line `A. red` puts the letter token right before its option and the answer
+    `The correct answer is A.` ends in that same token. A word is still one piece ("US.",
+    "USER:" are unaffected): the alternatives are tried left to right at each position.
+    """
     multi = sorted({p for p in phrases if " " in p}, key=lambda p: (-len(p), p))
-    alternatives = [re.escape(p) for p in multi] + [_WORD, _OTHER]
+    alternatives = [re.escape(p) for p in multi] + ([_LETTER_DOT] if letter_dot else []) + [_WORD, _OTHER]
     return "|".join(alternatives)
 
 
@@ -36,12 +43,12 @@ def pre_tokenize(text: str, pattern: str) -> list[str]:
     return re.findall(pattern, text)
 
 
-def build_tokenizer(corpus: Iterable[str], phrases: Iterable[str]) -> PreTrainedTokenizerFast:
+def build_tokenizer(corpus: Iterable[str], phrases: Iterable[str], letter_dot: bool = False) -> PreTrainedTokenizerFast:
     """Vocabulary = special tokens + every piece of `corpus`, in first-seen order.
 
     First-seen order (not a set) keeps token ids identical across runs.
     """
-    pattern = split_pattern(phrases)
+    pattern = split_pattern(phrases, letter_dot)
     vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for text in corpus:
         for piece in pre_tokenize(text, pattern):

@@ -15,6 +15,8 @@ rule evaluate_model:
         circular=config["evaluate"]["circular"],
         max_new_tokens=config["evaluate"]["max_new_tokens"],
         batch_size=config["evaluate"]["batch_size"],
+        device=config["evaluate"]["device"],
+        dtype=config["evaluate"]["dtype"],
     log:
         "logs/evaluate_model/{dataset}/{method}/seed-{seed}.log",
     benchmark:
@@ -30,4 +32,5 @@ rule evaluate_model:
         " --scoring {params.scoring} --circular {params.circular}"
         " --out {output.predictions} --summary {output.metrics}"
         " --max_new_tokens {params.max_new_tokens} --batch_size {params.batch_size}"
+        " --device {params.device} --dtype {params.dtype}"
         " --trust_remote_code {params.trust_remote_code} --threads {threads} > {log} 2>&1"
