@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import HfArgumentParser
 
 from medift.runtime import set_torch_threads

@@ -11,7 +11,7 @@ import torch
 
 from medift import mcq
 from medift.evaluate import EvaluateConfig, asked_prompts, score_questions, summarize
-from medift.generation import best_letter, forced_answer_context, generate_answers, score_letters
+from medift.generation import best_letter, forced_answer_context, score_letters
 from medift.images import encode_image
 from medift.model.embedded import EmbeddedModelConfig, build_processor
 from medift.model.loading import load_base_model
