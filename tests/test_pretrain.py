@@ -36,12 +36,15 @@ def test_optional_binding_phases_are_deterministic_and_reach_the_mixed_phase():
     config = PretrainConfig(
         lookup_curriculum="2:1,5:1", lookup_batch_size=4, lookup_fraction=0.5,
         binding_steps=2, binding_batch_size=4, binding_hops=1,
-        text_steps=1, mixed_steps=1, batch_size=4, eval_questions=4, eval_every=0, threads=1,
+        text_steps=1, mixed_steps=2, batch_size=4, eval_questions=4, eval_every=3, threads=1,
     )
     model_config = EmbeddedModelConfig(letter_dot_tokens=True)
     first = pretrain(config, model_config, stop_after=6)["history"]
     assert first == pretrain(config, model_config, stop_after=6)["history"]
     assert [h["aux_loss"] > 0 for h in first] == [False] * 5 + [True]
+    checked = [h for h in first if "binding_accuracy" in h]
+    assert [h["step"] for h in checked] == [2, 5]
+    assert all(0 <= h["lookup_accuracy"] <= 1 and 0 <= h["binding_accuracy"] <= 1 for h in checked)
 
 
 def test_lookup_sequences_predict_the_letter_before_each_value():
