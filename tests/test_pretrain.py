@@ -4,17 +4,21 @@ import json
 from pathlib import Path
 
 import random
+from dataclasses import replace
 
 import pytest
+import torch
 
 from medift import mcq
 from medift.chat import IGNORE_INDEX
 from medift.model.embedded import EmbeddedModelConfig, build_processor
 from medift.model.pretrain import (
+    ConversationSampler,
     PretrainConfig,
     binding_conversation,
     binding_stage,
     curriculum_stage,
+    initial_model,
     lookup_sequence,
     option_values,
     parse_curriculum,
@@ -93,6 +97,42 @@ def test_binding_questions_are_answerable_from_their_context(hops):
                 assert chosen in instructions[0].split("\n")[0]
 
 
+def test_a_run_can_start_from_an_earlier_runs_saved_model(tmp_path):
+    model_config = EmbeddedModelConfig(letter_dot_tokens=True)
+    earlier = PretrainConfig(out_dir=str(tmp_path / "earlier"), text_steps=1, mixed_steps=0, batch_size=2,
+                             eval_questions=2, eval_every=0, threads=1)
+    pretrain(earlier, model_config)
+    saved, _ = initial_model(replace(earlier, init_from=earlier.out_dir), model_config)
+    fresh, _ = initial_model(earlier, model_config)
+    saved_state, fresh_state = saved.state_dict(), fresh.state_dict()
+    assert saved_state.keys() == fresh_state.keys()
+    # One AdamW step moved every trained weight away from the seed's fresh initialisation.
+    assert any(not torch.equal(saved_state[k], fresh_state[k]) for k in saved_state)
+    with pytest.raises(ValueError, match="earlier.*letter_dot_tokens=True"):
+        initial_model(replace(earlier, init_from=earlier.out_dir), EmbeddedModelConfig(letter_dot_tokens=False))
+
+
+def test_tied_embeddings_stay_tied_through_save_and_init_from(tmp_path):
+    model_config = EmbeddedModelConfig(letter_dot_tokens=True, tie_word_embeddings=True)
+    earlier = PretrainConfig(out_dir=str(tmp_path / "tied"), text_steps=1, mixed_steps=0, batch_size=2,
+                             eval_questions=2, eval_every=0, threads=1)
+    pretrain(earlier, model_config)
+    model, _ = initial_model(replace(earlier, init_from=earlier.out_dir), model_config)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    with pytest.raises(ValueError, match="tied.*tie_word_embeddings=False"):
+        initial_model(replace(earlier, init_from=earlier.out_dir), replace(model_config, tie_word_embeddings=False))
+
+
+def test_binding_rows_mixed_into_later_batches():
+    model_config = EmbeddedModelConfig(letter_dot_tokens=True)
+    processor = build_processor(model_config)
+    config = PretrainConfig(batch_size=6, binding_fraction=1.0, binding_hops=1)
+    batch = ConversationSampler(processor, config, random.Random(0), model_config.image_size).batch(text_only=False)
+    assert "pixel_values" not in batch  # every row was a text binding conversation
+    text = processor.tokenizer.decode(batch["input_ids"][0])
+    assert "Context :" in text and "The correct answer is" in text  # the word-level decode spaces ":"
+
+
 @pytest.mark.skipif(not (SHIPPED / "pretrain_history.json").exists(), reason="no shipped base model")
 def test_shipped_weights_come_from_this_pretraining_code():
     shipped = json.loads((SHIPPED / "pretrain_history.json").read_text())
@@ -126,5 +166,6 @@ def test_rule_defaults_rebuild_the_shipped_model():
 ADDED_SINCE_SHIPPED_RUN = {
     "fixed_order_fraction": 0.5, "lookup_curriculum": "", "lookup_batch_size": 64, "lookup_fraction": 0.0,
     "binding_steps": 0, "binding_options": "2,3,4,5", "binding_hops": 2, "binding_batch_size": 64,
-    "device": "cpu", "letter_dot_tokens": False,
+    "device": "cpu", "letter_dot_tokens": False, "init_from": "", "binding_fraction": 0.0,
+    "tie_word_embeddings": False,
 }

@@ -58,6 +58,10 @@ class EmbeddedModelConfig:
         default=False,
         metadata={"help": "Tokenize an option letter with its full stop ('A.') as one token, so the letter sits right before its option (the shipped model: off)."},
     )
+    tie_word_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Share the decoder's input and output embeddings, so that copying an option's letter, or matching a predicted value to its option, needs no separate output map (the shipped model: off)."},
+    )
 
 
 # The datasets the shipped model was built with.
@@ -135,7 +139,7 @@ def build_model(config: EmbeddedModelConfig, processor: LlavaProcessor, seed: in
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=config.tie_word_embeddings,
     )
     llava = LlavaConfig(
         vision_config=vision,

@@ -15,7 +15,9 @@ curriculum, each piece answering a failure seen in trials:
    The heads are discarded; only the standard LLaVA model is saved.
 
 Two optional phases come before these, off in the shipped run: dense letter lookup
-(`lookup_curriculum`) and template option binding (`binding_steps`). The shipped model
+(`lookup_curriculum`) and template option binding (`binding_steps`); their rows can be
+kept in later batches (`lookup_fraction`, `binding_fraction`), and a run can start from an
+earlier run's saved model (`init_from`), so a phase of thousands of steps is paid once. The shipped model
 binds a letter to its option only by memorising fixed-order vocabularies (shuffled
 options: chance); the README gives what was measured with these phases on a GPU.
 """
@@ -42,6 +44,7 @@ from medift.chat import IGNORE_INDEX, Encoded, collate, encode_conversation
 from medift.datasets import DATASETS
 from medift.generation import forced_answer_context, generate_answers, pixel_values_for
 from medift.model import general
+from medift.model.loading import load_base_model
 from medift.model.embedded import CONTEXT_PREFIX, EMBEDDED_DATASETS, EmbeddedModelConfig, build_model, build_processor
 from medift.records import Record
 
@@ -51,6 +54,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class PretrainConfig:
     out_dir: str = field(default="resources/base_model", metadata={"help": "Where the model is saved (HF layout)."})
+    init_from: str = field(
+        default="",
+        metadata={"help": "Start from this saved embedded model (an earlier run's out_dir) instead of a fresh one; its tokenizer must match letter_dot_tokens (empty: fresh)."},
+    )
     seed: int = field(default=1, metadata={"help": "Seeds initialisation and every sampled example."})
     lookup_curriculum: str = field(
         default="",
@@ -67,6 +74,9 @@ class PretrainConfig:
     )
     binding_hops: int = field(default=2, metadata={"help": "Binding phase: 1 states the asked value right before each question, 2 the whole description once."})
     binding_batch_size: int = field(default=64, metadata={"help": "Conversations per step in the binding phase."})
+    binding_fraction: float = field(
+        default=0.0, metadata={"help": "Share of binding conversations (binding_hops, most options) in later phases' batches, so the binding circuit stays in use."}
+    )
     text_steps: int = field(default=300, metadata={"help": "Steps of the text-only phase."})
     mixed_steps: int = field(default=1700, metadata={"help": "Steps of the mixed image+text phase."})
     batch_size: int = field(default=32, metadata={"help": "Conversations per step."})
@@ -257,17 +267,14 @@ class ConversationSampler:
         rows = [lookup_sequence(self.rng, vocab, self.values, pairs) for _ in range(self.config.lookup_batch_size)]
         return {"input_ids": torch.tensor([r[0] for r in rows]), "labels": torch.tensor([r[1] for r in rows])}
 
+    def binding_encoded(self, most_options: int) -> Encoded:
+        conversation = binding_conversation(
+            self.rng, most_options, self.config.max_turns, self.config.medical_text_fraction, self.config.binding_hops
+        )
+        return encode_conversation(self.processor, *conversation, with_image=False)
+
     def binding_batch(self, most_options: int) -> dict:
-        encoded = [
-            encode_conversation(
-                self.processor,
-                *binding_conversation(
-                    self.rng, most_options, self.config.max_turns, self.config.medical_text_fraction, self.config.binding_hops
-                ),
-                with_image=False,
-            )
-            for _ in range(self.config.binding_batch_size)
-        ]
+        encoded = [self.binding_encoded(most_options) for _ in range(self.config.binding_batch_size)]
         return collate(encoded, self.processor.tokenizer.pad_token_id)
 
     def batch(self, text_only: bool) -> dict:
@@ -276,6 +283,8 @@ class ConversationSampler:
         for _ in range(self.config.batch_size):
             if self.config.lookup_fraction and self.rng.random() < self.config.lookup_fraction:
                 encoded.append(Encoded(*lookup_sequence(self.rng, vocab, self.values, 5), has_image=False))
+            elif self.config.binding_fraction and self.rng.random() < self.config.binding_fraction:
+                encoded.append(self.binding_encoded(int(self.config.binding_options.split(",")[-1])))
             elif text_only or self.rng.random() < self.config.text_fraction:
                 encoded.append(self.text_conversation())
             else:
@@ -374,6 +383,35 @@ def general_mcq_accuracy(model, processor, items, max_new_tokens: int = 50) -> d
 # ---------------------------------------------------------------- the loop
 
 
+def initial_model(config: PretrainConfig, model_config: EmbeddedModelConfig):
+    """A fresh model built from code, or (`init_from`) an earlier run's saved one.
+
+    Starting from a saved run lets an expensive phase (option binding takes thousands of
+    steps) be run once and its result fed to later phases, each run deterministic on its own.
+    """
+    if not config.init_from:
+        processor = build_processor(model_config)
+        return build_model(model_config, processor, config.seed), processor
+    model, processor = load_base_model(config.init_from)
+    merged = "A." in processor.tokenizer.get_vocab()
+    if merged != model_config.letter_dot_tokens:
+        raise ValueError(
+            f"init_from {config.init_from}: its tokenizer has letter_dot_tokens={merged}, "
+            f"but this run asks for {model_config.letter_dot_tokens}"
+        )
+    size = model.config.vision_config.image_size
+    if size != model_config.image_size:
+        raise ValueError(f"init_from {config.init_from}: image size {size}, this run asks for {model_config.image_size}")
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    if tied != model_config.tie_word_embeddings:
+        raise ValueError(
+            f"init_from {config.init_from}: its embeddings are {'tied' if tied else 'untied'}, "
+            f"but this run asks for tie_word_embeddings={model_config.tie_word_embeddings}"
+        )
+    return model, processor
+
+
+
 def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_after: int | None = None) -> dict:
     """Pre-train and save; with `stop_after`, return the first steps' history unsaved (tests)."""
     set_torch_threads(config.threads)
@@ -387,8 +425,7 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
         torch.use_deterministic_algorithms(True, warn_only=True)  # warns, in the log, of any op without one
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    processor = build_processor(model_config)
-    model = build_model(model_config, processor, config.seed)
+    model, processor = initial_model(config, model_config)
     heads = AttributeHeads(model_config.vision_hidden)
     model.to(device)
     heads.to(device)
