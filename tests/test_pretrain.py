@@ -11,6 +11,7 @@ import torch
 
 from medift import mcq
 from medift.chat import IGNORE_INDEX
+from medift.model import general
 from medift.model.embedded import EmbeddedModelConfig, build_processor
 from medift.model.pretrain import (
     ConversationSampler,
@@ -18,6 +19,8 @@ from medift.model.pretrain import (
     binding_conversation,
     binding_stage,
     curriculum_stage,
+    general_turn,
+    image_hint_probability,
     initial_model,
     lookup_sequence,
     option_values,
@@ -133,6 +136,26 @@ def test_binding_rows_mixed_into_later_batches():
     assert "Context :" in text and "The correct answer is" in text  # the word-level decode spaces ":"
 
 
+def test_image_hints_state_the_answer_and_fade_out():
+    config = PretrainConfig(image_hint_start=0.8, image_hint_steps=100)
+    assert [image_hint_probability(s, config) for s in (-1, 0, 50, 99, 100)] == [0.0, 0.8, 0.4, pytest.approx(0.008), 0.0]
+    rng = random.Random(5)
+    hinted = 0
+    for _ in range(300):
+        attributes = general.sample_attributes(rng)
+        instruction, response = general_turn(attributes, rng, 0.0, hint_probability=1.0)
+        if "\nA. " not in instruction:
+            assert not instruction.startswith("Context: ")  # describe and yes/no turns get no hint
+            continue
+        hinted += 1
+        lines = instruction.split("\n")
+        options = [line[3:] for line in lines if line[:1].isupper() and line[1:3] == ". "]
+        assert lines[0] == f"Context: {options[mcq.LETTERS.index(mcq.parse_answer_letter(response, 26))]}"
+    assert hinted > 100
+    # Without hints a turn draws exactly what it drew before the option existed.
+    assert general_turn(attributes, random.Random(1), 0.5) == general_turn(attributes, random.Random(1), 0.5, 0.0)
+
+
 @pytest.mark.skipif(not (SHIPPED / "pretrain_history.json").exists(), reason="no shipped base model")
 def test_shipped_weights_come_from_this_pretraining_code():
     shipped = json.loads((SHIPPED / "pretrain_history.json").read_text())
@@ -167,5 +190,5 @@ ADDED_SINCE_SHIPPED_RUN = {
     "fixed_order_fraction": 0.5, "lookup_curriculum": "", "lookup_batch_size": 64, "lookup_fraction": 0.0,
     "binding_steps": 0, "binding_options": "2,3,4,5", "binding_hops": 2, "binding_batch_size": 64,
     "device": "cpu", "letter_dot_tokens": False, "init_from": "", "binding_fraction": 0.0,
-    "tie_word_embeddings": False,
+    "tie_word_embeddings": False, "image_hint_start": 0.0, "image_hint_steps": 0,
 }

@@ -16,10 +16,12 @@ curriculum, each piece answering a failure seen in trials:
 
 Two optional phases come before these, off in the shipped run: dense letter lookup
 (`lookup_curriculum`) and template option binding (`binding_steps`); their rows can be
-kept in later batches (`lookup_fraction`, `binding_fraction`), and a run can start from an
-earlier run's saved model (`init_from`), so a phase of thousands of steps is paid once. The shipped model
+kept in later batches (`lookup_fraction`, `binding_fraction`), image questions can state
+their value first while the mixed phase begins (`image_hint_start`, fading out), and a run
+can start from an earlier run's saved model (`init_from`), so a phase of thousands of
+steps is paid once. The shipped model
 binds a letter to its option only by memorising fixed-order vocabularies (shuffled
-options: chance); the README gives what was measured with these phases on a GPU.
+options: chance); the README gives what was measured with these phases on a GPU and on CPU.
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ class PretrainConfig:
     lr: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (cosine decay to a tenth)."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps."})
     aux_weight: float = field(default=1.0, metadata={"help": "Weight of the vision tower's attribute heads."})
+    image_hint_start: float = field(
+        default=0.0,
+        metadata={"help": "Share of image multiple-choice turns that state the asked value first ('Context: red') at the start of the mixed phase; it falls linearly to 0 over image_hint_steps, so a binding circuit that works from a stated value is led to take the value from the image."},
+    )
+    image_hint_steps: int = field(default=0, metadata={"help": "Mixed-phase steps over which image_hint_start falls to 0."})
     text_fraction: float = field(default=0.3, metadata={"help": "Share of text-only conversations in phase 2."})
     medical_text_fraction: float = field(default=0.5, metadata={"help": "Share of text-only conversations using medical vocabularies."})
     fixed_order_fraction: float = field(default=0.5, metadata={"help": "Share of general multiple-choice turns whose options are the full vocabulary in fixed order (the rest: shuffled subsets)."})
@@ -114,13 +121,22 @@ def random_options(
     return options, options.index(answer)
 
 
-def general_turn(attributes: dict[str, str], rng: random.Random, fixed_fraction: float = 0.5) -> tuple[str, str]:
-    """One (instruction, response) about a general-domain object."""
+def general_turn(
+    attributes: dict[str, str], rng: random.Random, fixed_fraction: float = 0.5, hint_probability: float = 0.0
+) -> tuple[str, str]:
+    """One (instruction, response) about a general-domain object.
+
+    With `hint_probability`, a multiple-choice turn first states the asked value
+    (`Context: red`), the one-hop form of option binding, as a scaffold for image questions.
+    """
     kind = rng.random()
     if kind < 0.6:
         key = rng.choice(list(general.ATTRIBUTES))
         options, answer = random_options(general.ATTRIBUTES[key], attributes[key], rng, fixed_fraction)
-        return mcq.build_mcq_instruction(general.QUESTION_TEXT[key], options), mcq.format_answer(answer)
+        instruction = mcq.build_mcq_instruction(general.QUESTION_TEXT[key], options)
+        if hint_probability and rng.random() < hint_probability:
+            instruction = f"{CONTEXT_PREFIX} {attributes[key]}\n{instruction}"
+        return instruction, mcq.format_answer(answer)
     if kind < 0.8:
         return rng.choice(general.DESCRIBE_REQUESTS), general.describe(attributes)
     key = rng.choice([k for k in general.ATTRIBUTES if k != "shadow"])
@@ -244,6 +260,7 @@ class ConversationSampler:
     def __init__(self, processor, config: PretrainConfig, rng: random.Random, image_size: int):
         self.processor, self.config, self.rng, self.image_size = processor, config, rng, image_size
         self.values = option_values()
+        self.hint_probability = 0.0  # set by the loop: image_hint_start, falling over the mixed phase
 
     def text_conversation(self) -> Encoded:
         if self.rng.random() < self.config.medical_text_fraction:
@@ -256,7 +273,7 @@ class ConversationSampler:
         attributes = general.sample_attributes(self.rng)
         image = general.render(attributes, self.rng, self.image_size)
         fixed = self.config.fixed_order_fraction
-        turns = [general_turn(attributes, self.rng, fixed) for _ in range(self.rng.randint(1, self.config.max_turns))]
+        turns = [general_turn(attributes, self.rng, fixed, self.hint_probability) for _ in range(self.rng.randint(1, self.config.max_turns))]
         encoded = encode_conversation(
             self.processor, [t[0] for t in turns], [t[1] for t in turns], with_image=True
         )
@@ -313,6 +330,13 @@ class AttributeHeads(torch.nn.Module):
 
     def loss(self, pooled: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return sum(F.cross_entropy(head(pooled), targets[:, i]) for i, head in enumerate(self.heads)) / len(self.heads)
+
+
+def image_hint_probability(mixed_step: int, config: PretrainConfig) -> float:
+    """The share of image multiple-choice turns stating their value, `mixed_step` steps into the mixed phase."""
+    if mixed_step < 0 or mixed_step >= config.image_hint_steps:
+        return 0.0
+    return config.image_hint_start * (1 - mixed_step / config.image_hint_steps)
 
 
 def lr_at(step: int, total: int, config: PretrainConfig) -> float:
@@ -448,7 +472,9 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
         elif step < lookup_steps + config.binding_steps:
             batch = sampler.binding_batch(binding_stage(step - lookup_steps, config))
         else:
-            batch = sampler.batch(text_only=step < lookup_steps + config.binding_steps + config.text_steps)
+            mixed_step = step - lookup_steps - config.binding_steps - config.text_steps
+            sampler.hint_probability = image_hint_probability(mixed_step, config)
+            batch = sampler.batch(text_only=mixed_step < 0)
         batch = {key: value.to(device) for key, value in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, config)
