@@ -156,6 +156,17 @@ def test_image_hints_state_the_answer_and_fade_out():
     assert general_turn(attributes, random.Random(1), 0.5) == general_turn(attributes, random.Random(1), 0.5, 0.0)
 
 
+def test_value_turns_answer_with_the_value_alone():
+    processor = build_processor(EmbeddedModelConfig(letter_dot_tokens=True))
+    vocab = processor.tokenizer.get_vocab()
+    rng = random.Random(2)
+    for _ in range(50):
+        attributes = general.sample_attributes(rng)
+        instruction, response = general_turn(attributes, rng, 0.5, value_probability=1.0)
+        key = next(k for k, question in general.QUESTION_TEXT.items() if question == instruction)
+        assert response == attributes[key] and response in vocab  # one token: the answer is the value itself
+
+
 @pytest.mark.skipif(not (SHIPPED / "pretrain_history.json").exists(), reason="no shipped base model")
 def test_shipped_weights_come_from_this_pretraining_code():
     shipped = json.loads((SHIPPED / "pretrain_history.json").read_text())
@@ -191,4 +202,5 @@ ADDED_SINCE_SHIPPED_RUN = {
     "binding_steps": 0, "binding_options": "2,3,4,5", "binding_hops": 2, "binding_batch_size": 64,
     "device": "cpu", "letter_dot_tokens": False, "init_from": "", "binding_fraction": 0.0,
     "tie_word_embeddings": False, "image_hint_start": 0.0, "image_hint_steps": 0,
+    "value_turn_fraction": 0.0,
 }

@@ -17,7 +17,8 @@ curriculum, each piece answering a failure seen in trials:
 Two optional phases come before these, off in the shipped run: dense letter lookup
 (`lookup_curriculum`) and template option binding (`binding_steps`); their rows can be
 kept in later batches (`lookup_fraction`, `binding_fraction`), image questions can state
-their value first while the mixed phase begins (`image_hint_start`, fading out), and a run
+their value first while the mixed phase begins (`image_hint_start`, fading out) or be
+asked without options, answered by the value (`value_turn_fraction`), and a run
 can start from an earlier run's saved model (`init_from`), so a phase of thousands of
 steps is paid once. The shipped model
 binds a letter to its option only by memorising fixed-order vocabularies (shuffled
@@ -90,6 +91,10 @@ class PretrainConfig:
         metadata={"help": "Share of image multiple-choice turns that state the asked value first ('Context: red') at the start of the mixed phase; it falls linearly to 0 over image_hint_steps, so a binding circuit that works from a stated value is led to take the value from the image."},
     )
     image_hint_steps: int = field(default=0, metadata={"help": "Mixed-phase steps over which image_hint_start falls to 0."})
+    value_turn_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Share of image turns that ask an attribute with no options and are answered by its value alone ('What is the color?' -> 'red'): the value the binding circuit must match, read from the image."},
+    )
     text_fraction: float = field(default=0.3, metadata={"help": "Share of text-only conversations in phase 2."})
     medical_text_fraction: float = field(default=0.5, metadata={"help": "Share of text-only conversations using medical vocabularies."})
     fixed_order_fraction: float = field(default=0.5, metadata={"help": "Share of general multiple-choice turns whose options are the full vocabulary in fixed order (the rest: shuffled subsets)."})
@@ -122,13 +127,21 @@ def random_options(
 
 
 def general_turn(
-    attributes: dict[str, str], rng: random.Random, fixed_fraction: float = 0.5, hint_probability: float = 0.0
+    attributes: dict[str, str],
+    rng: random.Random,
+    fixed_fraction: float = 0.5,
+    hint_probability: float = 0.0,
+    value_probability: float = 0.0,
 ) -> tuple[str, str]:
     """One (instruction, response) about a general-domain object.
 
     With `hint_probability`, a multiple-choice turn first states the asked value
     (`Context: red`), the one-hop form of option binding, as a scaffold for image questions.
+    With `value_probability`, the turn is the question without options, answered by the value.
     """
+    if value_probability and rng.random() < value_probability:
+        key = rng.choice(list(general.ATTRIBUTES))
+        return general.QUESTION_TEXT[key], attributes[key]
     kind = rng.random()
     if kind < 0.6:
         key = rng.choice(list(general.ATTRIBUTES))
@@ -273,7 +286,10 @@ class ConversationSampler:
         attributes = general.sample_attributes(self.rng)
         image = general.render(attributes, self.rng, self.image_size)
         fixed = self.config.fixed_order_fraction
-        turns = [general_turn(attributes, self.rng, fixed, self.hint_probability) for _ in range(self.rng.randint(1, self.config.max_turns))]
+        turns = [
+            general_turn(attributes, self.rng, fixed, self.hint_probability, self.config.value_turn_fraction)
+            for _ in range(self.rng.randint(1, self.config.max_turns))
+        ]
         encoded = encode_conversation(
             self.processor, [t[0] for t in turns], [t[1] for t in turns], with_image=True
         )
