@@ -126,6 +126,11 @@ def random_options(
     return options, options.index(answer)
 
 
+def state_value_first(value: str, question: str) -> str:
+    """The one-hop form of option binding: the asked value is stated right before the question."""
+    return f"{CONTEXT_PREFIX} {value}\n{question}"
+
+
 def general_turn(
     attributes: dict[str, str],
     rng: random.Random,
@@ -148,7 +153,7 @@ def general_turn(
         options, answer = random_options(general.ATTRIBUTES[key], attributes[key], rng, fixed_fraction)
         instruction = mcq.build_mcq_instruction(general.QUESTION_TEXT[key], options)
         if hint_probability and rng.random() < hint_probability:
-            instruction = f"{CONTEXT_PREFIX} {attributes[key]}\n{instruction}"
+            instruction = state_value_first(attributes[key], instruction)
         return instruction, mcq.format_answer(answer)
     if kind < 0.8:
         return rng.choice(general.DESCRIBE_REQUESTS), general.describe(attributes)
@@ -255,7 +260,7 @@ def binding_conversation(
         rng.shuffle(options)
         question = mcq.build_mcq_instruction(question_text[key], options)
         if hops == 1:
-            question = f"{CONTEXT_PREFIX} {attributes[key]}\n{question}"
+            question = state_value_first(attributes[key], question)
         instructions.append(question)
         responses.append(mcq.format_answer(options.index(attributes[key])))
     if hops == 2:
