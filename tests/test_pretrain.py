@@ -12,13 +12,15 @@ import torch
 from medift import mcq
 from medift.chat import IGNORE_INDEX
 from medift.model import general
-from medift.model.embedded import EmbeddedModelConfig, build_processor
+from medift.generation import pixel_values_for
+from medift.model.embedded import EmbeddedModelConfig, build_model, build_processor
 from medift.model.pretrain import (
     ConversationSampler,
     PretrainConfig,
     binding_conversation,
     binding_stage,
     curriculum_stage,
+    aux_features,
     general_turn,
     image_hint_probability,
     initial_model,
@@ -81,6 +83,11 @@ def test_curriculum_stages():
     assert binding_stage(7, PretrainConfig(binding_steps=8)) == 5
 
 
+def option_lines(instruction: str) -> list[str]:
+    """The options of an evaluation-template question, in letter order."""
+    return [line[3:] for line in instruction.split("\n") if line[:1].isupper() and line[1:3] == ". "]
+
+
 @pytest.mark.parametrize("hops", [1, 2])
 def test_binding_questions_are_answerable_from_their_context(hops):
     rng = random.Random(3)
@@ -91,7 +98,7 @@ def test_binding_questions_are_answerable_from_their_context(hops):
         for instruction, response in zip(instructions, responses):
             letter = mcq.parse_answer_letter(response, 26)
             lines = instruction.split("\n")
-            options = [line[3:] for line in lines if line[:1].isupper() and line[1:3] == ". "]
+            options = option_lines(instruction)
             assert 2 <= len(options) <= 4
             chosen = options[mcq.LETTERS.index(letter)]
             if hops == 1:
@@ -149,7 +156,7 @@ def test_image_hints_state_the_answer_and_fade_out():
             continue
         hinted += 1
         lines = instruction.split("\n")
-        options = [line[3:] for line in lines if line[:1].isupper() and line[1:3] == ". "]
+        options = option_lines(instruction)
         assert lines[0] == f"Context: {options[mcq.LETTERS.index(mcq.parse_answer_letter(response, 26))]}"
     assert hinted > 100
     # Without hints a turn draws exactly what it drew before the option existed.
@@ -165,6 +172,27 @@ def test_value_turns_answer_with_the_value_alone():
         instruction, response = general_turn(attributes, rng, 0.5, value_probability=1.0)
         key = next(k for k, question in general.QUESTION_TEXT.items() if question == instruction)
         assert response == attributes[key] and response in vocab  # one token: the answer is the value itself
+
+
+def test_attribute_heads_read_the_cls_token_or_the_image_tokens_the_decoder_sees():
+    model_config = EmbeddedModelConfig(text_hidden=64, vision_hidden=32)
+    processor = build_processor(model_config)
+    model = build_model(model_config, processor, seed=0).eval()
+    rng = random.Random(0)
+    images = [general.render(general.sample_attributes(rng), rng) for _ in range(3)]
+    pixels = pixel_values_for(processor, images)
+    with torch.no_grad():
+        cls = aux_features(model, pixels, "cls")
+        tokens = aux_features(model, pixels, "image_tokens")
+        # What the decoder receives in place of the image placeholders, averaged per image.
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+        expected = model.model.multi_modal_projector(hidden).mean(dim=1)
+    assert cls.shape == (3, 32)
+    assert torch.allclose(tokens, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="aux_features 'patches'"):
+        aux_features(model, pixels, "patches")
+    with pytest.raises(ValueError, match="aux_features 'patches'"):
+        PretrainConfig(aux_features="patches")
 
 
 @pytest.mark.skipif(not (SHIPPED / "pretrain_history.json").exists(), reason="no shipped base model")
@@ -202,5 +230,5 @@ ADDED_SINCE_SHIPPED_RUN = {
     "binding_steps": 0, "binding_options": "2,3,4,5", "binding_hops": 2, "binding_batch_size": 64,
     "device": "cpu", "letter_dot_tokens": False, "init_from": "", "binding_fraction": 0.0,
     "tie_word_embeddings": False, "image_hint_start": 0.0, "image_hint_steps": 0,
-    "value_turn_fraction": 0.0,
+    "value_turn_fraction": 0.0, "aux_features": "cls",
 }

@@ -54,6 +54,9 @@ from medift.records import Record
 log = logging.getLogger(__name__)
 
 
+AUX_FEATURES = ("cls", "image_tokens")
+
+
 @dataclass
 class PretrainConfig:
     out_dir: str = field(default="resources/base_model", metadata={"help": "Where the model is saved (HF layout)."})
@@ -86,6 +89,10 @@ class PretrainConfig:
     lr: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (cosine decay to a tenth)."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps."})
     aux_weight: float = field(default=1.0, metadata={"help": "Weight of the vision tower's attribute heads."})
+    aux_features: str = field(
+        default="cls",
+        metadata={"help": "What the attribute heads read: 'cls', the vision tower's pooled CLS output (the shipped model), or 'image_tokens', the mean of the projected image tokens, which are what the decoder sees (LLaVA's default strategy drops the CLS token)."},
+    )
     image_hint_start: float = field(
         default=0.0,
         metadata={"help": "Share of image multiple-choice turns that state the asked value first ('Context: red') at the start of the mixed phase; it falls linearly to 0 over image_hint_steps, so a binding circuit that works from a stated value is led to take the value from the image."},
@@ -103,6 +110,11 @@ class PretrainConfig:
     eval_every: int = field(default=300, metadata={"help": "Steps between held-out checks (0: only at the end)."})
     threads: int = field(default=2, metadata={"help": "torch intra-op threads."})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto. CUDA runs use deterministic kernels but do not reproduce CPU runs bit for bit."})
+
+    def __post_init__(self):
+        # Checked here, not at the first image step, which can come an hour into a run.
+        if self.aux_features not in AUX_FEATURES:
+            raise ValueError(f"aux_features {self.aux_features!r}: expected one of {AUX_FEATURES}")
 
 
 # ---------------------------------------------------------------- conversations
@@ -278,7 +290,6 @@ class ConversationSampler:
     def __init__(self, processor, config: PretrainConfig, rng: random.Random, image_size: int):
         self.processor, self.config, self.rng, self.image_size = processor, config, rng, image_size
         self.values = option_values()
-        self.hint_probability = 0.0  # set by the loop: image_hint_start, falling over the mixed phase
 
     def text_conversation(self) -> Encoded:
         if self.rng.random() < self.config.medical_text_fraction:
@@ -287,12 +298,12 @@ class ConversationSampler:
             instruction, response = general_text_turn(self.rng, self.config.fixed_order_fraction)
         return encode_conversation(self.processor, [instruction], [response], with_image=False)
 
-    def image_conversation(self) -> tuple[Encoded, object, dict[str, str]]:
+    def image_conversation(self, hint_probability: float = 0.0) -> tuple[Encoded, object, dict[str, str]]:
         attributes = general.sample_attributes(self.rng)
         image = general.render(attributes, self.rng, self.image_size)
         fixed = self.config.fixed_order_fraction
         turns = [
-            general_turn(attributes, self.rng, fixed, self.hint_probability, self.config.value_turn_fraction)
+            general_turn(attributes, self.rng, fixed, hint_probability, self.config.value_turn_fraction)
             for _ in range(self.rng.randint(1, self.config.max_turns))
         ]
         encoded = encode_conversation(
@@ -315,7 +326,8 @@ class ConversationSampler:
         encoded = [self.binding_encoded(most_options) for _ in range(self.config.binding_batch_size)]
         return collate(encoded, self.processor.tokenizer.pad_token_id)
 
-    def batch(self, text_only: bool) -> dict:
+    def batch(self, text_only: bool, hint_probability: float = 0.0) -> dict:
+        """A mixed-phase batch; `hint_probability` is the share of image questions stating their value."""
         encoded, images, attrs = [], [], []
         vocab = self.processor.tokenizer.get_vocab()
         for _ in range(self.config.batch_size):
@@ -326,7 +338,7 @@ class ConversationSampler:
             elif text_only or self.rng.random() < self.config.text_fraction:
                 encoded.append(self.text_conversation())
             else:
-                e, image, a = self.image_conversation()
+                e, image, a = self.image_conversation(hint_probability)
                 encoded.append(e)
                 images.append(image)
                 attrs.append(a)
@@ -351,6 +363,27 @@ class AttributeHeads(torch.nn.Module):
 
     def loss(self, pooled: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return sum(F.cross_entropy(head(pooled), targets[:, i]) for i, head in enumerate(self.heads)) / len(self.heads)
+
+
+def aux_features(model, pixel_values: torch.Tensor, which: str) -> torch.Tensor:
+    """The features the attribute heads classify, one vector per image.
+
+    'cls' trains the CLS token, which LLaVA's default feature strategy then drops: the
+    attributes become linear there but not in the tokens the decoder reads. 'image_tokens'
+    averages the projector's output over the image tokens, so the decoder can read every
+    attribute with one evenly spread attention head.
+    """
+    if which == "cls":
+        return model.model.vision_tower(pixel_values).pooler_output
+    if which == "image_tokens":
+        config = model.config
+        features = model.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        ).pooler_output  # one (tokens, width) tensor per image
+        return torch.stack([f.mean(dim=0) for f in features])
+    raise ValueError(f"aux_features {which!r}: expected one of {AUX_FEATURES}")
 
 
 def image_hint_probability(mixed_step: int, config: PretrainConfig) -> float:
@@ -471,7 +504,7 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     model, processor = initial_model(config, model_config)
-    heads = AttributeHeads(model_config.vision_hidden)
+    heads = AttributeHeads(model_config.text_hidden if config.aux_features == "image_tokens" else model_config.vision_hidden)
     model.to(device)
     heads.to(device)
     params = list(model.parameters()) + list(heads.parameters())
@@ -494,8 +527,7 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
             batch = sampler.binding_batch(binding_stage(step - lookup_steps, config))
         else:
             mixed_step = step - lookup_steps - config.binding_steps - config.text_steps
-            sampler.hint_probability = image_hint_probability(mixed_step, config)
-            batch = sampler.batch(text_only=mixed_step < 0)
+            batch = sampler.batch(mixed_step < 0, image_hint_probability(mixed_step, config))
         batch = {key: value.to(device) for key, value in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, config)
@@ -504,8 +536,7 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
         loss = out.loss
         aux = torch.zeros((), device=device)
         if aux_targets is not None:
-            pooled = model.model.vision_tower(batch["pixel_values"]).pooler_output
-            aux = heads.loss(pooled, aux_targets)
+            aux = heads.loss(aux_features(model, batch["pixel_values"], config.aux_features), aux_targets)
             loss = loss + config.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
