@@ -12,7 +12,8 @@ curriculum, each piece answering a failure seen in trials:
    turns per image, so one forward pass carries several answers), plus text-only turns;
 3. auxiliary attribute-classification heads on the vision tower during phase 2 stand in
    for a pretrained vision encoder (without them the decoder learns to ignore the image).
-   The heads are discarded; only the standard LLaVA model is saved.
+   They read the CLS token (shipped) or the image tokens the decoder sees
+   (`aux_features`). The heads are discarded; only the standard LLaVA model is saved.
 
 Two optional phases come before these, off in the shipped run: dense letter lookup
 (`lookup_curriculum`) and template option binding (`binding_steps`); their rows can be
@@ -22,7 +23,8 @@ asked without options, answered by the value (`value_turn_fraction`), and a run
 can start from an earlier run's saved model (`init_from`), so a phase of thousands of
 steps is paid once. The shipped model
 binds a letter to its option only by memorising fixed-order vocabularies (shuffled
-options: chance); the README gives what was measured with these phases on a GPU and on CPU.
+options: chance); docs/base-model-trials.md gives what was measured with these phases
+on a GPU and on CPU, and `bench/base_model_probe.py` where a saved model fails.
 """
 
 from __future__ import annotations
