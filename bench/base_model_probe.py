@@ -22,11 +22,16 @@ import json
 import random
 from collections import defaultdict
 
-from medift import mcq
 from medift.generation import forced_answer_context, generate_answers
 from medift.model import general
 from medift.model.loading import load_base_model
-from medift.model.pretrain import ConversationSampler, PretrainConfig, held_out_questions, letter_accuracy
+from medift.model.pretrain import (
+    ConversationSampler,
+    PretrainConfig,
+    answer_held_out,
+    held_out_questions,
+    letter_accuracy,
+)
 
 
 def rate(hits: list[bool]) -> dict:
@@ -52,12 +57,11 @@ def open_questions(model, processor, size: int, n: int) -> dict:
 
 def mcq_by_attribute(model, processor, size: int, seed: int) -> dict:
     items = held_out_questions(300, seed, size)
-    outputs = generate_answers(model, processor, [i[0] for i in items], [i[1] for i in items], max_new_tokens=8)
+    _, correct = answer_held_out(model, processor, items, max_new_tokens=8)
     hits: dict[str, list[bool]] = defaultdict(list)
-    for output, (instruction, _, n_options, answer, fixed) in zip(outputs, items):
+    for right, (instruction, _, _, _, fixed) in zip(correct, items):
         key = next(k for k, question in general.QUESTION_TEXT.items() if instruction.startswith(question))
-        correct = mcq.parse_answer_letter(output, n_options) == mcq.LETTERS[answer]
-        hits[f"{key}, {'fixed' if fixed else 'shuffled'}"].append(correct)
+        hits[f"{key}, {'fixed' if fixed else 'shuffled'}"].append(right)
     return {key: rate(h) for key, h in sorted(hits.items())}
 
 

@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from medift import mcq
-from medift.chat import IGNORE_INDEX
+from medift.chat import IGNORE_INDEX, collate, encode_conversation
 from medift.model import general
 from medift.generation import pixel_values_for
 from medift.model.embedded import EmbeddedModelConfig, build_model, build_processor
 from medift.model.pretrain import (
     ConversationSampler,
     PretrainConfig,
+    aux_features,
     binding_conversation,
     binding_stage,
     curriculum_stage,
-    aux_features,
     general_turn,
     image_hint_probability,
     initial_model,
@@ -181,16 +181,18 @@ def test_attribute_heads_read_the_cls_token_or_the_image_tokens_the_decoder_sees
     rng = random.Random(0)
     images = [general.render(general.sample_attributes(rng), rng) for _ in range(3)]
     pixels = pixel_values_for(processor, images)
+    turns = [encode_conversation(processor, ["What is the color?"], ["red"], with_image=True) for _ in images]
     with torch.no_grad():
-        cls = aux_features(model, pixels, "cls")
-        tokens = aux_features(model, pixels, "image_tokens")
+        output = model(**collate(turns, processor.tokenizer.pad_token_id), pixel_values=pixels)
+        cls = aux_features(model, pixels, output, "cls")
+        tokens = aux_features(model, pixels, output, "image_tokens")
         # What the decoder receives in place of the image placeholders, averaged per image.
         hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
         expected = model.model.multi_modal_projector(hidden).mean(dim=1)
     assert cls.shape == (3, 32)
     assert torch.allclose(tokens, expected, atol=1e-6)
     with pytest.raises(ValueError, match="aux_features 'patches'"):
-        aux_features(model, pixels, "patches")
+        aux_features(model, pixels, output, "patches")
     with pytest.raises(ValueError, match="aux_features 'patches'"):
         PretrainConfig(aux_features="patches")
 

@@ -367,24 +367,20 @@ class AttributeHeads(torch.nn.Module):
         return sum(F.cross_entropy(head(pooled), targets[:, i]) for i, head in enumerate(self.heads)) / len(self.heads)
 
 
-def aux_features(model, pixel_values: torch.Tensor, which: str) -> torch.Tensor:
+def aux_features(model, pixel_values: torch.Tensor, output, which: str) -> torch.Tensor:
     """The features the attribute heads classify, one vector per image.
 
     'cls' trains the CLS token, which LLaVA's default feature strategy then drops: the
     attributes become linear there but not in the tokens the decoder reads. 'image_tokens'
     averages the projector's output over the image tokens, so the decoder can read every
-    attribute with one evenly spread attention head.
+    attribute with one evenly spread attention head; those are taken from the forward
+    pass's `output` (its `image_hidden_states`), not computed a second time.
     """
     if which == "cls":
         return model.model.vision_tower(pixel_values).pooler_output
     if which == "image_tokens":
-        config = model.config
-        features = model.model.get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-        ).pooler_output  # one (tokens, width) tensor per image
-        return torch.stack([f.mean(dim=0) for f in features])
+        tokens = output.image_hidden_states  # every image's tokens, concatenated
+        return tokens.view(len(pixel_values), -1, tokens.shape[-1]).mean(dim=1)
     raise ValueError(f"aux_features {which!r}: expected one of {AUX_FEATURES}")
 
 
@@ -442,12 +438,17 @@ def held_out_text_batches(processor, config: PretrainConfig, image_size: int, de
     return {name: {key: value.to(device) for key, value in batch.items()} for name, batch in batches.items()}
 
 
-def general_mcq_accuracy(model, processor, items, max_new_tokens: int = 50) -> dict:
+def answer_held_out(model, processor, items, max_new_tokens: int = 50) -> tuple[list[str | None], list[bool]]:
+    """Each held-out question's parsed letter (None: unparseable) and whether it is right."""
     outputs = generate_answers(
         model, processor, [i[0] for i in items], [i[1] for i in items], max_new_tokens=max_new_tokens
     )
     parsed = [mcq.parse_answer_letter(o, i[2]) for o, i in zip(outputs, items)]
-    hits = [p == mcq.LETTERS[i[3]] for p, i in zip(parsed, items)]
+    return parsed, [p == mcq.LETTERS[i[3]] for p, i in zip(parsed, items)]
+
+
+def general_mcq_accuracy(model, processor, items, max_new_tokens: int = 50) -> dict:
+    parsed, hits = answer_held_out(model, processor, items, max_new_tokens)
     by_format = {}
     for name, wanted in (("fixed_order", True), ("shuffled", False)):
         subset = [h for h, i in zip(hits, items) if i[4] == wanted]
@@ -538,7 +539,7 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
         loss = out.loss
         aux = torch.zeros((), device=device)
         if aux_targets is not None:
-            aux = heads.loss(aux_features(model, batch["pixel_values"], config.aux_features), aux_targets)
+            aux = heads.loss(aux_features(model, batch["pixel_values"], out, config.aux_features), aux_targets)
             loss = loss + config.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
