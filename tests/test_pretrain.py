@@ -25,6 +25,11 @@ from medift.model.pretrain import (
     image_hint_probability,
     initial_model,
     lookup_sequence,
+    value_words_loss,
+    option_flags,
+    random_options,
+    text_reads_image_loss,
+    value_token_ids,
     option_values,
     parse_curriculum,
     pretrain,
@@ -197,6 +202,115 @@ def test_attribute_heads_read_the_cls_token_or_the_image_tokens_the_decoder_sees
         PretrainConfig(aux_features="patches")
 
 
+def test_option_probe_targets_mark_the_answer_among_each_questions_options():
+    model_config = EmbeddedModelConfig(letter_dot_tokens=True)
+    processor = build_processor(model_config)
+    tokenizer = processor.tokenizer
+    turns = [
+        (mcq.build_mcq_instruction("What is the color?", ["blue", "red", "green"]), mcq.format_answer(1)),
+        ("Describe this image.", "big size, red color"),
+        (mcq.build_mcq_instruction("What is the size?", ["small", "big"]), mcq.format_answer(1)),
+    ]
+    encoded = encode_conversation(processor, [t[0] for t in turns], [t[1] for t in turns], with_image=True)
+    batch = collate([encoded, encoded], tokenizer.pad_token_id)
+    letter_ids = torch.tensor(tokenizer.convert_tokens_to_ids([f"{letter}." for letter in "ABCDE"]))
+    rows, positions, targets = option_flags(batch["input_ids"], batch["labels"], letter_ids)
+    values = tokenizer.convert_ids_to_tokens(batch["input_ids"][rows, positions].tolist())
+    assert rows.tolist() == [0] * 5 + [1] * 5
+    assert values[:5] == ["blue", "red", "green", "small", "big"]
+    assert targets.tolist()[:5] == [0.0, 1.0, 0.0, 0.0, 1.0]
+    # Only with letter-dot tokens (the probe reads the token after each 'A.'), never with lookup rows.
+    with pytest.raises(ValueError, match="lookup_fraction"):
+        PretrainConfig(option_flag_weight=1.0, lookup_fraction=0.1)
+    with pytest.raises(ValueError, match="letter_dot_tokens"):
+        pretrain(PretrainConfig(option_flag_weight=1.0, text_steps=1, mixed_steps=0, eval_questions=2), EmbeddedModelConfig(), stop_after=1)
+    with pytest.raises(ValueError, match="option_flag_layer 5"):
+        pretrain(PretrainConfig(option_flag_layer=5, text_steps=1, mixed_steps=0, eval_questions=2), model_config, stop_after=1)
+
+
+def test_two_option_image_questions_shuffle_two_value_attributes_too():
+    # Off (0), the draws are exactly those of the code before the option existed.
+    assert random_options(("big", "small"), "small", random.Random(3), 0.0) == (["big", "small"], 1)
+    assert random_options(general.ATTRIBUTES["color"], "red", random.Random(4), 0.3) == random_options(
+        general.ATTRIBUTES["color"], "red", random.Random(4), 0.3, 0
+    )
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(200):
+        for key, values in general.ATTRIBUTES.items():
+            options, answer = random_options(values, values[-1], rng, 0.0, most_options=2)
+            assert len(options) == 2 and options[answer] == values[-1]
+            seen.add((key, answer))
+    assert {(key, a) for key in general.ATTRIBUTES for a in (0, 1)} <= seen  # both orders, every attribute
+    with pytest.raises(ValueError, match="image_options_most 1"):
+        PretrainConfig(image_options_most=1)
+
+
+def test_value_words_loss_classifies_every_image_token_by_the_value_embeddings():
+    model_config = EmbeddedModelConfig(text_hidden=32, vision_hidden=16)
+    processor = build_processor(model_config)
+    model = build_model(model_config, processor, seed=0)
+    value_ids = value_token_ids(processor.tokenizer)
+    assert [processor.tokenizer.convert_ids_to_tokens(ids) for ids in value_ids] == [list(v) for v in general.ATTRIBUTES.values()]
+    embeddings = model.get_input_embeddings().weight.detach()
+    targets = torch.tensor([[0, 1, 2, 0, 1], [1, 0, 0, 2, 0]])
+    tokens = torch.randn(2, 3, 32)
+    expected = sum(
+        torch.nn.functional.cross_entropy(
+            (tokens @ embeddings[ids].T).flatten(0, 1), targets[:, k].repeat_interleave(3)
+        )
+        for k, ids in enumerate(value_ids)
+    ) / 5
+    assert torch.allclose(value_words_loss(model, tokens, targets, value_ids), expected)
+    # Tokens that are the sum of their values' embeddings score lower than for other values.
+    words = torch.stack([sum(embeddings[value_ids[k][row[k]]] for k in range(5)) for row in targets.tolist()])
+    words = 10 * words.unsqueeze(1).expand(-1, 3, -1)
+    assert value_words_loss(model, words, targets, value_ids) < value_words_loss(model, words, (targets + 1) % 2, value_ids)
+
+
+def test_text_reads_image_loss_covers_the_text_after_each_image_only():
+    model_config = EmbeddedModelConfig(text_hidden=32, vision_hidden=16)
+    processor = build_processor(model_config)
+    model = build_model(model_config, processor, seed=0)
+    value_ids = value_token_ids(processor.tokenizer)
+    encoded = [
+        encode_conversation(processor, ["What is the size?"], ["big"], with_image=True),
+        encode_conversation(processor, ["Describe this image."], ["big size, red color"], with_image=False),
+        encode_conversation(processor, ["Describe this image."], ["small size, blue color, circle shape"], with_image=True),
+    ]
+    batch = collate(encoded, processor.tokenizer.pad_token_id)
+    hidden = torch.randn(*batch["input_ids"].shape, 32)
+    targets = torch.tensor([[0, 0, 0, 0, 0], [1, 2, 0, 1, 1]])  # one row per image: rows 0 and 2
+    embeddings = model.get_input_embeddings().weight
+    image = model.config.image_token_id
+    expected = 0
+    for k, ids in enumerate(value_ids):
+        logits, wanted = [], []
+        for image_row, row in enumerate((0, 2)):
+            ids_row = batch["input_ids"][row].tolist()
+            last_image = max(i for i, t in enumerate(ids_row) if t == image)
+            for position in range(last_image + 1, len(encoded[row].input_ids)):
+                logits.append(hidden[row, position] @ embeddings[ids].T)
+                wanted.append(targets[image_row, k])
+        expected += torch.nn.functional.cross_entropy(torch.stack(logits), torch.stack(wanted))
+    got = text_reads_image_loss(model, hidden, batch["input_ids"], batch["attention_mask"], targets, value_ids)
+    assert torch.allclose(got, expected / 5)
+
+
+def test_bridge_losses_train_deterministically():
+    config = PretrainConfig(
+        text_steps=1, mixed_steps=2, batch_size=4, eval_questions=4, eval_every=0, threads=1,
+        option_flag_weight=1.0, text_reads_image_weight=1.0, image_options_most=2,
+    )
+    model_config = EmbeddedModelConfig(letter_dot_tokens=True)
+    first = pretrain(config, model_config, stop_after=3)["history"]
+    assert first == pretrain(config, model_config, stop_after=3)["history"]
+    assert all(h["flag_loss"] > 0 for h in first)
+    assert [h["reads_loss"] > 0 for h in first] == [False, True, True]  # image steps only
+    with pytest.raises(ValueError, match="text_reads_image_layer 9"):
+        pretrain(replace(config, text_reads_image_layer=9), model_config, stop_after=1)
+
+
 @pytest.mark.skipif(not (SHIPPED / "pretrain_history.json").exists(), reason="no shipped base model")
 def test_shipped_weights_come_from_this_pretraining_code():
     shipped = json.loads((SHIPPED / "pretrain_history.json").read_text())
@@ -232,5 +346,6 @@ ADDED_SINCE_SHIPPED_RUN = {
     "binding_steps": 0, "binding_options": "2,3,4,5", "binding_hops": 2, "binding_batch_size": 64,
     "device": "cpu", "letter_dot_tokens": False, "init_from": "", "binding_fraction": 0.0,
     "tie_word_embeddings": False, "image_hint_start": 0.0, "image_hint_steps": 0,
-    "value_turn_fraction": 0.0, "aux_features": "cls",
+    "value_turn_fraction": 0.0, "aux_features": "cls", "option_flag_weight": 0.0, "option_flag_layer": 2,
+    "image_options_most": 0, "text_reads_image_weight": 0.0, "text_reads_image_layer": 1,
 }

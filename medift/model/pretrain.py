@@ -21,10 +21,15 @@ kept in later batches (`lookup_fraction`, `binding_fraction`), image questions c
 their value first while the mixed phase begins (`image_hint_start`, fading out) or be
 asked without options, answered by the value (`value_turn_fraction`), and a run
 can start from an earlier run's saved model (`init_from`), so a phase of thousands of
-steps is paid once. The shipped model
-binds a letter to its option only by memorising fixed-order vocabularies (shuffled
-options: chance); docs/base-model-trials.md gives what was measured with these phases
-on a GPU and on CPU, and `bench/base_model_probe.py` where a saved model fails.
+steps is paid once. Four more aim at the bridge from reading to binding, also off:
+image tokens classified by the value words' own embeddings (`aux_features image_words`),
+every text token after an image made to carry its values by an early decoder layer
+(`text_reads_image_weight`), a probe marking the right option where each option is read
+(`option_flag_weight`), and shuffled two-option image questions (`image_options_most`).
+The shipped model binds a letter to its option only by memorising fixed-order
+vocabularies (shuffled options: chance); docs/base-model-trials.md gives what was
+measured with these phases on a GPU and on CPU, and `bench/base_model_probe.py` where a
+saved model fails.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from medift.records import Record
 log = logging.getLogger(__name__)
 
 
-AUX_FEATURES = ("cls", "image_tokens")
+AUX_FEATURES = ("cls", "image_tokens", "image_words")
 
 
 @dataclass
@@ -93,7 +98,21 @@ class PretrainConfig:
     aux_weight: float = field(default=1.0, metadata={"help": "Weight of the vision tower's attribute heads."})
     aux_features: str = field(
         default="cls",
-        metadata={"help": "What the attribute heads read: 'cls', the vision tower's pooled CLS output (the shipped model), or 'image_tokens', the mean of the projected image tokens, which are what the decoder sees (LLaVA's default strategy drops the CLS token)."},
+        metadata={"help": "What the attribute heads read: 'cls', the vision tower's pooled CLS output (the shipped model), or 'image_tokens', the mean of the projected image tokens, which are what the decoder sees (LLaVA's default strategy drops the CLS token), or 'image_words': every projected image token is classified by the decoder's own embeddings of each attribute's values (no separate heads), so the image reads to the decoder like the words of its description."},
+    )
+    option_flag_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of a probe on the decoder's hidden state at every option's value token that says whether it is the right option (letter-dot tokens only; 0: off, the shipped model); one linear probe per value (OptionProbe). It asks the decoder to mark, where each option is read, whether the image (or the stated context) shows it, so that the answer only has to find the marked option and say the letter before it."},
+    )
+    option_flag_layer: int = field(
+        default=2, metadata={"help": "Decoder layer whose output the option probe reads (0: the embeddings)."}
+    )
+    text_reads_image_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of a loss that asks every text token after an image to carry the image's attribute values by decoder layer `text_reads_image_layer`, read by the value words' own embeddings (0: off, the shipped model). Without it the value reaches the text only at the last layer, too late for an option to be matched against it."},
+    )
+    text_reads_image_layer: int = field(
+        default=1, metadata={"help": "Decoder layer whose output carries the image's values at every text token (0: the embeddings)."}
     )
     image_hint_start: float = field(
         default=0.0,
@@ -103,6 +122,10 @@ class PretrainConfig:
     value_turn_fraction: float = field(
         default=0.0,
         metadata={"help": "Share of image turns that ask an attribute with no options and are answered by its value alone ('What is the color?' -> 'red'): the value the binding circuit must match, read from the image."},
+    )
+    image_options_most: int = field(
+        default=0,
+        metadata={"help": "Most options of a shuffled image multiple-choice turn, two-value attributes shuffled too (0: 2-5 options, two-value attributes always in fixed order, the shipped model)."},
     )
     text_fraction: float = field(default=0.3, metadata={"help": "Share of text-only conversations in phase 2."})
     medical_text_fraction: float = field(default=0.5, metadata={"help": "Share of text-only conversations using medical vocabularies."})
@@ -117,24 +140,31 @@ class PretrainConfig:
         # Checked here, not at the first image step, which can come an hour into a run.
         if self.aux_features not in AUX_FEATURES:
             raise ValueError(f"aux_features {self.aux_features!r}: expected one of {AUX_FEATURES}")
+        if self.image_options_most == 1 or self.image_options_most < 0:
+            raise ValueError(f"image_options_most {self.image_options_most}: expected 0 (off) or at least 2")
+        if self.option_flag_weight and self.lookup_fraction:
+            # Lookup rows list options and then ask several of them: no one answer per option group.
+            raise ValueError("option_flag_weight needs lookup_fraction 0: lookup rows have no single answer per option list")
 
 
 # ---------------------------------------------------------------- conversations
 
 
 def random_options(
-    values: tuple[str, ...], answer: str, rng: random.Random, fixed_fraction: float = 0.5
+    values: tuple[str, ...], answer: str, rng: random.Random, fixed_fraction: float = 0.5, most_options: int = 0
 ) -> tuple[list[str], int]:
     """The full vocabulary in fixed order (as WBCAtt asks) with probability `fixed_fraction`,
     else a shuffled subset of 2-5 options (as CBIS-DDSM asks).
 
     Fixed order can be answered by memorising each value's letter; only shuffled options
-    force the model to bind a letter to the option it stands before.
+    force the model to bind a letter to the option it stands before. With `most_options`,
+    a shuffled subset has at most that many options and a two-value vocabulary is shuffled
+    too (`A. small B. big`): the easiest binding, on the easiest attributes to see.
     """
-    if rng.random() < fixed_fraction or len(values) == 2:
+    if rng.random() < fixed_fraction or (len(values) == 2 and not most_options):
         options = list(values)
     else:
-        k = rng.randint(2, min(5, len(values)))
+        k = rng.randint(2, min(most_options or 5, len(values)))
         options = [answer] + rng.sample([v for v in values if v != answer], k - 1)
         rng.shuffle(options)
     return options, options.index(answer)
@@ -151,6 +181,7 @@ def general_turn(
     fixed_fraction: float = 0.5,
     hint_probability: float = 0.0,
     value_probability: float = 0.0,
+    most_options: int = 0,
 ) -> tuple[str, str]:
     """One (instruction, response) about a general-domain object.
 
@@ -164,7 +195,7 @@ def general_turn(
     kind = rng.random()
     if kind < 0.6:
         key = rng.choice(list(general.ATTRIBUTES))
-        options, answer = random_options(general.ATTRIBUTES[key], attributes[key], rng, fixed_fraction)
+        options, answer = random_options(general.ATTRIBUTES[key], attributes[key], rng, fixed_fraction, most_options)
         instruction = mcq.build_mcq_instruction(general.QUESTION_TEXT[key], options)
         if hint_probability and rng.random() < hint_probability:
             instruction = state_value_first(attributes[key], instruction)
@@ -305,7 +336,9 @@ class ConversationSampler:
         image = general.render(attributes, self.rng, self.image_size)
         fixed = self.config.fixed_order_fraction
         turns = [
-            general_turn(attributes, self.rng, fixed, hint_probability, self.config.value_turn_fraction)
+            general_turn(
+                attributes, self.rng, fixed, hint_probability, self.config.value_turn_fraction, self.config.image_options_most
+            )
             for _ in range(self.rng.randint(1, self.config.max_turns))
         ]
         encoded = encode_conversation(
@@ -367,6 +400,27 @@ class AttributeHeads(torch.nn.Module):
         return sum(F.cross_entropy(head(pooled), targets[:, i]) for i, head in enumerate(self.heads)) / len(self.heads)
 
 
+class OptionProbe(torch.nn.Module):
+    """Whether an option is the right one, read from the hidden state at its value token,
+    by a linear probe of that value's own (one per vocabulary token).
+
+    One probe shared by all options would have to see the option's own value *and* the
+    image's together (red is right on a red object, wrong on a blue one), an interaction
+    no single direction of the hidden state gives, so its gradient on the image features
+    averages out over options; a probe per value needs the image's value alone.
+    """
+
+    def __init__(self, vocab_size: int, hidden: int):
+        super().__init__()
+        self.weight = torch.nn.Embedding(vocab_size, hidden)
+        self.bias = torch.nn.Embedding(vocab_size, 1)
+        torch.nn.init.zeros_(self.weight.weight)
+        torch.nn.init.zeros_(self.bias.weight)
+
+    def forward(self, hidden: torch.Tensor, value_tokens: torch.Tensor) -> torch.Tensor:
+        return (hidden * self.weight(value_tokens)).sum(-1) + self.bias(value_tokens).squeeze(-1)
+
+
 def aux_features(model, pixel_values: torch.Tensor, output, which: str) -> torch.Tensor:
     """The features the attribute heads classify, one vector per image.
 
@@ -378,10 +432,75 @@ def aux_features(model, pixel_values: torch.Tensor, output, which: str) -> torch
     """
     if which == "cls":
         return model.model.vision_tower(pixel_values).pooler_output
-    if which == "image_tokens":
+    if which in ("image_tokens", "image_words"):
         tokens = output.image_hidden_states  # every image's tokens, concatenated
-        return tokens.view(len(pixel_values), -1, tokens.shape[-1]).mean(dim=1)
+        tokens = tokens.view(len(pixel_values), -1, tokens.shape[-1])
+        return tokens if which == "image_words" else tokens.mean(dim=1)
     raise ValueError(f"aux_features {which!r}: expected one of {AUX_FEATURES}")
+
+
+def option_flags(input_ids: torch.Tensor, labels: torch.Tensor, letter_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, positions, targets) of every option's value token in the prompts, and whether it is the answer.
+
+    An option line is a letter-dot token in a prompt (label ignored) followed by its value
+    token; the answer is the next letter-dot token the response writes (`The correct answer
+    is B.`). Read from the tokens alone, so every conversation kind with option lines is covered.
+    """
+    rows, positions, targets = [], [], []
+    is_letter = torch.isin(input_ids, letter_ids)
+    in_response = labels != IGNORE_INDEX
+    for row in range(input_ids.shape[0]):
+        answers = (is_letter[row] & in_response[row]).nonzero().flatten().tolist()
+        for p in (is_letter[row] & ~in_response[row]).nonzero().flatten().tolist():
+            answer = next((q for q in answers if q > p), None)
+            if answer is None or p + 1 >= input_ids.shape[1]:
+                continue
+            rows.append(row)
+            positions.append(p + 1)
+            targets.append(float(input_ids[row, p] == input_ids[row, answer]))
+    device = input_ids.device
+    return torch.tensor(rows, device=device, dtype=torch.long), torch.tensor(positions, device=device, dtype=torch.long), torch.tensor(targets, device=device)
+
+
+def value_token_ids(tokenizer) -> list[list[int]]:
+    """Each general attribute's value tokens, in `general.ATTRIBUTES` order."""
+    vocab = tokenizer.get_vocab()
+    return [[vocab[value] for value in values] for values in general.ATTRIBUTES.values()]
+
+
+def value_words_loss(
+    model, features: torch.Tensor, targets: torch.Tensor, value_ids: list[list[int]], keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Feature vectors classified, per attribute, by the input embeddings of that attribute's values.
+
+    `features` is (images, positions, width), `targets` one row of value indices per image,
+    `keep` which positions count (default: all). The decoder's binding circuit matches an
+    option against a value it has read as a token; this puts the image's values in those
+    same directions.
+    """
+    embeddings = model.get_input_embeddings().weight
+    if keep is None:
+        keep = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+    losses = []
+    for k, ids in enumerate(value_ids):
+        logits = features @ embeddings[ids].T  # (images, positions, values)
+        target = targets[:, k].unsqueeze(1).expand(-1, features.shape[1])
+        losses.append(F.cross_entropy(logits[keep], target[keep]))
+    return sum(losses) / len(losses)
+
+
+def text_reads_image_loss(
+    model, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, value_ids: list[list[int]]
+) -> torch.Tensor:
+    """`value_words_loss` at every text token after the image, in the rows that have one.
+
+    `hidden` is one decoder layer's output; `targets` has one row per image, in row order.
+    """
+    is_image = input_ids == model.config.image_token_id
+    has_image = is_image.any(dim=1)
+    after_image = is_image.long().cummax(dim=1).values.bool() & ~is_image
+    keep = (after_image & attention_mask.bool())[has_image]
+    return value_words_loss(model, hidden[has_image], targets, value_ids, keep)
 
 
 def image_hint_probability(mixed_step: int, config: PretrainConfig) -> float:
@@ -510,12 +629,24 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
     heads = AttributeHeads(model_config.text_hidden if config.aux_features == "image_tokens" else model_config.vision_hidden)
     model.to(device)
     heads.to(device)
-    params = list(model.parameters()) + list(heads.parameters())
+    value_ids = value_token_ids(processor.tokenizer)
+    params = list(model.parameters()) + (list(heads.parameters()) if config.aux_features != "image_words" else [])
+    letter_ids = set(forced_answer_context(processor)[1].values())
+    letter_dot_ids = torch.tensor(sorted(letter_ids), device=device)
+    for name in ("option_flag_layer", "text_reads_image_layer"):
+        if not 0 <= getattr(config, name) <= model_config.text_layers:
+            raise ValueError(f"{name} {getattr(config, name)}: the decoder has layers 0..{model_config.text_layers}")
+    flag_probe = None
+    if config.option_flag_weight:
+        if not model_config.letter_dot_tokens:
+            raise ValueError("option_flag_weight needs letter_dot_tokens: the probe reads the token after each 'A.'")
+        # Built only when used: runs without it draw the same random numbers as before it existed.
+        flag_probe = OptionProbe(len(processor.tokenizer), model_config.text_hidden).to(device)
+        params += list(flag_probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sampler = ConversationSampler(processor, config, rng, model_config.image_size)
     held_out = held_out_questions(config.eval_questions, config.seed, model_config.image_size)
     held_out_text = held_out_text_batches(processor, config, model_config.image_size, device)
-    letter_ids = set(forced_answer_context(processor)[1].values())
     lookup = parse_curriculum(config.lookup_curriculum)
     lookup_steps = sum(steps for _, steps in lookup)
     total = lookup_steps + config.binding_steps + config.text_steps + config.mixed_steps
@@ -535,17 +666,39 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, config)
         aux_targets = batch.pop("aux_targets", None)
-        out = model(**batch, output_hidden_states=False)
+        out = model(**batch, output_hidden_states=bool(config.option_flag_weight or config.text_reads_image_weight))
         loss = out.loss
         aux = torch.zeros((), device=device)
+        reads = torch.zeros((), device=device)
         if aux_targets is not None:
-            aux = heads.loss(aux_features(model, batch["pixel_values"], out, config.aux_features), aux_targets)
+            features = aux_features(model, batch["pixel_values"], out, config.aux_features)
+            if config.aux_features == "image_words":
+                aux = value_words_loss(model, features, aux_targets, value_ids)
+            else:
+                aux = heads.loss(features, aux_targets)
+            if config.text_reads_image_weight:
+                reads = text_reads_image_loss(
+                    model, out.hidden_states[config.text_reads_image_layer], batch["input_ids"],
+                    batch["attention_mask"], aux_targets, value_ids,
+                )
+                loss = loss + config.text_reads_image_weight * reads
             loss = loss + config.aux_weight * aux
+        flag = torch.zeros((), device=device)
+        if config.option_flag_weight:
+            rows, positions, targets = option_flags(batch["input_ids"], batch["labels"], letter_dot_ids)
+            if len(rows):
+                hidden = out.hidden_states[config.option_flag_layer][rows, positions]
+                flag = F.binary_cross_entropy_with_logits(flag_probe(hidden, batch["input_ids"][rows, positions]), targets)
+                loss = loss + config.option_flag_weight * flag
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         record = {"step": step, "lm_loss": round(out.loss.item(), 5), "aux_loss": round(aux.item(), 5)}
+        if config.option_flag_weight:
+            record["flag_loss"] = round(flag.item(), 5)
+        if config.text_reads_image_weight:
+            record["reads_loss"] = round(reads.item(), 5)
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total:
             record.update(general_mcq_accuracy(model, processor, held_out[:100], max_new_tokens=8))
             for name, text_batch in held_out_text.items():
@@ -555,7 +708,7 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
         history.append(record)
         if stop_after is not None and len(history) >= stop_after:
             return {"history": history}
-        bar.set_postfix(lm=f"{record['lm_loss']:.3f}", aux=f"{record['aux_loss']:.3f}", refresh=False)
+        bar.set_postfix({name: f"{record[f'{name}_loss']:.3f}" for name in ("lm", "aux", "flag", "reads") if f"{name}_loss" in record}, refresh=False)
     final = general_mcq_accuracy(model, processor, held_out)
     final["train_seconds"] = round(time.time() - started, 1)
     final["device"] = str(device)
