@@ -422,7 +422,8 @@ class OptionProbe(torch.nn.Module):
 
 
 def aux_features(model, pixel_values: torch.Tensor, output, which: str) -> torch.Tensor:
-    """The features the attribute heads classify, one vector per image.
+    """The features the attribute heads classify: one vector per image, or for
+    'image_words' every image token (images, tokens, width).
 
     'cls' trains the CLS token, which LLaVA's default feature strategy then drops: the
     attributes become linear there but not in the tokens the decoder reads. 'image_tokens'
@@ -626,11 +627,14 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     model, processor = initial_model(config, model_config)
-    heads = AttributeHeads(model_config.text_hidden if config.aux_features == "image_tokens" else model_config.vision_hidden)
     model.to(device)
-    heads.to(device)
+    params = list(model.parameters())
+    heads = None  # 'image_words' classifies with the decoder's own embeddings: no heads
+    if config.aux_features != "image_words":
+        heads = AttributeHeads(model_config.text_hidden if config.aux_features == "image_tokens" else model_config.vision_hidden)
+        heads.to(device)
+        params += list(heads.parameters())
     value_ids = value_token_ids(processor.tokenizer)
-    params = list(model.parameters()) + (list(heads.parameters()) if config.aux_features != "image_words" else [])
     letter_ids = set(forced_answer_context(processor)[1].values())
     letter_dot_ids = torch.tensor(sorted(letter_ids), device=device)
     for name in ("option_flag_layer", "text_reads_image_layer"):
@@ -672,7 +676,7 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
         reads = torch.zeros((), device=device)
         if aux_targets is not None:
             features = aux_features(model, batch["pixel_values"], out, config.aux_features)
-            if config.aux_features == "image_words":
+            if heads is None:
                 aux = value_words_loss(model, features, aux_targets, value_ids)
             else:
                 aux = heads.loss(features, aux_targets)
