@@ -25,6 +25,7 @@ from medift.model.pretrain import (
     image_hint_probability,
     initial_model,
     lookup_sequence,
+    mixed_phase_config,
     value_words_loss,
     option_flags,
     random_options,
@@ -244,6 +245,20 @@ def test_two_option_image_questions_shuffle_two_value_attributes_too():
     assert {(key, a) for key in general.ATTRIBUTES for a in (0, 1)} <= seen  # both orders, every attribute
     with pytest.raises(ValueError, match="image_options_most 1"):
         PretrainConfig(image_options_most=1)
+
+
+def test_two_option_steps_come_first_in_the_mixed_phase_then_the_configured_mix():
+    config = PretrainConfig(mixed_steps=10, two_option_steps=4, fixed_order_fraction=0.3, image_options_most=5)
+    early = [mixed_phase_config(step, config) for step in range(4)]
+    assert all((c.fixed_order_fraction, c.image_options_most) == (0.0, 2) for c in early)
+    assert all(mixed_phase_config(step, config) is config for step in (-1, 4, 9))  # text phase, then the mix
+    processor = build_processor(EmbeddedModelConfig(letter_dot_tokens=True))
+    sampler = ConversationSampler(processor, early[0], random.Random(0), 64)
+    ids = [token for _ in range(40) for token in sampler.image_conversation()[0].input_ids]
+    a, c = processor.tokenizer.convert_tokens_to_ids(["A.", "C."])
+    assert ids.count(a) > 20 and ids.count(c) == 0  # options, never a third one
+    with pytest.raises(ValueError, match="two_option_steps 11 exceeds mixed_steps 10"):
+        replace(config, two_option_steps=11)
 
 
 def test_value_words_loss_classifies_every_image_token_by_the_value_embeddings():

@@ -102,7 +102,7 @@ class PretrainConfig:
     )
     option_flag_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of a probe on the decoder's hidden state at every option's value token that says whether it is the right option (letter-dot tokens only; 0: off, the shipped model); one linear probe per value (OptionProbe). It asks the decoder to mark, where each option is read, whether the image (or the stated context) shows it, so that the answer only has to find the marked option and say the letter before it."},
+        metadata={"help": "Weight of a probe on the decoder's hidden state at every option's value token that says whether it is the right option (letter-dot tokens only; 0: off, the shipped model); one linear probe per value (OptionProbe). It asks the decoder to mark, where each option is read, whether the image (or the stated context) shows it, so that the answer only has to find the marked option and say the letter before it. It acts after the binding phase."},
     )
     option_flag_layer: int = field(
         default=2, metadata={"help": "Decoder layer whose output the option probe reads (0: the embeddings)."}
@@ -127,6 +127,10 @@ class PretrainConfig:
         default=0,
         metadata={"help": "Most options of a shuffled image multiple-choice turn, two-value attributes shuffled too (0: 2-5 options, two-value attributes always in fixed order, the shipped model)."},
     )
+    two_option_steps: int = field(
+        default=0,
+        metadata={"help": "Steps at the start of the mixed phase whose multiple-choice turns all have two shuffled options, two-value attributes too (as fixed_order_fraction 0, image_options_most 2), before the configured mix (0: none, the shipped model). Two options in either order are the easiest binding on an image; with the full mix from the start a small decoder answers fixed-order questions by memorised letters instead."},
+    )
     text_fraction: float = field(default=0.3, metadata={"help": "Share of text-only conversations in phase 2."})
     medical_text_fraction: float = field(default=0.5, metadata={"help": "Share of text-only conversations using medical vocabularies."})
     fixed_order_fraction: float = field(default=0.5, metadata={"help": "Share of general multiple-choice turns whose options are the full vocabulary in fixed order (the rest: shuffled subsets)."})
@@ -142,6 +146,8 @@ class PretrainConfig:
             raise ValueError(f"aux_features {self.aux_features!r}: expected one of {AUX_FEATURES}")
         if self.image_options_most == 1 or self.image_options_most < 0:
             raise ValueError(f"image_options_most {self.image_options_most}: expected 0 (off) or at least 2")
+        if self.two_option_steps > self.mixed_steps:
+            raise ValueError(f"two_option_steps {self.two_option_steps} exceeds mixed_steps {self.mixed_steps}")
         if self.option_flag_weight and self.lookup_fraction:
             # Lookup rows list options and then ask several of them: no one answer per option group.
             raise ValueError("option_flag_weight needs lookup_fraction 0: lookup rows have no single answer per option list")
@@ -511,6 +517,13 @@ def image_hint_probability(mixed_step: int, config: PretrainConfig) -> float:
     return config.image_hint_start * (1 - mixed_step / config.image_hint_steps)
 
 
+def mixed_phase_config(mixed_step: int, config: PretrainConfig) -> PretrainConfig:
+    """The settings the sampler draws with `mixed_step` steps into the mixed phase."""
+    if 0 <= mixed_step < config.two_option_steps:
+        return replace(config, fixed_order_fraction=0.0, image_options_most=2)
+    return config
+
+
 def lr_at(step: int, total: int, config: PretrainConfig) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -665,6 +678,7 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
             batch = sampler.binding_batch(binding_stage(step - lookup_steps, config))
         else:
             mixed_step = step - lookup_steps - config.binding_steps - config.text_steps
+            sampler.config = mixed_phase_config(mixed_step, config)
             batch = sampler.batch(mixed_step < 0, image_hint_probability(mixed_step, config))
         batch = {key: value.to(device) for key, value in batch.items()}
         for group in optimizer.param_groups:
@@ -688,7 +702,8 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
                 loss = loss + config.text_reads_image_weight * reads
             loss = loss + config.aux_weight * aux
         flag = torch.zeros((), device=device)
-        if config.option_flag_weight:
+        # The probe starts after the binding phase: that phase is the recipe measured without it (run X).
+        if config.option_flag_weight and step >= lookup_steps + config.binding_steps:
             rows, positions, targets = option_flags(batch["input_ids"], batch["labels"], letter_dot_ids)
             if len(rows):
                 hidden = out.hidden_states[config.option_flag_layer][rows, positions]
