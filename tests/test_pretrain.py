@@ -39,8 +39,13 @@ from medift.model.pretrain import (
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "embedded-base"
 
 
+def short_run(**fields) -> PretrainConfig:
+    """A run of the given few steps: the default recipe's long binding and two-option phases off."""
+    return PretrainConfig(**{"binding_steps": 0, "two_option_steps": 0, "eval_every": 0, "threads": 1, **fields})
+
+
 def test_pretraining_is_deterministic_on_cpu():
-    config = PretrainConfig(text_steps=2, mixed_steps=2, batch_size=4, eval_questions=4, eval_every=0, threads=1)
+    config = short_run(text_steps=2, mixed_steps=2, batch_size=4, eval_questions=4)
     first = pretrain(config, EmbeddedModelConfig(), stop_after=4)["history"]
     second = pretrain(config, EmbeddedModelConfig(), stop_after=4)["history"]
     assert first == second
@@ -48,7 +53,7 @@ def test_pretraining_is_deterministic_on_cpu():
 
 
 def test_optional_binding_phases_are_deterministic_and_reach_the_mixed_phase():
-    config = PretrainConfig(
+    config = short_run(
         lookup_curriculum="2:1,5:1", lookup_batch_size=4, lookup_fraction=0.5,
         binding_steps=2, binding_batch_size=4, binding_hops=1,
         text_steps=1, mixed_steps=2, batch_size=4, eval_questions=4, eval_every=3, threads=1,
@@ -115,8 +120,7 @@ def test_binding_questions_are_answerable_from_their_context(hops):
 
 def test_a_run_can_start_from_an_earlier_runs_saved_model(tmp_path):
     model_config = EmbeddedModelConfig(letter_dot_tokens=True)
-    earlier = PretrainConfig(out_dir=str(tmp_path / "earlier"), text_steps=1, mixed_steps=0, batch_size=2,
-                             eval_questions=2, eval_every=0, threads=1)
+    earlier = short_run(out_dir=str(tmp_path / "earlier"), text_steps=1, mixed_steps=0, batch_size=2, eval_questions=2)
     pretrain(earlier, model_config)
     saved, _ = initial_model(replace(earlier, init_from=earlier.out_dir), model_config)
     fresh, _ = initial_model(earlier, model_config)
@@ -130,8 +134,7 @@ def test_a_run_can_start_from_an_earlier_runs_saved_model(tmp_path):
 
 def test_tied_embeddings_stay_tied_through_save_and_init_from(tmp_path):
     model_config = EmbeddedModelConfig(letter_dot_tokens=True, tie_word_embeddings=True)
-    earlier = PretrainConfig(out_dir=str(tmp_path / "tied"), text_steps=1, mixed_steps=0, batch_size=2,
-                             eval_questions=2, eval_every=0, threads=1)
+    earlier = short_run(out_dir=str(tmp_path / "tied"), text_steps=1, mixed_steps=0, batch_size=2, eval_questions=2)
     pretrain(earlier, model_config)
     model, _ = initial_model(replace(earlier, init_from=earlier.out_dir), model_config)
     assert model.lm_head.weight is model.get_input_embeddings().weight
@@ -224,9 +227,9 @@ def test_option_probe_targets_mark_the_answer_among_each_questions_options():
     with pytest.raises(ValueError, match="lookup_fraction"):
         PretrainConfig(option_flag_weight=1.0, lookup_fraction=0.1)
     with pytest.raises(ValueError, match="letter_dot_tokens"):
-        pretrain(PretrainConfig(option_flag_weight=1.0, text_steps=1, mixed_steps=0, eval_questions=2), EmbeddedModelConfig(), stop_after=1)
+        pretrain(short_run(option_flag_weight=1.0, text_steps=1, mixed_steps=0, eval_questions=2), EmbeddedModelConfig(letter_dot_tokens=False), stop_after=1)
     with pytest.raises(ValueError, match="option_flag_layer 5"):
-        pretrain(PretrainConfig(option_flag_layer=5, text_steps=1, mixed_steps=0, eval_questions=2), model_config, stop_after=1)
+        pretrain(short_run(option_flag_layer=5, text_steps=1, mixed_steps=0, eval_questions=2), model_config, stop_after=1)
 
 
 def test_two_option_image_questions_shuffle_two_value_attributes_too():
@@ -313,8 +316,8 @@ def test_text_reads_image_loss_covers_the_text_after_each_image_only():
 
 
 def test_bridge_losses_train_deterministically():
-    config = PretrainConfig(
-        text_steps=1, mixed_steps=2, batch_size=4, eval_questions=4, eval_every=0, threads=1,
+    config = short_run(
+        text_steps=1, mixed_steps=2, batch_size=4, eval_questions=4,
         option_flag_weight=1.0, text_reads_image_weight=1.0, image_options_most=2,
     )
     model_config = EmbeddedModelConfig(letter_dot_tokens=True)
@@ -324,6 +327,9 @@ def test_bridge_losses_train_deterministically():
     assert [h["reads_loss"] > 0 for h in first] == [False, True, True]  # image steps only
     with pytest.raises(ValueError, match="text_reads_image_layer 9"):
         pretrain(replace(config, text_reads_image_layer=9), model_config, stop_after=1)
+    # Text binding conversations have option lines too: the probe marks their answers from the first step.
+    binding = pretrain(replace(config, binding_steps=1, binding_batch_size=4), model_config, stop_after=1)["history"]
+    assert binding[0]["flag_loss"] > 0
 
 
 @pytest.mark.skipif(not (SHIPPED / "pretrain_history.json").exists(), reason="no shipped base model")

@@ -102,7 +102,7 @@ class PretrainConfig:
     )
     option_flag_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of a probe on the decoder's hidden state at every option's value token that says whether it is the right option (letter-dot tokens only; 0: off, the shipped model); one linear probe per value (OptionProbe). It asks the decoder to mark, where each option is read, whether the image (or the stated context) shows it, so that the answer only has to find the marked option and say the letter before it. It acts after the binding phase."},
+        metadata={"help": "Weight of a probe on the decoder's hidden state at every option's value token that says whether it is the right option (letter-dot tokens only; 0: off, the shipped model); one linear probe per value (OptionProbe). It asks the decoder to mark, where each option is read, whether the image (or the stated context) shows it, so that the answer only has to find the marked option and say the letter before it."},
     )
     option_flag_layer: int = field(
         default=2, metadata={"help": "Decoder layer whose output the option probe reads (0: the embeddings)."}
@@ -702,8 +702,7 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
                 loss = loss + config.text_reads_image_weight * reads
             loss = loss + config.aux_weight * aux
         flag = torch.zeros((), device=device)
-        # The probe starts after the binding phase: that phase is the recipe measured without it (run X).
-        if config.option_flag_weight and step >= lookup_steps + config.binding_steps:
+        if config.option_flag_weight:
             rows, positions, targets = option_flags(batch["input_ids"], batch["labels"], letter_dot_ids)
             if len(rows):
                 hidden = out.hidden_states[config.option_flag_layer][rows, positions]
