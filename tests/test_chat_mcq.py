@@ -45,7 +45,7 @@ def test_loss_is_on_responses_only(processor):
                                   ["The correct answer is B.", "big size, red color"], with_image=True)
     tok = processor.tokenizer
     supervised = [tok.convert_ids_to_tokens(i) for i, l in zip(encoded.input_ids, encoded.labels) if l != IGNORE_INDEX]
-    assert supervised[:7] == ["The", "correct", "answer", "is", "B", ".", "</s>"]
+    assert supervised[:6] == ["The", "correct", "answer", "is", "B.", "</s>"]  # the default: letter-dot tokens
     assert "big" in supervised and "What" not in supervised and "<image>" not in supervised
     assert encoded.input_ids.count(tok.convert_tokens_to_ids("<image>")) == 64
 
@@ -86,6 +86,7 @@ def test_letter_dot_tokens_put_the_letter_right_before_its_option():
     assert tokenizer.convert_ids_to_tokens(list(letter_ids.values())) == ["A.", "B.", "C.", "D.", "E."]
 
 
-def test_without_letter_dot_tokens_the_letter_and_stop_are_two_tokens(processor):
+def test_without_letter_dot_tokens_the_letter_and_stop_are_two_tokens():
+    processor = build_processor(EmbeddedModelConfig(letter_dot_tokens=False))
     pieces = processor.tokenizer.tokenize(mcq.format_answer(0))
     assert pieces[-2:] == ["A", "."]

@@ -20,9 +20,9 @@ from medift.model.pretrain import held_out_questions
 SHIPPED_MODEL = "models/embedded-base"
 
 
-@pytest.fixture(scope="module")
-def processor():
-    return build_processor(EmbeddedModelConfig())
+@pytest.fixture(scope="module", params=[True, False], ids=["letter-dot", "split-letter"])
+def processor(request):
+    return build_processor(EmbeddedModelConfig(letter_dot_tokens=request.param))
 
 
 class KnownLogitsModel(torch.nn.Module):
@@ -52,7 +52,8 @@ class KnownLogitsModel(torch.nn.Module):
 def test_forced_prefix_is_the_trained_response_prefix(processor):
     prefix, letter_ids = forced_answer_context(processor, 5)
     assert processor.tokenizer.decode(prefix) == mcq.ANSWER_PREFIX
-    assert [processor.tokenizer.convert_ids_to_tokens(letter_ids[l]) for l in "ABCDE"] == list("ABCDE")
+    merged = "A." in processor.tokenizer.get_vocab()
+    assert [processor.tokenizer.convert_ids_to_tokens(letter_ids[l]) for l in "ABCDE"] == [l + "." * merged for l in "ABCDE"]
 
 
 def test_known_logits_give_the_known_letter_restricted_to_valid_letters(processor):

@@ -3,32 +3,33 @@
 The table only measures something if the base model already follows instructions:
 it must answer multiple-choice questions in the evaluation template with a letter.
 A 2M-parameter model learns that on CPU only with help, so the schedule is a
-curriculum, each piece answering a failure seen in trials:
-1. text-only phase: the attributes are given as text ("Context: ..."), general and
-   medical vocabulary alike. Cheap (no image tokens); it teaches option binding
-   (find the option, say its letter) and the medical words, as a real LLM knows words
-   it has never seen grounded in these images;
-2. mixed phase: general images with multiple-choice, describe and yes/no turns (several
-   turns per image, so one forward pass carries several answers), plus text-only turns;
-3. auxiliary attribute-classification heads on the vision tower during phase 2 stand in
-   for a pretrained vision encoder (without them the decoder learns to ignore the image).
-   They read the CLS token (shipped) or the image tokens the decoder sees
-   (`aux_features`). The heads are discarded; only the standard LLaVA model is saved.
+curriculum, each piece answering a failure seen in trials (docs/base-model-trials.md).
+The defaults are the shipped run's:
+1. binding phase (`binding_steps`): text only, the asked value stated right before each
+   question (`Context: red`, `binding_hops 1`), 2 growing to 5 shuffled options, general
+   and medical vocabulary alike (the medical words a real LLM would know without having
+   seen these images). In-context option binding (find the option, say the letter before
+   it) is what a small decoder learns last; it comes first, alone, and stays in later
+   batches (`binding_fraction`);
+2. mixed phase: general images with multiple-choice, describe, yes/no and open value
+   turns (several per image, so one forward pass carries several answers), plus text
+   turns. Its first `two_option_steps` ask every multiple-choice question with two
+   shuffled options, the easiest binding on an image; then the held-out mix of fixed-order
+   and shuffled 2-5 options;
+3. auxiliary losses, each answering a measured break: attribute heads on the image tokens
+   the decoder sees stand in for a pretrained vision encoder (`aux_features`; without them
+   the decoder ignores the image); every text token after an image carries the image's
+   values by decoder layer 1 (`text_reads_image_weight`; otherwise they reach the text
+   only at the last layer, too late to be matched against the options); a probe marks the
+   right option where each option is read (`option_flag_weight`; with it one-hop binding
+   forms within 250 steps instead of 750-1,500+). Heads and probe are discarded; only the
+   standard LLaVA model is saved.
 
-Two optional phases come before these, off in the shipped run: dense letter lookup
-(`lookup_curriculum`) and template option binding (`binding_steps`); their rows can be
-kept in later batches (`lookup_fraction`, `binding_fraction`), image questions can state
-their value first while the mixed phase begins (`image_hint_start`, fading out) or be
-asked without options, answered by the value (`value_turn_fraction`), and a run
-can start from an earlier run's saved model (`init_from`), so a phase of thousands of
-steps is paid once. Four more aim at the bridge from reading to binding, also off:
-image tokens classified by the value words' own embeddings (`aux_features image_words`),
-every text token after an image made to carry its values by an early decoder layer
-(`text_reads_image_weight`), a probe marking the right option where each option is read
-(`option_flag_weight`), and shuffled two-option image questions (`image_options_most`).
-The shipped model binds a letter to its option only by memorising fixed-order
-vocabularies (shuffled options: chance); docs/base-model-trials.md gives what was
-measured with these phases on a GPU and on CPU, and `bench/base_model_probe.py` where a
+Also available, off by default: dense letter lookup (`lookup_curriculum`,
+`lookup_fraction`), a text-only phase (`text_steps`), image questions that state their
+value first while the mixed phase begins (`image_hint_start`, fading out), image tokens
+classified by the value words' own embeddings (`aux_features image_words`), and a start
+from an earlier run's saved model (`init_from`). `bench/base_model_probe.py` shows where a
 saved model fails.
 """
 
@@ -80,36 +81,36 @@ class PretrainConfig:
     lookup_fraction: float = field(
         default=0.0, metadata={"help": "Share of lookup sequences (5 pairs) in later phases' batches, so the binding circuit stays in use."}
     )
-    binding_steps: int = field(default=0, metadata={"help": "Steps of the option-binding phase (text only, before the text phase)."})
+    binding_steps: int = field(default=2500, metadata={"help": "Steps of the option-binding phase (text only, before the text phase)."})
     binding_options: str = field(
         default="2,3,4,5",
         metadata={"help": "Most options per question in each equal-length stage of the binding phase."},
     )
-    binding_hops: int = field(default=2, metadata={"help": "Binding phase: 1 states the asked value right before each question, 2 the whole description once."})
+    binding_hops: int = field(default=1, metadata={"help": "Binding phase: 1 states the asked value right before each question, 2 the whole description once."})
     binding_batch_size: int = field(default=64, metadata={"help": "Conversations per step in the binding phase."})
     binding_fraction: float = field(
-        default=0.0, metadata={"help": "Share of binding conversations (binding_hops, most options) in later phases' batches, so the binding circuit stays in use."}
+        default=0.2, metadata={"help": "Share of binding conversations (binding_hops, most options) in later phases' batches, so the binding circuit stays in use."}
     )
-    text_steps: int = field(default=300, metadata={"help": "Steps of the text-only phase."})
-    mixed_steps: int = field(default=1700, metadata={"help": "Steps of the mixed image+text phase."})
+    text_steps: int = field(default=0, metadata={"help": "Steps of the text-only phase."})
+    mixed_steps: int = field(default=4000, metadata={"help": "Steps of the mixed image+text phase."})
     batch_size: int = field(default=32, metadata={"help": "Conversations per step."})
     lr: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (cosine decay to a tenth)."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps."})
     aux_weight: float = field(default=1.0, metadata={"help": "Weight of the vision tower's attribute heads."})
     aux_features: str = field(
-        default="cls",
-        metadata={"help": "What the attribute heads read: 'cls', the vision tower's pooled CLS output (the shipped model), or 'image_tokens', the mean of the projected image tokens, which are what the decoder sees (LLaVA's default strategy drops the CLS token), or 'image_words': every projected image token is classified by the decoder's own embeddings of each attribute's values (no separate heads), so the image reads to the decoder like the words of its description."},
+        default="image_tokens",
+        metadata={"help": "What the attribute heads read: 'cls', the vision tower's pooled CLS output, or 'image_tokens' (the default), the mean of the projected image tokens, which are what the decoder sees (LLaVA's default strategy drops the CLS token), or 'image_words': every projected image token is classified by the decoder's own embeddings of each attribute's values (no separate heads), so the image reads to the decoder like the words of its description."},
     )
     option_flag_weight: float = field(
-        default=0.0,
-        metadata={"help": "Weight of a probe on the decoder's hidden state at every option's value token that says whether it is the right option (letter-dot tokens only; 0: off, the shipped model); one linear probe per value (OptionProbe). It asks the decoder to mark, where each option is read, whether the image (or the stated context) shows it, so that the answer only has to find the marked option and say the letter before it."},
+        default=1.0,
+        metadata={"help": "Weight of a probe on the decoder's hidden state at every option's value token that says whether it is the right option (letter-dot tokens only; 0: off); one linear probe per value (OptionProbe). It asks the decoder to mark, where each option is read, whether the image (or the stated context) shows it, so that the answer only has to find the marked option and say the letter before it."},
     )
     option_flag_layer: int = field(
-        default=2, metadata={"help": "Decoder layer whose output the option probe reads (0: the embeddings)."}
+        default=3, metadata={"help": "Decoder layer whose output the option probe reads (0: the embeddings)."}
     )
     text_reads_image_weight: float = field(
-        default=0.0,
-        metadata={"help": "Weight of a loss that asks every text token after an image to carry the image's attribute values by decoder layer `text_reads_image_layer`, read by the value words' own embeddings (0: off, the shipped model). Without it the value reaches the text only at the last layer, too late for an option to be matched against it."},
+        default=1.0,
+        metadata={"help": "Weight of a loss that asks every text token after an image to carry the image's attribute values by decoder layer `text_reads_image_layer`, read by the value words' own embeddings (0: off). Without it the value reaches the text only at the last layer, too late for an option to be matched against it."},
     )
     text_reads_image_layer: int = field(
         default=1, metadata={"help": "Decoder layer whose output carries the image's values at every text token (0: the embeddings)."}
@@ -120,23 +121,23 @@ class PretrainConfig:
     )
     image_hint_steps: int = field(default=0, metadata={"help": "Mixed-phase steps over which image_hint_start falls to 0."})
     value_turn_fraction: float = field(
-        default=0.0,
+        default=0.2,
         metadata={"help": "Share of image turns that ask an attribute with no options and are answered by its value alone ('What is the color?' -> 'red'): the value the binding circuit must match, read from the image."},
     )
     image_options_most: int = field(
-        default=0,
-        metadata={"help": "Most options of a shuffled image multiple-choice turn, two-value attributes shuffled too (0: 2-5 options, two-value attributes always in fixed order, the shipped model)."},
+        default=5,
+        metadata={"help": "Most options of a shuffled image multiple-choice turn, two-value attributes shuffled too (0: 2-5 options, two-value attributes always in fixed order)."},
     )
     two_option_steps: int = field(
-        default=0,
-        metadata={"help": "Steps at the start of the mixed phase whose multiple-choice turns all have two shuffled options, two-value attributes too (as fixed_order_fraction 0, image_options_most 2), before the configured mix (0: none, the shipped model). Two options in either order are the easiest binding on an image; with the full mix from the start a small decoder answers fixed-order questions by memorised letters instead."},
+        default=2000,
+        metadata={"help": "Steps at the start of the mixed phase whose multiple-choice turns all have two shuffled options, two-value attributes too (as fixed_order_fraction 0, image_options_most 2), before the configured mix (0: none). Two options in either order are the easiest binding on an image; with the full mix from the start a small decoder answers fixed-order questions by memorised letters instead."},
     )
-    text_fraction: float = field(default=0.3, metadata={"help": "Share of text-only conversations in phase 2."})
+    text_fraction: float = field(default=0.1, metadata={"help": "Share of text-only conversations in phase 2."})
     medical_text_fraction: float = field(default=0.5, metadata={"help": "Share of text-only conversations using medical vocabularies."})
-    fixed_order_fraction: float = field(default=0.5, metadata={"help": "Share of general multiple-choice turns whose options are the full vocabulary in fixed order (the rest: shuffled subsets)."})
+    fixed_order_fraction: float = field(default=0.3, metadata={"help": "Share of general multiple-choice turns whose options are the full vocabulary in fixed order (the rest: shuffled subsets)."})
     max_turns: int = field(default=3, metadata={"help": "Most question turns per image conversation."})
     eval_questions: int = field(default=300, metadata={"help": "Held-out general multiple-choice questions."})
-    eval_every: int = field(default=300, metadata={"help": "Steps between held-out checks (0: only at the end)."})
+    eval_every: int = field(default=250, metadata={"help": "Steps between held-out checks (0: only at the end)."})
     threads: int = field(default=2, metadata={"help": "torch intra-op threads."})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto. CUDA runs use deterministic kernels but do not reproduce CPU runs bit for bit."})
 
@@ -560,7 +561,7 @@ def held_out_text_batches(processor, config: PretrainConfig, image_size: int, de
     """200 lookup sequences (5 pairs) and 200 binding conversations (most options), from their own seeds.
 
     They measure option binding in its text forms while the image questions cannot yet:
-    the shipped run's shuffled-option accuracy stayed at chance, so this is where binding
+    the first shipped run's shuffled-option accuracy stayed at chance, so this is where binding
     would show first.
     """
     held_out = replace(config, lookup_batch_size=200, binding_batch_size=200)

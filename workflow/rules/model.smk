@@ -2,7 +2,7 @@ rule pretrain_base_model:
     """Pre-train the embedded default base model (used when base_model.path is `embedded`).
 
     Its output is committed to git and the rule has no inputs, so on a fresh clone it does
-    not run; `--forcerun pretrain_base_model` rebuilds it (59 minutes on 2 CPU cores).
+    not run; `--forcerun pretrain_base_model` rebuilds it (86 minutes on 2 CPU cores).
     The defaults of `python -m medift.base_model pretrain` are the settings of the shipped run.
     Only the files later jobs depend on are declared; the command also writes the
     tokenizer and processor files and pretrain_history.json into the same directory.
