@@ -22,7 +22,7 @@ The defaults are the shipped run's:
    values by decoder layer 1 (`text_reads_image_weight`; otherwise they reach the text
    only at the last layer, too late to be matched against the options); a probe marks the
    right option where each option is read (`option_flag_weight`; with it one-hop binding
-   forms within 250 steps instead of 750-1,500+). Heads and probe are discarded; only the
+   forms within 250 steps instead of 750-1,250 or more). Heads and probe are discarded; only the
    standard LLaVA model is saved.
 
 Also available, off by default: dense letter lookup (`lookup_curriculum`,
