@@ -43,6 +43,7 @@ from medift.model.pretrain import (
     answer_held_out,
     held_out_questions,
     letter_accuracy,
+    random_options,
 )
 
 
@@ -84,9 +85,7 @@ def two_options(model, processor, size: int, n: int) -> dict:
         attributes = general.sample_attributes(rng)
         image = general.render(attributes, rng, size)
         key = rng.choice(list(general.ATTRIBUTES))
-        options = [attributes[key], rng.choice([v for v in general.ATTRIBUTES[key] if v != attributes[key]])]
-        rng.shuffle(options)
-        answer = options.index(attributes[key])
+        options, answer = random_options(general.ATTRIBUTES[key], attributes[key], rng, 0.0, most_options=2)
         items.append((mcq.build_mcq_instruction(general.QUESTION_TEXT[key], options), image, 2, answer, False))
         keys.append(key)
     _, correct = answer_held_out(model, processor, items, max_new_tokens=8)

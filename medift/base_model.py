@@ -1,6 +1,7 @@
 """The embedded default base model: pre-train it, and measure its general instruction following.
 
-`python -m medift.base_model pretrain --out_dir DIR` rebuilds the shipped weights;
+`python -m medift.base_model recipe --out_dir DIR` rebuilds the shipped weights (two
+pre-training stages); `python -m medift.base_model pretrain --out_dir DIR` runs one stage;
 `python -m medift.base_model evaluate --model DIR --out results/base_model.json`
 reports its accuracy on held-out general-domain multiple-choice questions.
 """
@@ -18,7 +19,9 @@ from transformers import HfArgumentParser
 from medift.runtime import set_torch_threads
 from medift.model.embedded import EmbeddedModelConfig
 from medift.model.loading import load_base_model
-from medift.model.pretrain import PretrainConfig, general_mcq_accuracy, held_out_questions, pretrain
+from medift.model.pretrain import (
+    PretrainConfig, RecipeConfig, general_mcq_accuracy, held_out_questions, pretrain, recipe_stages, run_stages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +50,13 @@ def evaluate_base(config: BaseEvalConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("pretrain", "evaluate"):
-        print("usage: python -m medift.base_model {pretrain,evaluate} --help", file=sys.stderr)
+    if not argv or argv[0] not in ("recipe", "pretrain", "evaluate"):
+        print("usage: python -m medift.base_model {recipe,pretrain,evaluate} --help", file=sys.stderr)
         return 2
-    if argv[0] == "pretrain":
+    if argv[0] == "recipe":
+        recipe, model_config = HfArgumentParser((RecipeConfig, EmbeddedModelConfig)).parse_args_into_dataclasses(argv[1:])
+        log.info("final: %s", run_stages(recipe_stages(recipe), model_config, reuse_first=recipe.reuse_first_stage))
+    elif argv[0] == "pretrain":
         pretrain_config, model_config = HfArgumentParser((PretrainConfig, EmbeddedModelConfig)).parse_args_into_dataclasses(argv[1:])
         log.info("final: %s", pretrain(pretrain_config, model_config))
     else:

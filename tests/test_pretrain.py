@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import random
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -15,8 +15,10 @@ from medift.model import general
 from medift.generation import pixel_values_for
 from medift.model.embedded import EmbeddedModelConfig, build_model, build_processor
 from medift.model.pretrain import (
+    NOT_RECIPE_SETTINGS,
     ConversationSampler,
     PretrainConfig,
+    RecipeConfig,
     aux_features,
     binding_conversation,
     binding_stage,
@@ -34,6 +36,8 @@ from medift.model.pretrain import (
     option_values,
     parse_curriculum,
     pretrain,
+    recipe_stages,
+    run_stages,
 )
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "embedded-base"
@@ -232,6 +236,37 @@ def test_option_probe_targets_mark_the_answer_among_each_questions_options():
         pretrain(short_run(option_flag_layer=5, text_steps=1, mixed_steps=0, eval_questions=2), model_config, stop_after=1)
 
 
+def option_flags_by_loop(input_ids, labels, letter_ids):
+    """option_flags written as the definition reads: each prompt letter, the next answer letter after it."""
+    rows, positions, targets = [], [], []
+    for row in range(input_ids.shape[0]):
+        ids, in_response = input_ids[row].tolist(), (labels[row] != IGNORE_INDEX).tolist()
+        letters = [p for p, t in enumerate(ids) if t in letter_ids.tolist()]
+        answers = [p for p in letters if in_response[p]]
+        for p in (p for p in letters if not in_response[p]):
+            answer = next((q for q in answers if q > p), None)
+            if answer is not None:
+                rows.append(row)
+                positions.append(p + 1)
+                targets.append(float(ids[p] == ids[answer]))
+    return rows, positions, targets
+
+
+def test_option_flags_match_their_definition_on_sampled_batches():
+    config = short_run(batch_size=16, binding_batch_size=16, binding_fraction=0.3, text_fraction=0.3)
+    model_config = EmbeddedModelConfig()
+    processor = build_processor(model_config)
+    letter_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids([f"{letter}." for letter in "ABCDE"]))
+    sampler = ConversationSampler(processor, config, random.Random(5), model_config.image_size)
+    batches = [sampler.batch(False, 0.0) for _ in range(3)] + [sampler.binding_batch(5)]
+    for batch in batches:
+        rows, positions, targets = option_flags(batch["input_ids"], batch["labels"], letter_ids)
+        expected = option_flags_by_loop(batch["input_ids"], batch["labels"], letter_ids)
+        assert len(rows) > 16
+        assert (rows.tolist(), positions.tolist(), targets.tolist()) == expected
+        assert 0 < targets.mean() < 1
+
+
 def test_two_option_image_questions_shuffle_two_value_attributes_too():
     # Off (0), the draws are exactly those of the code before the option existed.
     assert random_options(("big", "small"), "small", random.Random(3), 0.0) == (["big", "small"], 1)
@@ -256,10 +291,12 @@ def test_two_option_steps_come_first_in_the_mixed_phase_then_the_configured_mix(
     assert all((c.fixed_order_fraction, c.image_options_most) == (0.0, 2) for c in early)
     assert all(mixed_phase_config(step, config) is config for step in (-1, 4, 9))  # text phase, then the mix
     processor = build_processor(EmbeddedModelConfig(letter_dot_tokens=True))
-    sampler = ConversationSampler(processor, early[0], random.Random(0), 64)
-    ids = [token for _ in range(40) for token in sampler.image_conversation()[0].input_ids]
+    sampler = ConversationSampler(processor, replace(config, binding_fraction=0.0, batch_size=40), random.Random(0), 64)
     a, c = processor.tokenizer.convert_tokens_to_ids(["A.", "C."])
-    assert ids.count(a) > 20 and ids.count(c) == 0  # options, never a third one
+    two_option_ids = sampler.batch(False, 0.0, mixed_phase_config(0, sampler.config))["input_ids"].flatten().tolist()
+    assert two_option_ids.count(a) > 20 and two_option_ids.count(c) == 0  # options, never a third one
+    mix_ids = sampler.batch(False, 0.0)["input_ids"].flatten().tolist()  # the run's own settings
+    assert mix_ids.count(c) > 5
     with pytest.raises(ValueError, match="two_option_steps 11 exceeds mixed_steps 10"):
         replace(config, two_option_steps=11)
 
@@ -332,34 +369,85 @@ def test_bridge_losses_train_deterministically():
     assert binding[0]["flag_loss"] > 0
 
 
+def shipped_stages() -> list[dict]:
+    """The shipped model's recorded stages, first to last."""
+    shipped = json.loads((SHIPPED / "pretrain_history.json").read_text())
+    return [*shipped.get("earlier_stages", []), shipped]
+
+
 @pytest.mark.skipif(not (SHIPPED / "pretrain_history.json").exists(), reason="no shipped base model")
 def test_shipped_weights_come_from_this_pretraining_code():
-    shipped = json.loads((SHIPPED / "pretrain_history.json").read_text())
-    config = PretrainConfig(**shipped["config"])
-    model_config = EmbeddedModelConfig(**shipped["model_config"])
+    """The first stage starts from code, so its first steps can be re-run and compared."""
+    first = shipped_stages()[0]
+    assert not first["config"]["init_from"]
+    config = PretrainConfig(**first["config"])
+    model_config = EmbeddedModelConfig(**first["model_config"])
     rerun = pretrain(config, model_config, stop_after=3)["history"]
-    for ours, theirs in zip(rerun, shipped["history"][:3]):
+    for ours, theirs in zip(rerun, first["history"][:3]):
         # Losses are rounded to 5 decimals; thread count may change float summation order.
         assert ours["lm_loss"] == pytest.approx(theirs["lm_loss"], abs=2e-3)
 
 
 @pytest.mark.skipif(not (SHIPPED / "pretrain_history.json").exists(), reason="no shipped base model")
 def test_rule_defaults_rebuild_the_shipped_model():
-    """`--forcerun pretrain_base_model` passes only out_dir, seed, image size and threads."""
-    from dataclasses import asdict
-
-    shipped = json.loads((SHIPPED / "pretrain_history.json").read_text())
-    defaults = asdict(PretrainConfig())
-    for key, value in shipped["config"].items():
-        if key not in ("out_dir", "threads"):
-            assert defaults[key] == value, key
+    """`--forcerun pretrain_base_model` passes only out_dir, first_stage_dir, seed, image size and threads."""
+    recorded = shipped_stages()
+    stages = recipe_stages(RecipeConfig())
+    assert len(recorded) == len(stages)
     model_defaults = asdict(EmbeddedModelConfig())
-    for key, value in shipped["model_config"].items():
-        assert model_defaults[key] == value, key
-    # Settings added after the shipped run default to what that run did.
-    for key, value in {**defaults, **model_defaults}.items():
-        if key not in shipped["config"] and key not in shipped["model_config"]:
-            assert value == ADDED_SINCE_SHIPPED_RUN[key], key
+    for index, (stage, run) in enumerate(zip(stages, recorded)):
+        defaults = asdict(stage)
+        for key, value in run["config"].items():
+            if key not in NOT_RECIPE_SETTINGS:
+                assert defaults[key] == value, (index, key)
+        # Each later stage started from a saved model; the path it was saved at does not matter.
+        assert bool(run["config"]["init_from"]) == (index > 0)
+        for key, value in run["model_config"].items():
+            assert model_defaults[key] == value, (index, key)
+        # Settings added after the shipped run default to what that run did.
+        for key, value in {**defaults, **model_defaults}.items():
+            if key not in run["config"] and key not in run["model_config"]:
+                assert value == ADDED_SINCE_SHIPPED_RUN[key], (index, key)
 
 
 ADDED_SINCE_SHIPPED_RUN: dict = {}  # setting -> the value the shipped run had in effect
+
+
+def test_recipe_refines_from_the_first_stage():
+    first, refine = recipe_stages(RecipeConfig(out_dir="final", first_stage_dir="first", seed=3, threads=1))
+    assert asdict(first) == asdict(PretrainConfig(out_dir="first", seed=3, threads=1))
+    assert asdict(refine) == asdict(PretrainConfig(
+        out_dir="final", init_from="first", seed=3, threads=1, binding_steps=0, text_steps=0,
+        mixed_steps=1500, two_option_steps=0, lr=1e-3, warmup_steps=30,
+    ))
+    (only,) = recipe_stages(RecipeConfig(out_dir="final", refine_steps=0))
+    assert only.out_dir == "final" and not only.init_from
+
+
+def test_run_stages_records_earlier_stages_and_reuses_only_a_matching_first_stage(tmp_path, monkeypatch):
+    tiny = dict(mixed_steps=1, batch_size=4, eval_questions=4)
+    first = short_run(out_dir=str(tmp_path / "first"), **tiny)
+    second = short_run(out_dir=str(tmp_path / "final"), init_from=first.out_dir, lr=1e-3, **tiny)
+    model_config = EmbeddedModelConfig()
+    run_stages([first, second], model_config, reuse_first=True)
+    first_run = json.loads((tmp_path / "first" / "pretrain_history.json").read_text())
+    final_run = json.loads((tmp_path / "final" / "pretrain_history.json").read_text())
+    assert final_run["earlier_stages"] == [first_run]
+    assert final_run["config"]["init_from"] == first.out_dir
+    # The second stage started from the first one's weights, not from a fresh model.
+    assert final_run["history"][0]["lm_loss"] != first_run["history"][0]["lm_loss"]
+
+    from medift.model import pretrain as module
+
+    ran = []
+    real = module.pretrain
+    monkeypatch.setattr(module, "pretrain", lambda config, model_config: ran.append(config.out_dir) or real(config, model_config))
+    run_stages([first, second], model_config, reuse_first=True)
+    assert ran == [second.out_dir]
+    # Another thread count computes the same stage; other settings do not.
+    run_stages([replace(first, threads=2), second], model_config, reuse_first=True)
+    assert ran == [second.out_dir] * 2
+    run_stages([replace(first, lr=1e-3), second], model_config, reuse_first=True)
+    assert ran == [second.out_dir] * 2 + [first.out_dir, second.out_dir]
+    run_stages([first, second], model_config, reuse_first=False)
+    assert ran[-2:] == [first.out_dir, second.out_dir]

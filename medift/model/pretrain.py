@@ -4,7 +4,7 @@ The table only measures something if the base model already follows instructions
 it must answer multiple-choice questions in the evaluation template with a letter.
 A 2M-parameter model learns that on CPU only with help, so the schedule is a
 curriculum, each piece answering a failure seen in trials (docs/base-model-trials.md).
-The defaults are the shipped run's:
+The defaults are the shipped recipe's first stage (`RecipeConfig` adds a refining stage):
 1. binding phase (`binding_steps`): text only, the asked value stated right before each
    question (`Context: red`, `binding_hops 1`), 2 growing to 5 shuffled options, general
    and medical vocabulary alike (the medical words a real LLM would know without having
@@ -331,22 +331,21 @@ class ConversationSampler:
         self.processor, self.config, self.rng, self.image_size = processor, config, rng, image_size
         self.values = option_values()
 
-    def text_conversation(self) -> Encoded:
-        if self.rng.random() < self.config.medical_text_fraction:
+    def text_conversation(self, config: PretrainConfig) -> Encoded:
+        if self.rng.random() < config.medical_text_fraction:
             instruction, response = medical_text_turn(self.rng)
         else:
-            instruction, response = general_text_turn(self.rng, self.config.fixed_order_fraction)
+            instruction, response = general_text_turn(self.rng, config.fixed_order_fraction)
         return encode_conversation(self.processor, [instruction], [response], with_image=False)
 
-    def image_conversation(self, hint_probability: float = 0.0) -> tuple[Encoded, object, dict[str, str]]:
+    def image_conversation(self, config: PretrainConfig, hint_probability: float = 0.0) -> tuple[Encoded, object, dict[str, str]]:
         attributes = general.sample_attributes(self.rng)
         image = general.render(attributes, self.rng, self.image_size)
-        fixed = self.config.fixed_order_fraction
         turns = [
             general_turn(
-                attributes, self.rng, fixed, hint_probability, self.config.value_turn_fraction, self.config.image_options_most
+                attributes, self.rng, config.fixed_order_fraction, hint_probability, config.value_turn_fraction, config.image_options_most
             )
-            for _ in range(self.rng.randint(1, self.config.max_turns))
+            for _ in range(self.rng.randint(1, config.max_turns))
         ]
         encoded = encode_conversation(
             self.processor, [t[0] for t in turns], [t[1] for t in turns], with_image=True
@@ -368,19 +367,21 @@ class ConversationSampler:
         encoded = [self.binding_encoded(most_options) for _ in range(self.config.binding_batch_size)]
         return collate(encoded, self.processor.tokenizer.pad_token_id)
 
-    def batch(self, text_only: bool, hint_probability: float = 0.0) -> dict:
-        """A mixed-phase batch; `hint_probability` is the share of image questions stating their value."""
+    def batch(self, text_only: bool, hint_probability: float = 0.0, config: PretrainConfig | None = None) -> dict:
+        """A mixed-phase batch; `hint_probability` is the share of image questions stating their
+        value, `config` this step's settings (`mixed_phase_config`; default: the run's)."""
+        config = config or self.config
         encoded, images, attrs = [], [], []
         vocab = self.processor.tokenizer.get_vocab()
-        for _ in range(self.config.batch_size):
-            if self.config.lookup_fraction and self.rng.random() < self.config.lookup_fraction:
+        for _ in range(config.batch_size):
+            if config.lookup_fraction and self.rng.random() < config.lookup_fraction:
                 encoded.append(Encoded(*lookup_sequence(self.rng, vocab, self.values, 5), has_image=False))
-            elif self.config.binding_fraction and self.rng.random() < self.config.binding_fraction:
-                encoded.append(self.binding_encoded(int(self.config.binding_options.split(",")[-1])))
-            elif text_only or self.rng.random() < self.config.text_fraction:
-                encoded.append(self.text_conversation())
+            elif config.binding_fraction and self.rng.random() < config.binding_fraction:
+                encoded.append(self.binding_encoded(int(config.binding_options.split(",")[-1])))
+            elif text_only or self.rng.random() < config.text_fraction:
+                encoded.append(self.text_conversation(config))
             else:
-                e, image, a = self.image_conversation(hint_probability)
+                e, image, a = self.image_conversation(config, hint_probability)
                 encoded.append(e)
                 images.append(image)
                 attrs.append(a)
@@ -454,20 +455,19 @@ def option_flags(input_ids: torch.Tensor, labels: torch.Tensor, letter_ids: torc
     token; the answer is the next letter-dot token the response writes (`The correct answer
     is B.`). Read from the tokens alone, so every conversation kind with option lines is covered.
     """
-    rows, positions, targets = [], [], []
     is_letter = torch.isin(input_ids, letter_ids)
     in_response = labels != IGNORE_INDEX
-    for row in range(input_ids.shape[0]):
-        answers = (is_letter[row] & in_response[row]).nonzero().flatten().tolist()
-        for p in (is_letter[row] & ~in_response[row]).nonzero().flatten().tolist():
-            answer = next((q for q in answers if q > p), None)
-            if answer is None or p + 1 >= input_ids.shape[1]:
-                continue
-            rows.append(row)
-            positions.append(p + 1)
-            targets.append(float(input_ids[row, p] == input_ids[row, answer]))
-    device = input_ids.device
-    return torch.tensor(rows, device=device, dtype=torch.long), torch.tensor(positions, device=device, dtype=torch.long), torch.tensor(targets, device=device)
+    length = input_ids.shape[1]
+    # Position of the first answer letter at or after each position (`length`: none), by a
+    # running minimum from the right: one pass over the batch instead of a loop per option.
+    index = torch.arange(length, device=input_ids.device).expand_as(input_ids)
+    answer_at = torch.where(is_letter & in_response, index, torch.full_like(index, length))
+    next_answer = answer_at.flip(1).cummin(1).values.flip(1)
+    answer_after = torch.cat([next_answer[:, 1:], torch.full_like(next_answer[:, :1], length)], dim=1)
+    rows, letters = (is_letter & ~in_response & (answer_after < length)).nonzero(as_tuple=True)
+    answers = answer_after[rows, letters]
+    targets = (input_ids[rows, letters] == input_ids[rows, answers]).float()
+    return rows, letters + 1, targets
 
 
 def value_token_ids(tokenizer) -> list[list[int]]:
@@ -679,8 +679,7 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
             batch = sampler.binding_batch(binding_stage(step - lookup_steps, config))
         else:
             mixed_step = step - lookup_steps - config.binding_steps - config.text_steps
-            sampler.config = mixed_phase_config(mixed_step, config)
-            batch = sampler.batch(mixed_step < 0, image_hint_probability(mixed_step, config))
+            batch = sampler.batch(mixed_step < 0, image_hint_probability(mixed_step, config), mixed_phase_config(mixed_step, config))
         batch = {key: value.to(device) for key, value in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, config)
@@ -740,3 +739,91 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
     ))
     log.info("final: %s", final)
     return final
+
+
+# ---------------------------------------------------------------- the shipped recipe: two stages
+
+
+@dataclass
+class RecipeConfig:
+    """The shipped base model's recipe: a run of PretrainConfig's defaults, then a refining stage.
+
+    The refining stage starts from the first stage's saved weights with a fresh optimizer,
+    fresh auxiliary heads and probe, and a new warm-up to a lower peak, then more steps of
+    the held-out mix of image questions. Measured (docs/base-model-trials.md, R2 -> R2c):
+    the first stage ends at 0.847 on the held-out questions, shuffled options 0.617; 1,500
+    refining steps reach 0.923, shuffled 0.716. By the first stage's end its cosine schedule
+    has decayed the learning rate to a tenth; a single longer run is unmeasured.
+    """
+
+    out_dir: str = field(default="resources/base_model", metadata={"help": "Where the final model is saved (HF layout)."})
+    first_stage_dir: str = field(
+        default="resources/base_model_first_stage",
+        metadata={"help": "Where the first stage's model is saved; the refining stage starts from it. Reused, not retrained, when its recorded settings match this recipe's (reuse_first_stage)."},
+    )
+    reuse_first_stage: bool = field(
+        default=True, metadata={"help": "Skip the first stage when first_stage_dir holds a finished run with this recipe's first-stage settings (thread count aside)."}
+    )
+    refine_steps: int = field(default=1500, metadata={"help": "Mixed-phase steps of the refining stage (0: no refining stage)."})
+    refine_lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of the refining stage (cosine decay to a tenth)."})
+    refine_warmup_steps: int = field(default=30, metadata={"help": "Linear warm-up steps of the refining stage."})
+    seed: int = field(default=1, metadata={"help": "Seed of both stages."})
+    threads: int = field(default=2, metadata={"help": "torch intra-op threads."})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto."})
+
+
+# Settings that do not change what a stage computes (bit for bit aside) or only name its output.
+NOT_RECIPE_SETTINGS = ("out_dir", "init_from", "threads", "device")
+
+
+def recipe_stages(recipe: RecipeConfig) -> list[PretrainConfig]:
+    """The stages' PretrainConfigs, in order; the last one saves to `recipe.out_dir`."""
+    shared = {"seed": recipe.seed, "threads": recipe.threads, "device": recipe.device}
+    if not recipe.refine_steps:
+        return [PretrainConfig(out_dir=recipe.out_dir, **shared)]
+    first = PretrainConfig(out_dir=recipe.first_stage_dir, **shared)
+    refine = PretrainConfig(
+        out_dir=recipe.out_dir, init_from=recipe.first_stage_dir, binding_steps=0, text_steps=0,
+        mixed_steps=recipe.refine_steps, two_option_steps=0, lr=recipe.refine_lr,
+        warmup_steps=recipe.refine_warmup_steps, **shared,
+    )
+    return [first, refine]
+
+
+def same_stage(recorded: dict, config: PretrainConfig, model_config: EmbeddedModelConfig) -> bool:
+    """Whether a saved run's recorded settings are those of `config` (NOT_RECIPE_SETTINGS aside)."""
+    wanted = {key: value for key, value in asdict(config).items() if key not in NOT_RECIPE_SETTINGS}
+    saved = {key: value for key, value in recorded["config"].items() if key not in NOT_RECIPE_SETTINGS}
+    return saved == wanted and recorded["model_config"] == asdict(model_config)
+
+
+def finished_stage(config: PretrainConfig, model_config: EmbeddedModelConfig) -> dict | None:
+    """The recorded history of a finished run of `config` in its out_dir, if there is one."""
+    out_dir = Path(config.out_dir)
+    history = out_dir / "pretrain_history.json"
+    if not (history.exists() and (out_dir / "model.safetensors").exists()):
+        return None
+    recorded = json.loads(history.read_text())
+    return recorded if same_stage(recorded, config, model_config) else None
+
+
+def run_stages(stages: list[PretrainConfig], model_config: EmbeddedModelConfig, reuse_first: bool = False) -> dict:
+    """Run the stages in order, each from the one before; the last one's history records the
+    earlier ones' (`earlier_stages`), so the shipped model says how it was made."""
+    earlier = []
+    for index, config in enumerate(stages):
+        recorded = finished_stage(config, model_config) if reuse_first and index == 0 and len(stages) > 1 else None
+        if recorded is not None:
+            log.info("stage 1 of %d: reusing %s (its recorded settings are this recipe's): %s",
+                     len(stages), config.out_dir, recorded["final"])
+        else:
+            log.info("stage %d of %d: %s", index + 1, len(stages), config.out_dir)
+            final = pretrain(config, model_config)
+            recorded = json.loads((Path(config.out_dir) / "pretrain_history.json").read_text())
+            assert recorded["final"] == final
+        if index == len(stages) - 1:
+            recorded["earlier_stages"] = earlier
+            (Path(config.out_dir) / "pretrain_history.json").write_text(json.dumps(recorded, indent=1))
+            return recorded["final"]
+        earlier.append(recorded)
+    raise ValueError("no stages to run")

@@ -2,8 +2,11 @@ rule pretrain_base_model:
     """Pre-train the embedded default base model (used when base_model.path is `embedded`).
 
     Its output is committed to git and the rule has no inputs, so on a fresh clone it does
-    not run; `--forcerun pretrain_base_model` rebuilds it (86 minutes on 2 CPU cores).
-    The defaults of `python -m medift.base_model pretrain` are the settings of the shipped run.
+    not run; `--forcerun pretrain_base_model` rebuilds it in two stages (about 2 hours on
+    2 CPU cores): a run of `python -m medift.base_model pretrain`'s defaults (86 minutes),
+    saved in resources/, then 1,500 refining steps from it. The first stage is reused, not
+    retrained, while its recorded settings match the recipe's; delete its directory to
+    retrain it. The defaults of `python -m medift.base_model recipe` are the shipped run's.
     Only the files later jobs depend on are declared; the command also writes the
     tokenizer and processor files and pretrain_history.json into the same directory.
     """
@@ -12,6 +15,7 @@ rule pretrain_base_model:
         weights="models/embedded-base/model.safetensors",
     params:
         out_dir=subpath(output.config, parent=True),
+        first_stage_dir="resources/base_model_first_stage",
         seed=config["base_model"]["seed"],
         image_size=config["image_size"],
     log:
@@ -22,8 +26,8 @@ rule pretrain_base_model:
     conda:
         "../envs/medift.yaml"
     shell:
-        "HF_HUB_OFFLINE=1 python -m medift.base_model pretrain --out_dir {params.out_dir}"
-        " --seed {params.seed} --image_size {params.image_size} --threads {threads}"
+        "HF_HUB_OFFLINE=1 python -m medift.base_model recipe --out_dir {params.out_dir}"
+        " --first_stage_dir {params.first_stage_dir} --seed {params.seed} --image_size {params.image_size} --threads {threads}"
         " > {log} 2>&1"
 
 
