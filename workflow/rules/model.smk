@@ -2,9 +2,9 @@ rule pretrain_base_model:
     """Pre-train the embedded default base model (used when base_model.path is `embedded`).
 
     Its output is committed to git and the rule has no inputs, so on a fresh clone it does
-    not run; `--forcerun pretrain_base_model` rebuilds it in two stages (about 2 hours on
+    not run; `--forcerun pretrain_base_model` rebuilds it in two stages (101 minutes on
     2 CPU cores): a run of `python -m medift.base_model pretrain`'s defaults (86 minutes),
-    saved in resources/, then 1,500 refining steps from it. The first stage is reused, not
+    saved in resources/, then 1,500 refining steps from it (15 minutes). The first stage is reused, not
     retrained, while its recorded settings match the recipe's; delete its directory to
     retrain it. The defaults of `python -m medift.base_model recipe` are the shipped run's.
     Only the files later jobs depend on are declared; the command also writes the
