@@ -1,6 +1,7 @@
 """The shipped base model is what the pipeline's pre-training rule produces."""
 
 import json
+import logging
 from pathlib import Path
 
 import random
@@ -424,7 +425,7 @@ def test_recipe_refines_from_the_first_stage():
     assert only.out_dir == "final" and not only.init_from
 
 
-def test_run_stages_records_earlier_stages_and_reuses_only_a_matching_first_stage(tmp_path, monkeypatch):
+def test_run_stages_records_earlier_stages_and_reuses_only_a_matching_first_stage(tmp_path, monkeypatch, caplog):
     tiny = dict(mixed_steps=1, batch_size=4, eval_questions=4)
     first = short_run(out_dir=str(tmp_path / "first"), **tiny)
     second = short_run(out_dir=str(tmp_path / "final"), init_from=first.out_dir, lr=1e-3, **tiny)
@@ -447,7 +448,9 @@ def test_run_stages_records_earlier_stages_and_reuses_only_a_matching_first_stag
     # Another thread count computes the same stage; other settings do not.
     run_stages([replace(first, threads=2), second], model_config, reuse_first=True)
     assert ran == [second.out_dir] * 2
-    run_stages([replace(first, lr=1e-3), second], model_config, reuse_first=True)
+    with caplog.at_level(logging.INFO, logger="medift.model.pretrain"):
+        run_stages([replace(first, lr=1e-3), second], model_config, reuse_first=True)
+    assert f"not reusing {first.out_dir}: its settings differ in lr" in caplog.text
     assert ran == [second.out_dir] * 2 + [first.out_dir, second.out_dir]
     run_stages([first, second], model_config, reuse_first=False)
     assert ran[-2:] == [first.out_dir, second.out_dir]

@@ -790,11 +790,13 @@ def recipe_stages(recipe: RecipeConfig) -> list[PretrainConfig]:
     return [first, refine]
 
 
-def same_stage(recorded: dict, config: PretrainConfig, model_config: EmbeddedModelConfig) -> bool:
-    """Whether a saved run's recorded settings are those of `config` (NOT_RECIPE_SETTINGS aside)."""
+def stage_differences(recorded: dict, config: PretrainConfig, model_config: EmbeddedModelConfig) -> list[str]:
+    """The settings in which a saved run differs from `config` (NOT_RECIPE_SETTINGS aside)."""
     wanted = {key: value for key, value in asdict(config).items() if key not in NOT_RECIPE_SETTINGS}
+    wanted |= asdict(model_config)
     saved = {key: value for key, value in recorded["config"].items() if key not in NOT_RECIPE_SETTINGS}
-    return saved == wanted and recorded["model_config"] == asdict(model_config)
+    saved |= recorded["model_config"]
+    return sorted(key for key in wanted.keys() | saved.keys() if wanted.get(key, "(absent)") != saved.get(key, "(absent)"))
 
 
 def finished_stage(config: PretrainConfig, model_config: EmbeddedModelConfig) -> dict | None:
@@ -804,7 +806,11 @@ def finished_stage(config: PretrainConfig, model_config: EmbeddedModelConfig) ->
     if not (history.exists() and (out_dir / "model.safetensors").exists()):
         return None
     recorded = json.loads(history.read_text())
-    return recorded if same_stage(recorded, config, model_config) else None
+    differences = stage_differences(recorded, config, model_config)
+    if differences:
+        log.info("not reusing %s: its settings differ in %s", out_dir, ", ".join(differences))
+        return None
+    return recorded
 
 
 def run_stages(stages: list[PretrainConfig], model_config: EmbeddedModelConfig, reuse_first: bool = False) -> dict:
