@@ -816,6 +816,8 @@ def finished_stage(config: PretrainConfig, model_config: EmbeddedModelConfig) ->
 def run_stages(stages: list[PretrainConfig], model_config: EmbeddedModelConfig, reuse_first: bool = False) -> dict:
     """Run the stages in order, each from the one before; the last one's history records the
     earlier ones' (`earlier_stages`), so the shipped model says how it was made."""
+    if not stages:
+        raise ValueError("no stages to run")
     earlier = []
     for index, config in enumerate(stages):
         recorded = finished_stage(config, model_config) if reuse_first and index == 0 and len(stages) > 1 else None
@@ -824,12 +826,10 @@ def run_stages(stages: list[PretrainConfig], model_config: EmbeddedModelConfig, 
                      len(stages), config.out_dir, recorded["final"])
         else:
             log.info("stage %d of %d: %s", index + 1, len(stages), config.out_dir)
-            final = pretrain(config, model_config)
+            pretrain(config, model_config)
             recorded = json.loads((Path(config.out_dir) / "pretrain_history.json").read_text())
-            assert recorded["final"] == final
         if index == len(stages) - 1:
             recorded["earlier_stages"] = earlier
             (Path(config.out_dir) / "pretrain_history.json").write_text(json.dumps(recorded, indent=1))
             return recorded["final"]
         earlier.append(recorded)
-    raise ValueError("no stages to run")
