@@ -398,7 +398,7 @@ class ConversationSampler:
 
 
 class AttributeHeads(torch.nn.Module):
-    """Linear probes on the vision tower's pooled features, one per general attribute."""
+    """Linear probes, one per general attribute, on one feature vector per image (`aux_features`)."""
 
     def __init__(self, width: int):
         super().__init__()
