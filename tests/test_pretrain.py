@@ -16,7 +16,6 @@ from medift.model import general
 from medift.generation import pixel_values_for
 from medift.model.embedded import EmbeddedModelConfig, build_model, build_processor
 from medift.model.pretrain import (
-    NOT_RECIPE_SETTINGS,
     ConversationSampler,
     PretrainConfig,
     RecipeConfig,
@@ -37,8 +36,10 @@ from medift.model.pretrain import (
     option_values,
     parse_curriculum,
     pretrain,
+    read_history,
     recipe_stages,
     run_stages,
+    stage_differences,
 )
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "embedded-base"
@@ -372,7 +373,7 @@ def test_bridge_losses_train_deterministically():
 
 def shipped_stages() -> list[dict]:
     """The shipped model's recorded stages, first to last."""
-    shipped = json.loads((SHIPPED / "pretrain_history.json").read_text())
+    shipped = read_history(SHIPPED)
     return [*shipped.get("earlier_stages", []), shipped]
 
 
@@ -395,20 +396,15 @@ def test_rule_defaults_rebuild_the_shipped_model():
     recorded = shipped_stages()
     stages = recipe_stages(RecipeConfig())
     assert len(recorded) == len(stages)
-    model_defaults = asdict(EmbeddedModelConfig())
+    model_config = EmbeddedModelConfig()
     for index, (stage, run) in enumerate(zip(stages, recorded)):
-        defaults = asdict(stage)
-        for key, value in run["config"].items():
-            if key not in NOT_RECIPE_SETTINGS:
-                assert defaults[key] == value, (index, key)
         # Each later stage started from a saved model; the path it was saved at does not matter.
         assert bool(run["config"]["init_from"]) == (index > 0)
-        for key, value in run["model_config"].items():
-            assert model_defaults[key] == value, (index, key)
-        # Settings added after the shipped run default to what that run did.
-        for key, value in {**defaults, **model_defaults}.items():
-            if key not in run["config"] and key not in run["model_config"]:
-                assert value == ADDED_SINCE_SHIPPED_RUN[key], (index, key)
+        # Settings added after the shipped run (absent from its record) default to what that run did.
+        defaults = {**asdict(stage), **asdict(model_config)}
+        for key in stage_differences(run, stage, model_config):
+            assert key not in run["config"] and key not in run["model_config"], (index, key)
+            assert defaults[key] == ADDED_SINCE_SHIPPED_RUN[key], (index, key)
 
 
 ADDED_SINCE_SHIPPED_RUN: dict = {}  # setting -> the value the shipped run had in effect
@@ -431,8 +427,7 @@ def test_run_stages_records_earlier_stages_and_reuses_only_a_matching_first_stag
     second = short_run(out_dir=str(tmp_path / "final"), init_from=first.out_dir, lr=1e-3, **tiny)
     model_config = EmbeddedModelConfig()
     run_stages([first, second], model_config, reuse_first=True)
-    first_run = json.loads((tmp_path / "first" / "pretrain_history.json").read_text())
-    final_run = json.loads((tmp_path / "final" / "pretrain_history.json").read_text())
+    first_run, final_run = read_history(first.out_dir), read_history(second.out_dir)
     assert final_run["earlier_stages"] == [first_run]
     assert final_run["config"]["init_from"] == first.out_dir
     # The second stage started from the first one's weights, not from a fresh model.
@@ -442,7 +437,7 @@ def test_run_stages_records_earlier_stages_and_reuses_only_a_matching_first_stag
 
     ran = []
     real = module.pretrain
-    monkeypatch.setattr(module, "pretrain", lambda config, model_config: ran.append(config.out_dir) or real(config, model_config))
+    monkeypatch.setattr(module, "pretrain", lambda config, model_config, **kw: ran.append(config.out_dir) or real(config, model_config, **kw))
     run_stages([first, second], model_config, reuse_first=True)
     assert ran == [second.out_dir]
     # Another thread count computes the same stage; other settings do not.

@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 
 AUX_FEATURES = ("cls", "image_tokens", "image_words")
+HISTORY_FILE = "pretrain_history.json"  # a saved run's settings, losses and held-out checks
 
 
 @dataclass
@@ -627,8 +628,15 @@ def initial_model(config: PretrainConfig, model_config: EmbeddedModelConfig):
 
 
 
-def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_after: int | None = None) -> dict:
-    """Pre-train and save; with `stop_after`, return the first steps' history unsaved (tests)."""
+def pretrain(
+    config: PretrainConfig, model_config: EmbeddedModelConfig, stop_after: int | None = None,
+    earlier_stages: list[dict] | None = None,
+) -> dict:
+    """Pre-train and save; with `stop_after`, return the first steps' history unsaved (tests).
+
+    `earlier_stages`, the recorded histories of the runs this one descends from, are saved
+    with its own, so a model made in stages says how it was made.
+    """
     set_torch_threads(config.threads)
     device = resolve_device(config.device)
     if device.type == "cuda":
@@ -734,9 +742,10 @@ def pretrain(config: PretrainConfig, model_config: EmbeddedModelConfig, stop_aft
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
-    (out_dir / "pretrain_history.json").write_text(json.dumps(
-        {"config": asdict(config), "model_config": asdict(model_config), "final": final, "history": history}, indent=1
-    ))
+    record = {"config": asdict(config), "model_config": asdict(model_config), "final": final, "history": history}
+    if earlier_stages is not None:
+        record["earlier_stages"] = earlier_stages
+    (out_dir / HISTORY_FILE).write_text(json.dumps(record, indent=1))
     log.info("final: %s", final)
     return final
 
@@ -799,13 +808,16 @@ def stage_differences(recorded: dict, config: PretrainConfig, model_config: Embe
     return sorted(key for key in wanted.keys() | saved.keys() if wanted.get(key, "(absent)") != saved.get(key, "(absent)"))
 
 
+def read_history(out_dir: str | Path) -> dict:
+    return json.loads((Path(out_dir) / HISTORY_FILE).read_text())
+
+
 def finished_stage(config: PretrainConfig, model_config: EmbeddedModelConfig) -> dict | None:
     """The recorded history of a finished run of `config` in its out_dir, if there is one."""
     out_dir = Path(config.out_dir)
-    history = out_dir / "pretrain_history.json"
-    if not (history.exists() and (out_dir / "model.safetensors").exists()):
+    if not ((out_dir / HISTORY_FILE).exists() and (out_dir / "model.safetensors").exists()):
         return None
-    recorded = json.loads(history.read_text())
+    recorded = read_history(out_dir)
     differences = stage_differences(recorded, config, model_config)
     if differences:
         log.info("not reusing %s: its settings differ in %s", out_dir, ", ".join(differences))
@@ -814,22 +826,21 @@ def finished_stage(config: PretrainConfig, model_config: EmbeddedModelConfig) ->
 
 
 def run_stages(stages: list[PretrainConfig], model_config: EmbeddedModelConfig, reuse_first: bool = False) -> dict:
-    """Run the stages in order, each from the one before; the last one's history records the
-    earlier ones' (`earlier_stages`), so the shipped model says how it was made."""
+    """Run the stages in order, each from the one before (its `init_from`); the last one saves
+    the earlier ones' histories with its own. With `reuse_first`, a finished first stage with
+    the same settings is not run again."""
     if not stages:
         raise ValueError("no stages to run")
     earlier = []
-    for index, config in enumerate(stages):
-        recorded = finished_stage(config, model_config) if reuse_first and index == 0 and len(stages) > 1 else None
+    for index, config in enumerate(stages[:-1]):
+        recorded = finished_stage(config, model_config) if reuse_first and index == 0 else None
         if recorded is not None:
             log.info("stage 1 of %d: reusing %s (its recorded settings are this recipe's): %s",
                      len(stages), config.out_dir, recorded["final"])
         else:
             log.info("stage %d of %d: %s", index + 1, len(stages), config.out_dir)
             pretrain(config, model_config)
-            recorded = json.loads((Path(config.out_dir) / "pretrain_history.json").read_text())
-        if index == len(stages) - 1:
-            recorded["earlier_stages"] = earlier
-            (Path(config.out_dir) / "pretrain_history.json").write_text(json.dumps(recorded, indent=1))
-            return recorded["final"]
+            recorded = read_history(config.out_dir)
         earlier.append(recorded)
+    log.info("stage %d of %d: %s", len(stages), len(stages), stages[-1].out_dir)
+    return pretrain(stages[-1], model_config, earlier_stages=earlier)

@@ -4,9 +4,9 @@ rule pretrain_base_model:
     Its output is committed to git and the rule has no inputs, so on a fresh clone it does
     not run; `--forcerun pretrain_base_model` rebuilds it in two stages (101 minutes on
     2 CPU cores): a run of `python -m medift.base_model pretrain`'s defaults (86 minutes),
-    saved in resources/, then 1,500 refining steps from it (15 minutes). The first stage is reused, not
-    retrained, while its recorded settings match the recipe's; delete its directory to
-    retrain it. The defaults of `python -m medift.base_model recipe` are the shipped run's.
+    saved in resources/, then 1,500 refining steps from it (15 minutes). The first stage is
+    reused, not retrained, while its recorded settings match the recipe's; delete its
+    directory to retrain it. The defaults of `python -m medift.base_model recipe` are the shipped run's.
     Only the files later jobs depend on are declared; the command also writes the
     tokenizer and processor files and pretrain_history.json into the same directory.
     """
