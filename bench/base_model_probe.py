@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from medift import mcq
-from medift.chat import IGNORE_INDEX, Encoded, collate, encode_prompt
-from medift.generation import forced_answer_context, generate_answers, pixel_values_for
+from medift.chat import encode_prompt, model_inputs
+from medift.generation import forced_answer_context, generate_answers
 from medift.model import general
 from medift.model.loading import load_base_model
 from medift.model.pretrain import (
@@ -131,13 +131,10 @@ def size_by_layer(model, processor, size: int, n: int = 1024, train: int = 768) 
         layers: list[list[torch.Tensor]] = []
         for start in range(0, n, 64):
             chunk = range(start, min(n, start + 64))
-            encoded = []
-            for i in chunk:
-                ids = encode_prompt(processor, form(orders[i]), with_image=True)
-                encoded.append(Encoded(ids, [IGNORE_INDEX] * len(ids), True))
-            batch = collate(encoded, processor.tokenizer.pad_token_id, pad_left=True)
-            pixels = pixel_values_for(processor, [images[i] for i in chunk])
-            hidden = model(**batch, pixel_values=pixels, output_hidden_states=True).hidden_states
+            encoded = [encode_prompt(processor, form(orders[i]), with_image=True) for i in chunk]
+            batch = model_inputs(processor, encoded, [images[i] for i in chunk], padding_side="left")
+            batch.pop("labels")
+            hidden = model(**batch, output_hidden_states=True).hidden_states
             layers = layers or [[] for _ in hidden]
             for layer, states in zip(layers, hidden):
                 layer.append(states[:, -1].float())

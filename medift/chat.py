@@ -1,13 +1,18 @@
-"""The one chat/prompt builder: turns (image, user turns, responses) into model inputs.
+"""The one chat and model-input builder: (image, user turns, responses) -> every tensor the model takes.
 
-Every step (pre-training, fine-tuning, evaluation) goes through `encode_conversation`
-so the model sees exactly one prompt format: the processor's own chat template.
-For a real checkpoint that is its shipped template (e.g. Llama-3.2-Vision's), for
-the embedded default the template written in `medift.model.embedded`.
+Two layers, used by every step (pre-training, fine-tuning, letter scoring, generation):
+- `encode_conversation` / `encode_prompt` render the processor's own chat template and
+  tokenize the text with the plain tokenizer, marking the response tokens for the loss;
+- `model_inputs` hands the rendered texts and their images to the family's own processor,
+  so image-token expansion, tiles, grids and masks (`aspect_ratio_ids`,
+  `cross_attention_mask`, `image_grid_thw`, `pixel_attention_mask`, `token_type_ids`, ...)
+  are the processor's, and carries the labels over to the processor's ids.
+Nothing here knows a model family.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +24,10 @@ CAPTION_INSTRUCTION = "Describe this medical scan."
 
 @dataclass
 class Encoded:
-    input_ids: list[int]
+    input_ids: list[int]  # plain tokenizer ids of `text` (image placeholders not expanded)
     labels: list[int]  # IGNORE_INDEX outside assistant responses
     has_image: bool
+    text: str | None = None  # the rendered chat text the processor is given
 
 
 def user_message(text: str, with_image: bool) -> dict:
@@ -34,71 +40,109 @@ def assistant_message(text: str) -> dict:
 
 
 def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
-    return processor.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-
-
-def image_token_count(processor) -> int:
-    """How many placeholder tokens one image takes in the text.
-
-    LLaVA-style models scatter one feature per patch into the text, so the processor
-    repeats its image token; cross-attention models (Mllama) keep a single token.
-    """
-    patch = getattr(processor, "patch_size", None)
-    if not patch:
-        return 1
-    crop = processor.image_processor.crop_size
-    n = (crop["height"] // patch) * (crop["width"] // patch)
-    n += getattr(processor, "num_additional_image_tokens", 0)
-    if getattr(processor, "vision_feature_select_strategy", "default") == "default":
-        n -= 1  # the CLS feature is dropped
-    return n
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def tokenize_text(processor, text: str) -> list[int]:
-    """Token ids of rendered chat text, image placeholders expanded as the processor does."""
-    image_token = getattr(processor, "image_token", None)
-    if image_token and image_token in text:
-        text = text.replace(image_token, image_token * image_token_count(processor))
+    """Plain token ids of rendered chat text (the template writes every special token itself)."""
     return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_conversation(
-    processor, user_turns: list[str], responses: list[str], with_image: bool
-) -> Encoded:
+def encode_conversation(processor, user_turns: list[str], responses: list[str], with_image: bool) -> Encoded:
     """Token ids and labels for a conversation whose loss is on the responses only.
 
     Each response's tokens are found as the difference between the rendering that
     ends with the generation prompt and the rendering that ends with the response,
-    so any chat template works; a template whose tokenization is not prefix-stable
-    is an error rather than a silently shifted mask.
+    so any chat template works; a template whose rendering or tokenization is not
+    prefix-stable is an error rather than a silently shifted mask.
     """
     if len(user_turns) != len(responses):
         raise ValueError("every user turn needs a response")
     messages: list[dict] = []
     ids: list[int] = []
     labels: list[int] = []
+    text = ""
     for i, (user, response) in enumerate(zip(user_turns, responses)):
         messages.append(user_message(user, with_image and i == 0))
-        prompt_ids = tokenize_text(processor, render(processor, messages, True))
+        prompt_text = render(processor, messages, True)
         messages.append(assistant_message(response))
-        full_ids = tokenize_text(processor, render(processor, messages, False))
+        full_text = render(processor, messages, False)
+        if not (prompt_text.startswith(text) and full_text.startswith(prompt_text)):
+            raise ValueError("the chat template's rendering is not prefix-stable; cannot mask the prompt")
+        prompt_ids, full_ids = tokenize_text(processor, prompt_text), tokenize_text(processor, full_text)
         if prompt_ids[: len(ids)] != ids or full_ids[: len(prompt_ids)] != prompt_ids:
             raise ValueError("chat template tokenization is not prefix-stable; cannot mask the prompt")
         labels += [IGNORE_INDEX] * (len(prompt_ids) - len(ids))
         labels += full_ids[len(prompt_ids) :]
-        ids = full_ids
-    return Encoded(ids, labels, with_image)
+        ids, text = full_ids, full_text
+    return Encoded(ids, labels, with_image, text)
 
 
-def encode_prompt(processor, user_text: str, with_image: bool) -> list[int]:
-    """Token ids of a single user turn followed by the generation prompt (evaluation)."""
-    return tokenize_text(processor, render(processor, [user_message(user_text, with_image)], True))
+def encode_prompt(processor, user_text: str, with_image: bool, answer_start: str = "") -> Encoded:
+    """A single user turn, the generation prompt and `answer_start` (the forced start of the answer)."""
+    text = render(processor, [user_message(user_text, with_image)], True) + answer_start
+    ids = tokenize_text(processor, text)
+    return Encoded(ids, [IGNORE_INDEX] * len(ids), with_image, text)
+
+
+def images_argument(images: Sequence) -> list | None:
+    """Images as processors take them for a batch: one list per row (empty: a text-only row)."""
+    if all(image is None for image in images):
+        return None
+    if any(image is None for image in images):
+        return [[image] if image is not None else [] for image in images]
+    return [[image] for image in images]
+
+
+def model_inputs(processor, rows: Sequence[Encoded], images: Sequence, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Every tensor the model takes for a batch of rows, made by the family's own processor.
+
+    Right padding for training, left for generation and scoring (prompts flush against the
+    answer). Labels: each row's response labels are carried over to the processor's ids;
+    the processor only expands the image placeholder, which sits before every response, so
+    a row's ids after it must equal the plain tokenization's, which is checked.
+    """
+    if len(rows) != len(images) or any(row.has_image != (image is not None) for row, image in zip(rows, images)):
+        raise ValueError("every row needs its image (and only rows with an image have one)")
+    if any(row.text is None for row in rows):
+        raise ValueError("model_inputs needs the rendered text of every row")
+    batch = processor(
+        text=[row.text for row in rows],
+        images=images_argument(images),
+        padding=True,
+        padding_side=padding_side,
+        return_tensors="pt",
+        add_special_tokens=False,
+    )
+    batch = dict(batch)
+    batch["labels"] = carried_labels(batch["input_ids"], batch["attention_mask"], rows, padding_side)
+    return batch
+
+
+def carried_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: Sequence[Encoded], padding_side: str) -> torch.Tensor:
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    width = input_ids.shape[1]
+    for r, row in enumerate(rows):
+        n = int(attention_mask[r].sum())
+        start = width - n if padding_side == "left" else 0
+        made = input_ids[r, start : start + n].tolist()
+        added = n - len(row.input_ids)  # image tokens the processor added
+        supervised = [i for i, label in enumerate(row.labels) if label != IGNORE_INDEX]
+        # The part that must be the plain tokenization's: from the first response on, or all of a text-only row.
+        tail = len(row.input_ids) - (supervised[0] if supervised and row.has_image else 0 if not row.has_image else len(row.input_ids))
+        if added < 0 or (not row.has_image and added) or made[n - tail :] != row.input_ids[len(row.input_ids) - tail :]:
+            raise ValueError(
+                f"row {r}: the processor's token ids do not extend the chat's tokenization "
+                f"({len(row.input_ids)} plain ids, {n} from the processor); cannot place the labels"
+            )
+        labels[r, start + added : start + n] = torch.tensor(row.labels, dtype=labels.dtype)
+    return labels
 
 
 def collate(batch: list[Encoded], pad_id: int, pad_left: bool = False) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence. Left padding for generation keeps prompts flush right."""
+    """Pad plain token ids (text-only rows; raw-id sequences of pre-training) to the longest sequence."""
+    if any(e.has_image for e in batch):
+        raise ValueError("rows with an image go through model_inputs (the processor expands the image)")
     width = max(len(e.input_ids) for e in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)

@@ -31,6 +31,14 @@ def init_single_process() -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+def training_device() -> torch.device:
+    """The device DeepSpeed trains on (`DS_ACCELERATOR`): the CPU here, the rank's GPU on a cluster."""
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device(name if name == "cpu" else f"{name}:{get_accelerator().current_device()}")
+
+
 def deepspeed_config(batch_size: int, zero_stage: int, grad_clip: float, bf16: bool) -> dict:
     return {
         "train_micro_batch_size_per_gpu": batch_size,

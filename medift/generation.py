@@ -1,8 +1,9 @@
 """Batched answering of (image, instruction) prompts: greedy generation and letter scoring.
 
-Both paths build prompts with the one chat builder (`medift.chat`), pad on the left and
-give the model explicit position ids, so a prompt's answer does not depend on which
-prompts share its batch.
+Both paths build their inputs with the one model-input builder (`medift.chat.model_inputs`,
+left padding) and run through the model's own `generate`, which derives every family's
+positions from the attention mask (1-D for Llama-style decoders, 3-D M-RoPE for Qwen),
+so a prompt's answer does not depend on which prompts share its batch.
 """
 
 from __future__ import annotations
@@ -13,26 +14,23 @@ import torch
 from PIL import Image
 
 from medift import mcq
-from medift.chat import IGNORE_INDEX, Encoded, collate, encode_conversation, encode_prompt
+from medift.chat import IGNORE_INDEX, encode_conversation, encode_prompt, model_inputs, render, user_message
 
 
-def pixel_values_for(processor, images: Sequence[Image.Image]) -> torch.Tensor:
-    return processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-
-
-def left_padded_batch(model, processor, encoded: list[Encoded], images: Sequence[Image.Image | None]) -> dict:
-    """Prompts padded on the left (no labels: nothing to predict) with their images' pixels."""
-    batch = collate(encoded, processor.tokenizer.pad_token_id, pad_left=True)
+def prompt_batch(model, processor, instructions: Sequence[str], images: Sequence[Image.Image | None], answer_start: str = "") -> dict:
+    """Left-padded prompts (no labels: nothing to predict) on the model's device, pixels in its dtype."""
+    rows = [encode_prompt(processor, text, image is not None, answer_start) for text, image in zip(instructions, images)]
+    batch = model_inputs(processor, rows, list(images), padding_side="left")
     batch.pop("labels")
-    present = [image for image in images if image is not None]
-    if present:
-        batch["pixel_values"] = pixel_values_for(processor, present).to(model.dtype)
-    return {key: value.to(model.device) for key, value in batch.items()}
+    return to_model(model, batch)
 
 
-def prompt_only(processor, instruction: str, with_image: bool) -> Encoded:
-    ids = encode_prompt(processor, instruction, with_image)
-    return Encoded(ids, [IGNORE_INDEX] * len(ids), with_image)
+def to_model(model, batch: dict) -> dict:
+    """Tensors on the model's device; floating ones (pixels) in its dtype, ids and masks as they are."""
+    return {
+        key: value.to(model.device, dtype=model.dtype if value.is_floating_point() else None)
+        for key, value in batch.items()
+    }
 
 
 @torch.no_grad()
@@ -48,8 +46,6 @@ def generate_answers(
 ) -> list[str]:
     """Greedy decoding after each prompt; returns the decoded new text per prompt.
 
-    Left padding with its attention mask keeps every prompt flush against the
-    generated tokens, so a prompt's answer does not depend on its batch neighbours.
     `min_new_tokens` > 0 suppresses the end of sequence until then (benchmarks use it to
     time the full budget, as a model that explains its answer would use it).
     """
@@ -57,51 +53,50 @@ def generate_answers(
     model.eval()
     outputs: list[str] = []
     for start in range(0, len(instructions), batch_size):
-        chunk = range(start, min(start + batch_size, len(instructions)))
-        batch = left_padded_batch(model, processor, [prompt_only(processor, instructions[i], images[i] is not None) for i in chunk],
-                                  [images[i] for i in chunk])
+        chunk = slice(start, min(start + batch_size, len(instructions)))
+        batch = prompt_batch(model, processor, instructions[chunk], images[chunk])
         generated = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens or None,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
         )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
         outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         if progress is not None:
-            progress.update(len(chunk))
+            progress.update(len(new_tokens))
     return [text.strip() for text in outputs]
 
 
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each row's first real token, as generate() derives them."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.clamp(min=0)
-
-
-def forced_answer_context(processor, n_letters: int = len(mcq.LETTERS)) -> tuple[list[int], dict[str, int]]:
-    """Token ids of the answer prefix as the chat template writes it, and each letter's token.
+def forced_answer_context(processor, n_letters: int = len(mcq.LETTERS)) -> tuple[str, dict[str, int]]:
+    """The answer prefix as the chat template writes it (text), and each letter's token after it.
 
     The responses `The correct answer is A.`, `... B.`, ... are encoded through the chat
-    builder exactly as in training; their longest common beginning is the forced prefix
-    (whatever spacing the template and tokenizer put there: " The" for BPE, "The" for a
-    word-level tokenizer) and the first token where they differ is the letter's token.
-    Two letters sharing that token is an error, not a silently wrong score.
+    builder exactly as in training; their longest common token beginning is the forced
+    prefix (whatever spacing the template and tokenizer put there: " The" for BPE, "The"
+    for a word-level tokenizer), cut from the rendered text where the first differing
+    token starts, and that token is the letter's. The prompt followed by the prefix must
+    tokenize as the start of the training sequence, and no two letters may share a token:
+    either failing is an error, not a silently wrong score.
     """
     letters = mcq.LETTERS[:n_letters]
-    responses = []
-    for letter in letters:
-        encoded = encode_conversation(processor, ["?"], [mcq.format_answer(mcq.LETTERS.index(letter))], with_image=False)
-        responses.append([t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX])
+    encoded = [encode_conversation(processor, ["?"], [mcq.format_answer(mcq.LETTERS.index(letter))], with_image=False) for letter in letters]
+    responses = [[t for t, label in zip(e.input_ids, e.labels) if label != IGNORE_INDEX] for e in encoded]
     common = 0
     while all(len(r) > common and r[common] == responses[0][common] for r in responses):
         common += 1
     letter_ids = {letter: response[common] for letter, response in zip(letters, responses)}
     if len(set(letter_ids.values())) != len(letter_ids):
         raise ValueError("the tokenizer gives two answer letters the same first token after the answer prefix")
-    return responses[0][:common], letter_ids
+    prompt_text = render(processor, [user_message("?", False)], True)
+    n_prompt = len(encoded[0].input_ids) - len(responses[0])
+    offsets = processor.tokenizer(encoded[0].text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    prefix_text = encoded[0].text[len(prompt_text) : offsets[n_prompt + common][0]]
+    forced = encode_prompt(processor, "?", False, prefix_text).input_ids
+    if forced != encoded[0].input_ids[: n_prompt + common]:
+        raise ValueError(f"the answer prefix {prefix_text!r} does not tokenize after the prompt as in training")
+    return prefix_text, letter_ids
 
 
 @torch.no_grad()
@@ -116,27 +111,25 @@ def score_letters(
 ) -> list[dict[str, float]]:
     """Next-token logits of the valid option letters after the forced answer prefix.
 
-    One forward pass per question (batched): the prompt, then `The correct answer is`,
+    One forward pass per question (batched, through `generate` with one new token, so
+    positions and caches are the family's own): the prompt, then `The correct answer is`,
     and the logits of the last position restricted to the letters of that question's
     options. Returns {letter: logit} per question; the prediction is its argmax
     (`best_letter`), so a letter outside the options can never be predicted.
     """
-    prefix_ids, letter_ids = forced_answer_context(processor, max(n_options))
+    prefix_text, letter_ids = forced_answer_context(processor, max(n_options))
     model.eval()
     scores: list[dict[str, float]] = []
     for start in range(0, len(instructions), batch_size):
         chunk = range(start, min(start + batch_size, len(instructions)))
-        encoded = []
-        for i in chunk:
-            ids = encode_prompt(processor, instructions[i], images[i] is not None) + prefix_ids
-            encoded.append(Encoded(ids, [IGNORE_INDEX] * len(ids), images[i] is not None))
-        batch = left_padded_batch(model, processor, encoded, [images[i] for i in chunk])
-        batch["position_ids"] = position_ids_for(batch["attention_mask"])
-        # Only the last position is needed: logits_to_keep=1 skips the vocabulary projection elsewhere.
-        logits = model(**batch, logits_to_keep=1).logits[:, -1, :].float()
+        batch = prompt_batch(model, processor, [instructions[i] for i in chunk], [images[i] for i in chunk], prefix_text)
+        out = model.generate(
+            **batch, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+        logits = out.logits[0].float()
         for row, i in enumerate(chunk):
-            letters = mcq.option_letters(n_options[i])
-            scores.append({letter: float(logits[row, letter_ids[letter]]) for letter in letters})
+            scores.append({letter: float(logits[row, letter_ids[letter]]) for letter in mcq.option_letters(n_options[i])})
         if progress is not None:
             progress.update(len(chunk))
     return scores

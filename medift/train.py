@@ -17,10 +17,9 @@ import torch
 from tqdm import tqdm
 
 from medift.runtime import set_torch_threads
-from medift.chat import CAPTION_INSTRUCTION, Encoded, collate, encode_conversation
-from medift.generation import pixel_values_for
+from medift.chat import CAPTION_INSTRUCTION, Encoded, encode_conversation, model_inputs
 from medift.images import decode_image
-from medift.model.loading import load_base_model, merge_lora, select_trainable
+from medift.model.loading import LORA_GROUPS, load_base_model, merge_lora, parse_groups, remove_lora, save_lora_adapter, select_trainable
 from medift.proxy import ProxyInstruction
 from medift.shards import load_descriptions
 from medift import engine as ds_engine
@@ -38,8 +37,10 @@ class TrainConfig:
     warmup_epochs: int = field(default=1, metadata={"help": "Stage-1 epochs that train the proxy alone (0 = no warm-up)."})
     epochs: int = field(default=5, metadata={"help": "Stage-2 epochs."})
     shuffle_responses: bool = field(default=True, metadata={"help": "Shuffle the description's comma-separated phrases at every load."})
-    train_modules: str = field(default="vision,projector", metadata={"help": "Comma-separated groups: vision, projector, fusion, language_model, lora."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank when `lora` is trained."})
+    train_modules: str = field(default="vision,projector", metadata={"help": "Comma-separated groups: vision, projector, fusion (Mllama's cross-attention layers), language_model, lora (adapters on the language model), lora_vision (adapters on the vision tower). medift/model/families.py names each family's modules."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank when `lora` or `lora_vision` is trained."})
+    lora_save: str = field(default="merged", metadata={"help": "merged: adapters folded into the saved weights (a plain checkpoint); adapter: saved as a peft adapter in lora_adapter/ beside the model (PeftModel.from_pretrained loads it)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass (non-reentrant, so frozen towers need no input gradients)."})
     lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant), model and proxy."})
     batch_size: int = field(default=2, metadata={"help": "Micro-batch size."})
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip of the model's parameters (not the proxy's)."})
@@ -49,6 +50,17 @@ class TrainConfig:
     seed: int = field(default=1, metadata={"help": "Seeds order, shuffling, proxy init."})
     threads: int = field(default=1, metadata={"help": "torch intra-op threads (the rule's `threads`)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint (off: only transformers' own classes)."})
+
+    def __post_init__(self):
+        # Incompatible settings fail here, before any model is loaded.
+        groups = parse_groups(self.train_modules)
+        if self.lora_save not in LORA_SAVE_MODES:
+            raise ValueError(f"lora_save must be one of {LORA_SAVE_MODES}, got {self.lora_save!r}")
+        if any(g in LORA_GROUPS for g in groups) and self.zero_stage == 3:
+            raise ValueError("LoRA with ZeRO-3 is not supported (adapters cannot be merged or saved from partitioned weights); use zero_stage 2")
+
+
+LORA_SAVE_MODES = ("merged", "adapter")
 
 
 class DescriptionSamples:
@@ -92,9 +104,7 @@ def make_batch(samples: DescriptionSamples, indices: list[int], load_counts: dic
         e, image = samples.load(i, load_counts[i])
         encoded.append(e)
         images.append(image)
-    batch = collate(encoded, processor.tokenizer.pad_token_id)
-    batch["pixel_values"] = pixel_values_for(processor, images)
-    return batch
+    return model_inputs(processor, encoded, images, padding_side="right")
 
 
 def user_text_for(config: TrainConfig, processor) -> str:
@@ -104,17 +114,21 @@ def user_text_for(config: TrainConfig, processor) -> str:
 
 
 def run_warmup(model, proxy, samples, processor, config, load_counts, history) -> None:
-    """Stage 1: the model is frozen; only the proxy learns."""
+    """Stage 1: the model is frozen; only the proxy learns (on the training device, bf16 autocast if configured)."""
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
+    device = ds_engine.training_device()
+    model.to(device)
+    proxy.to(device)
     optimizer = torch.optim.AdamW([proxy.weight], lr=config.lr, weight_decay=0.0)
     model.train()
     for epoch in range(config.warmup_epochs):
         batches = epoch_batches(len(samples), config.batch_size, config.repeat_train, config.seed, -1 - epoch)
         for indices in tqdm(batches, desc=f"warm-up epoch {epoch + 1}", mininterval=5):
-            batch = make_batch(samples, indices, load_counts, processor)
-            loss = model(**batch).loss
+            batch = {k: v.to(device) for k, v in make_batch(samples, indices, load_counts, processor).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -138,7 +152,9 @@ def run_main(engine, proxy, samples, processor, config, load_counts, history) ->
             if proxy is not None and config.momentum > 0:
                 proxy.load_momentum_copy()
             batch = make_batch(samples, indices, load_counts, processor)
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            # Pixels in the engine's dtype (bf16 engines hold bf16 weights); ids and masks as they are.
+            dtype = next(engine.module.parameters()).dtype
+            batch = {k: v.to(engine.device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()}
             loss = engine(**batch).loss
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
@@ -156,7 +172,11 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     started = time.time()
     model, processor = load_base_model(config.base_model, trust_remote_code=config.trust_remote_code)
-    trainable = select_trainable(model, config.train_modules.split(","), lora_rank=config.lora_rank)
+    trainable = select_trainable(model, config.train_modules, lora_rank=config.lora_rank)
+    if config.gradient_checkpointing:
+        # Non-reentrant checkpointing back-propagates into frozen towers without needing their inputs to require grad.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    log.info("trainable parameters per group: %s (%d of %d)", trainable["per_group"], trainable["trainable"], trainable["total"])
     samples = DescriptionSamples(config.shards, processor, user_text_for(config, processor), config.shuffle_responses, config.seed)
     proxy = None
     if config.proxy:
@@ -173,12 +193,16 @@ def train(config: TrainConfig) -> dict:
     run_main(engine, proxy, samples, processor, config, load_counts, history)
     if proxy is not None:
         proxy.detach()  # the tuned model is evaluated without it
-    if "lora" in trainable["groups"]:
-        if config.zero_stage == 3:
-            raise ValueError("LoRA with ZeRO-3 is not supported: adapters cannot be merged into partitioned weights")
-        merge_lora(engine.module)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if any(g in LORA_GROUPS for g in trainable["groups"]):
+        if config.lora_save == "adapter":
+            save_lora_adapter(engine.module, out_dir)
+            remove_lora(engine.module)  # the model beside the adapter is its base: fully trained groups, no adapters
+        else:
+            merge_lora(engine.module)
+    if config.gradient_checkpointing:
+        engine.module.activation_checkpointing_disable()
     ds_engine.save_hf(engine, processor, out_dir, config.zero_stage)
     summary = {
         "config": asdict(config),

@@ -1,7 +1,7 @@
 import pytest
 
 from medift import mcq
-from medift.chat import IGNORE_INDEX, collate, encode_conversation
+from medift.chat import IGNORE_INDEX, collate, encode_conversation, model_inputs
 from medift.model.embedded import EmbeddedModelConfig, build_processor
 
 
@@ -47,7 +47,13 @@ def test_loss_is_on_responses_only(processor):
     supervised = [tok.convert_ids_to_tokens(i) for i, l in zip(encoded.input_ids, encoded.labels) if l != IGNORE_INDEX]
     assert supervised[:6] == ["The", "correct", "answer", "is", "B.", "</s>"]  # the default: letter-dot tokens
     assert "big" in supervised and "What" not in supervised and "<image>" not in supervised
-    assert encoded.input_ids.count(tok.convert_tokens_to_ids("<image>")) == 64
+    assert encoded.input_ids.count(tok.convert_tokens_to_ids("<image>")) == 1  # the processor expands it
+    from PIL import Image
+
+    batch = model_inputs(processor, [encoded], [Image.new("RGB", (64, 64))])
+    assert batch["input_ids"][0].tolist().count(tok.convert_tokens_to_ids("<image>")) == 64
+    carried = [tok.convert_ids_to_tokens(int(i)) for i, l in zip(batch["input_ids"][0], batch["labels"][0]) if l != IGNORE_INDEX]
+    assert carried == supervised
 
 
 def test_every_medical_word_is_in_the_embedded_vocabulary(processor):

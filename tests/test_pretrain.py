@@ -1,6 +1,5 @@
 """The shipped base model is what the pipeline's pre-training rule produces."""
 
-import json
 import logging
 from pathlib import Path
 
@@ -11,9 +10,8 @@ import pytest
 import torch
 
 from medift import mcq
-from medift.chat import IGNORE_INDEX, collate, encode_conversation
+from medift.chat import IGNORE_INDEX, encode_conversation, model_inputs
 from medift.model import general
-from medift.generation import pixel_values_for
 from medift.model.embedded import EmbeddedModelConfig, build_model, build_processor
 from medift.model.pretrain import (
     ConversationSampler,
@@ -195,10 +193,11 @@ def test_attribute_heads_read_the_cls_token_or_the_image_tokens_the_decoder_sees
     model = build_model(model_config, processor, seed=0).eval()
     rng = random.Random(0)
     images = [general.render(general.sample_attributes(rng), rng) for _ in range(3)]
-    pixels = pixel_values_for(processor, images)
     turns = [encode_conversation(processor, ["What is the color?"], ["red"], with_image=True) for _ in images]
+    batch = model_inputs(processor, turns, images)
+    pixels = batch["pixel_values"]
     with torch.no_grad():
-        output = model(**collate(turns, processor.tokenizer.pad_token_id), pixel_values=pixels)
+        output = model(**batch)
         cls = aux_features(model, pixels, output, "cls")
         tokens = aux_features(model, pixels, output, "image_tokens")
         # What the decoder receives in place of the image placeholders, averaged per image.
@@ -222,7 +221,8 @@ def test_option_probe_targets_mark_the_answer_among_each_questions_options():
         (mcq.build_mcq_instruction("What is the size?", ["small", "big"]), mcq.format_answer(1)),
     ]
     encoded = encode_conversation(processor, [t[0] for t in turns], [t[1] for t in turns], with_image=True)
-    batch = collate([encoded, encoded], tokenizer.pad_token_id)
+    image = general.render(general.sample_attributes(random.Random(0)), random.Random(0))
+    batch = model_inputs(processor, [encoded, encoded], [image, image])
     letter_ids = torch.tensor(tokenizer.convert_tokens_to_ids([f"{letter}." for letter in "ABCDE"]))
     rows, positions, targets = option_flags(batch["input_ids"], batch["labels"], letter_ids)
     values = tokenizer.convert_ids_to_tokens(batch["input_ids"][rows, positions].tolist())
@@ -335,7 +335,9 @@ def test_text_reads_image_loss_covers_the_text_after_each_image_only():
         encode_conversation(processor, ["Describe this image."], ["big size, red color"], with_image=False),
         encode_conversation(processor, ["Describe this image."], ["small size, blue color, circle shape"], with_image=True),
     ]
-    batch = collate(encoded, processor.tokenizer.pad_token_id)
+    rng = random.Random(0)
+    image = general.render(general.sample_attributes(rng), rng)
+    batch = model_inputs(processor, encoded, [image, None, image])
     hidden = torch.randn(*batch["input_ids"].shape, 32)
     targets = torch.tensor([[0, 0, 0, 0, 0], [1, 2, 0, 1, 1]])  # one row per image: rows 0 and 2
     embeddings = model.get_input_embeddings().weight
@@ -346,7 +348,7 @@ def test_text_reads_image_loss_covers_the_text_after_each_image_only():
         for image_row, row in enumerate((0, 2)):
             ids_row = batch["input_ids"][row].tolist()
             last_image = max(i for i, t in enumerate(ids_row) if t == image)
-            for position in range(last_image + 1, len(encoded[row].input_ids)):
+            for position in range(last_image + 1, int(batch["attention_mask"][row].sum())):
                 logits.append(hidden[row, position] @ embeddings[ids].T)
                 wanted.append(targets[image_row, k])
         expected += torch.nn.functional.cross_entropy(torch.stack(logits), torch.stack(wanted))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from medift import mcq
 from medift.evaluate import EvaluateConfig, asked_prompts, score_questions, summarize
@@ -25,54 +25,32 @@ def processor(request):
     return build_processor(EmbeddedModelConfig(letter_dot_tokens=request.param))
 
 
-class KnownLogitsModel(torch.nn.Module):
-    """Returns the same next-token logits for every prompt: `favourites` get high values."""
-
-    def __init__(self, vocab_size: int, favourites: dict[int, float]):
-        super().__init__()
-        self.vocab_size, self.favourites = vocab_size, favourites
-        self.seen = []
-
-    @property
-    def dtype(self):
-        return torch.float32
-
-    @property
-    def device(self):
-        return torch.device("cpu")
-
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, **_):
-        self.seen.append((input_ids, attention_mask, position_ids))
-        logits = torch.zeros(input_ids.shape[0], 1, self.vocab_size)
-        for token, value in self.favourites.items():
-            logits[:, -1, token] = value
-        return SimpleNamespace(logits=logits)
-
-
 def test_forced_prefix_is_the_trained_response_prefix(processor):
     prefix, letter_ids = forced_answer_context(processor, 5)
-    assert processor.tokenizer.decode(prefix) == mcq.ANSWER_PREFIX
+    assert prefix.strip() == mcq.ANSWER_PREFIX
     merged = "A." in processor.tokenizer.get_vocab()
     assert [processor.tokenizer.convert_ids_to_tokens(letter_ids[l]) for l in "ABCDE"] == [l + "." * merged for l in "ABCDE"]
 
 
-def test_known_logits_give_the_known_letter_restricted_to_valid_letters(processor):
+def test_known_logits_give_the_known_letter_restricted_to_valid_letters():
+    """The shipped model's logits shifted by known amounts (a hook on its output layer): the
+    scores are exactly those shifts' order, and a 3-option question can never answer E."""
+    model, processor = load_base_model(SHIPPED_MODEL)
     _, letter_ids = forced_answer_context(processor)
-    # E is the model's favourite, then B; a 3-option question may not answer E.
-    model = KnownLogitsModel(len(processor.tokenizer), {letter_ids["E"]: 9.0, letter_ids["B"]: 5.0, letter_ids["A"]: 1.0})
+    shift = torch.zeros(len(processor.tokenizer))
+    for letter, value in {"E": 9e4, "B": 5e4, "A": 1e4}.items():
+        shift[letter_ids[letter]] = value
+    handle = model.lm_head.register_forward_hook(lambda module, inputs, output: output + shift)
     instructions = [mcq.build_mcq_instruction("What is the size?", ["big", "small", "tiny"]),
                     mcq.build_mcq_instruction("What is the color?", ["red", "green", "blue", "yellow", "purple"])]
-    scores = score_letters(model, processor, instructions, [None, None], [3, 5], batch_size=2)
+    image = Image.new("RGB", (64, 64))
+    try:
+        scores = score_letters(model, processor, instructions, [image, None], [3, 5], batch_size=2)
+    finally:
+        handle.remove()
     assert list(scores[0]) == ["A", "B", "C"] and list(scores[1]) == list("ABCDE")
     assert [best_letter(s) for s in scores] == ["B", "E"]
-    assert scores[0] == {"A": 1.0, "B": 5.0, "C": 0.0}
-    # Left padding: the shorter prompt is padded on the left, its positions start at 0 at its first token.
-    input_ids, attention, positions = model.seen[0]
-    short = int(attention[0].sum()) < int(attention[1].sum())
-    row = 0 if short else 1
-    first = int((attention[row] == 0).sum())
-    assert attention[row, :first].sum() == 0 and positions[row, first] == 0
-    assert positions[row, -1] == attention[row].sum() - 1
+    assert scores[0]["B"] - scores[0]["A"] == pytest.approx(4e4, rel=1e-3)
 
 
 def test_best_letter_breaks_ties_towards_the_first_letter():

@@ -4,39 +4,47 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
+from medift.model.families import GROUPS, family_of, group_of_parameter, group_patterns
+from medift.model.processors import load_processor
 from medift.model.tokenizer import PROXY_TOKEN
 
 log = logging.getLogger(__name__)
 
-# Parameter-name fragments of each trainable group, for LLaVA- and Mllama-style models.
-MODULE_GROUPS: dict[str, tuple[str, ...]] = {
-    "vision": ("vision_tower.", "vision_model."),
-    "projector": ("multi_modal_projector.",),
-    "fusion": ("cross_attn", "multi_modal_projector."),
-    "language_model": ("language_model.", "lm_head."),
-}
-
+# LoRA groups: adapters on the attention projections of one part of the model.
+LORA_GROUPS = {"lora": "language_model", "lora_vision": "vision"}
+# Where a LoRA adapter saved as such (train.lora_save: adapter) lives in a tuned model's directory.
+ADAPTER_DIR = "lora_adapter"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_base_model(path: str, trust_remote_code: bool = False, dtype: str = "float32"):
-    """Model and processor from a local directory, offline, weights via safetensors."""
+    """Model and processor from a local directory, offline, weights via safetensors.
+
+    A directory with a LoRA adapter beside the model (`lora_adapter/`, written by
+    `train.lora_save: adapter`) is loaded through peft and merged, so evaluation runs the
+    tuned weights either way.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint (no config.json)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    processor = load_processor(path, local_files_only=True, trust_remote_code=trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(
         path, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=DTYPES[dtype]
     )
+    if (directory / ADAPTER_DIR / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(directory / ADAPTER_DIR), is_trainable=False).merge_and_unload()
     ensure_proxy_token(model, processor)
     return model, processor
 
@@ -53,46 +61,107 @@ def ensure_proxy_token(model, processor) -> None:
     tokenizer.add_special_tokens({"additional_special_tokens": [PROXY_TOKEN]})
     tokenizer.proxy_token = PROXY_TOKEN
     tokenizer.proxy_token_id = tokenizer.convert_tokens_to_ids(PROXY_TOKEN)
-    if tokenizer.proxy_token_id >= model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer.proxy_token_id >= old_rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        # The new rows are the mean of the old ones, not random: loading twice gives the same
+        # model, and the output row scores the token at an average logit, never the top one.
+        with torch.no_grad():
+            for matrix in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+                matrix.weight[old_rows:] = matrix.weight[:old_rows].mean(dim=0)
 
 
-def group_of(name: str, groups: list[str]) -> bool:
-    return any(fragment in name for group in groups for fragment in MODULE_GROUPS[group])
+def known_groups() -> list[str]:
+    return list(GROUPS) + list(LORA_GROUPS)
 
 
-def select_trainable(model, groups: list[str], lora_rank: int = 8) -> dict:
-    """Freeze everything but the named groups; `lora` wraps the language model with peft adapters.
-
-    Returns counts for the training summary. A group that matches no parameter is an
-    error, not a silently frozen model.
-    """
-    groups = [g.strip() for g in groups if g.strip()]
-    unknown = set(groups) - set(MODULE_GROUPS) - {"lora"}
+def parse_groups(spec: str | list[str]) -> list[str]:
+    groups = [g.strip() for g in (spec.split(",") if isinstance(spec, str) else spec) if g.strip()]
+    unknown = sorted(set(groups) - set(known_groups()))
     if unknown:
-        raise ValueError(f"unknown train_modules {sorted(unknown)}; known: {sorted(MODULE_GROUPS) + ['lora']}")
-    plain = [g for g in groups if g != "lora"]
+        raise ValueError(f"unknown train_modules {unknown}; known: {', '.join(known_groups())}")
+    return groups
+
+
+def parameter_groups(model) -> dict[str, str | None]:
+    """Each parameter's group (projector, fusion, vision, language_model, or None: never trained)."""
+    patterns = group_patterns(model.config)
+    return {name: group_of_parameter(name, patterns) for name, _ in model.named_parameters()}
+
+
+def top_level_modules(model) -> str:
+    names = sorted({".".join(n.split(".")[:2]) if n.startswith("model.") else n.split(".")[0] for n, _ in model.named_parameters()})
+    return ", ".join(names)
+
+
+def select_trainable(model, groups: str | list[str], lora_rank: int = 8) -> dict:
+    """Freeze everything but the named groups; `lora` / `lora_vision` add peft adapters.
+
+    Adapters are injected first (peft freezes the rest of the model when it does), then
+    the plain groups are unfrozen, so LoRA adds to what the other groups train. A group
+    that matches no parameter of this model is an error naming the model's top-level
+    modules. Returns trainable parameter counts per group for the training summary.
+    """
+    groups = parse_groups(groups)
+    family = family_of(model.config)
+    plain = [g for g in groups if g in GROUPS]
+    plain += [implied for g in plain for implied in family.implies.get(g, ()) if implied not in plain]
+    owners = parameter_groups(model)
     for group in plain:
-        if not any(group_of(n, [group]) for n, _ in model.named_parameters()):
-            raise ValueError(f"train_modules group {group!r} matches no parameter of {type(model).__name__}")
+        if group not in owners.values():
+            raise ValueError(
+                f"train_modules group {group!r} matches no parameter of {type(model).__name__} "
+                f"({family.name}); its top-level modules: {top_level_modules(model)}"
+            )
+    lora = [LORA_GROUPS[g] for g in groups if g in LORA_GROUPS]
+    for part in lora:
+        if part in plain:
+            raise ValueError(f"train_modules trains {part} fully and with LoRA adapters; choose one")
+        if part not in family.lora_targets:
+            raise ValueError(f"no LoRA target modules are known for the {part} of {family.name}")
+    if lora:
+        add_lora(model, [family.lora_targets[part] for part in lora], lora_rank)
+        owners = parameter_groups(model)
     for name, p in model.named_parameters():
-        p.requires_grad_(group_of(name, plain))
-    if "lora" in groups:
-        add_lora(model, lora_rank)
+        is_adapter = "lora_" in name
+        p.requires_grad_(is_adapter or owners[name] in plain)
+    counts = {group: 0 for group in groups + [g for g in plain if g not in groups]}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "lora_" in name:
+            part = next(part for part, pattern in family.lora_targets.items() if _adapter_matches(name, pattern))
+            counts[next(g for g, target in LORA_GROUPS.items() if target == part)] += p.numel()
+        else:
+            counts[owners[name]] += p.numel()
+    for group, n in counts.items():
+        if n == 0:
+            raise ValueError(f"train_modules group {group!r} trains no parameter of {type(model).__name__}")
     total = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"groups": groups, "trainable": trained, "total": total}
+    return {"groups": groups, "trainable": trained, "total": total, "per_group": counts}
 
 
-def add_lora(model, rank: int) -> None:
-    """LoRA adapters on the language model's attention projections, injected in place."""
-    from peft import LoraConfig, inject_adapter_in_model
+def _adapter_matches(parameter_name: str, module_pattern: str) -> bool:
+    # model.x.q_proj.lora_A.default.weight -> the adapted module model.x.q_proj
+    module = parameter_name.split(".lora_")[0]
+    return re.search(module_pattern, module) is not None
 
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=r".*language_model.*\.(q_proj|v_proj)", lora_dropout=0.0)
+
+def lora_config(target_patterns: list[str], rank: int):
+    from peft import LoraConfig
+
+    target = "|".join(f"(?:.*(?:{p}))" for p in target_patterns)
+    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target, lora_dropout=0.0)
+
+
+def add_lora(model, target_patterns: list[str], rank: int) -> None:
+    """LoRA adapters on the modules matching `target_patterns`, injected in place."""
+    from peft import inject_adapter_in_model
+
+    config = lora_config(target_patterns, rank)
     inject_adapter_in_model(config, model)
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.requires_grad_(True)
+    model._medift_lora_config = config  # kept for saving the adapter as peft's own layout
 
 
 def merge_lora(model) -> int:
@@ -107,3 +176,35 @@ def merge_lora(model) -> int:
             setattr(model.get_submodule(parent_name), child, module.get_base_layer())
             merged += 1
     return merged
+
+
+def save_lora_adapter(model, out_dir: Path) -> Path:
+    """Save the adapters as a peft adapter (`PeftModel.from_pretrained(tuned_model, out_dir/lora_adapter)`).
+
+    The base model saved beside it holds every fully trained group; the adapter's keys
+    take peft's `base_model.model.` prefix, which PeftModel expects.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = model._medift_lora_config
+    adapter_dir = Path(out_dir) / ADAPTER_DIR
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(model, adapter_name="default")
+    save_file({f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()}, str(adapter_dir / "adapter_model.safetensors"))
+    config.base_model_name_or_path = str(Path(out_dir).resolve())
+    config.save_pretrained(str(adapter_dir))
+    return adapter_dir
+
+
+def remove_lora(model) -> int:
+    """Put the base layers back without merging (the adapter is saved on its own)."""
+    from peft.tuners.lora import LoraLayer
+
+    removed = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+            removed += 1
+    return removed

@@ -51,9 +51,9 @@ from tqdm import tqdm
 
 from medift.runtime import resolve_device, set_torch_threads
 from medift import mcq
-from medift.chat import IGNORE_INDEX, Encoded, collate, encode_conversation
+from medift.chat import IGNORE_INDEX, Encoded, collate, encode_conversation, model_inputs
 from medift.datasets import DATASETS
-from medift.generation import forced_answer_context, generate_answers, pixel_values_for
+from medift.generation import forced_answer_context, generate_answers
 from medift.model import general
 from medift.model.loading import load_base_model
 from medift.model.embedded import CONTEXT_PREFIX, EMBEDDED_DATASETS, EmbeddedModelConfig, build_model, build_processor
@@ -373,10 +373,14 @@ class ConversationSampler:
         value, `config` this step's settings (`mixed_phase_config`; default: the run's)."""
         config = config or self.config
         encoded, images, attrs = [], [], []
-        vocab = self.processor.tokenizer.get_vocab()
+        tokenizer = self.processor.tokenizer
+        vocab = tokenizer.get_vocab()
         for _ in range(config.batch_size):
+            image = None
             if config.lookup_fraction and self.rng.random() < config.lookup_fraction:
-                encoded.append(Encoded(*lookup_sequence(self.rng, vocab, self.values, 5), has_image=False))
+                ids, labels = lookup_sequence(self.rng, vocab, self.values, 5)
+                # Its text is its tokens (each a whole piece); model_inputs checks that it re-tokenizes to `ids`.
+                encoded.append(Encoded(ids, labels, has_image=False, text=" ".join(tokenizer.convert_ids_to_tokens(ids))))
             elif config.binding_fraction and self.rng.random() < config.binding_fraction:
                 encoded.append(self.binding_encoded(int(config.binding_options.split(",")[-1])))
             elif text_only or self.rng.random() < config.text_fraction:
@@ -384,11 +388,12 @@ class ConversationSampler:
             else:
                 e, image, a = self.image_conversation(config, hint_probability)
                 encoded.append(e)
-                images.append(image)
                 attrs.append(a)
-        batch = collate(encoded, self.processor.tokenizer.pad_token_id)
-        if images:
-            batch["pixel_values"] = pixel_values_for(self.processor, images)
+            images.append(image)
+        if not attrs:
+            return collate(encoded, tokenizer.pad_token_id)
+        batch = model_inputs(self.processor, encoded, images, padding_side="right")
+        if attrs:
             batch["aux_targets"] = torch.tensor(
                 [[general.ATTRIBUTES[k].index(a[k]) for k in general.ATTRIBUTES] for a in attrs]
             )
