@@ -24,7 +24,7 @@ def _filled_in(tmp_path: Path) -> Path:
         folder = tmp_path / "data" / placeholder.rsplit("/", 1)[1]
         folder.mkdir(parents=True)
         text = text.replace(placeholder, str(folder))
-    (tmp_path / "data" / "Llama-3.2-11B-Vision-Instruct" / "config.json").write_text("{}")
+    (tmp_path / "data" / "Llama-3.2-11B-Vision-Instruct" / "config.json").write_text('{"model_type": "mllama"}')
     path = tmp_path / "paper.yaml"
     path.write_text(text)
     return path
@@ -40,6 +40,7 @@ def test_paper_config_has_the_papers_settings():
     assert (train["lr"], train["batch_size"], train["epochs"], train["warmup_epochs"]) == (2e-5, 2, 5, 1)
     assert (train["proxy_tokens"], train["momentum"], train["grad_clip"], train["bf16"]) == (8, 0.999, 1.0, True)
     assert train["train_modules"] == "vision,fusion" and train["shuffle_responses"] is True
+    assert train["gradient_checkpointing"] is True
     assert config["datasets"]["cbis_ddsm"]["train"]["repeat_train"] == 3
     assert config["datasets"]["skincon"]["train"]["repeat_train"] == 3
     assert config["seeds"] == [1] and config["evaluate"]["max_new_tokens"] == 50

@@ -143,9 +143,9 @@ def test_dry_run_default_config(tmp_path, target, expected):
 
 
 def test_dry_run_real_checkpoint_has_no_pretraining(tmp_path):
-    checkpoint = tmp_path / "checkpoint"
-    checkpoint.mkdir()
-    (checkpoint / "config.json").write_text("{}")
+    from medift.model.tiny import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint("mllama", tmp_path / "checkpoint")
     config = write_config(tmp_path / "config.yaml", {**default_config(), "base_model": {"path": str(checkpoint)}})
     result = snakemake("-n", f"--configfile={config}", "all", workdir=tmp_path / "work")
     output = result.stdout + result.stderr
@@ -154,6 +154,21 @@ def test_dry_run_real_checkpoint_has_no_pretraining(tmp_path):
     assert counts["train_model"] == 10 and counts["make_table"] == 2
     assert f"--base_model {checkpoint} " in output
     assert f"--model {checkpoint} " in output  # zero_shot evaluates the checkpoint itself
+    assert "--image_size 28 " in output  # image_size: auto is the checkpoint's tile (tiny Mllama: 28 px)
+
+
+def test_real_checkpoint_settings_are_checked_before_any_job(tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"model_type": "bert"}')
+    config = write_config(tmp_path / "config.yaml", {**default_config(), "base_model": {"path": str(checkpoint)}})
+    result = snakemake("-n", f"--configfile={config}", "all", workdir=tmp_path / "work", check=False)
+    assert result.returncode != 0 and "model_type 'bert' is not a known VLM family" in result.stdout + result.stderr
+    lora = copy.deepcopy(default_config())
+    lora["methods"]["ift"].update(train_modules="vision,lora", zero_stage=3)
+    result = snakemake("-n", f"--configfile={write_config(tmp_path / 'lora.yaml', lora)}", "all",
+                       workdir=tmp_path / "work", check=False)
+    assert result.returncode != 0 and "methods.ift on wbcatt: LoRA with ZeRO-3 is not supported" in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(
@@ -289,6 +304,37 @@ def test_end_to_end_tables(tmp_path):
               "results/table1.csv", "results/table2.csv", workdir=work)
     html = (results / "report.html").read_text(errors="replace")
     assert "table1_attributes.png" in html and "table2_long.csv" in html
+
+
+@pytest.mark.e2e
+def test_end_to_end_table1_on_a_tiny_mllama_checkpoint(tmp_path):
+    """The paper's family through the real DAG: a local Mllama checkpoint (base_model.path),
+    the embedded datasets at its own image size, caption_ft and ift trained with vision +
+    fusion, evaluated by generation and then by letter scoring."""
+    from medift.model.tiny import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint("mllama", tmp_path / "tiny-mllama")
+    work = tmp_path / "work"
+    config = tiny_config(base_model=str(checkpoint))
+    config["seeds"] = [1]
+    config["train"]["train_modules"] = "vision,fusion"
+    configfile = write_config(tmp_path / "config.yaml", config)
+    snakemake(f"--configfile={configfile}", "results/table1.csv", workdir=work, timeout=900)
+    table = pd.read_csv(work / "results" / "table1.csv", index_col=0)
+    assert list(table.index) == TABLE1 and table[DATASETS].notna().all().all()
+    manifest = json.loads((work / "resources/shards/wbcatt/manifest.json").read_text())
+    assert manifest["config"]["image_size"] == 28  # image_size: auto, the checkpoint's tile
+    summary = json.loads((work / "resources/models/wbcatt/ift/seed-1/train_summary.json").read_text())
+    assert set(summary["trainable_parameters"]["per_group"]) == {"vision", "fusion", "projector"}
+    generated = pd.read_csv(work / "results/wbcatt/ift/seed-1/predictions.csv")
+
+    config["evaluate"]["scoring"] = "letter"
+    write_config(configfile, config)
+    snakemake(f"--configfile={configfile}", "results/table1.csv", workdir=work, timeout=900)
+    scored = pd.read_csv(work / "results/wbcatt/ift/seed-1/predictions.csv")
+    assert len(scored) == len(generated) and scored["parse_failed"].eq(0).all()
+    assert scored["letter_scores"].map(json.loads).map(len).eq(scored["options"].map(json.loads).map(len)).all()
+    assert not (work / "logs" / "pretrain_base_model").exists()
 
 
 def test_workflow_adapters_are_the_package_datasets():

@@ -1,7 +1,10 @@
+import importlib.util
+import json
 import os
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -21,6 +24,21 @@ os.environ.update(
 # Adapters that medift.datasets provides (also the synthetic generators).
 ADAPTERS = ("wbcatt", "cbis_ddsm", "skincon", "mimic_cxr")
 EMBEDDED_BASE_DIR = "models/embedded-base"
+EMBEDDED_IMAGE_SIZE = 64  # medift.model.embedded.EmbeddedModelConfig.image_size
+
+
+def _load_families():
+    """medift/model/families.py alone (standard library only): the family table, without
+    importing medift's package (a conda driver environment may lack its dependencies)."""
+    path = Path(workflow.basedir).parent / "medift" / "model" / "families.py"
+    spec = importlib.util.spec_from_file_location("medift_families", path)
+    families = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = families  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(families)
+    return families
+
+
+FAMILIES = _load_families()
 # Datasets whose words the embedded model's closed vocabulary holds (medift.model.embedded).
 EMBEDDED_DATASETS = ("wbcatt", "cbis_ddsm")
 
@@ -74,9 +92,36 @@ def _check_config():
                 f"base_model.path {str(path)!r} is not a Hugging Face checkpoint directory "
                 "(no config.json); use `embedded` for the embedded default"
             )
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if model_type not in FAMILIES.FAMILIES and not config["base_model"]["trust_remote_code"]:
+            raise WorkflowError(
+                f"base_model.path {str(path)!r}: model_type {model_type!r} is not a known VLM family "
+                f"({', '.join(sorted(FAMILIES.FAMILIES))}); add it to medift/model/families.py"
+            )
+    for method in get_trained_methods():
+        for dataset in config["datasets"]:
+            settings = get_train_settings(SimpleNamespace(method=method, dataset=dataset))
+            groups = settings["train_modules"].split(",")
+            if any(g.startswith("lora") for g in groups) and settings["zero_stage"] == 3:
+                raise WorkflowError(
+                    f"methods.{method} on {dataset}: LoRA with ZeRO-3 is not supported "
+                    "(adapters cannot be merged or saved from partitioned weights); use zero_stage 2"
+                )
 
 
-_check_config()
+##### image size #####
+
+
+def get_image_size():
+    """The side of the stored images: `image_size`, or with `auto` the base model's own."""
+    if config["image_size"] != "auto":
+        return config["image_size"]
+    if is_embedded_base():
+        return EMBEDDED_IMAGE_SIZE
+    try:
+        return FAMILIES.native_image_size(config["base_model"]["path"])
+    except (OSError, ValueError) as error:
+        raise WorkflowError(f"image_size: auto: {error}")
 
 
 ##### wildcard constraints #####
@@ -244,3 +289,6 @@ def get_final_output():
     if is_embedded_base():
         targets.append("results/base_model.json")
     return targets
+
+
+_check_config()

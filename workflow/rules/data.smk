@@ -36,7 +36,7 @@ rule make_shards:
         raw_dir=get_raw_dir,
         out_dir=subpath(output.manifest, parent=True),
         adapter=get_adapter,
-        image_size=config["image_size"],
+        image_size=get_image_size(),
         seed=config["seed"],
         strict=lambda wildcards: get_dataset_config(wildcards)["strict"],
     log:

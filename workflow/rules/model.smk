@@ -17,7 +17,7 @@ rule pretrain_base_model:
         out_dir=subpath(output.config, parent=True),
         first_stage_dir="resources/base_model_first_stage",
         seed=config["base_model"]["seed"],
-        image_size=config["image_size"],
+        image_size=get_image_size(),
     log:
         "logs/pretrain_base_model.log",
     threads: config["threads"]["pretrain"]
@@ -41,7 +41,7 @@ rule evaluate_base_model:
         model=lambda wildcards, input: os.path.dirname(input[0]),
         n=config["base_model"]["eval_questions"],
         seed=config["base_model"]["seed"],
-        image_size=config["image_size"],
+        image_size=get_image_size(),
     log:
         "logs/evaluate_base_model.log",
     threads: config["evaluate"]["threads"]

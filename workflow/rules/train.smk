@@ -35,6 +35,7 @@ rule train_model:
         " --momentum {params.settings[momentum]} --warmup_epochs {params.settings[warmup_epochs]}"
         " --epochs {params.settings[epochs]} --shuffle_responses {params.settings[shuffle_responses]}"
         " --train_modules {params.settings[train_modules]} --lora_rank {params.settings[lora_rank]}"
+        " --lora_save {params.settings[lora_save]} --gradient_checkpointing {params.settings[gradient_checkpointing]}"
         " --lr {params.settings[lr]} --batch_size {params.settings[batch_size]}"
         " --grad_clip {params.settings[grad_clip]} --zero_stage {params.settings[zero_stage]}"
         " --bf16 {params.settings[bf16]} --repeat_train {params.settings[repeat_train]}"
