@@ -138,20 +138,25 @@ QWEN_MAX_PIXELS = (6 * QWEN_PATCH * QWEN_MERGE) ** 2
 QWEN_MROPE_SECTION = [4, 6, 6]
 
 
-def _qwen_tokenizer():
+def _chatml_tokenizer(more_tokens: list[str], named_tokens: dict[str, str]):
+    """A Qwen2-style tokenizer (ChatML special tokens, no BOS) with `more_tokens` after Qwen's."""
     return build_bpe_tokenizer(
-        QWEN_SPECIAL_TOKENS,
+        [*QWEN_SPECIAL_TOKENS, *more_tokens],
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         corpus=_corpus(),
-        extra_special_tokens={
-            "image_token": "<|image_pad|>",
-            "video_token": "<|video_pad|>",
-            "vision_bos_token": "<|vision_start|>",
-            "vision_eos_token": "<|vision_end|>",
-        },
+        extra_special_tokens=named_tokens,
     )
+
+
+def _qwen_tokenizer():
+    return _chatml_tokenizer([], {
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_bos_token": "<|vision_start|>",
+        "vision_eos_token": "<|vision_end|>",
+    })
 
 
 def _qwen_processor(processor_class):
@@ -304,35 +309,46 @@ IDEFICS3_PATCH = 8
 IDEFICS3_SCALE = 2  # 4x4 patches per tile -> 2x2 = 4 image tokens per tile
 
 
-def build_idefics3(seed: int = 0):
-    """Mimics HuggingFaceM4/Idefics3-8B-Llama3: SigLIP tiles + global image, pixel-shuffle connector, Llama."""
-    tokenizer = _idefics_tokenizer(
-        ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>"],
-        bos="<|begin_of_text|>", pad="<|reserved_special_token_0|>",
-    )
-    image_processor = Idefics3ImageProcessorPil(
+def _build_idefics_layout(seed: int, *, first_tokens: list[str], bos: str, pad: str, patch: int, scale: int,
+                          image_processor_class, processor_class, config_class, vision_config_class, model_class,
+                          chat_template: str, tied: bool):
+    """The Idefics3 layout (SigLIP tiles + global image, pixel-shuffle connector, Llama-style
+    decoder), shared by Idefics3 and SmolVLM, which differ in the arguments."""
+    tokenizer = _idefics_tokenizer(first_tokens, bos=bos, pad=pad)
+    image_processor = image_processor_class(
         size={"longest_edge": IDEFICS_LONGEST_EDGE},
         max_image_size={"longest_edge": IDEFICS_TILE},
         do_image_splitting=True,
     )
-    processor = Idefics3Processor(
+    processor = processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        image_seq_len=_image_seq_len(IDEFICS3_PATCH, IDEFICS3_SCALE),
-        chat_template=IDEFICS3_CHAT_TEMPLATE,
+        image_seq_len=_image_seq_len(patch, scale),
+        chat_template=chat_template,
     )
-    config = Idefics3Config(
+    config = config_class(
         text_config=_llama_text_config(tokenizer),
-        vision_config=Idefics3VisionConfig(**_idefics_vision_kwargs(IDEFICS3_PATCH)),
-        scale_factor=IDEFICS3_SCALE,
+        vision_config=vision_config_class(**_idefics_vision_kwargs(patch)),
+        scale_factor=scale,
         image_token_id=processor.image_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
+    model = model_class(config)
     _set_generation_tokens(model, tokenizer, "<end_of_utterance>")
     return model, processor
+
+
+def build_idefics3(seed: int = 0):
+    """Mimics HuggingFaceM4/Idefics3-8B-Llama3: SigLIP tiles + global image, pixel-shuffle connector, Llama."""
+    return _build_idefics_layout(
+        seed, first_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>"],
+        bos="<|begin_of_text|>", pad="<|reserved_special_token_0|>", patch=IDEFICS3_PATCH, scale=IDEFICS3_SCALE,
+        image_processor_class=Idefics3ImageProcessorPil, processor_class=Idefics3Processor,
+        config_class=Idefics3Config, vision_config_class=Idefics3VisionConfig,
+        model_class=Idefics3ForConditionalGeneration, chat_template=IDEFICS3_CHAT_TEMPLATE, tied=False,
+    )
 
 
 SMOLVLM_PATCH = 4
@@ -341,32 +357,13 @@ SMOLVLM_SCALE = 4  # as SmolVLM: 8x8 patches per tile -> 2x2 = 4 image tokens pe
 
 def build_smolvlm(seed: int = 0):
     """Mimics HuggingFaceTB/SmolVLM-256M-Instruct: Idefics3 layout, scale factor 4, tied SmolLM decoder."""
-    tokenizer = _idefics_tokenizer(
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos="<|im_start|>", pad="<|im_end|>",
+    return _build_idefics_layout(
+        seed, first_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos="<|im_start|>", pad="<|im_end|>",
+        patch=SMOLVLM_PATCH, scale=SMOLVLM_SCALE,
+        image_processor_class=SmolVLMImageProcessorPil, processor_class=SmolVLMImageOnlyProcessor,
+        config_class=SmolVLMConfig, vision_config_class=SmolVLMVisionConfig,
+        model_class=SmolVLMForConditionalGeneration, chat_template=SMOLVLM_CHAT_TEMPLATE, tied=True,
     )
-    image_processor = SmolVLMImageProcessorPil(
-        size={"longest_edge": IDEFICS_LONGEST_EDGE},
-        max_image_size={"longest_edge": IDEFICS_TILE},
-        do_image_splitting=True,
-    )
-    processor = SmolVLMImageOnlyProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        image_seq_len=_image_seq_len(SMOLVLM_PATCH, SMOLVLM_SCALE),
-        chat_template=SMOLVLM_CHAT_TEMPLATE,
-    )
-    config = SmolVLMConfig(
-        text_config=_llama_text_config(tokenizer),
-        vision_config=SmolVLMVisionConfig(**_idefics_vision_kwargs(SMOLVLM_PATCH)),
-        scale_factor=SMOLVLM_SCALE,
-        image_token_id=processor.image_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = SmolVLMForConditionalGeneration(config)
-    _set_generation_tokens(model, tokenizer, "<end_of_utterance>")
-    return model, processor
 
 
 # --- InternVL ----------------------------------------------------------------------------
@@ -379,19 +376,12 @@ INTERNVL_MAX_TILES = 4  # up to 4 tiles + a thumbnail
 
 def build_internvl(seed: int = 0):
     """Mimics OpenGVLab/InternVL3-1B-hf: InternViT tiles + thumbnail, pixel-shuffle MLP, Qwen2 decoder."""
-    tokenizer = build_bpe_tokenizer(
-        [*QWEN_SPECIAL_TOKENS, "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        corpus=_corpus(),
-        extra_special_tokens={
-            "start_image_token": "<img>",
-            "end_image_token": "</img>",
-            "context_image_token": "<IMG_CONTEXT>",
-            "video_token": "<video>",
-        },
-    )
+    tokenizer = _chatml_tokenizer(["<img>", "</img>", "<IMG_CONTEXT>", "<video>"], {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    })
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": INTERNVL_TILE, "width": INTERNVL_TILE},
         crop_to_patches=True,
