@@ -127,9 +127,13 @@ def carried_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: 
         start = width - n if padding_side == "left" else 0
         made = input_ids[r, start : start + n].tolist()
         added = n - len(row.input_ids)  # image tokens the processor added
-        supervised = [i for i, label in enumerate(row.labels) if label != IGNORE_INDEX]
-        # The part that must be the plain tokenization's: from the first response on, or all of a text-only row.
-        tail = len(row.input_ids) - (supervised[0] if supervised and row.has_image else 0 if not row.has_image else len(row.input_ids))
+        # The part that must be the plain tokenization's: all of a text-only row; from the first
+        # response on in a row with an image (nothing, for a prompt).
+        if not row.has_image:
+            tail = len(row.input_ids)
+        else:
+            first = next((i for i, label in enumerate(row.labels) if label != IGNORE_INDEX), len(row.input_ids))
+            tail = len(row.input_ids) - first
         if added < 0 or (not row.has_image and added) or made[n - tail :] != row.input_ids[len(row.input_ids) - tail :]:
             raise ValueError(
                 f"row {r}: the processor's token ids do not extend the chat's tokenization "

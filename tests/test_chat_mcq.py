@@ -96,3 +96,14 @@ def test_without_letter_dot_tokens_the_letter_and_stop_are_two_tokens():
     processor = build_processor(EmbeddedModelConfig(letter_dot_tokens=False))
     pieces = processor.tokenizer.tokenize(mcq.format_answer(0))
     assert pieces[-2:] == ["A", "."]
+
+
+def test_labels_that_do_not_line_up_with_the_processors_ids_are_an_error(processor):
+    from PIL import Image
+
+    encoded = encode_conversation(processor, ["What is the color?"], ["red"], with_image=True)
+    encoded.input_ids[-2] = processor.tokenizer.convert_tokens_to_ids("blue")  # no longer the text's tokens
+    with pytest.raises(ValueError, match="row 0: the processor's token ids do not extend the chat's tokenization"):
+        model_inputs(processor, [encoded], [Image.new("RGB", (64, 64))])
+    with pytest.raises(ValueError, match="every row needs its image"):
+        model_inputs(processor, [encoded], [None])
