@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO as the training engine, in one process, on CPU or CUDA.
 
 Every training rule is one Snakemake job = one process = one DeepSpeed rank, so the
-rendezvous is set up here (a free loopback port per job lets jobs run side by side).
+rendezvous is set up here (a file of its own per job lets jobs run side by side).
 `DS_ACCELERATOR` decides the device: `cpu` here, CUDA where there is a GPU.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 
 import torch
 
@@ -20,14 +21,24 @@ def _free_port() -> int:
 
 
 def init_single_process() -> None:
-    import deepspeed  # imported late: it probes the accelerator at import
+    """One rank, when no launcher started this process: a file rendezvous, no TCP port.
 
-    if os.environ.get("WORLD_SIZE") is None:  # not started by a launcher
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
+    Picking a free port and binding it later races when two jobs start side by side (both
+    can be handed the same port; one then fails with EADDRINUSE), so a job's single rank
+    rendezvouses through a file of its own instead.
+    """
+    import deepspeed  # imported late: it probes the accelerator at import
+    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
+    if os.environ.get("WORLD_SIZE") is None and not dist.is_initialized():  # not started by a launcher
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))  # read by some backends, never bound here
+        store = tempfile.NamedTemporaryFile(prefix="medift-rendezvous-", delete=False)
+        store.close()
+        os.unlink(store.name)  # the file store creates it; it must not exist yet
+        dist.init_process_group(backend=backend, init_method=f"file://{store.name}", rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend)
 
 
