@@ -8,16 +8,9 @@ rendezvous is set up here (a file of its own per job lets jobs run side by side)
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import torch
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_single_process() -> None:
@@ -33,8 +26,10 @@ def init_single_process() -> None:
 
     backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
     if os.environ.get("WORLD_SIZE") is None and not dist.is_initialized():  # not started by a launcher
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))  # read by some backends, never bound here
+        # Only LOCAL_RANK (DeepSpeed insists on it) is written to the environment, not WORLD_SIZE
+        # or MASTER_PORT: processes this one starts (a test running the workflow) inherit it,
+        # and would take those for a launcher's, all on one port.
+        os.environ.setdefault("LOCAL_RANK", "0")
         store = tempfile.NamedTemporaryFile(prefix="medift-rendezvous-", delete=False)
         store.close()
         os.unlink(store.name)  # the file store creates it; it must not exist yet

@@ -12,6 +12,7 @@ and `generate` and `letter` scoring give the same letters at batch 1 and 8 and a
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -144,6 +145,8 @@ def test_one_training_run_changes_exactly_the_configured_groups(family, method, 
                                 lr=1e-2, zero_stage=zero_stage, train_modules=groups, seed=1,
                                 gradient_checkpointing=method == "ift"))
     assert summary["steps"] == (2 if method == "ift" else 1)
+    # One rank's rendezvous leaves no launcher variables behind for the processes this one starts.
+    assert not {"WORLD_SIZE", "RANK", "MASTER_PORT"} & set(os.environ)
     model, _ = load_base_model(str(out))  # plain transformers layout, reloads
     changed, unchanged = _changed_groups(checkpoints[family], out)
     configured = set(groups.split(",")) | ({"projector"} if "fusion" in groups else set())
