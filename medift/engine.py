@@ -1,8 +1,9 @@
-"""DeepSpeed ZeRO as the training engine, in one process, on CPU or CUDA.
+"""DeepSpeed ZeRO as the training engine, on CPU or CUDA, with one rank or several.
 
-Every training rule is one Snakemake job = one process = one DeepSpeed rank, so the
-rendezvous is set up here (a file of its own per job lets jobs run side by side).
-`DS_ACCELERATOR` decides the device: `cpu` here, CUDA where there is a GPU.
+A training job is one process, or `train.ranks` processes started by torchrun
+(`--standalone`: a rendezvous of its own per job, so jobs still run side by side). A
+single process started without a launcher rendezvouses through a file of its own.
+`DS_ACCELERATOR` decides the device: `cpu` here (gloo), CUDA where there is a GPU.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import tempfile
 import torch
 
 
-def init_single_process() -> None:
-    """One rank, when no launcher started this process: a file rendezvous, no TCP port.
+def init_distributed() -> None:
+    """Join the job's ranks (a launcher's environment), or be its only rank: a file rendezvous, no TCP port.
 
     Picking a free port and binding it later races when two jobs start side by side (both
     can be handed the same port; one then fails with EADDRINUSE), so a job's single rank
@@ -34,7 +35,42 @@ def init_single_process() -> None:
         store.close()
         os.unlink(store.name)  # the file store creates it; it must not exist yet
         dist.init_process_group(backend=backend, init_method=f"file://{store.name}", rank=0, world_size=1)
+    elif get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank
     deepspeed.init_distributed(dist_backend=backend)
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def average_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the mean of `tensor` over the ranks (unchanged with one rank)."""
+    import torch.distributed as dist
+
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= world_size()
+    return tensor
+
+
+def max_difference_across_ranks(tensor: torch.Tensor) -> float:
+    """Largest absolute difference between this tensor on any rank and on rank 0."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return 0.0
+    gathered = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return max(float((t - gathered[0]).abs().max()) for t in gathered)
 
 
 def training_device() -> torch.device:
@@ -45,11 +81,33 @@ def training_device() -> torch.device:
     return torch.device(name if name == "cpu" else f"{name}:{get_accelerator().current_device()}")
 
 
-def deepspeed_config(batch_size: int, zero_stage: int, grad_clip: float, bf16: bool) -> dict:
+OFFLOAD_MODES = ("none", "optimizer", "optimizer+parameters")
+
+
+def zero_settings(zero_stage: int, offload: str) -> dict:
+    """ZeRO settings; `offload` moves the optimizer state (and, at stage 3, the parameters) to CPU memory."""
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+    if offload != "none" and zero_stage < 2:
+        raise ValueError("offload needs zero_stage 2 or 3")
+    if offload == "optimizer+parameters" and zero_stage != 3:
+        raise ValueError("offloading parameters needs zero_stage 3")
+    settings: dict = {"stage": zero_stage}
+    if offload != "none":
+        settings["offload_optimizer"] = {"device": "cpu"}
+    if offload == "optimizer+parameters":
+        settings["offload_param"] = {"device": "cpu"}
+    return settings
+
+
+def deepspeed_config(batch_size: int, zero_stage: int, grad_clip: float, bf16: bool, accumulation: int = 1,
+                     offload: str = "none") -> dict:
     return {
         "train_micro_batch_size_per_gpu": batch_size,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": zero_stage},
+        "gradient_accumulation_steps": accumulation,
+        "zero_optimization": zero_settings(zero_stage, offload),
+        # torch's AdamW is kept under offload too (DeepSpeed would swap in its compiled CPU Adam).
+        "zero_force_ds_cpu_optimizer": False,
         # The optimizer is torch's AdamW (see `initialize`), as in the reference code.
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": grad_clip,
@@ -67,7 +125,7 @@ def initialize(model, config: dict, lr: float):
     """
     import deepspeed
 
-    init_single_process()
+    init_distributed()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters: check train_modules")
@@ -77,14 +135,16 @@ def initialize(model, config: dict, lr: float):
 
 
 def save_hf(engine, processor, out_dir, zero_stage: int) -> None:
-    """Save in the standard Hugging Face layout (safetensors), gathering ZeRO-3 shards first."""
+    """Save in the standard Hugging Face layout (safetensors) from rank 0; ZeRO-3 shards are
+    gathered from every rank first (each rank must take part)."""
     module = engine.module
-    if zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-        module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-    else:
-        module.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
+    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    if rank() == 0:
+        if state is not None:
+            module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        else:
+            module.save_pretrained(out_dir, safe_serialization=True)
+        processor.save_pretrained(out_dir)
 
 
 def build_ops() -> None:

@@ -42,9 +42,11 @@ class TrainConfig:
     lora_save: str = field(default="merged", metadata={"help": "merged: adapters folded into the saved weights (a plain checkpoint); adapter: saved as a peft adapter in lora_adapter/ beside the model (PeftModel.from_pretrained loads it)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass (non-reentrant, so frozen towers need no input gradients)."})
     lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant), model and proxy."})
-    batch_size: int = field(default=2, metadata={"help": "Micro-batch size."})
+    batch_size: int = field(default=2, metadata={"help": "Micro-batch size (per rank and accumulation step)."})
+    gradient_accumulation: int = field(default=1, metadata={"help": "Micro-batches per optimizer step on each rank; global batch = batch_size x gradient_accumulation x ranks (ranks: the launcher's, e.g. torchrun --nproc_per_node)."})
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip of the model's parameters (not the proxy's)."})
-    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage (0-3)."})
+    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage (0-3); partitions optimizer state (2) and parameters (3) over the ranks."})
+    offload: str = field(default="none", metadata={"help": "none, optimizer (ZeRO 2/3: optimizer state in CPU memory) or optimizer+parameters (ZeRO-3)."})
     bf16: bool = field(default=False, metadata={"help": "bf16 training (GPU); CPU runs in fp32."})
     repeat_train: int = field(default=1, metadata={"help": "Times the training list is repeated per epoch (reference: 3 for CBIS-DDSM/SKINCON)."})
     seed: int = field(default=1, metadata={"help": "Seeds order, shuffling, proxy init."})
@@ -54,6 +56,9 @@ class TrainConfig:
     def __post_init__(self):
         # Incompatible settings fail here, before any model is loaded.
         groups = parse_groups(self.train_modules)
+        ds_engine.zero_settings(self.zero_stage, self.offload)  # an impossible offload fails here
+        if self.gradient_accumulation < 1 or self.batch_size < 1:
+            raise ValueError("batch_size and gradient_accumulation must be at least 1")
         if self.lora_save not in LORA_SAVE_MODES:
             raise ValueError(f"lora_save must be one of {LORA_SAVE_MODES}, got {self.lora_save!r}")
         if any(g in LORA_GROUPS for g in groups) and self.zero_stage == 3:
@@ -97,14 +102,63 @@ def epoch_batches(n: int, batch_size: int, repeat: int, seed: int, epoch: int) -
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def make_batch(samples: DescriptionSamples, indices: list[int], load_counts: dict[int, int], processor) -> dict:
-    encoded, images = [], []
+def global_batches(n: int, config: TrainConfig, epoch: int) -> list[list[int]]:
+    """One epoch's global batches (batch_size x gradient_accumulation x ranks samples each).
+
+    They depend on the global batch size and the seed only, so the same seed gives the
+    same global batches whatever the rank count. A last batch too small to give every
+    rank's every micro-step a sample joins the batch before it (nothing is dropped).
+    """
+    parts = config.gradient_accumulation * ds_engine.world_size()
+    batches = epoch_batches(n, config.batch_size * parts, config.repeat_train, config.seed, epoch)
+    if len(batches) > 1 and len(batches[-1]) < parts:
+        tail = batches.pop()
+        batches[-1] = batches[-1] + tail
+    if len(batches[-1]) < parts:
+        raise ValueError(f"{n} training samples cannot fill {parts} micro-batches (ranks x gradient_accumulation)")
+    return batches
+
+
+def count_loads(indices: list[int], load_counts: dict[int, int]) -> list[int]:
+    """Each sample's load count at this occurrence, counted over the whole global batch on every
+    rank, so a sample's shuffled description is the same whichever rank loads it."""
+    counts = []
     for i in indices:
         load_counts[i] = load_counts.get(i, 0) + 1
-        e, image = samples.load(i, load_counts[i])
+        counts.append(load_counts[i])
+    return counts
+
+
+def my_micro_batches(indices: list[int], counts: list[int], config: TrainConfig) -> list[list[tuple[int, int]]]:
+    """This rank's micro-batches of a global batch: it is cut into ranks x accumulation
+    consecutive parts as equal as possible; rank r takes parts r*A ... r*A + A - 1."""
+    parts = config.gradient_accumulation * ds_engine.world_size()
+    pairs = list(zip(indices, counts))
+    size, extra = divmod(len(pairs), parts)
+    bounds = [k * size + min(k, extra) for k in range(parts + 1)]
+    chunks = [pairs[bounds[k] : bounds[k + 1]] for k in range(parts)]
+    first = ds_engine.rank() * config.gradient_accumulation
+    return chunks[first : first + config.gradient_accumulation]
+
+
+def make_batch(samples: DescriptionSamples, pairs: list[tuple[int, int]], processor) -> dict:
+    encoded, images = [], []
+    for index, load_count in pairs:
+        e, image = samples.load(index, load_count)
         encoded.append(e)
         images.append(image)
     return model_inputs(processor, encoded, images, padding_side="right")
+
+
+def on_device(batch: dict, device, dtype) -> dict:
+    """Pixels in the training dtype (bf16 engines hold bf16 weights); ids and masks as they are."""
+    return {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()}
+
+
+def mean_step_loss(losses: list[torch.Tensor]) -> float:
+    """The step's loss: the mean over this rank's micro-batches, averaged over the ranks."""
+    total = torch.stack([loss.detach().float() for loss in losses]).mean()
+    return round(ds_engine.average_across_ranks(total).item(), 5)
 
 
 def user_text_for(config: TrainConfig, processor) -> str:
@@ -114,7 +168,8 @@ def user_text_for(config: TrainConfig, processor) -> str:
 
 
 def run_warmup(model, proxy, samples, processor, config, load_counts, history) -> None:
-    """Stage 1: the model is frozen; only the proxy learns (on the training device, bf16 autocast if configured)."""
+    """Stage 1: the model is frozen; only the proxy learns (on the training device, bf16 autocast
+    if configured). Every rank holds the whole model; the proxy's gradient is averaged."""
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -124,21 +179,31 @@ def run_warmup(model, proxy, samples, processor, config, load_counts, history) -
     optimizer = torch.optim.AdamW([proxy.weight], lr=config.lr, weight_decay=0.0)
     model.train()
     for epoch in range(config.warmup_epochs):
-        batches = epoch_batches(len(samples), config.batch_size, config.repeat_train, config.seed, -1 - epoch)
-        for indices in tqdm(batches, desc=f"warm-up epoch {epoch + 1}", mininterval=5):
-            batch = {k: v.to(device) for k, v in make_batch(samples, indices, load_counts, processor).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                loss = model(**batch).loss
+        batches = global_batches(len(samples), config, -1 - epoch)
+        for indices in tqdm(batches, desc=f"warm-up epoch {epoch + 1}", mininterval=5, disable=ds_engine.rank() > 0):
+            counts = count_loads(indices, load_counts)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses = []
+            for pairs in my_micro_batches(indices, counts, config):
+                batch = on_device(make_batch(samples, pairs, processor), device, torch.float32)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    loss = model(**batch).loss
+                (loss / config.gradient_accumulation).backward()
+                losses.append(loss)
+            ds_engine.average_across_ranks(proxy.weight.grad)
             optimizer.step()
-            history.append({"stage": "warmup", "epoch": epoch, "loss": round(loss.item(), 5)})
+            history.append({"stage": "warmup", "epoch": epoch, "loss": mean_step_loss(losses)})
     for name, p in model.named_parameters():
         p.requires_grad_(flags[name])
 
 
 def run_main(engine, proxy, samples, processor, config, load_counts, history) -> None:
-    """Stage 2: model (through DeepSpeed) and proxy learn; the proxy follows its momentum copy."""
+    """Stage 2: model (through DeepSpeed) and proxy learn; the proxy follows its momentum copy.
+
+    DeepSpeed scales each micro-batch's loss by 1/accumulation, averages the model's
+    gradients over the ranks and steps at the accumulation boundary; the proxy, replicated
+    on every rank, gets the same: its accumulated gradient averaged over the ranks, one step.
+    """
     optimizer = None
     if proxy is not None:
         # Same AdamW and lr as the model, but its own optimizer: the proxy must not be
@@ -146,31 +211,34 @@ def run_main(engine, proxy, samples, processor, config, load_counts, history) ->
         # reference clips the model's gradients only.
         optimizer = torch.optim.AdamW([proxy.weight], lr=config.lr, weight_decay=0.0)
     engine.train()
+    dtype = next(engine.module.parameters()).dtype
     for epoch in range(config.epochs):
-        batches = epoch_batches(len(samples), config.batch_size, config.repeat_train, config.seed, epoch)
-        for indices in tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=5):
+        batches = global_batches(len(samples), config, epoch)
+        for indices in tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=5, disable=ds_engine.rank() > 0):
+            counts = count_loads(indices, load_counts)
             if proxy is not None and config.momentum > 0:
                 proxy.load_momentum_copy()
-            batch = make_batch(samples, indices, load_counts, processor)
-            # Pixels in the engine's dtype (bf16 engines hold bf16 weights); ids and masks as they are.
-            dtype = next(engine.module.parameters()).dtype
-            batch = {k: v.to(engine.device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()}
-            loss = engine(**batch).loss
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
-            engine.backward(loss)
-            engine.step()
+            losses = []
+            for pairs in my_micro_batches(indices, counts, config):
+                loss = engine(**on_device(make_batch(samples, pairs, processor), engine.device, dtype)).loss
+                engine.backward(loss)
+                engine.step()  # DeepSpeed steps only at the accumulation boundary
+                losses.append(loss)
             if optimizer is not None:
+                ds_engine.average_across_ranks(proxy.weight.grad)
                 optimizer.step()
                 if config.momentum > 0:
                     proxy.update_momentum_copy(config.momentum)
-            history.append({"stage": "main", "epoch": epoch, "loss": round(loss.item(), 5)})
+            history.append({"stage": "main", "epoch": epoch, "loss": mean_step_loss(losses)})
 
 
 def train(config: TrainConfig) -> dict:
     set_torch_threads(config.threads)
     torch.manual_seed(config.seed)
     started = time.time()
+    ds_engine.init_distributed()  # before the warm-up, which runs on every rank too
     model, processor = load_base_model(config.base_model, trust_remote_code=config.trust_remote_code)
     trainable = select_trainable(model, config.train_modules, lora_rank=config.lora_rank)
     if config.gradient_checkpointing:
@@ -183,12 +251,13 @@ def train(config: TrainConfig) -> dict:
         hidden = model.get_input_embeddings().weight.shape[1]
         generator = torch.Generator().manual_seed(config.seed)
         proxy = ProxyInstruction(config.proxy_tokens, hidden, processor.tokenizer.proxy_token_id, generator).attach(model)
+        proxy.to(ds_engine.training_device())
     history: list[dict] = []
     load_counts: dict[int, int] = {}
     if proxy is not None and config.warmup_epochs > 0:
         run_warmup(model, proxy, samples, processor, config, load_counts, history)
         proxy.reset_momentum_copy()
-    ds_config = ds_engine.deepspeed_config(config.batch_size, config.zero_stage, config.grad_clip, config.bf16)
+    ds_config = ds_engine.deepspeed_config(config.batch_size, config.zero_stage, config.grad_clip, config.bf16, config.gradient_accumulation, config.offload)
     engine = ds_engine.initialize(model, ds_config, config.lr)
     run_main(engine, proxy, samples, processor, config, load_counts, history)
     if proxy is not None:
@@ -206,6 +275,8 @@ def train(config: TrainConfig) -> dict:
     ds_engine.save_hf(engine, processor, out_dir, config.zero_stage)
     summary = {
         "config": asdict(config),
+        "ranks": ds_engine.world_size(),
+        "global_batch": config.batch_size * config.gradient_accumulation * ds_engine.world_size(),
         "trainable_parameters": trainable,
         "train_images": len(samples),
         "steps": len(history),
@@ -213,6 +284,13 @@ def train(config: TrainConfig) -> dict:
         "final_loss": history[-1]["loss"] if history else None,
         "history": history,
     }
+    if proxy is not None:
+        # Replicated, so identical on every rank; measured, not assumed.
+        summary["proxy_max_difference_across_ranks"] = max(
+            ds_engine.max_difference_across_ranks(proxy.weight.detach()), ds_engine.max_difference_across_ranks(proxy.momentum_copy)
+        )
+    if ds_engine.rank() > 0:
+        return summary
     if proxy is not None:
         from safetensors.torch import save_file
 
@@ -226,7 +304,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import HfArgumentParser
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import os
+
+    # Rank 0 logs (and shows progress) for the job; the other ranks only warn.
+    level = logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (config,) = HfArgumentParser(TrainConfig).parse_args_into_dataclasses(argv if argv is not None else sys.argv[1:])
     summary = train(config)
     log.info("trained %d steps in %.1fs, final loss %s", summary["steps"], summary["seconds"], summary["final_loss"])

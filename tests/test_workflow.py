@@ -171,6 +171,20 @@ def test_real_checkpoint_settings_are_checked_before_any_job(tmp_path):
     assert result.returncode != 0 and "methods.ift on wbcatt: LoRA with ZeRO-3 is not supported" in result.stdout + result.stderr
 
 
+def test_several_ranks_start_through_torchrun_with_their_threads(tmp_path):
+    config = copy.deepcopy(default_config())
+    config["methods"]["ift"].update(ranks=2, gradient_accumulation=2)
+    result = snakemake("-n", "-p", f"--configfile={write_config(tmp_path / 'config.yaml', config)}", "results/table1.csv",
+                       workdir=tmp_path / "work")
+    output = result.stdout + result.stderr
+    ift = [block for block in output.split("\n\n") if "seed-1/model.safetensors" in block and "medift.train" in block
+           and "/ift/" in block]
+    assert ift and all("torch.distributed.run --standalone --nnodes 1 --nproc_per_node 2 -m medift.train" in b for b in ift)
+    assert all("--gradient_accumulation 2" in b and "--threads 1 " in b and "threads: 2" in b for b in ift)
+    caption = [block for block in output.split("\n\n") if "/caption_ft/seed-1/model.safetensors" in block and "medift.train" in block]
+    assert caption and all("HF_HUB_OFFLINE=1 python -m medift.train" in b for b in caption)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -179,6 +193,7 @@ def test_real_checkpoint_settings_are_checked_before_any_job(tmp_path):
         (lambda c: c["train"].update(accelerator="tpu"), "tpu"),
         (lambda c: c["datasets"].update(mnist={"source": "synthetic"}), "adapter"),
         (lambda c: c["datasets"].update(skincon={"source": "synthetic"}), "needs a real checkpoint"),
+        (lambda c: c["train"].update(offload="optimizer+parameters"), "offload optimizer+parameters needs zero_stage 3"),
     ],
 )
 def test_invalid_config_is_rejected(tmp_path, change, message):

@@ -102,6 +102,12 @@ def _check_config():
         for dataset in config["datasets"]:
             settings = get_train_settings(SimpleNamespace(method=method, dataset=dataset))
             groups = settings["train_modules"].split(",")
+            offload, stage = settings["offload"], settings["zero_stage"]
+            if (offload != "none" and stage < 2) or (offload == "optimizer+parameters" and stage != 3):
+                raise WorkflowError(
+                    f"methods.{method} on {dataset}: offload {offload} needs zero_stage "
+                    f"{'3' if offload == 'optimizer+parameters' else '2 or 3'}, not {stage}"
+                )
             if any(g.startswith("lora") for g in groups) and settings["zero_stage"] == 3:
                 raise WorkflowError(
                     f"methods.{method} on {dataset}: LoRA with ZeRO-3 is not supported "
@@ -237,7 +243,22 @@ def get_train_params(wildcards):
 
 
 def get_train_threads(wildcards):
+    """A training job's threads: `threads` for each of its ranks."""
+    settings = get_train_settings(wildcards)
+    return settings["threads"] * settings["ranks"]
+
+
+def get_rank_threads(wildcards):
     return get_train_settings(wildcards)["threads"]
+
+
+def get_train_launcher(wildcards):
+    """The one launcher of a training job: the module itself for one rank, torchrun for several
+    (--standalone: a rendezvous of the job's own on a free port, so jobs run side by side)."""
+    ranks = get_train_settings(wildcards)["ranks"]
+    if ranks == 1:
+        return "python -m medift.train"
+    return f"python -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node {ranks} -m medift.train"
 
 
 def get_method_seeds(method):

@@ -17,6 +17,8 @@ rule train_model:
         out_dir=subpath(output.weights, parent=True),
         trust_remote_code=config["base_model"]["trust_remote_code"],
         settings=get_train_params,
+        launcher=get_train_launcher,
+        rank_threads=get_rank_threads,
     wildcard_constraints:
         method=_alternatives(get_trained_methods()),
     log:
@@ -29,7 +31,7 @@ rule train_model:
     conda:
         "../envs/medift.yaml"
     shell:
-        "DS_ACCELERATOR={params.settings[accelerator]} HF_HUB_OFFLINE=1 python -m medift.train"
+        "DS_ACCELERATOR={params.settings[accelerator]} HF_HUB_OFFLINE=1 {params.launcher}"
         " --shards {params.shards} --base_model {params.base_model} --out_dir {params.out_dir}"
         " --proxy {params.settings[proxy]} --proxy_tokens {params.settings[proxy_tokens]}"
         " --momentum {params.settings[momentum]} --warmup_epochs {params.settings[warmup_epochs]}"
@@ -37,7 +39,8 @@ rule train_model:
         " --train_modules {params.settings[train_modules]} --lora_rank {params.settings[lora_rank]}"
         " --lora_save {params.settings[lora_save]} --gradient_checkpointing {params.settings[gradient_checkpointing]}"
         " --lr {params.settings[lr]} --batch_size {params.settings[batch_size]}"
+        " --gradient_accumulation {params.settings[gradient_accumulation]} --offload {params.settings[offload]}"
         " --grad_clip {params.settings[grad_clip]} --zero_stage {params.settings[zero_stage]}"
         " --bf16 {params.settings[bf16]} --repeat_train {params.settings[repeat_train]}"
         " --trust_remote_code {params.trust_remote_code} --seed {wildcards.seed}"
-        " --threads {threads} > {log} 2>&1"
+        " --threads {params.rank_threads} > {log} 2>&1"
