@@ -248,10 +248,6 @@ def get_train_threads(wildcards):
     return settings["threads"] * settings["ranks"]
 
 
-def get_rank_threads(wildcards):
-    return get_train_settings(wildcards)["threads"]
-
-
 def get_train_launcher(wildcards):
     """The one launcher of a training job: the module itself for one rank, torchrun for several
     (--standalone: a rendezvous of the job's own on a free port, so jobs run side by side)."""

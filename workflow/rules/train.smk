@@ -18,7 +18,6 @@ rule train_model:
         trust_remote_code=config["base_model"]["trust_remote_code"],
         settings=get_train_params,
         launcher=get_train_launcher,
-        rank_threads=get_rank_threads,
     wildcard_constraints:
         method=_alternatives(get_trained_methods()),
     log:
@@ -43,4 +42,5 @@ rule train_model:
         " --grad_clip {params.settings[grad_clip]} --zero_stage {params.settings[zero_stage]}"
         " --bf16 {params.settings[bf16]} --repeat_train {params.settings[repeat_train]}"
         " --trust_remote_code {params.trust_remote_code} --seed {wildcards.seed}"
-        " --threads {params.rank_threads} > {log} 2>&1"
+        # Each rank's share of the job's threads (not a param: threads change no result).
+        " --threads $(( ({threads} + {params.settings[ranks]} - 1) / {params.settings[ranks]} )) > {log} 2>&1"
