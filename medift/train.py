@@ -19,7 +19,7 @@ from tqdm import tqdm
 from medift.runtime import set_torch_threads
 from medift.chat import CAPTION_INSTRUCTION, Encoded, encode_conversation, model_inputs
 from medift.images import decode_image
-from medift.model.loading import LORA_GROUPS, load_base_model, merge_lora, parse_groups, remove_lora, save_lora_adapter, select_trainable
+from medift.model.loading import LORA_GROUPS, load_base_model, merge_lora, parse_groups, save_lora_adapter, unwrap_lora, select_trainable
 from medift.proxy import ProxyInstruction
 from medift.shards import load_descriptions
 from medift import engine as ds_engine
@@ -175,7 +175,6 @@ def run_warmup(model, proxy, samples, processor, config, load_counts, history) -
         p.requires_grad_(False)
     device = ds_engine.training_device()
     model.to(device)
-    proxy.to(device)
     optimizer = torch.optim.AdamW([proxy.weight], lr=config.lr, weight_decay=0.0)
     model.train()
     for epoch in range(config.warmup_epochs):
@@ -267,7 +266,7 @@ def train(config: TrainConfig) -> dict:
     if any(g in LORA_GROUPS for g in trainable["groups"]):
         if config.lora_save == "adapter":
             save_lora_adapter(engine.module, out_dir)
-            remove_lora(engine.module)  # the model beside the adapter is its base: fully trained groups, no adapters
+            unwrap_lora(engine.module, merge=False)  # the model beside the adapter is its base: fully trained groups, no adapters
         else:
             merge_lora(engine.module)
     if config.gradient_checkpointing:

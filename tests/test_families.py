@@ -23,14 +23,12 @@ from PIL import Image
 
 from medift import mcq
 from medift.chat import IGNORE_INDEX, encode_conversation, model_inputs
-from medift.datasets.synthetic import write_synthetic
 from medift.evaluate import EvaluateConfig, score_questions
 from medift.images import encode_image
 from medift.model.families import FAMILIES, native_image_size
 from medift.model.loading import ADAPTER_DIR, load_base_model, parameter_groups, select_trainable
 from medift.model.pretrain import held_out_questions
 from medift.model.tiny import build_tiny_checkpoint, family_names
-from medift.prepare import ShardsConfig, prepare_shards
 from medift.train import TrainConfig, train
 
 ALL = family_names()
@@ -50,12 +48,8 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    write_synthetic("wbcatt", root / "raw", seed=3, n_train=4, n_val=2, n_test=4, image_size=64)
-    prepare_shards(ShardsConfig(dataset="wbcatt", raw_dir=str(root / "raw"), out_dir=str(root / "shards"),
-                                report=str(root / "report.json"), image_size=64, seed=3))
-    return root / "shards"
+def shards(tiny_wbcatt_shards):
+    return tiny_wbcatt_shards
 
 
 def image(seed: int = 0, size=(64, 64)) -> Image.Image:

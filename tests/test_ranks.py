@@ -18,25 +18,21 @@ import pytest
 import torch
 
 from medift import engine
-from medift.datasets.synthetic import write_synthetic
 from medift.model.loading import load_base_model
 from medift.model.tiny import build_tiny_checkpoint
-from medift.prepare import ShardsConfig, prepare_shards
 from medift.train import TrainConfig, count_loads, global_batches, my_micro_batches
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_wbcatt_shards):
     root = tmp_path_factory.mktemp("ranks")
-    write_synthetic("wbcatt", root / "raw", seed=3, n_train=4, n_val=2, n_test=4, image_size=64)
-    prepare_shards(ShardsConfig(dataset="wbcatt", raw_dir=str(root / "raw"), out_dir=str(root / "shards"),
-                                report=str(root / "report.json"), image_size=64, seed=3))
-    return root, build_tiny_checkpoint("llava", root / "llava")
+    return root, tiny_wbcatt_shards, build_tiny_checkpoint("llava", root / "llava")
 
 
-def run_training(root, checkpoint, name: str, ranks: int, **settings) -> dict:
+def run_training(setup, name: str, ranks: int, **settings) -> dict:
+    root, shards, checkpoint = setup
     out = root / name
-    args = ["--shards", str(root / "shards"), "--base_model", str(checkpoint), "--out_dir", str(out),
+    args = ["--shards", str(shards), "--base_model", str(checkpoint), "--out_dir", str(out),
             "--proxy", "True", "--proxy_tokens", "4", "--epochs", "2", "--warmup_epochs", "1", "--lr", "1e-3", "--seed", "3"]
     for key, value in settings.items():
         args += [f"--{key}", str(value)]
@@ -61,9 +57,8 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 def test_two_ranks_equal_one_rank_with_accumulation(setup):
-    root, checkpoint = setup
-    one = run_training(root, checkpoint, "one-rank", 1, batch_size=1, gradient_accumulation=2)
-    two = run_training(root, checkpoint, "two-ranks", 2, batch_size=1, gradient_accumulation=1)
+    one = run_training(setup, "one-rank", 1, batch_size=1, gradient_accumulation=2)
+    two = run_training(setup, "two-ranks", 2, batch_size=1, gradient_accumulation=1)
     assert (one["ranks"], two["ranks"]) == (1, 2) and one["global_batch"] == two["global_batch"] == 2
     assert [h["loss"] for h in one["history"]] == pytest.approx([h["loss"] for h in two["history"]], abs=1e-6)
     assert len(two["history"]) == 6  # 2 global steps per epoch (4 images), warm-up + 2 epochs
@@ -78,11 +73,10 @@ def test_two_ranks_equal_one_rank_with_accumulation(setup):
 
 @pytest.mark.parametrize("stage,offload", [(3, "none"), (2, "optimizer"), (3, "optimizer+parameters")])
 def test_zero_stages_and_offload_give_the_same_weights(setup, stage, offload):
-    root, checkpoint = setup
-    reference_dir = root / "zero2"
+    reference_dir = setup[0] / "zero2"
     if not (reference_dir / "train_summary.json").is_file():
-        run_training(root, checkpoint, "zero2", 2, batch_size=1, zero_stage=2)
-    other = run_training(root, checkpoint, f"zero{stage}-{offload}", 2, batch_size=1, zero_stage=stage, offload=offload)
+        run_training(setup, "zero2", 2, batch_size=1, zero_stage=2)
+    other = run_training(setup, f"zero{stage}-{offload}", 2, batch_size=1, zero_stage=stage, offload=offload)
     assert max_difference(weights(reference_dir), weights(other["out"])) <= 1e-5
 
 

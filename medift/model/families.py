@@ -25,7 +25,6 @@ class Family:
     groups: dict[str, str]  # group -> regex over parameter names
     lora_targets: dict[str, str] = field(default_factory=dict)  # "language_model" / "vision" -> regex over module names
     implies: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group -> groups it trains too
-    note: str = ""
 
 
 def _lm(prefix: str) -> str:
@@ -69,8 +68,8 @@ _add(("mllama",), Family(
 _add(("qwen2_vl", "qwen2_5_vl"), Family(
     "Qwen2-VL / Qwen2.5-VL",
     {"projector": r"(^|\.)visual\.merger\.", "vision": r"(^|\.)visual\.", "language_model": _lm("language_model")},
+    # (3-D M-RoPE positions: the model derives them in generate; none are passed.)
     {"language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}", "vision": r"(^|\.)visual\.blocks\.\d+\.attn\.qkv$"},
-    note="3-D M-RoPE positions: the model derives them (never pass 1-D position ids)",
 ))
 _add(("idefics3", "smolvlm"), Family(
     "Idefics3 / SmolVLM",

@@ -164,18 +164,25 @@ def add_lora(model, target_patterns: list[str], rank: int) -> None:
     model._medift_lora_config = config  # kept for saving the adapter as peft's own layout
 
 
-def merge_lora(model) -> int:
-    """Fold LoRA adapters into their base weights so the checkpoint is a plain model again."""
+def unwrap_lora(model, merge: bool = True) -> int:
+    """Put the base layers back in place of the LoRA layers, with the adapters folded into
+    their weights (`merge`: a plain checkpoint again) or dropped (saved on their own)."""
     from peft.tuners.lora import LoraLayer
 
-    merged = 0
+    unwrapped = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            module.merge()
+            if merge:
+                module.merge()
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, module.get_base_layer())
-            merged += 1
-    return merged
+            unwrapped += 1
+    return unwrapped
+
+
+def merge_lora(model) -> int:
+    """Fold LoRA adapters into their base weights so the checkpoint is a plain model again."""
+    return unwrap_lora(model, merge=True)
 
 
 def save_lora_adapter(model, out_dir: Path) -> Path:
@@ -195,16 +202,3 @@ def save_lora_adapter(model, out_dir: Path) -> Path:
     config.base_model_name_or_path = str(Path(out_dir).resolve())
     config.save_pretrained(str(adapter_dir))
     return adapter_dir
-
-
-def remove_lora(model) -> int:
-    """Put the base layers back without merging (the adapter is saved on its own)."""
-    from peft.tuners.lora import LoraLayer
-
-    removed = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
-            removed += 1
-    return removed

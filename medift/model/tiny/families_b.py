@@ -170,7 +170,8 @@ def _qwen_processor(processor_class):
                            chat_template=QWEN_VL_CHAT_TEMPLATE)
 
 
-def _qwen_text_kwargs(tokenizer) -> dict:
+def _decoder_sizes(tokenizer) -> dict:
+    """The toy decoder every family here shares: sizes and the tokenizer's vocabulary and ids."""
     return dict(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN,
@@ -179,10 +180,16 @@ def _qwen_text_kwargs(tokenizer) -> dict:
         num_attention_heads=HEADS,
         num_key_value_heads=HEADS,
         max_position_embeddings=MAX_POSITIONS,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": QWEN_MROPE_SECTION},
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _qwen_text_kwargs(tokenizer) -> dict:
+    return dict(
+        **_decoder_sizes(tokenizer),
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": QWEN_MROPE_SECTION},
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
 
 
@@ -286,19 +293,7 @@ def _idefics_vision_kwargs(patch_size: int) -> dict:
 
 
 def _llama_text_config(tokenizer) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
-        max_position_embeddings=MAX_POSITIONS,
-        rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    return LlamaConfig(**_decoder_sizes(tokenizer), rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id)
 
 
 def _image_seq_len(patch_size: int, scale_factor: int) -> int:
@@ -395,19 +390,8 @@ def build_internvl(seed: int = 0):
         image_seq_length=image_seq_length,
         chat_template=INTERNVL_CHAT_TEMPLATE,
     )
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
-        max_position_embeddings=MAX_POSITIONS,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
+    text = Qwen2Config(**_decoder_sizes(tokenizer), bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                       tie_word_embeddings=True)
     vision = InternVLVisionConfig(
         hidden_size=VISION_HIDDEN,
         intermediate_size=2 * VISION_HIDDEN,
