@@ -40,6 +40,17 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+def shutdown() -> None:
+    """Leave the job's process group once every rank is done (a rank that exits while a gloo
+    thread still serves the group aborts: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     import torch.distributed as dist
 

@@ -33,7 +33,7 @@ from medift.generation import best_letter, generate_answers, score_letters
 from medift.images import decode_image
 from medift.model.loading import load_base_model
 from medift.runtime import resolve_device, set_torch_threads
-from medift.shards import load_questions
+from medift.shards import QUESTIONS, ShardRows
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +82,30 @@ def asked_prompts(questions: pd.DataFrame, circular: bool) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def score_questions(model, processor, questions: pd.DataFrame, config: EvaluateConfig) -> pd.DataFrame:
-    """Ask every prompt in `config.scoring` mode; one output row per asked prompt."""
+def score_questions(model, processor, questions: pd.DataFrame, config: EvaluateConfig, progress=None) -> pd.DataFrame:
+    """Ask every prompt in `config.scoring` mode; one output row per asked prompt.
+
+    `progress` (a tqdm bar) advances by one per asked prompt; without it the call shows its own.
+    """
     asked = asked_prompts(questions, config.circular)
     instructions = [mcq.build_mcq_instruction(q, opts) for q, opts in zip(asked["question"], asked["options"])]
     # Rotations of a question share its image: decode each image once.
     decoded = {image_id: decode_image(data) for image_id, data in zip(asked["image_id"], asked["image"])}
     images = [decoded[image_id] for image_id in asked["image_id"]]
     n_options = [len(options) for options in asked["options"]]
-    with tqdm(total=len(instructions), desc=f"evaluate ({config.scoring})", unit="q", mininterval=5) as bar:
-        if config.scoring == "generate":
-            outputs = generate_answers(model, processor, instructions, images, config.max_new_tokens, config.batch_size, bar)
-            letters = [mcq.parse_answer_letter(output, n) for output, n in zip(outputs, n_options)]
-            scores = [""] * len(outputs)
-        else:
-            letter_scores = score_letters(model, processor, instructions, images, n_options, config.batch_size, bar)
-            letters = [best_letter(s) for s in letter_scores]
-            outputs = [""] * len(letters)
-            scores = [json.dumps({k: round(v, 4) for k, v in s.items()}) for s in letter_scores]
+    own_bar = progress is None
+    bar = tqdm(total=len(instructions), desc=f"evaluate ({config.scoring})", unit="q", mininterval=5) if own_bar else progress
+    if config.scoring == "generate":
+        outputs = generate_answers(model, processor, instructions, images, config.max_new_tokens, config.batch_size, bar)
+        letters = [mcq.parse_answer_letter(output, n) for output, n in zip(outputs, n_options)]
+        scores = [""] * len(outputs)
+    else:
+        letter_scores = score_letters(model, processor, instructions, images, n_options, config.batch_size, bar)
+        letters = [best_letter(s) for s in letter_scores]
+        outputs = [""] * len(letters)
+        scores = [json.dumps({k: round(v, 4) for k, v in s.items()}) for s in letter_scores]
+    if own_bar:
+        bar.close()
     rows = []
     for (_, q), prompt, output, letter, score in zip(asked.iterrows(), instructions, outputs, letters, scores):
         answer = mcq.LETTERS[int(q["answer_index"])]
@@ -138,16 +144,35 @@ def summarize(predictions: pd.DataFrame) -> dict:
     return summary
 
 
+QUESTION_COLUMNS = ("question_id", "image_id", "attribute", "question", "options", "answer_index", "image")
+
+
+def score_split(model, processor, config: EvaluateConfig) -> pd.DataFrame:
+    """Predictions for every question of `config.split`, read and scored one shard row group at
+    a time, so memory does not grow with the split (answers do not depend on batching)."""
+    shards = Path(config.shards)
+    reader = ShardRows(shards, QUESTIONS, config.split, QUESTION_COLUMNS)
+    if len(reader) == 0:
+        raise ValueError(f"{config.shards}: no {config.split} questions")
+    # The prompt count for the progress bar: the options column alone is a cheap read.
+    n_prompts = sum(len(options) if config.circular else 1
+                    for frame in ShardRows(shards, QUESTIONS, config.split, ["options"], verify=False).row_groups()
+                    for options in frame["options"])
+    parts = []
+    with tqdm(total=n_prompts, desc=f"evaluate ({config.scoring})", unit="q", mininterval=5) as bar:
+        for frame in reader.row_groups():
+            frame["options"] = [list(options) for options in frame["options"]]
+            parts.append(score_questions(model, processor, frame, config, progress=bar))
+    return pd.concat(parts, ignore_index=True)
+
+
 def evaluate(config: EvaluateConfig) -> dict:
     set_torch_threads(config.threads)
     started = time.time()
     model, processor = load_base_model(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
     model.to(resolve_device(config.device))
-    questions = load_questions(Path(config.shards), config.split)
-    if questions.empty:
-        raise ValueError(f"{config.shards}: no {config.split} questions")
     scoring_started = time.time()
-    predictions = score_questions(model, processor, questions, config)
+    predictions = score_split(model, processor, config)
     scoring_seconds = time.time() - scoring_started
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(config.out, index=False)

@@ -42,6 +42,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -431,6 +432,80 @@ def _load_kind(shard_dir: Path, kind: str, split: str) -> pd.DataFrame:
         tables.append(table)
     table = pa.concat_tables(tables) if tables else SCHEMAS[kind].empty_table()
     return table.to_pandas()
+
+
+class ShardRows:
+    """Rows of one (kind, split), read row group by row group: memory stays flat in dataset size.
+
+    Only an index (file, row group, row within it: 12 bytes a row) and the last
+    `cached_groups` row groups read stay in memory, so any row can be read in any order (a
+    seeded shuffle over the whole split, as training needs) and a pass in file order
+    (evaluation) decodes each row group once. Each file's checksum and row count are checked
+    against the manifest when the reader is made (`verify=False`: the row counts only). Picklable: a DataLoader worker reopens
+    the files itself (open parquet handles are never shared across processes).
+    """
+
+    def __init__(self, shard_dir: Path, kind: str, split: str, columns: Sequence[str], cached_groups: int = 2,
+                 verify: bool = True):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        self.shard_dir, self.columns, self.cached_groups = Path(shard_dir), list(columns), cached_groups
+        unknown = [c for c in self.columns if c not in SCHEMAS[kind].names]
+        if unknown:
+            raise ValueError(f"{kind} shards have no column(s) {unknown}; they have {SCHEMAS[kind].names}")
+        manifest = _load_manifest_file(self.shard_dir)
+        self.paths: list[Path] = []
+        files, groups, rows = [], [], []
+        for entry in (e for e in manifest["files"] if e["kind"] == kind and e["split"] == split):
+            path = self.shard_dir / entry["path"]
+            if verify:
+                _verify_file(self.shard_dir, entry)
+            metadata = pq.ParquetFile(path).metadata
+            if metadata.num_rows != entry["rows"]:
+                raise ShardError(f"{path} has {metadata.num_rows} rows, manifest says {entry['rows']}")
+            for group in range(metadata.num_row_groups):
+                n = metadata.row_group(group).num_rows
+                files.append(np.full(n, len(self.paths), dtype=np.int32))
+                groups.append(np.full(n, group, dtype=np.int32))
+                rows.append(np.arange(n, dtype=np.int32))
+            self.paths.append(path)
+        empty = np.empty(0, dtype=np.int32)
+        self._file = np.concatenate(files) if files else empty
+        self._group = np.concatenate(groups) if groups else empty
+        self._row = np.concatenate(rows) if rows else empty
+        self._open: dict[int, pq.ParquetFile] = {}
+        self._cache: dict[tuple[int, int], dict[str, list]] = {}
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}, "_cache": {}}
+
+    def _read_group(self, file: int, group: int) -> dict[str, list]:
+        key = (file, group)
+        if key not in self._cache:
+            if file not in self._open:
+                self._open[file] = pq.ParquetFile(self.paths[file])
+            table = self._open[file].read_row_group(group, columns=self.columns)
+            while len(self._cache) >= self.cached_groups:
+                self._cache.pop(next(iter(self._cache)))  # the oldest read goes first
+            self._cache[key] = {c: table.column(c).to_pylist() for c in self.columns}
+        return self._cache[key]
+
+    def row(self, index: int) -> dict:
+        """The configured columns of row `index` (in manifest, file, row order)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} of {len(self)}")
+        group = self._read_group(int(self._file[index]), int(self._group[index]))
+        return {c: group[c][int(self._row[index])] for c in self.columns}
+
+    def row_groups(self) -> Iterator[pd.DataFrame]:
+        """Every row, one row group at a time, in order (each decoded once)."""
+        for file, path in enumerate(self.paths):
+            handle = pq.ParquetFile(path)
+            for group in range(handle.metadata.num_row_groups):
+                yield handle.read_row_group(group, columns=self.columns).to_pandas()
 
 
 def load_descriptions(shard_dir: Path, split: str) -> pd.DataFrame:

@@ -11,6 +11,7 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,10 +19,12 @@ from tqdm import tqdm
 
 from medift.runtime import set_torch_threads
 from medift.chat import CAPTION_INSTRUCTION, Encoded, encode_conversation, model_inputs
+from medift.checkpoints import Checkpoints
+from medift.evaluate import QUESTION_COLUMNS, EvaluateConfig, score_questions
 from medift.images import decode_image
 from medift.model.loading import LORA_GROUPS, load_base_model, merge_lora, parse_groups, save_lora_adapter, unwrap_lora, select_trainable
 from medift.proxy import ProxyInstruction
-from medift.shards import load_descriptions
+from medift.shards import DESCRIPTIONS, QUESTIONS, ShardRows
 from medift import engine as ds_engine
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,13 @@ class TrainConfig:
     seed: int = field(default=1, metadata={"help": "Seeds order, shuffling, proxy init."})
     threads: int = field(default=1, metadata={"help": "torch intra-op threads (the rule's `threads`)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint (off: only transformers' own classes)."})
+    validate: bool = field(default=True, metadata={"help": "After every stage-2 epoch, letter-scoring accuracy on the validation questions (logged, in the summary and TensorBoard)."})
+    select: str = field(default="last", metadata={"help": "Which epoch's model is saved: last, or best_val (the highest validation accuracy; the earliest on a tie)."})
+    val_batch_size: int = field(default=32, metadata={"help": "Questions per forward pass of the validation."})
+    checkpoint_dir: str = field(default="", metadata={"help": "Directory of resumable checkpoints (outside the job's outputs); a restarted job resumes from its latest. Empty: none."})
+    checkpoint_every: int = field(default=0, metadata={"help": "Optimizer steps between checkpoints (warm-up steps count); 0: none."})
+    data_workers: int = field(default=0, metadata={"help": "DataLoader worker processes that decode images and run the processor ahead of the step (0: in the training process)."})
+    tensorboard_dir: str = field(default="", metadata={"help": "Where TensorBoard event files go (loss, lr, gradient norm, proxy drift, tokens/s, validation accuracy). Empty: none."})
 
     def __post_init__(self):
         # Incompatible settings fail here, before any model is loaded.
@@ -61,39 +71,62 @@ class TrainConfig:
             raise ValueError("batch_size and gradient_accumulation must be at least 1")
         if self.lora_save not in LORA_SAVE_MODES:
             raise ValueError(f"lora_save must be one of {LORA_SAVE_MODES}, got {self.lora_save!r}")
+        if self.select not in SELECT_MODES:
+            raise ValueError(f"select must be one of {SELECT_MODES}, got {self.select!r}")
+        if self.select == "best_val" and not self.validate:
+            raise ValueError("select best_val needs validate true (the validation accuracy chooses the epoch)")
+        if self.checkpoint_every < 0 or self.data_workers < 0:
+            raise ValueError("checkpoint_every and data_workers cannot be negative")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every needs a checkpoint_dir")
+        if self.epochs < 1:
+            raise ValueError("epochs must be at least 1")
         if any(g in LORA_GROUPS for g in groups) and self.zero_stage == 3:
             raise ValueError("LoRA with ZeRO-3 is not supported (adapters cannot be merged or saved from partitioned weights); use zero_stage 2")
 
 
 LORA_SAVE_MODES = ("merged", "adapter")
+SELECT_MODES = ("last", "best_val")
+# Settings that change nothing a checkpoint holds: a job may resume under other values of them.
+NOT_IN_FINGERPRINT = ("threads", "checkpoint_dir", "checkpoint_every", "data_workers", "tensorboard_dir")
 
 
-class DescriptionSamples:
-    """Training samples read from shards; the description is re-shuffled at every load."""
+class DescriptionSamples(torch.utils.data.Dataset):
+    """Training samples read from shards row group by row group; the description is re-shuffled at every load.
+
+    Item (index, load_count) -> (encoded conversation, image); load_count seeds the shuffle,
+    so a sample's description depends on how often it was loaded, not on which process or
+    DataLoader worker loads it.
+    """
 
     def __init__(self, shard_dir: str, processor, user_text: str, shuffle: bool, seed: int):
-        frame = load_descriptions(Path(shard_dir), "train")
-        if frame.empty:
+        self.rows = ShardRows(Path(shard_dir), DESCRIPTIONS, "train", ("image", "description"))
+        if len(self.rows) == 0:
             raise ValueError(f"{shard_dir}: no training descriptions")
-        self.images = list(frame["image"])
-        self.descriptions = list(frame["description"])
         self.processor, self.user_text, self.shuffle, self.seed = processor, user_text, shuffle, seed
 
     def __len__(self) -> int:
-        return len(self.descriptions)
+        return len(self.rows)
 
-    def response(self, index: int, load_count: int) -> str:
-        text = self.descriptions[index]
+    def response(self, description: str, index: int, load_count: int) -> str:
         if not self.shuffle:
-            return text
-        phrases = [p.strip() for p in text.split(",") if p.strip()]
+            return description
+        phrases = [p.strip() for p in description.split(",") if p.strip()]
         # Seeded by (seed, sample, load) so a rerun shuffles identically, whatever the batch order.
         random.Random(f"{self.seed}:{index}:{load_count}").shuffle(phrases)
         return ", ".join(phrases)
 
-    def load(self, index: int, load_count: int) -> tuple[Encoded, object]:
-        encoded = encode_conversation(self.processor, [self.user_text], [self.response(index, load_count)], with_image=True)
-        return encoded, decode_image(self.images[index])
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Encoded, object]:
+        index, load_count = key
+        row = self.rows.row(index)
+        response = self.response(row["description"], index, load_count)
+        encoded = encode_conversation(self.processor, [self.user_text], [response], with_image=True)
+        return encoded, decode_image(row["image"])
+
+
+def collate_samples(processor, items: list[tuple[Encoded, object]]) -> dict:
+    """A micro-batch through the family's processor (the one model-input builder)."""
+    return model_inputs(processor, [e for e, _ in items], [image for _, image in items], padding_side="right")
 
 
 def epoch_batches(n: int, batch_size: int, repeat: int, seed: int, epoch: int) -> list[list[int]]:
@@ -119,12 +152,13 @@ def global_batches(n: int, config: TrainConfig, epoch: int) -> list[list[int]]:
     return batches
 
 
-def count_loads(indices: list[int], load_counts: dict[int, int]) -> list[int]:
+def count_loads(indices: list[int], load_counts: dict[int, int], start: int = 0) -> list[int]:
     """Each sample's load count at this occurrence, counted over the whole global batch on every
-    rank, so a sample's shuffled description is the same whichever rank loads it."""
+    rank, so a sample's shuffled description is the same whichever rank loads it. `start`: the
+    loads before this epoch (every epoch loads every sample repeat_train times)."""
     counts = []
     for i in indices:
-        load_counts[i] = load_counts.get(i, 0) + 1
+        load_counts[i] = load_counts.get(i, start) + 1
         counts.append(load_counts[i])
     return counts
 
@@ -141,13 +175,32 @@ def my_micro_batches(indices: list[int], counts: list[int], config: TrainConfig)
     return chunks[first : first + config.gradient_accumulation]
 
 
-def make_batch(samples: DescriptionSamples, pairs: list[tuple[int, int]], processor) -> dict:
-    encoded, images = [], []
-    for index, load_count in pairs:
-        e, image = samples.load(index, load_count)
-        encoded.append(e)
-        images.append(image)
-    return model_inputs(processor, encoded, images, padding_side="right")
+def epoch_plan(config: TrainConfig) -> list[tuple[str, int, int]]:
+    """(stage, epoch within the stage, order seed) of every epoch: the warm-up's, then the main stage's."""
+    warmup = config.warmup_epochs if config.proxy else 0
+    return [("warmup", e, -1 - e) for e in range(warmup)] + [("main", e, e) for e in range(config.epochs)]
+
+
+def epoch_steps(n: int, config: TrainConfig, plan_index: int, order_epoch: int) -> list[list[list[tuple[int, int]]]]:
+    """This rank's micro-batches, step by step, of one epoch of the plan. The data position of a
+    checkpoint is (plan index, steps done): both suffice to rebuild every later batch."""
+    load_counts: dict[int, int] = {}
+    start = plan_index * config.repeat_train
+    return [my_micro_batches(indices, count_loads(indices, load_counts, start), config)
+            for indices in global_batches(n, config, order_epoch)]
+
+
+def micro_batch_loader(samples: DescriptionSamples, steps: list[list[list[tuple[int, int]]]], processor, workers: int):
+    """Micro-batches in step order; with workers, images are decoded and the processor runs ahead of the step."""
+    return torch.utils.data.DataLoader(
+        samples,
+        batch_sampler=[micro for step in steps for micro in step],
+        collate_fn=partial(collate_samples, processor),
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        # Workers' seeds come from this generator, not the global RNG, whose state a resumed job restores.
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def on_device(batch: dict, device, dtype) -> dict:
@@ -167,70 +220,239 @@ def user_text_for(config: TrainConfig, processor) -> str:
     return processor.tokenizer.proxy_token * config.proxy_tokens
 
 
-def run_warmup(model, proxy, samples, processor, config, load_counts, history) -> None:
+def fingerprint(config: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(config).items() if k not in NOT_IN_FINGERPRINT} | {"ranks": ds_engine.world_size()}
+
+
+class Validation:
+    """Letter-scoring accuracy on the validation questions (rotation 0), asked of the model
+    without the proxy, as the saved model will be. Every rank asks every question (ZeRO-3
+    forwards are collective), so every rank gets the same accuracy."""
+
+    def __init__(self, shards: str, batch_size: int):
+        self.reader = ShardRows(Path(shards), QUESTIONS, "val", QUESTION_COLUMNS)
+        if len(self.reader) == 0:
+            raise ValueError(f"{shards}: no validation questions (set validate false)")
+        self.config = EvaluateConfig(model="", shards=shards, out="", summary="", split="val", scoring="letter",
+                                     circular=False, batch_size=batch_size)
+
+    def accuracy(self, model, processor, proxy) -> float:
+        if proxy is not None:
+            proxy.detach()
+        correct = 0
+        with tqdm(total=len(self.reader), desc="validation", unit="q", mininterval=5, disable=ds_engine.rank() > 0) as bar:
+            for frame in self.reader.row_groups():
+                frame["options"] = [list(options) for options in frame["options"]]
+                correct += int(score_questions(model, processor, frame, self.config, progress=bar)["correct"].sum())
+        if proxy is not None:
+            proxy.attach(model)
+        model.train()
+        return round(100 * correct / len(self.reader), 2)
+
+
+def trainable_weights(module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """A CPU copy of the trainable weights (gathered from every rank under ZeRO-3)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            return {n: p.detach().float().cpu().clone() for n, p in named}
+    return {n: p.detach().float().cpu().clone() for n, p in named}
+
+
+def restore_trainable_weights(module, weights: dict[str, torch.Tensor], zero_stage: int) -> None:
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0), torch.no_grad():
+            if ds_engine.rank() == 0:
+                for n, p in named:
+                    p.copy_(weights[n])
+        return
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(weights[n])
+
+
+class Board:
+    """TensorBoard scalars of one job (rank 0); a resumed job first drops the events after its checkpoint."""
+
+    def __init__(self, directory: str, first_step: int):
+        self.writer = None
+        if directory and ds_engine.rank() == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=directory, purge_step=first_step if first_step else None)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                if value is not None:
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Run:
+    """Everything one training job holds: settings, data, model pieces and its progress."""
+
+    def __init__(self, config: TrainConfig, samples, processor, proxy, checkpoints, validation, board):
+        self.config, self.samples, self.processor, self.proxy = config, samples, processor, proxy
+        self.checkpoints, self.validation, self.board = checkpoints, validation, board
+        self.state = {"plan_index": 0, "steps_done": 0, "history": [], "validation": [], "best": None,
+                      "data_wait_seconds": 0.0, "main_step_seconds": 0.0, "main_tokens": 0}
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.resumed_stage: str | None = None  # the stage of the checkpoint resumed from
+
+    @property
+    def step(self) -> int:
+        return len(self.state["history"])
+
+    def steps_of(self, plan_index: int, order_epoch: int) -> list:
+        """The epoch's remaining steps (all, or those after a resumed checkpoint's position)."""
+        steps = epoch_steps(len(self.samples), self.config, plan_index, order_epoch)
+        skip = self.state["steps_done"] if plan_index == self.state["plan_index"] else 0
+        return steps[skip:]
+
+    def batches(self, steps: list):
+        """Each step's micro-batches, timing how long the step waits for them."""
+        loader = iter(micro_batch_loader(self.samples, steps, self.processor, self.config.data_workers))
+        for step in steps:
+            waited = time.perf_counter()
+            micro = [next(loader) for _ in step]
+            self.state["data_wait_seconds"] += time.perf_counter() - waited
+            yield micro
+
+    def finish_step(self, plan_index: int, stage: str, epoch: int, losses, tokens: int, seconds: float, extra: dict,
+                    engine=None, optimizer=None) -> None:
+        loss = mean_step_loss(losses)
+        self.state["history"].append({"stage": stage, "epoch": epoch, "loss": loss})
+        self.state["plan_index"], self.state["steps_done"] = plan_index, self.state["steps_done"] + 1
+        tokens = int(ds_engine.average_across_ranks(torch.tensor(float(tokens))).item() * ds_engine.world_size())
+        if stage == "main":
+            self.state["main_step_seconds"] += seconds
+            self.state["main_tokens"] += tokens
+        self.board.scalars(self.step, {f"{stage}/loss": loss, "train/tokens_per_second": tokens / max(seconds, 1e-9), **extra})
+        every = self.config.checkpoint_every
+        if self.checkpoints is not None and every and self.step % every == 0:
+            self.checkpoints.save(self.step, self.state, self.proxy, optimizer, engine, self.best_weights)
+
+    def end_epoch(self, plan_index: int) -> None:
+        self.state["plan_index"], self.state["steps_done"] = plan_index + 1, 0
+
+
+def run_warmup(model, run: Run, resumed: Path | None) -> None:
     """Stage 1: the model is frozen; only the proxy learns (on the training device, bf16 autocast
     if configured). Every rank holds the whole model; the proxy's gradient is averaged."""
+    config, proxy = run.config, run.proxy
+    plan = [(i, e, order) for i, (stage, e, order) in enumerate(epoch_plan(config)) if stage == "warmup"]
+    optimizer = torch.optim.AdamW([proxy.weight], lr=config.lr, weight_decay=0.0)
+    if resumed is not None and run.resumed_stage == "warmup":
+        Checkpoints.load_proxy(resumed, proxy, optimizer)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     device = ds_engine.training_device()
     model.to(device)
-    optimizer = torch.optim.AdamW([proxy.weight], lr=config.lr, weight_decay=0.0)
     model.train()
-    for epoch in range(config.warmup_epochs):
-        batches = global_batches(len(samples), config, -1 - epoch)
-        for indices in tqdm(batches, desc=f"warm-up epoch {epoch + 1}", mininterval=5, disable=ds_engine.rank() > 0):
-            counts = count_loads(indices, load_counts)
+    for plan_index, epoch, order in plan:
+        if plan_index < run.state["plan_index"]:
+            continue
+        steps = run.steps_of(plan_index, order)
+        for micro_batches in tqdm(run.batches(steps), total=len(steps), desc=f"warm-up epoch {epoch + 1}", mininterval=5,
+                                  disable=ds_engine.rank() > 0):
+            started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            losses = []
-            for pairs in my_micro_batches(indices, counts, config):
-                batch = on_device(make_batch(samples, pairs, processor), device, torch.float32)
+            losses, tokens = [], 0
+            for batch in micro_batches:
+                tokens += int(batch["attention_mask"].sum())
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    loss = model(**batch).loss
+                    loss = model(**on_device(batch, device, torch.float32)).loss
                 (loss / config.gradient_accumulation).backward()
                 losses.append(loss)
             ds_engine.average_across_ranks(proxy.weight.grad)
             optimizer.step()
-            history.append({"stage": "warmup", "epoch": epoch, "loss": mean_step_loss(losses)})
+            run.finish_step(plan_index, "warmup", epoch, losses, tokens, time.perf_counter() - started,
+                            {"warmup/lr": optimizer.param_groups[0]["lr"]}, optimizer=optimizer)
+        run.end_epoch(plan_index)
+        if plan_index == plan[-1][0]:
+            proxy.reset_momentum_copy()  # the warmed proxy initialises the main stage (P and P_bar)
     for name, p in model.named_parameters():
         p.requires_grad_(flags[name])
 
 
-def run_main(engine, proxy, samples, processor, config, load_counts, history) -> None:
+def run_main(engine, run: Run, resumed: Path | None) -> None:
     """Stage 2: model (through DeepSpeed) and proxy learn; the proxy follows its momentum copy.
 
     DeepSpeed scales each micro-batch's loss by 1/accumulation, averages the model's
     gradients over the ranks and steps at the accumulation boundary; the proxy, replicated
     on every rank, gets the same: its accumulated gradient averaged over the ranks, one step.
     """
+    config, proxy = run.config, run.proxy
     optimizer = None
     if proxy is not None:
         # Same AdamW and lr as the model, but its own optimizer: the proxy must not be
         # partitioned by ZeRO (it is overwritten by P_bar before every step) and the
         # reference clips the model's gradients only.
         optimizer = torch.optim.AdamW([proxy.weight], lr=config.lr, weight_decay=0.0)
+    plan = [(i, e, order) for i, (stage, e, order) in enumerate(epoch_plan(config)) if stage == "main"]
+    if resumed is not None and run.resumed_stage == "main":
+        engine.load_checkpoint(str(resumed), tag="engine", load_module_strict=False, load_lr_scheduler_states=False)
+        if proxy is not None:
+            Checkpoints.load_proxy(resumed, proxy, optimizer)
     engine.train()
     dtype = next(engine.module.parameters()).dtype
-    for epoch in range(config.epochs):
-        batches = global_batches(len(samples), config, epoch)
-        for indices in tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=5, disable=ds_engine.rank() > 0):
-            counts = count_loads(indices, load_counts)
+    for plan_index, epoch, order in plan:
+        if plan_index < run.state["plan_index"]:
+            continue
+        steps = run.steps_of(plan_index, order)
+        for micro_batches in tqdm(run.batches(steps), total=len(steps), desc=f"epoch {epoch + 1}/{config.epochs}",
+                                  mininterval=5, disable=ds_engine.rank() > 0):
+            started = time.perf_counter()
             if proxy is not None and config.momentum > 0:
                 proxy.load_momentum_copy()
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
-            losses = []
-            for pairs in my_micro_batches(indices, counts, config):
-                loss = engine(**on_device(make_batch(samples, pairs, processor), engine.device, dtype)).loss
+            losses, tokens = [], 0
+            for batch in micro_batches:
+                tokens += int(batch["attention_mask"].sum())
+                loss = engine(**on_device(batch, engine.device, dtype)).loss
                 engine.backward(loss)
                 engine.step()  # DeepSpeed steps only at the accumulation boundary
                 losses.append(loss)
+            extra = {"train/lr": engine.get_lr()[0], "train/grad_norm": _grad_norm(engine)}
             if optimizer is not None:
                 ds_engine.average_across_ranks(proxy.weight.grad)
                 optimizer.step()
+                # |P - P_bar|: how far this step's proxy moved from the momentum copy it started from.
+                extra["proxy/drift"] = float((proxy.weight.detach() - proxy.momentum_copy).norm())
                 if config.momentum > 0:
                     proxy.update_momentum_copy(config.momentum)
-            history.append({"stage": "main", "epoch": epoch, "loss": mean_step_loss(losses)})
+            run.finish_step(plan_index, "main", epoch, losses, tokens, time.perf_counter() - started, extra,
+                            engine=engine, optimizer=optimizer)
+        run.end_epoch(plan_index)
+        if run.validation is not None:
+            validate_epoch(engine, run, epoch)
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def validate_epoch(engine, run: Run, epoch: int) -> None:
+    accuracy = run.validation.accuracy(engine.module, run.processor, run.proxy)
+    run.state["validation"].append({"epoch": epoch, "accuracy": accuracy})
+    run.board.scalars(run.step, {"validation/accuracy": accuracy})
+    log.info("epoch %d: validation accuracy %.2f%%", epoch + 1, accuracy)
+    best = run.state["best"]
+    if run.config.select == "best_val" and (best is None or accuracy > best["accuracy"]):
+        run.state["best"] = {"epoch": epoch, "accuracy": accuracy}
+        run.best_weights = trainable_weights(engine.module, run.config.zero_stage)
 
 
 def train(config: TrainConfig) -> dict:
@@ -245,20 +467,34 @@ def train(config: TrainConfig) -> dict:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     log.info("trainable parameters per group: %s (%d of %d)", trainable["per_group"], trainable["trainable"], trainable["total"])
     samples = DescriptionSamples(config.shards, processor, user_text_for(config, processor), config.shuffle_responses, config.seed)
+    validation = Validation(config.shards, config.val_batch_size) if config.validate else None
     proxy = None
     if config.proxy:
         hidden = model.get_input_embeddings().weight.shape[1]
         generator = torch.Generator().manual_seed(config.seed)
         proxy = ProxyInstruction(config.proxy_tokens, hidden, processor.tokenizer.proxy_token_id, generator).attach(model)
         proxy.to(ds_engine.training_device())
-    history: list[dict] = []
-    load_counts: dict[int, int] = {}
+    checkpoints = Checkpoints(config.checkpoint_dir, fingerprint(config)) if config.checkpoint_dir else None
+    resumed = checkpoints.latest() if checkpoints is not None else None
+    run = Run(config, samples, processor, proxy, checkpoints, validation, None)
+    if resumed is not None:
+        run.state = Checkpoints.load_state(resumed)
+        run.state.pop("fingerprint")
+        run.best_weights = Checkpoints.load_best(resumed)
+        Checkpoints.load_rng(resumed)
+        run.resumed_stage = epoch_plan(config)[run.state["plan_index"]][0]
+        log.info("resuming from %s: step %d (epoch %d of the plan, %d steps into it)", resumed, run.step,
+                 run.state["plan_index"] + 1, run.state["steps_done"])
+    run.board = Board(config.tensorboard_dir, run.step)
     if proxy is not None and config.warmup_epochs > 0:
-        run_warmup(model, proxy, samples, processor, config, load_counts, history)
-        proxy.reset_momentum_copy()
+        run_warmup(model, run, resumed)
     ds_config = ds_engine.deepspeed_config(config.batch_size, config.zero_stage, config.grad_clip, config.bf16, config.gradient_accumulation, config.offload)
     engine = ds_engine.initialize(model, ds_config, config.lr)
-    run_main(engine, proxy, samples, processor, config, load_counts, history)
+    run_main(engine, run, resumed)
+    state = run.state
+    if config.select == "best_val" and state["best"]["epoch"] != config.epochs - 1:
+        restore_trainable_weights(engine.module, run.best_weights, config.zero_stage)
+        log.info("saving epoch %d's model (best validation accuracy %.2f%%)", state["best"]["epoch"] + 1, state["best"]["accuracy"])
     if proxy is not None:
         proxy.detach()  # the tuned model is evaluated without it
     out_dir = Path(config.out_dir)
@@ -272,6 +508,8 @@ def train(config: TrainConfig) -> dict:
     if config.gradient_checkpointing:
         engine.module.activation_checkpointing_disable()
     ds_engine.save_hf(engine, processor, out_dir, config.zero_stage)
+    history = state["history"]
+    main_steps = sum(1 for h in history if h["stage"] == "main")
     summary = {
         "config": asdict(config),
         "ranks": ds_engine.world_size(),
@@ -279,8 +517,15 @@ def train(config: TrainConfig) -> dict:
         "trainable_parameters": trainable,
         "train_images": len(samples),
         "steps": len(history),
+        "resumed_at_step": None if resumed is None else int(resumed.name.split("-")[1]),
         "seconds": round(time.time() - started, 1),
         "final_loss": history[-1]["loss"] if history else None,
+        "validation": state["validation"],
+        "selected_epoch": (state["best"]["epoch"] if config.select == "best_val" else config.epochs - 1),
+        # Throughput of the main stage's steps on this rank's clock (tokens: every rank's).
+        "main_step_seconds": round(state["main_step_seconds"] / max(main_steps, 1), 4),
+        "main_tokens_per_second": round(state["main_tokens"] / max(state["main_step_seconds"], 1e-9), 1),
+        "data_wait_seconds": round(state["data_wait_seconds"], 3),
         "history": history,
     }
     if proxy is not None:
@@ -288,6 +533,9 @@ def train(config: TrainConfig) -> dict:
         summary["proxy_max_difference_across_ranks"] = max(
             ds_engine.max_difference_across_ranks(proxy.weight.detach()), ds_engine.max_difference_across_ranks(proxy.momentum_copy)
         )
+    run.board.close()
+    if checkpoints is not None:
+        checkpoints.remove()
     if ds_engine.rank() > 0:
         return summary
     if proxy is not None:
@@ -310,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (config,) = HfArgumentParser(TrainConfig).parse_args_into_dataclasses(argv if argv is not None else sys.argv[1:])
     summary = train(config)
+    ds_engine.shutdown()
     log.info("trained %d steps in %.1fs, final loss %s", summary["steps"], summary["seconds"], summary["final_loss"])
     return 0
 

@@ -5,6 +5,9 @@ class _Samples(DescriptionSamples):
     def __init__(self, descriptions, shuffle, seed=1):
         self.descriptions, self.shuffle, self.seed = descriptions, shuffle, seed
 
+    def response(self, index, load_count):
+        return super().response(self.descriptions[index], index, load_count)
+
 
 DESC = "small cell size, round cell shape, low nuclear cytoplasmic ratio, granularity, Neutrophil"
 

@@ -94,6 +94,8 @@ def tiny_config(base_model: str = "embedded") -> dict:
     for entry in config["datasets"].values():
         entry["synthetic"] = {"n_train": 12, "n_val": 4, "n_test": 8, "image_size": 64}
     config["train"].update(epochs=1, warmup_epochs=1, batch_size=4, threads=1)
+    # CBIS-DDSM's validation patients are 10 % of its training patients: none among 16 images.
+    config["datasets"]["cbis_ddsm"]["train"]["validate"] = False
     config["evaluate"].update(max_new_tokens=8, threads=1)
     config["seeds"] = [1, 2]
     config["threads"] = {"prepare": 1, "pretrain": 1}
@@ -287,6 +289,13 @@ def test_end_to_end_tables(tmp_path):
         assert summaries["ift_no_shuffle"]["shuffle_responses"] is False
         assert summaries["ift_no_warmup"]["warmup_epochs"] == 0 and summaries["ift"]["warmup_epochs"] == 1
         assert all(s["epochs"] == 1 and s["batch_size"] == 4 for s in summaries.values())
+        for method in TRAINED:
+            summary = json.loads((work / "resources/models" / dataset / method / "seed-1" / "train_summary.json").read_text())
+            # One validation per epoch where the shards have validation questions (the tiny CBIS-DDSM has none).
+            assert len(summary["validation"]) == (1 if dataset == "wbcatt" else 0)
+            assert list((work / "logs/tensorboard" / dataset / method / "seed-1").glob("events.out.tfevents.*"))
+    # Every job's checkpoints are removed once its model is saved.
+    assert not [p for p in (work / "resources" / "checkpoints").rglob("*") if p.is_file()]
 
     logs = work / "logs"
     expected_logs = (

@@ -15,6 +15,9 @@ rule train_model:
         shards=subpath(input.manifest, parent=True),
         base_model=lambda wildcards, input: os.path.dirname(input.base_model[0]),
         out_dir=subpath(output.weights, parent=True),
+        # Not outputs: Snakemake deletes a failed job's outputs, and these must outlive it.
+        checkpoint_dir="resources/checkpoints/{dataset}/{method}/seed-{seed}",
+        tensorboard_dir="logs/tensorboard/{dataset}/{method}/seed-{seed}",
         trust_remote_code=config["base_model"]["trust_remote_code"],
         settings=get_train_params,
         launcher=get_train_launcher,
@@ -41,6 +44,9 @@ rule train_model:
         " --gradient_accumulation {params.settings[gradient_accumulation]} --offload {params.settings[offload]}"
         " --grad_clip {params.settings[grad_clip]} --zero_stage {params.settings[zero_stage]}"
         " --bf16 {params.settings[bf16]} --repeat_train {params.settings[repeat_train]}"
+        " --validate {params.settings[validate]} --select {params.settings[select]}"
+        " --checkpoint_dir {params.checkpoint_dir} --checkpoint_every {params.settings[checkpoint_every]}"
+        " --data_workers {params.settings[data_workers]} --tensorboard_dir {params.tensorboard_dir}"
         " --trust_remote_code {params.trust_remote_code} --seed {wildcards.seed}"
         # Each rank's share of the job's threads (not a param: threads change no result).
         " --threads $(( ({threads} + {params.settings[ranks]} - 1) / {params.settings[ranks]} )) > {log} 2>&1"

@@ -1,0 +1,116 @@
+"""Resume: a training job killed (SIGKILL) right after a checkpoint and restarted ends with the
+same weights, proxy, losses and validation accuracies as a run that was never interrupted
+(CPU, deterministic: the comparison is exact)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medift.model.tiny import build_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_tiny_checkpoint("llava", tmp_path_factory.mktemp("resume") / "llava")
+
+
+def command(shards, base, out, checkpoints, ranks: int, *extra: str) -> list[str]:
+    launcher = [sys.executable, "-m", "medift.train"] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(ranks),
+        "-m", "medift.train"]
+    return [*launcher, "--shards", str(shards), "--base_model", str(base), "--out_dir", str(out),
+            "--proxy_tokens", "4", "--warmup_epochs", "1", "--epochs", "2", "--batch_size", str(2 // ranks),
+            "--lr", "1e-3", "--seed", "4", "--select", "best_val",
+            "--checkpoint_dir", str(checkpoints), "--checkpoint_every", "1", "--tensorboard_dir", str(out) + "-events", *extra]
+
+
+def environment() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    return {**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process under it (torchrun starts its ranks in sessions of
+    their own, so a process-group kill would leave them running), as a scheduler's kill does."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for process in [*parent.children(recursive=True), parent]:
+        process.send_signal(signal.SIGKILL)
+
+
+def run_until_checkpoint(cmd: list[str], step: int) -> str:
+    """Start training and SIGKILL it (every rank) as soon as it logs checkpoint `step` (it may
+    have written the next one by the time the signal lands: the caller reads `latest`)."""
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment(),
+                               start_new_session=True)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "checkpoint" in line and f"step-{step:06d} written" in line:
+            kill_tree(process.pid)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "".join(seen[-40:])
+    return "".join(seen)
+
+
+def finish(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stderr
+
+
+def scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_killed_job_resumes_to_the_uninterrupted_result(tmp_path, tiny_wbcatt_shards, checkpoint, ranks):
+    # 4 training images, global batch 2: 2 steps per epoch; warm-up 1 epoch + 2 epochs = 6 steps.
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    finish(command(tiny_wbcatt_shards, checkpoint, straight, tmp_path / "ck-straight", ranks))
+    # The interrupted run also decodes its images in 2 DataLoader workers: that must change nothing.
+    cmd = command(tiny_wbcatt_shards, checkpoint, resumed, tmp_path / "ck-resumed", ranks, "--data_workers", "2")
+    latest = tmp_path / "ck-resumed" / "latest"
+    run_until_checkpoint(cmd, 1)   # killed in the warm-up (steps 1 and 2)
+    first = int(latest.read_text().split("-")[1])
+    assert first in (1, 2)
+    log = run_until_checkpoint(cmd, 4)   # resumed there, killed again in the main stage (steps 3-6)
+    assert f"resuming from {latest.parent}/step-{first:06d}: step {first} " in log
+    second = int(latest.read_text().split("-")[1])
+    assert second in (4, 5)
+    stderr = finish(cmd)
+    assert f"step-{second:06d}: step {second} " in stderr, [line for line in stderr.splitlines() if "medift" in line]
+
+    a = json.loads((straight / "train_summary.json").read_text())
+    b = json.loads((resumed / "train_summary.json").read_text())
+    assert a["resumed_at_step"] is None and b["resumed_at_step"] == second
+    assert b["history"] == a["history"] and len(a["history"]) == 6
+    assert b["validation"] == a["validation"] and len(a["validation"]) == 2
+    assert b["selected_epoch"] == a["selected_epoch"]
+    for name in ("model.safetensors", "proxy.safetensors"):
+        wa, wb = load_file(str(straight / name)), load_file(str(resumed / name))
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    # TensorBoard: every scalar, once per step; the resumed job's events after its checkpoint replace the killed runs'.
+    sa, sb = scalars(straight.parent / "straight-events"), scalars(resumed.parent / "resumed-events")
+    assert {"warmup/loss", "main/loss", "train/lr", "train/grad_norm", "proxy/drift", "train/tokens_per_second",
+            "validation/accuracy"} <= set(sa)
+    assert [s for s, _ in sa["main/loss"]] == [3, 4, 5, 6]
+    for tag in ("warmup/loss", "main/loss", "proxy/drift", "validation/accuracy", "train/grad_norm"):
+        assert sb[tag] == sa[tag], tag
+    # The checkpoints are removed once the model is saved.
+    assert not (tmp_path / "ck-resumed").exists() and not (tmp_path / "ck-straight").exists()
