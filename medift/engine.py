@@ -9,9 +9,22 @@ single process started without a launcher rendezvouses through a file of its own
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 import torch
+
+
+def _use_this_environments_ninja() -> None:
+    """Put this interpreter's bin/ first on PATH before DeepSpeed may build its op.
+
+    The op is rebuilt whenever a different ninja runs the build (each rewrites the build log
+    in its own format): a workflow job finds the venv's ninja first on PATH, a plain shell may
+    find the system's. Alternating cost every such job a 30 s rebuild (measured here).
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
 
 
 def init_distributed() -> None:
@@ -21,6 +34,7 @@ def init_distributed() -> None:
     can be handed the same port; one then fails with EADDRINUSE), so a job's single rank
     rendezvouses through a file of its own instead.
     """
+    _use_this_environments_ninja()
     import deepspeed  # imported late: it probes the accelerator at import
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -161,6 +175,7 @@ def save_hf(engine, processor, out_dir, zero_stage: int) -> None:
 def build_ops() -> None:
     """Compile (or load from the torch extensions cache) the op DeepSpeed's CPU backend needs."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _use_this_environments_ninja()
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")

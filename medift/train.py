@@ -284,7 +284,8 @@ class Board:
         if directory and ds_engine.rank() == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=directory, purge_step=first_step if first_step else None)
+            # Events of steps after the checkpoint (written by the killed run) are dropped.
+            self.writer = SummaryWriter(log_dir=directory, purge_step=first_step + 1 if first_step else None)
 
     def scalars(self, step: int, values: dict) -> None:
         if self.writer is not None:

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -359,6 +360,46 @@ def test_end_to_end_table1_on_a_tiny_mllama_checkpoint(tmp_path):
     assert len(scored) == len(generated) and scored["parse_failed"].eq(0).all()
     assert scored["letter_scores"].map(json.loads).map(len).eq(scored["options"].map(json.loads).map(len)).all()
     assert not (work / "logs" / "pretrain_base_model").exists()
+
+
+@pytest.mark.e2e
+def test_a_killed_training_job_resumes_under_rerun_incomplete(tmp_path):
+    """Snakemake killed (with its job) after the job's first checkpoint; `--unlock` and
+    `--rerun-incomplete` then resume the job from that checkpoint instead of step 0."""
+    import psutil
+
+    if not embedded_base_available():
+        pytest.skip("the embedded base model is not built")
+    work = tmp_path / "work"
+    shutil.copytree(EMBEDDED_BASE, work / "models" / "embedded-base")
+    config = tiny_config()
+    config["seeds"] = [1]
+    config["train"].update(checkpoint_every=1, batch_size=2, epochs=2)  # 6 steps an epoch
+    configfile = write_config(tmp_path / "config.yaml", config)
+    target = "resources/models/wbcatt/ift/seed-1/model.safetensors"
+    latest = work / "resources/checkpoints/wbcatt/ift/seed-1/latest"
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--cores", "2",
+               "--directory", str(work), f"--configfile={configfile}", target]
+    process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not latest.is_file() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert latest.is_file(), "no checkpoint was written"
+        parent = psutil.Process(process.pid)
+        for child in [*parent.children(recursive=True), parent]:
+            child.kill()
+    finally:
+        process.wait(timeout=60)
+    killed_at = int(latest.read_text().split("-")[1])
+    assert not (work / target).exists() and killed_at < 18
+
+    snakemake("--unlock", f"--configfile={configfile}", target, workdir=work)
+    snakemake("--rerun-incomplete", f"--configfile={configfile}", target, workdir=work, timeout=600)
+    summary = json.loads((work / "resources/models/wbcatt/ift/seed-1/train_summary.json").read_text())
+    assert summary["resumed_at_step"] >= killed_at and summary["steps"] == 18
+    assert "resuming from resources/checkpoints/wbcatt/ift/seed-1/step-" in (work / "logs/train_model/wbcatt/ift/seed-1.log").read_text()
+    assert not latest.parent.exists()
 
 
 def test_workflow_adapters_are_the_package_datasets():
