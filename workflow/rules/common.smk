@@ -285,7 +285,7 @@ def get_train_launcher(wildcards, threads):
 
 
 def check_train_executor(wildcards):
-    """Input function of rule train_model (no files): training on several nodes needs the
+    """Input function of train_model (no files). Training on several nodes needs the
     SLURM executor. The executor is known only once the DAG is built (not while this file
     is parsed), so the check runs then, before any job; a dry run (or --touch) is not
     checked, as its executor stands in for the real one."""
@@ -314,8 +314,14 @@ def is_multinode_training():
     return any(settings["nodes"] > 1 for settings in _train_jobs_settings())
 
 
+def get_train_gpus(wildcards):
+    """GPUs per node of a training job: one per rank with accelerator cuda, else none."""
+    settings = get_train_settings(wildcards)
+    return settings["ranks"] if settings["accelerator"] == "cuda" else 0
+
+
 def get_train_resources():
-    """Resources of rule train_model that ask SLURM (snakemake-executor-plugin-slurm) for a
+    """Resources of train_model that ask SLURM (snakemake-executor-plugin-slurm) for a
     training job's allocation; other executors ignore them.
 
     Per job: `nodes` (sbatch --nodes) = train.nodes, one task per node (torchrun starts the
@@ -325,13 +331,7 @@ def get_train_resources():
     job's shell command in the batch script, where the launcher's srun starts the nodes.
     """
 
-    def settings(wildcards):
-        return get_train_settings(wildcards)
-
-    def gpus(wildcards):
-        s = settings(wildcards)
-        return s["ranks"] if s["accelerator"] == "cuda" else 0
-
+    settings, gpus = get_train_settings, get_train_gpus
     resources = dict(
         nodes=lambda wildcards: settings(wildcards)["nodes"],
         cpus_per_task=lambda wildcards, threads: threads,
