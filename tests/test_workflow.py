@@ -197,6 +197,7 @@ def test_several_ranks_start_through_torchrun_with_their_threads(tmp_path):
         (lambda c: c["datasets"].update(mnist={"source": "synthetic"}), "adapter"),
         (lambda c: c["datasets"].update(skincon={"source": "synthetic"}), "needs a real checkpoint"),
         (lambda c: c["train"].update(offload="optimizer+parameters"), "offload optimizer+parameters needs zero_stage 3"),
+        (lambda c: c["methods"]["ift"].update(nodes=2), "every training job spans one node or every job several"),
     ],
 )
 def test_invalid_config_is_rejected(tmp_path, change, message):
@@ -206,6 +207,99 @@ def test_invalid_config_is_rejected(tmp_path, change, message):
                        workdir=tmp_path, check=False)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+def test_several_nodes_need_the_slurm_executor(tmp_path):
+    """train.nodes > 1 fails locally once the DAG is built, before any job runs."""
+    config = copy.deepcopy(default_config())
+    config["train"]["nodes"] = 2
+    result = snakemake(f"--configfile={write_config(tmp_path / 'config.yaml', config)}", "results/table1.csv",
+                       workdir=tmp_path / "work", check=False)
+    assert result.returncode != 0
+    assert "train.nodes 2: training on several nodes needs the SLURM executor" in result.stdout + result.stderr
+    assert not (tmp_path / "work" / "resources").exists()
+
+
+def _slurm_train_jobs(tmp_path, train: dict) -> list[tuple[dict[str, object], str]]:
+    """(resources, shell command) of table 1's training jobs in a dry run with the SLURM executor."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    tmp_path.mkdir(exist_ok=True)
+    config = copy.deepcopy(default_config())
+    config["train"].update(train)
+    result = snakemake("-n", "-p", "results/table1.csv", f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
+                       "--executor", "slurm", "--jobs", "10", workdir=tmp_path / "work")
+    jobs = []
+    for block in (result.stdout + result.stderr).split("\n\n"):
+        if "rule train_model:" in block:
+            resources = dict(item.split("=", 1) for item in
+                             re.search(r"^\s+resources: (.*)$", block, re.M).group(1).split(", "))
+            jobs.append((resources, re.search(r"^Shell command: (.*)$", block, re.M).group(1)))
+    assert len(jobs) == 4
+    return jobs
+
+
+def _sbatch_call(resources: dict[str, str], threads: int) -> str:
+    """The plugin's sbatch command line for a job with these resources."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    values = Resources((k, int(v) if v.lstrip("-").isdigit() else v) for k, v in resources.items())
+    job = type("Job", (), {"resources": values, "threads": threads})()
+    params = dict(run_uuid="run", slurm_logfile="log", comment_str="c", account="", partition="", workdir="work")
+    return get_submit_command(job, params) + set_gres_string(job)
+
+
+def test_slurm_training_jobs_ask_for_their_gpus_and_nodes(tmp_path):
+    # (Threads are capped at the dry run's --cores 2: ranks 2 x threads 1.)
+    jobs = _slurm_train_jobs(tmp_path, {"ranks": 2, "threads": 1, "accelerator": "cuda"})
+    for resources, shell in jobs:
+        assert resources["nodes"] == "1" and resources["gpu"] == "2" and resources["cpus_per_task"] == "2"
+        assert "mpi" not in resources and "tasks" not in resources
+        call = _sbatch_call(resources, threads=2)
+        assert "--nodes=1" in call and "--gpus=2" in call and "--cpus-per-task=2" in call
+        assert "--ntasks-per-gpu" not in call and "--gres" not in call
+        assert "torch.distributed.run --standalone --nnodes 1 --nproc_per_node 2 -m medift.train" in shell
+    # CPU training: no GPU, one task.
+    for resources, _ in _slurm_train_jobs(tmp_path / "cpu", {"ranks": 2}):
+        call = _sbatch_call(resources, threads=2)
+        assert resources["gpu"] == "0" and "--gpus" not in call and "--ntasks=1" in call and "--cpus-per-task=2" in call
+
+
+def test_slurm_training_on_several_nodes_starts_one_torchrun_per_node(tmp_path):
+    jobs = _slurm_train_jobs(tmp_path, {"nodes": 2, "ranks": 4, "accelerator": "cuda"})
+    for resources, shell in jobs:
+        assert resources["mpi"] == "srun" and resources["tasks"] == "2" and resources["gres"] == "gpu:4"
+        call = _sbatch_call(resources, threads=2)  # 4 ranks x 1 thread, capped at --cores 2
+        assert "--nodes=2" in call and "--ntasks=2" in call and "--gres=gpu:4" in call and "--cpus-per-task=2" in call
+        assert "--ntasks-per-gpu" not in call and "--gpus=" not in call
+        assert shell.split(" --shards ")[0].endswith(
+            "srun --nodes 2 --ntasks 2 --ntasks-per-node 1 --cpus-per-task 2 bash -c 'python -m torch.distributed.run"
+            " --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint"
+            " \"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1):$((29500 + SLURM_JOB_ID % 10000))\""
+            " --rdzv_id \"$SLURM_JOB_ID\" -m medift.train \"$@\"' medift.train")
+
+    # The launcher's quoting, run by bash with stand-ins for srun, scontrol and python.
+    resources, shell = jobs[0]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_ins = {
+        "srun": 'shift 8; SLURM_JOB_NODELIST="gpu[07-08]" SLURM_JOB_ID=123 exec "$@"',  # past its 8 options
+        "scontrol": 'echo gpu07; echo gpu08',
+        "python": 'printf "%s\\n" "$@"',
+    }
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    command = shell.split(" > logs/")[0]
+    result = subprocess.run(["bash", "-c", command], env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"),
+                            capture_output=True, text=True, check=True)
+    args = result.stdout.splitlines()
+    assert args[:12] == ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "4",
+                         "--rdzv_backend", "c10d", "--rdzv_endpoint", "gpu07:29623", "--rdzv_id", "123"]
+    assert args[12:16] == ["-m", "medift.train", "--shards", "resources/shards/" + args[15].split("/")[-1]]
 
 
 # --------------------------------------------------------------------------- real runs

@@ -98,6 +98,13 @@ def _check_config():
                 f"base_model.path {str(path)!r}: model_type {model_type!r} is not a known VLM family "
                 f"({', '.join(sorted(FAMILIES.FAMILIES))}); add it to medift/model/families.py"
             )
+    nodes = {settings["nodes"] for settings in _train_jobs_settings()}
+    if max(nodes, default=1) > 1:
+        if 1 in nodes:
+            raise WorkflowError(
+                "train.nodes: every training job spans one node or every job several "
+                f"(here {sorted(nodes)}); set nodes in the global train block"
+            )
     for method in get_trained_methods():
         for dataset in config["datasets"]:
             settings = get_train_settings(SimpleNamespace(method=method, dataset=dataset))
@@ -248,13 +255,99 @@ def get_train_threads(wildcards):
     return settings["threads"] * settings["ranks"]
 
 
-def get_train_launcher(wildcards):
+def get_train_launcher(wildcards, threads):
     """The one launcher of a training job: the module itself for one rank, torchrun for several
-    (--standalone: a rendezvous of the job's own on a free port, so jobs run side by side)."""
-    ranks = get_train_settings(wildcards)["ranks"]
+    (--standalone: a rendezvous of the job's own on a free port, so jobs run side by side).
+
+    Several nodes (SLURM only): srun starts one torchrun per node of the allocation, which
+    meet in a c10d rendezvous on the first node of $SLURM_JOB_NODELIST (port from the job id,
+    so two jobs sharing that node do not collide); the arguments that follow the launcher
+    in the rule's shell command reach medift.train through "$@". The job step's CPUs are
+    the job's threads (the plugin's job step does not pass SLURM_CPUS_PER_TASK on).
+    """
+    settings = get_train_settings(wildcards)
+    ranks, nodes = settings["ranks"], settings["nodes"]
+    if nodes > 1:
+        torchrun = (
+            f"python -m torch.distributed.run --nnodes {nodes} --nproc_per_node {ranks}"
+            " --rdzv_backend c10d"
+            ' --rdzv_endpoint "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+            ':$((29500 + SLURM_JOB_ID % 10000))"'
+            ' --rdzv_id "$SLURM_JOB_ID" -m medift.train "$@"'
+        )
+        return (
+            f"srun --nodes {nodes} --ntasks {nodes} --ntasks-per-node 1"
+            f" --cpus-per-task {threads} bash -c '{torchrun}' medift.train"
+        )
     if ranks == 1:
         return "python -m medift.train"
     return f"python -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node {ranks} -m medift.train"
+
+
+def check_train_executor(wildcards):
+    """Input function of train_model (no files). Training on several nodes needs the
+    SLURM executor. The executor is known only once the DAG is built (not while this file
+    is parsed), so the check runs then, before any job; a dry run (or --touch) is not
+    checked, as its executor stands in for the real one."""
+    nodes = get_train_settings(wildcards)["nodes"]
+    executor = getattr(workflow.executor_plugin, "name", None)
+    if nodes > 1 and executor not in ("slurm", "slurm-jobstep", "dryrun", "touch"):
+        raise WorkflowError(
+            f"train.nodes {nodes}: training on several nodes needs the SLURM executor "
+            "(executor: slurm, e.g. --workflow-profile workflow/profiles/slurm); "
+            f"this run's executor is {executor}"
+        )
+    return []
+
+
+def _train_jobs_settings():
+    """Train settings of every (method, dataset) that has a training job."""
+    return [
+        get_train_settings(SimpleNamespace(method=method, dataset=dataset))
+        for method in get_trained_methods()
+        for dataset in config["datasets"]
+    ]
+
+
+def is_multinode_training():
+    """Whether the training jobs span several nodes (`train.nodes` > 1; checked to be all or none)."""
+    return any(settings["nodes"] > 1 for settings in _train_jobs_settings())
+
+
+def get_train_gpus(wildcards):
+    """GPUs per node of a training job: one per rank with accelerator cuda, else none."""
+    settings = get_train_settings(wildcards)
+    return settings["ranks"] if settings["accelerator"] == "cuda" else 0
+
+
+def get_train_resources():
+    """Resources of train_model that ask SLURM (snakemake-executor-plugin-slurm) for a
+    training job's allocation; other executors ignore them.
+
+    Per job: `nodes` (sbatch --nodes) = train.nodes, one task per node (torchrun starts the
+    ranks), `cpus_per_task` = the job's threads (ranks x threads), and with accelerator cuda
+    one GPU per rank: `gpu` (sbatch --gpus, and the plugin's srun of the job step) on one
+    node; on several `gres` gpu:<ranks> (per node), with `mpi` so that the plugin runs the
+    job's shell command in the batch script, where the launcher's srun starts the nodes.
+    """
+
+    settings, gpus = get_train_settings, get_train_gpus
+    resources = dict(
+        nodes=lambda wildcards: settings(wildcards)["nodes"],
+        cpus_per_task=lambda wildcards, threads: threads,
+    )
+    if not is_multinode_training():
+        # The plugin's default: one task (--ntasks=1) without GPUs; with `gpu` no task count.
+        resources["gpu"] = gpus
+        return resources
+    resources.update(
+        mpi="srun",
+        tasks=lambda wildcards: settings(wildcards)["nodes"],  # --ntasks: one per node
+        # With GPUs the plugin would pass `tasks` as --ntasks-per-gpu; 0 leaves that out.
+        tasks_per_gpu=0,
+        gres=lambda wildcards: f"gpu:{gpus(wildcards)}" if gpus(wildcards) else "",
+    )
+    return resources
 
 
 def get_method_seeds(method):

@@ -7,6 +7,7 @@ rule train_model:
     input:
         manifest="resources/shards/{dataset}/manifest.json",
         base_model=get_base_model_files(),
+        executor_check=check_train_executor,  # no files: train.nodes > 1 needs SLURM
     output:
         config="resources/models/{dataset}/{method}/seed-{seed}/config.json",
         weights="resources/models/{dataset}/{method}/seed-{seed}/model.safetensors",
@@ -30,6 +31,8 @@ rule train_model:
     threads: get_train_threads
     resources:
         cpu_slots=get_cpu_slots,
+        # SLURM: nodes, cpus per task, GPUs per job from train.nodes/ranks/accelerator.
+        **get_train_resources(),
     conda:
         "../envs/medift.yaml"
     shell:
