@@ -31,14 +31,15 @@ import csv
 import json
 import os
 import random
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medift.datasets import wbcatt
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sampling import run_sampled  # noqa: E402  (bench/ is not a package)
 
 WBCATT_SIDE = (360, 363)  # PBC images are 360 wide, 363 high
 SPLIT_SHARES = (("train", 0.8), ("val", 0.1), ("test", 0.1))
@@ -142,50 +143,14 @@ def run_plain(config: BenchConfig) -> dict:
 # --- measuring -----------------------------------------------------------------------------------
 
 
-def _tree_memory(process) -> tuple[int, int]:
-    """(RSS, PSS) summed over a process and its descendants. RSS counts pages shared between
-    the processes once per process; PSS splits them, so its sum is the memory really used."""
-    import psutil
-
-    rss = pss = 0
-    for member in [process, *process.children(recursive=True)]:
-        try:
-            info = member.memory_full_info()
-            rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
-        except psutil.Error:
-            pass
-    return rss, pss
-
-
 def measure(label: str, command: list[str], work_dir: Path) -> dict:
     """Run `command` as a child process; its wall time and the peak RSS of it and its workers."""
-    import psutil
-
     work_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    process, peak = psutil.Process(child.pid), [0, 0]
-
-    def sample() -> None:
-        while child.poll() is None:
-            try:
-                rss, pss = _tree_memory(process)
-                peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
-            except psutil.Error:
-                pass
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output, _ = child.communicate()
-    seconds = time.perf_counter() - started
-    sampler.join()
-    if child.returncode != 0:
-        raise RuntimeError(f"{label} run failed with exit code {child.returncode}")
+    run = run_sampled(label, command)
     report = work_dir / "data_report.json"
-    images = json.loads(report.read_text())["records_kept"] if report.is_file() else json.loads(output)["images"]
-    return {"mode": label, "images": images, "seconds": seconds, "images_per_second": images / seconds,
-            "peak_rss_mb": peak[0] / 2**20, "peak_pss_mb": peak[1] / 2**20}
+    images = json.loads(report.read_text())["records_kept"] if report.is_file() else json.loads(run["output"])["images"]
+    return {"mode": label, "images": images, "seconds": run["seconds"], "images_per_second": images / run["seconds"],
+            "peak_rss_mb": run["peak_rss_mb"], "peak_pss_mb": run["peak_pss_mb"]}
 
 
 def pipeline_command(config: BenchConfig, raw_dir: Path, work_dir: Path) -> list[str]:

@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = field(default=1, metadata={"help": "Seeds order, shuffling, proxy init."})
     threads: int = field(default=1, metadata={"help": "torch intra-op threads (the rule's `threads`)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint (off: only transformers' own classes)."})
+    max_steps: int = field(default=0, metadata={"help": "Stop after this many optimizer steps in all, warm-up included (0: every epoch); for benchmarks and smoke runs."})
     validate: bool = field(default=True, metadata={"help": "After every stage-2 epoch, letter-scoring accuracy on the validation questions (logged, in the summary and TensorBoard)."})
     select: str = field(default="last", metadata={"help": "Which epoch's model is saved: last, or best_val (the highest validation accuracy; the earliest on a tie)."})
     val_batch_size: int = field(default=32, metadata={"help": "Questions per forward pass of the validation."})
@@ -75,8 +76,8 @@ class TrainConfig:
             raise ValueError(f"select must be one of {SELECT_MODES}, got {self.select!r}")
         if self.select == "best_val" and not self.validate:
             raise ValueError("select best_val needs validate true (the validation accuracy chooses the epoch)")
-        if self.checkpoint_every < 0 or self.data_workers < 0:
-            raise ValueError("checkpoint_every and data_workers cannot be negative")
+        if self.checkpoint_every < 0 or self.data_workers < 0 or self.max_steps < 0:
+            raise ValueError("checkpoint_every, data_workers and max_steps cannot be negative")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
         if self.epochs < 1:
@@ -313,6 +314,11 @@ class Run:
     def step(self) -> int:
         return len(self.state["history"])
 
+    @property
+    def done(self) -> bool:
+        """max_steps reached: the remaining steps, epochs and validations are skipped."""
+        return bool(self.config.max_steps) and self.step >= self.config.max_steps
+
     def steps_of(self, plan_index: int, order_epoch: int) -> list:
         """The epoch's remaining steps (all, or those after a resumed checkpoint's position)."""
         steps = epoch_steps(len(self.samples), self.config, plan_index, order_epoch)
@@ -361,11 +367,13 @@ def run_warmup(model, run: Run, resumed: Path | None) -> None:
     model.to(device)
     model.train()
     for plan_index, epoch, order in plan:
-        if plan_index < run.state["plan_index"]:
+        if plan_index < run.state["plan_index"] or run.done:
             continue
         steps = run.steps_of(plan_index, order)
         for micro_batches in tqdm(run.batches(steps), total=len(steps), desc=f"warm-up epoch {epoch + 1}", mininterval=5,
                                   disable=ds_engine.rank() > 0):
+            if run.done:
+                break
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             losses, tokens = [], 0
@@ -408,11 +416,13 @@ def run_main(engine, run: Run, resumed: Path | None) -> None:
     engine.train()
     dtype = next(engine.module.parameters()).dtype
     for plan_index, epoch, order in plan:
-        if plan_index < run.state["plan_index"]:
+        if plan_index < run.state["plan_index"] or run.done:
             continue
         steps = run.steps_of(plan_index, order)
         for micro_batches in tqdm(run.batches(steps), total=len(steps), desc=f"epoch {epoch + 1}/{config.epochs}",
                                   mininterval=5, disable=ds_engine.rank() > 0):
+            if run.done:
+                break
             started = time.perf_counter()
             if proxy is not None and config.momentum > 0:
                 proxy.load_momentum_copy()
@@ -435,8 +445,9 @@ def run_main(engine, run: Run, resumed: Path | None) -> None:
                     proxy.update_momentum_copy(config.momentum)
             run.finish_step(plan_index, "main", epoch, losses, tokens, time.perf_counter() - started, extra,
                             engine=engine, optimizer=optimizer)
+        stopped_early = run.done and run.state["steps_done"] < len(epoch_steps(len(run.samples), config, plan_index, order))
         run.end_epoch(plan_index)
-        if run.validation is not None:
+        if run.validation is not None and not stopped_early:
             validate_epoch(engine, run, epoch)
 
 
@@ -493,7 +504,10 @@ def train(config: TrainConfig) -> dict:
     engine = ds_engine.initialize(model, ds_config, config.lr)
     run_main(engine, run, resumed)
     state = run.state
-    if config.select == "best_val" and state["best"]["epoch"] != config.epochs - 1:
+    last_epoch = max((h["epoch"] for h in state["history"] if h["stage"] == "main"), default=None)
+    if config.select == "best_val" and state["best"] is None:
+        raise ValueError("select best_val: no epoch was validated (max_steps stopped the training first)")
+    if config.select == "best_val" and state["best"]["epoch"] != last_epoch:
         restore_trainable_weights(engine.module, run.best_weights, config.zero_stage)
         log.info("saving epoch %d's model (best validation accuracy %.2f%%)", state["best"]["epoch"] + 1, state["best"]["accuracy"])
     if proxy is not None:
@@ -522,7 +536,7 @@ def train(config: TrainConfig) -> dict:
         "seconds": round(time.time() - started, 1),
         "final_loss": history[-1]["loss"] if history else None,
         "validation": state["validation"],
-        "selected_epoch": (state["best"]["epoch"] if config.select == "best_val" else config.epochs - 1),
+        "selected_epoch": state["best"]["epoch"] if config.select == "best_val" else last_epoch,
         # Throughput of the main stage's steps on this rank's clock (tokens: every rank's).
         "main_step_seconds": round(state["main_step_seconds"] / max(main_steps, 1), 4),
         "main_tokens_per_second": round(state["main_tokens"] / max(state["main_step_seconds"], 1e-9), 1),

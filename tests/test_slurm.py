@@ -15,6 +15,7 @@ slurmd slurm-client munge); without them it is skipped, unless MEDIFT_REQUIRE_SL
 from __future__ import annotations
 
 import os
+import json
 import re
 import shutil
 import signal
@@ -196,10 +197,8 @@ def test_table1_through_the_slurm_profile_equals_the_local_run(slurm_cluster, tm
     monkeypatch.setenv("PATH", slurm_cluster["env"]["PATH"])
     config = tiny_config()
     config["seeds"] = [1]
-    # One rank per training job: with `ranks: 2` for ift (torchrun in a 2-CPU sbatch job,
-    # which did run here, docs/cluster.md) the test took 6.7 min instead of about 4 on
-    # 2 CPUs, and one 2-rank job once aborted at exit ("terminate called without an
-    # active exception") after training.
+    # ift trains with 2 ranks (torchrun inside the sbatch job, 2 CPUs), caption_ft with one.
+    config["methods"]["ift"]["ranks"] = 2
     configfile = write_config(tmp_path / "config.yaml", config)
 
     timings = {}
@@ -248,7 +247,10 @@ def test_table1_through_the_slurm_profile_equals_the_local_run(slurm_cluster, tm
     # Training: one node, CPUs = ranks x threads.
     for job_id, (rule, wildcards) in submitted.items():
         if rule == "train_model":
-            assert finished[job_id]["NodeCnt"] == "1" and finished[job_id]["ProcCnt"] == "1", finished[job_id]
+            cpus = "2" if "_ift_" in wildcards else "1"
+            assert finished[job_id]["NodeCnt"] == "1" and finished[job_id]["ProcCnt"] == cpus, finished[job_id]
+    summary = json.loads((tmp_path / "slurm/resources/models/wbcatt/ift/seed-1/train_summary.json").read_text())
+    assert summary["ranks"] == 2
 
     for name in ("table1.csv", "table1_long.csv"):
         local = pd.read_csv(tmp_path / "local" / "results" / name)

@@ -23,3 +23,25 @@ rule bench_scoring:
         "HF_HUB_OFFLINE=1 python bench/scoring.py --model {params.model} --shards {params.shards}"
         " --split {params.split} --batch_size {params.batch_size}"
         " --max_new_tokens {params.max_new_tokens} --threads {threads} --out {output} 2>&1 | tee {log}"
+
+
+rule bench_training:
+    """Benchmark (not part of `all`): training tokens/s with 1 and 2 ranks, the proxy's
+    overhead, the data-wait fraction with and without DataLoader workers, and peak memory at
+    2,000 vs 20,000 training images; prints ratios against baselines of the same run."""
+    input:
+        model=get_base_model_files(),
+    output:
+        "results/bench/training.json",
+    params:
+        model=lambda wildcards, input: os.path.dirname(input.model[0]),
+    log:
+        "logs/bench_training.log",
+    threads: 2
+    resources:
+        cpu_slots=get_cpu_slots,
+    conda:
+        "../envs/medift.yaml"
+    shell:
+        "HF_HUB_OFFLINE=1 python bench/train_scaling.py --base_model {params.model} --threads {threads}"
+        " --out {output} 2>&1 | tee {log}"
