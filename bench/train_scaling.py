@@ -9,11 +9,15 @@ trains `--steps` optimizer steps at global batch `--batch` on WBCAtt-format shar
 - `caption_ft`     1 rank, the fixed instruction: the step-time baseline;
 - `ift`            1 rank, the proxy (K=8) and its momentum copy: overhead = ift / caption_ft - 1
                    (target under 3 %), per step and per token (the prompts differ in length);
-- `ift_2_ranks`    2 ranks x batch/2 (gloo on CPU): tokens/s against `ift` (same global batch);
-- `ift_no_workers` images decoded in the training process: data-wait fraction against `ift`
-                   (which decodes in --workers DataLoader workers; target under 5 %);
-- `ift_20k`        as `ift` on 10x the training images: peak memory (RSS and PSS of the job
-                   and its workers) against `ift`, 2,000 training images (target under 1.2).
+- `ift_2_ranks`    2 ranks x batch/2 (gloo on CPU, a thread each): tokens/s against `ift`
+                   (same global batch, 2 threads);
+- `ift_workers`    images decoded in --workers DataLoader workers: the data-wait fraction
+                   against `ift`, which decodes them in the training process (target under 5 %);
+- `ift_20k`        as `ift_workers` on 10x the training images: peak memory (RSS and PSS of the
+                   job and its workers) against `ift_workers`, 2,000 images (target under 1.2).
+
+Step times are medians over the run's steps, data wait excluded; the first three runs decode
+in the training process so that workers do not take CPU from the step they are compared on.
 
     python bench/train_scaling.py --out results/bench/training.json     (or: snakemake results/bench/training.json)
 """
@@ -82,8 +86,8 @@ def train_run(config: BenchConfig, name: str, shards: Path, proxy: bool, ranks: 
     return {
         "run": name, "ranks": ranks, "data_workers": workers, "train_images": summary["train_images"], "steps": steps,
         "step_seconds": step_seconds, "tokens_per_second": summary["main_tokens_per_second"],
-        "tokens_per_step": summary["main_tokens_per_second"] * step_seconds,
-        "data_wait_fraction": wait / (wait + step_seconds * steps),
+        "tokens_per_step": summary["main_tokens_per_step"],
+        "data_wait_fraction": wait / (wait + summary["main_step_seconds_total"]),
         "job_seconds": run["seconds"], "peak_rss_mb": run["peak_rss_mb"], "peak_pss_mb": run["peak_pss_mb"],
     }
 
@@ -95,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     small, large = shards_of(config, config.small_images), shards_of(config, config.large_images)
     runs = {r["run"]: r for r in [
-        train_run(config, "caption_ft", small, proxy=False),
-        train_run(config, "ift", small, proxy=True),
-        train_run(config, "ift_2_ranks", small, proxy=True, ranks=2),
-        train_run(config, "ift_no_workers", small, proxy=True, workers=0),
+        train_run(config, "caption_ft", small, proxy=False, workers=0),
+        train_run(config, "ift", small, proxy=True, workers=0),
+        train_run(config, "ift_2_ranks", small, proxy=True, ranks=2, workers=0),
+        train_run(config, "ift_workers", small, proxy=True),
         train_run(config, "ift_20k", large, proxy=True),
     ]}
     caption, ift = runs["caption_ft"], runs["ift"]
@@ -106,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_second_2_ranks_over_1": runs["ift_2_ranks"]["tokens_per_second"] / ift["tokens_per_second"],
         "proxy_overhead_per_step": ift["step_seconds"] / caption["step_seconds"] - 1,
         "proxy_overhead_per_token": (ift["step_seconds"] / ift["tokens_per_step"]) / (caption["step_seconds"] / caption["tokens_per_step"]) - 1,
-        "data_wait_fraction_with_workers": ift["data_wait_fraction"],
-        "data_wait_fraction_without_workers": runs["ift_no_workers"]["data_wait_fraction"],
-        "peak_rss_ratio_20k_over_2k": runs["ift_20k"]["peak_rss_mb"] / ift["peak_rss_mb"],
-        "peak_pss_ratio_20k_over_2k": runs["ift_20k"]["peak_pss_mb"] / ift["peak_pss_mb"],
+        "data_wait_fraction_without_workers": ift["data_wait_fraction"],
+        "data_wait_fraction_with_workers": runs["ift_workers"]["data_wait_fraction"],
+        "peak_rss_ratio_20k_over_2k": runs["ift_20k"]["peak_rss_mb"] / runs["ift_workers"]["peak_rss_mb"],
+        "peak_pss_ratio_20k_over_2k": runs["ift_20k"]["peak_pss_mb"] / runs["ift_workers"]["peak_pss_mb"],
     }
     result = {"config": {**asdict(config), "cpus": len(os.sched_getaffinity(0))}, "runs": list(runs.values()),
               "figures": figures, "seconds": time.perf_counter() - started}

@@ -486,6 +486,8 @@ class ShardRows:
         key = (file, group)
         if key not in self._cache:
             if file not in self._open:
+                while len(self._open) >= self.cached_groups:  # open files stay as few as the cached groups
+                    self._open.pop(next(iter(self._open))).close()
                 self._open[file] = pq.ParquetFile(self.paths[file])
             table = self._open[file].read_row_group(group, columns=self.columns)
             while len(self._cache) >= self.cached_groups:

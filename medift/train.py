@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -306,7 +307,7 @@ class Run:
         self.config, self.samples, self.processor, self.proxy = config, samples, processor, proxy
         self.checkpoints, self.validation, self.board = checkpoints, validation, board
         self.state = {"plan_index": 0, "steps_done": 0, "history": [], "validation": [], "best": None,
-                      "data_wait_seconds": 0.0, "main_step_seconds": 0.0, "main_tokens": 0}
+                      "data_wait_seconds": 0.0, "main_step_seconds": [], "main_tokens": 0}
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.resumed_stage: str | None = None  # the stage of the checkpoint resumed from
 
@@ -341,7 +342,7 @@ class Run:
         self.state["plan_index"], self.state["steps_done"] = plan_index, self.state["steps_done"] + 1
         tokens = int(ds_engine.average_across_ranks(torch.tensor(float(tokens))).item() * ds_engine.world_size())
         if stage == "main":
-            self.state["main_step_seconds"] += seconds
+            self.state["main_step_seconds"].append(round(seconds, 5))
             self.state["main_tokens"] += tokens
         self.board.scalars(self.step, {f"{stage}/loss": loss, "train/tokens_per_second": tokens / max(seconds, 1e-9), **extra})
         every = self.config.checkpoint_every
@@ -537,9 +538,12 @@ def train(config: TrainConfig) -> dict:
         "final_loss": history[-1]["loss"] if history else None,
         "validation": state["validation"],
         "selected_epoch": state["best"]["epoch"] if config.select == "best_val" else last_epoch,
-        # Throughput of the main stage's steps on this rank's clock (tokens: every rank's).
-        "main_step_seconds": round(state["main_step_seconds"] / max(main_steps, 1), 4),
-        "main_tokens_per_second": round(state["main_tokens"] / max(state["main_step_seconds"], 1e-9), 1),
+        # The main stage's steps on rank 0's clock, data wait excluded (tokens: every rank's):
+        # the median step (robust to a slow first step) and the tokens per second of all of them.
+        "main_step_seconds": statistics.median(state["main_step_seconds"]) if main_steps else None,
+        "main_tokens_per_second": round(state["main_tokens"] / max(sum(state["main_step_seconds"]), 1e-9), 1),
+        "main_tokens_per_step": round(state["main_tokens"] / max(main_steps, 1), 1),
+        "main_step_seconds_total": round(sum(state["main_step_seconds"]), 3),
         "data_wait_seconds": round(state["data_wait_seconds"], 3),
         "history": history,
     }

@@ -114,3 +114,32 @@ def test_a_killed_job_resumes_to_the_uninterrupted_result(tmp_path, tiny_wbcatt_
         assert sb[tag] == sa[tag], tag
     # The checkpoints are removed once the model is saved.
     assert not (tmp_path / "ck-resumed").exists() and not (tmp_path / "ck-straight").exists()
+
+
+def test_best_val_saves_the_best_epoch_and_validation_matches_evaluation(tmp_path, tiny_wbcatt_shards, checkpoint, monkeypatch):
+    """select best_val: with the first of 2 epochs validated best, the saved weights are those
+    of a 1-epoch run. And the per-epoch validation accuracy is the evaluation's accuracy on
+    the validation split (letter scoring) of the saved model."""
+    from medift import train as train_module
+    from medift.evaluate import EvaluateConfig, evaluate
+    from medift.train import TrainConfig, train
+
+    def config(out: str, **settings) -> TrainConfig:
+        return TrainConfig(shards=str(tiny_wbcatt_shards), base_model=str(checkpoint), out_dir=str(tmp_path / out),
+                           proxy_tokens=4, warmup_epochs=1, lr=1e-3, batch_size=2, seed=4, **settings)
+
+    one = train(config("one-epoch", epochs=1))
+    metrics = evaluate(EvaluateConfig(model=str(tmp_path / "one-epoch"), shards=str(tiny_wbcatt_shards), split="val",
+                                      scoring="letter", out=str(tmp_path / "val.csv"), summary=str(tmp_path / "val.json")))
+    assert [v["accuracy"] for v in one["validation"]] == [metrics["accuracy"]]
+
+    measured = iter([50.0, 10.0])  # epoch 1 best, epoch 2 worse
+    monkeypatch.setattr(train_module.Validation, "accuracy", lambda self, model, processor, proxy: next(measured))
+    best = train(config("best", epochs=2, select="best_val"))
+    assert best["selected_epoch"] == 0 and [v["accuracy"] for v in best["validation"]] == [50.0, 10.0]
+    saved, reference = load_file(str(tmp_path / "best" / "model.safetensors")), load_file(str(tmp_path / "one-epoch" / "model.safetensors"))
+    assert all(torch.equal(saved[k], reference[k]) for k in reference)
+    monkeypatch.undo()
+    last = train(config("last", epochs=2))
+    assert not all(torch.equal(load_file(str(tmp_path / "last" / "model.safetensors"))[k], reference[k]) for k in reference)
+    assert last["selected_epoch"] == 1
