@@ -53,8 +53,14 @@ class EvaluateConfig:
     device: str = field(default="auto", metadata={"help": "auto (the GPU if torch sees one, else the CPU), cpu, cuda or cuda:N."})
     dtype: str = field(default="float32", metadata={"help": "Weights' dtype for scoring: float32, bfloat16 or float16 (a real 11B checkpoint: bfloat16)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint."})
+    descriptions: str = field(default="", metadata={"help": "Also measure description accuracy (medift.describe) with the same model: descriptions.csv to write. Empty: not measured."})
+    description_summary: str = field(default="", metadata={"help": "description_metrics.json to write (with --descriptions)."})
+    adapter: str = field(default="", metadata={"help": "The dataset's adapter, whose attribute phrases description accuracy looks for (with --descriptions)."})
+    describe_max_new_tokens: int = field(default=64, metadata={"help": "Generation budget per description."})
 
     def __post_init__(self):
+        if self.descriptions and not (self.description_summary and self.adapter):
+            raise ValueError("--descriptions needs --description_summary and --adapter")
         if self.scoring not in SCORING_MODES:
             raise ValueError(f"scoring must be one of {SCORING_MODES}, got {self.scoring!r}")
 
@@ -187,6 +193,13 @@ def evaluate(config: EvaluateConfig) -> dict:
         "dtype": config.dtype,
     }
     Path(config.summary).write_text(json.dumps(summary, indent=1))
+    if config.descriptions:
+        from medift.describe import DescribeConfig, describe_with
+
+        describe_with(model, processor, DescribeConfig(
+            model=config.model, shards=config.shards, adapter=config.adapter, out=config.descriptions,
+            summary=config.description_summary, split=config.split, max_new_tokens=config.describe_max_new_tokens,
+            batch_size=config.batch_size, dtype=config.dtype))
     return summary
 
 

@@ -79,6 +79,9 @@ LONG_COLUMNS = (
     "diff",
     "diff_ci_low",
     "diff_ci_high",
+    "description_accuracy",
+    "description_ci_low",
+    "description_ci_high",
 )
 ATTRIBUTE_COLUMNS = ("method", "dataset", "attribute", "n", "accuracy", "ci_low", "ci_high")
 AVERAGE = "average"
@@ -445,6 +448,12 @@ class TablesArguments:
     long: str = field(metadata={"help": "output CSV of the long table (one row per method and dataset)"})
     attributes: str | None = field(default=None, metadata={"help": "optional output CSV of per-attribute accuracy"})
     figure: str | None = field(default=None, metadata={"help": "optional output PNG of the grouped bar chart"})
+    descriptions: list[str] = field(
+        default_factory=list,
+        metadata={"help": "descriptions.csv files (medift.describe), each at .../<dataset>/<method>/seed-<seed>/: "
+                          "description accuracy in the long table"},
+    )
+    metrics_figure: str | None = field(default=None, metadata={"help": "optional output PNG: accuracy, format retention and description accuracy per method and dataset"})
     heatmap: str | None = field(default=None, metadata={"help": "optional output PNG of the per-attribute heat map"})
     compare: list[str] = field(
         default_factory=list,
@@ -455,6 +464,84 @@ class TablesArguments:
 
 
 _SEED_DIR = re.compile(r"seed-(\d+)")
+
+
+def add_description_accuracy(long: pd.DataFrame, description_files: Mapping[tuple[str, str, int], Path],
+                             n_boot: int, seed: int) -> pd.DataFrame:
+    """Fill the long table's description columns: per (method, dataset), each image's found
+    fraction averaged over the seeds, then the mean over images with its bootstrap interval
+    (resampling images). A (method, dataset) with no descriptions file, or whose descriptions
+    have no attribute phrases (free-text reports), stays empty."""
+    from medift.describe import image_scores
+
+    long = long.copy()
+    for index, row in long.iterrows():
+        per_seed = [image_scores(pd.read_csv(path, keep_default_na=False))
+                    for (dataset, method, _), path in sorted(description_files.items())
+                    if dataset == row["dataset"] and method == row["method"]]
+        if not per_seed:
+            continue
+        scores = pd.concat(per_seed, axis=1).mean(axis=1).dropna().to_numpy()
+        if len(scores) == 0:
+            continue
+        low, high = bootstrap_mean_ci(scores, n_boot=n_boot, seed=seed)
+        long.loc[index, ["description_accuracy", "description_ci_low", "description_ci_high"]] = [
+            _percent(scores.mean()), _percent(low), _percent(high)]
+    return long
+
+
+def plot_metrics(long_df: pd.DataFrame, out_png: str | Path) -> None:
+    """One panel per dataset: per method, MCQ accuracy, format retention and description
+    accuracy side by side (intervals where the long table has them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("accuracy", "ci_low", "ci_high", "MCQ accuracy"), ("format_retention", None, None, "format retention"),
+               ("description_accuracy", "description_ci_low", "description_ci_high", "description accuracy")]
+    datasets = list(dict.fromkeys(long_df["dataset"]))
+    methods = list(dict.fromkeys(long_df["method"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(max(4.5, 1.4 * len(methods) + 1.5) * len(datasets), 4.2), squeeze=False)
+    colours = plt.get_cmap("Set2")
+    width = 0.8 / len(metrics)
+    for ax, dataset in zip(axes[0], datasets):
+        rows = long_df[long_df["dataset"] == dataset].set_index("method").loc[methods]
+        for k, (column, low, high, label) in enumerate(metrics):
+            values = pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
+            errors = None
+            if low is not None:
+                errors = np.vstack([values - pd.to_numeric(rows[low], errors="coerce").to_numpy(dtype=float),
+                                    pd.to_numeric(rows[high], errors="coerce").to_numpy(dtype=float) - values]).clip(min=0)
+            ax.bar(np.arange(len(methods)) - 0.4 + width * (k + 0.5), np.nan_to_num(values), width, label=label,
+                   color=colours(k), yerr=errors, capsize=3, error_kw={"elinewidth": 1})
+        ax.set_xticks(np.arange(len(methods)))
+        ax.set_xticklabels(methods, rotation=20, ha="right")
+        ax.set_ylim(0, 105)
+        ax.set_title(dataset)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    axes[0][0].set_ylabel("%")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=150)
+    plt.close(fig)
+
+
+def result_files_from_paths(paths: Sequence[str | Path], name: str) -> dict[tuple[str, str, int], Path]:
+    """`.../<dataset>/<method>/seed-<seed>/<name>` -> {(dataset, method, seed): path}."""
+    files: dict[tuple[str, str, int], Path] = {}
+    for raw in paths:
+        path = Path(raw)
+        match = _SEED_DIR.fullmatch(path.parent.name)
+        if len(path.parts) < 4 or match is None or path.name != name:
+            raise PredictionError(f"cannot read dataset/method/seed from {path}; expected .../<dataset>/<method>/seed-<seed>/{name}")
+        key = (path.parent.parent.parent.name, path.parent.parent.name, int(match.group(1)))
+        if key in files:
+            raise PredictionError(f"two {name} files for {key[0]}/{key[1]} seed {key[2]}: {files[key]} and {path}")
+        files[key] = path
+    return files
 
 
 def prediction_files_from_paths(paths: Sequence[str | Path]) -> dict[tuple[str, str, int], Path]:
@@ -502,6 +589,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     frames = _load_requested(files, args.methods, args.datasets)
     table = _accuracy_from_frames(frames, args.methods, args.datasets)
     long = _long_from_frames(frames, args.methods, args.datasets, args.n_boot, args.seed, parse_comparisons(args.compare))
+    if args.descriptions:
+        long = add_description_accuracy(long, result_files_from_paths(args.descriptions, "descriptions.csv"), args.n_boot, args.seed)
     outputs = [args.table, args.long]
     table.to_csv(_ready(args.table), float_format="%.2f")
     long.to_csv(_ready(args.long), index=False, float_format="%.2f")
@@ -516,6 +605,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.figure:
         plot_table(table, args.figure, long_df=long)
         outputs.append(args.figure)
+    if args.metrics_figure:
+        plot_metrics(long, args.metrics_figure)
+        outputs.append(args.metrics_figure)
     print(table.to_string())
     print("wrote " + ", ".join(map(str, outputs)))
     return 0

@@ -97,7 +97,7 @@ def tiny_config(base_model: str = "embedded") -> dict:
     config["train"].update(epochs=1, warmup_epochs=1, batch_size=4, threads=1)
     # CBIS-DDSM's validation patients are 10 % of its training patients: none among 16 images.
     config["datasets"]["cbis_ddsm"]["train"]["validate"] = False
-    config["evaluate"].update(max_new_tokens=8, threads=1)
+    config["evaluate"].update(max_new_tokens=8, describe_max_new_tokens=8, threads=1)
     config["seeds"] = [1, 2]
     config["threads"] = {"prepare": 1, "pretrain": 1}
     return config
@@ -360,6 +360,10 @@ def test_end_to_end_tables(tmp_path):
         attributes = pd.read_csv(results / f"{name}_attributes.csv")
         assert set(attributes["dataset"]) == set(DATASETS) and set(attributes["method"]) == set(methods)
         assert (results / f"{name}_attributes.png").stat().st_size > 0
+        # Description accuracy beside accuracy and format retention, for every method and dataset.
+        assert long["description_accuracy"].between(0, 100).all()
+        assert (long["description_ci_low"] <= long["description_accuracy"]).all()
+        assert (results / f"{name}_metrics.png").stat().st_size > 0
     compared = pd.read_csv(results / "table1_long.csv").set_index("method").loc["ift"]
     assert (compared["compared_to"] == "caption_ft").all() and compared["diff"].notna().all()
 
@@ -374,6 +378,8 @@ def test_end_to_end_tables(tmp_path):
                 metrics = json.loads((results / dataset / method / f"seed-{seed}" / "metrics.json").read_text())
                 assert metrics["n"] == (predictions["rotation"] == 0).sum()
                 assert metrics["prompts_asked"] == len(predictions)
+                described = pd.read_csv(results / dataset / method / f"seed-{seed}" / "descriptions.csv", keep_default_na=False)
+                assert len(described) == json.loads((results / dataset / method / f"seed-{seed}" / "description_metrics.json").read_text())["images"] > 0
         summaries = {
             method: json.loads((work / "resources/models" / dataset / method / "seed-2" / "train_summary.json").read_text())["config"]
             for method in TRAINED

@@ -6,6 +6,8 @@ Each module exposes:
 - `QUESTION_TEXT: dict[str, str]`: attribute key -> question text;
 - `read_records(raw_dir, seed, strict=False) -> AdapterResult`;
 - `describe(attributes) -> str`: the reference training description;
+- `phrases(attributes) -> dict[str, str]`: attribute -> its phrase of that description
+  (what description accuracy looks for; empty for free-text reports);
 - `make_questions(record, rng, observed=None) -> list[Question]`: the questions (val/test
   only); `observed` maps each attribute key to the values that occur in the whole dataset
   (`common.observed_values`), for datasets whose distractors are drawn from the data.

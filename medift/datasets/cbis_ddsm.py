@@ -160,13 +160,16 @@ def _spoken_key(key: str) -> str:
     return key.replace("_", " ")
 
 
+def phrases(attributes: dict[str, str]) -> dict[str, str]:
+    """Attribute key -> its phrase: `<value> <key>` for lesion keys, then bare values."""
+    found = {key: f"{attributes[key]} {_spoken_key(key)}" for key in LESION_KEYS if attributes.get(key)}
+    found |= {key: attributes[key] for key in BARE_VALUE_KEYS if attributes.get(key)}
+    return found
+
+
 def describe(attributes: dict[str, str]) -> str:
-    """The reference description: `<value> <key>` for lesion keys, then bare values."""
-    phrases = [
-        f"{attributes[key]} {_spoken_key(key)}" for key in LESION_KEYS if attributes.get(key)
-    ]
-    phrases += [attributes[key] for key in BARE_VALUE_KEYS if attributes.get(key)]
-    return ", ".join(phrases)
+    """The reference description: the attribute phrases, in order."""
+    return ", ".join(phrases(attributes).values())
 
 
 def _distractor_question(record: Record, key: str, rng: random.Random) -> Question | None:

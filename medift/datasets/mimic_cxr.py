@@ -206,6 +206,12 @@ def describe(attributes: dict[str, str]) -> str:
     return attributes.get(REPORT_KEY, "")
 
 
+def phrases(attributes: dict[str, str]) -> dict[str, str]:
+    """None: a report is free text, not attribute phrases (description accuracy is not defined)."""
+    del attributes
+    return {}
+
+
 def make_questions(record: Record, rng: random.Random, observed=None) -> list[Question]:
     """One yes/no question per finding labelled yes or no; options in fixed order.
 

@@ -119,6 +119,11 @@ def describe(attributes: dict[str, str]) -> str:
     return attributes.get(KEY, "")
 
 
+def phrases(attributes: dict[str, str]) -> dict[str, str]:
+    """Each present concept is a phrase of its own (keyed by itself): the description lists them."""
+    return {concept: concept for concept in (c.strip() for c in describe(attributes).split(",")) if concept}
+
+
 def make_questions(record: Record, rng: random.Random, observed=None) -> list[Question]:
     """The reference question: the true combination among 4 others from the data, shuffled.
 

@@ -83,20 +83,25 @@ def _spoken_key(key: str) -> str:
 QUESTION_TEXT: dict[str, str] = {key: f"What is the {_spoken_key(key)}?" for key in ATTRIBUTES}
 
 
-def describe(attributes: dict[str, str]) -> str:
-    """The reference description: see datasets.md, WBCAtt."""
-    phrases = []
+def phrases(attributes: dict[str, str]) -> dict[str, str]:
+    """Attribute key -> its phrase of the reference description (see datasets.md, WBCAtt)."""
+    found = {}
     for key in DESCRIPTION_ORDER:
         value = attributes.get(key)
         if value is None or value in (NOT_APPLICABLE, "no"):
             continue
         if value == "yes":
-            phrases.append(_spoken_key(key))
+            found[key] = _spoken_key(key)
         elif key == "label":
-            phrases.append(value)
+            found[key] = value
         else:
-            phrases.append(f"{value} {_spoken_key(key)}")
-    return ", ".join(phrases)
+            found[key] = f"{value} {_spoken_key(key)}"
+    return found
+
+
+def describe(attributes: dict[str, str]) -> str:
+    """The reference description: the attribute phrases, in order."""
+    return ", ".join(phrases(attributes).values())
 
 
 def make_questions(record: Record, rng: random.Random, observed=None) -> list[Question]:

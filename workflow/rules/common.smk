@@ -386,6 +386,33 @@ def get_table_predictions(wildcards):
     ]
 
 
+def get_description_outputs():
+    """evaluate_model's description outputs when `evaluate.describe` is on (none otherwise)."""
+    if not config["evaluate"]["describe"]:
+        return {}
+    return {
+        "descriptions": "results/{dataset}/{method}/seed-{seed}/descriptions.csv",
+        "description_metrics": "results/{dataset}/{method}/seed-{seed}/description_metrics.json",
+    }
+
+
+def get_describe_options(wildcards, output):
+    """The evaluation's description options: outputs, the dataset's adapter (whose phrases count), budget."""
+    if not config["evaluate"]["describe"]:
+        return ""
+    return (
+        f"--descriptions {output.descriptions} --description_summary {output.description_metrics}"
+        f" --adapter {get_adapter(wildcards)} --describe_max_new_tokens {config['evaluate']['describe_max_new_tokens']}"
+    )
+
+
+def get_table_descriptions(wildcards):
+    """descriptions.csv of every (method, seed, dataset) of the table when `evaluate.describe` is on."""
+    if not config["evaluate"]["describe"]:
+        return []
+    return [p.replace("predictions.csv", "descriptions.csv") for p in get_table_predictions(wildcards)]
+
+
 def get_table_comparisons(wildcards):
     """`method:baseline` pairs of `comparisons` whose two methods are both in this table."""
     methods = get_table_methods(wildcards)

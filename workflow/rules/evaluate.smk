@@ -1,11 +1,14 @@
 rule evaluate_model:
-    """Multiple-choice evaluation of one (dataset, method, seed); `train: false` methods use the base model."""
+    """Multiple-choice evaluation of one (dataset, method, seed), and with `evaluate.describe` its
+    description accuracy; `train: false` methods use the base model."""
     input:
         manifest="resources/shards/{dataset}/manifest.json",
         model=get_model_files,
     output:
         predictions="results/{dataset}/{method}/seed-{seed}/predictions.csv",
         metrics="results/{dataset}/{method}/seed-{seed}/metrics.json",
+        # With evaluate.describe: description accuracy, measured with the same loaded model.
+        **get_description_outputs(),
     params:
         shards=subpath(input.manifest, parent=True),
         model=lambda wildcards, input: os.path.dirname(input.model[0]),
@@ -17,6 +20,7 @@ rule evaluate_model:
         batch_size=config["evaluate"]["batch_size"],
         device=config["evaluate"]["device"],
         dtype=config["evaluate"]["dtype"],
+        describe=get_describe_options,
     log:
         "logs/evaluate_model/{dataset}/{method}/seed-{seed}.log",
     benchmark:
@@ -33,4 +37,5 @@ rule evaluate_model:
         " --out {output.predictions} --summary {output.metrics}"
         " --max_new_tokens {params.max_new_tokens} --batch_size {params.batch_size}"
         " --device {params.device} --dtype {params.dtype}"
-        " --trust_remote_code {params.trust_remote_code} --threads {threads} > {log} 2>&1"
+        " --trust_remote_code {params.trust_remote_code} {params.describe} --threads {threads} > {log} 2>&1"
+

@@ -2,7 +2,8 @@ rule make_table:
     """Accuracy table (methods x datasets + average), long table with intervals, per-attribute
     accuracy, and their figures; every output is also a panel of `snakemake --report`."""
     input:
-        get_table_predictions,
+        predictions=get_table_predictions,
+        descriptions=get_table_descriptions,
     output:
         table=report(
             "results/{table}.csv",
@@ -34,16 +35,24 @@ rule make_table:
             category="Per attribute",
             labels={"table": "{table}", "content": "heat map"},
         ),
+        metrics=report(
+            "results/{table}_metrics.png",
+            caption="../report/metrics.rst",
+            category="Figures",
+            labels={"table": "{table}", "content": "accuracy, format, descriptions"},
+        ),
     params:
         methods=get_table_methods,
         datasets=get_datasets(),
         compare=get_table_comparisons,
+        descriptions=lambda wildcards, input: f"--descriptions {' '.join(input.descriptions)}" if input.descriptions else "",
     log:
         "logs/make_table/{table}.log",
     conda:
         "../envs/medift.yaml"
     shell:
-        "python -m medift.tables --predictions {input} --methods {params.methods}"
+        "python -m medift.tables --predictions {input.predictions} --methods {params.methods}"
         " --datasets {params.datasets} --table {output.table} --long {output.long}"
         " --attributes {output.attributes} --figure {output.figure} --heatmap {output.heatmap}"
+        " --metrics_figure {output.metrics} {params.descriptions}"
         " {params.compare} > {log} 2>&1"
