@@ -171,7 +171,9 @@ def test_long_table_values(predictions):
         "method", "dataset", "n", "seeds", "accuracy", "ci_low", "ci_high", "seed_std",
         "parse_failures", "format_retention", "chance", "circular_accuracy", "circular_ci_low",
         "circular_ci_high", "compared_to", "diff", "diff_ci_low", "diff_ci_high",
+        "description_accuracy", "description_ci_low", "description_ci_high",
     ]
+    assert long["description_accuracy"].isna().all()  # no descriptions given
     row = long.set_index(["method", "dataset"]).loc[("base", "skincon")]
     assert (row["n"], row["seeds"], row["accuracy"]) == (3, 1, 33.33)
     assert np.isnan(row["seed_std"]) and np.isnan(row["circular_accuracy"]) and pd.isna(row["compared_to"])
@@ -291,3 +293,20 @@ def test_cli_end_to_end(predictions, tmp_path, capsys):
 
     with pytest.raises(PredictionError, match="wbcatt/other"):
         main(argv[:argv.index("--datasets")] + ["other"] + argv[argv.index("--datasets"):])
+
+
+def test_description_accuracy_averages_each_image_over_the_seeds(predictions, tmp_path):
+    from medift.tables import add_description_accuracy
+
+    long = long_table(predictions, ["base", "ift"], ["wbcatt", "skincon"])
+    files = {}
+    for seed, found in ((1, [{"a": 1, "b": 1}, {"a": 0}]), (2, [{"a": 1, "b": 0}, {"a": 0}])):
+        path = tmp_path / "wbcatt" / "ift" / f"seed-{seed}" / "descriptions.csv"
+        path.parent.mkdir(parents=True)
+        pd.DataFrame({"image_id": ["x", "y"], "generated": ["", ""], "found": [json.dumps(f) for f in found]}).to_csv(path, index=False)
+        files["wbcatt", "ift", seed] = path
+    filled = add_description_accuracy(long, files, n_boot=200, seed=0).set_index(["method", "dataset"])
+    # image x: 1.0 and 0.5 over the seeds -> 0.75; image y: 0 -> mean 37.5 %.
+    assert filled.loc[("ift", "wbcatt"), "description_accuracy"] == 37.5
+    assert filled.loc[("ift", "wbcatt"), "description_ci_low"] <= 37.5 <= filled.loc[("ift", "wbcatt"), "description_ci_high"]
+    assert filled.drop(index=("ift", "wbcatt"))["description_accuracy"].isna().all()
