@@ -167,7 +167,6 @@ def score_split(model, processor, config: EvaluateConfig) -> pd.DataFrame:
     parts = []
     with tqdm(total=n_prompts, desc=f"evaluate ({config.scoring})", unit="q", mininterval=5) as bar:
         for frame in reader.row_groups():
-            frame["options"] = [list(options) for options in frame["options"]]
             parts.append(score_questions(model, processor, frame, config, progress=bar))
     return pd.concat(parts, ignore_index=True)
 

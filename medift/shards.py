@@ -416,24 +416,6 @@ def read_manifest(shard_dir: Path, verify: bool = True) -> dict:
     return manifest
 
 
-def _load_kind(shard_dir: Path, kind: str, split: str) -> pd.DataFrame:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    shard_dir = Path(shard_dir)
-    manifest = _load_manifest_file(shard_dir)
-    entries = [e for e in manifest["files"] if e["kind"] == kind and e["split"] == split]
-    tables = []
-    for entry in entries:
-        # Only the files being used are hashed: checking a whole dataset per load is wasted I/O.
-        _verify_file(shard_dir, entry)
-        table = pq.read_table(shard_dir / entry["path"], schema=SCHEMAS[kind])
-        if table.num_rows != entry["rows"]:
-            raise ShardError(f"{shard_dir / entry['path']} has {table.num_rows} rows, manifest says {entry['rows']}")
-        tables.append(table)
-    table = pa.concat_tables(tables) if tables else SCHEMAS[kind].empty_table()
-    return table.to_pandas()
-
-
 class ShardRows:
     """Rows of one (kind, split), read row group by row group: memory stays flat in dataset size.
 
@@ -503,20 +485,29 @@ class ShardRows:
         return {c: group[c][int(self._row[index])] for c in self.columns}
 
     def row_groups(self) -> Iterator[pd.DataFrame]:
-        """Every row, one row group at a time, in order (each decoded once)."""
-        for file, path in enumerate(self.paths):
+        """Every row, one row group at a time, in order (each decoded once); a question's
+        `options` as a Python list."""
+        for path in self.paths:
             handle = pq.ParquetFile(path)
             for group in range(handle.metadata.num_row_groups):
-                yield handle.read_row_group(group, columns=self.columns).to_pandas()
+                frame = handle.read_row_group(group, columns=self.columns).to_pandas()
+                if "options" in frame:
+                    frame["options"] = [list(options) for options in frame["options"]]
+                yield frame
+
+    def frame(self) -> pd.DataFrame:
+        """Every row at once (the configured columns)."""
+        frames = list(self.row_groups())
+        if not frames:
+            return pd.DataFrame({c: pd.Series(dtype=object) for c in self.columns})
+        return pd.concat(frames, ignore_index=True)
 
 
 def load_descriptions(shard_dir: Path, split: str) -> pd.DataFrame:
     """All description rows of `split` (columns as DESCRIPTION_SCHEMA), checksums verified."""
-    return _load_kind(shard_dir, DESCRIPTIONS, split)
+    return ShardRows(shard_dir, DESCRIPTIONS, split, DESCRIPTION_SCHEMA.names).frame()
 
 
 def load_questions(shard_dir: Path, split: str) -> pd.DataFrame:
     """All question rows of `split`; `options` as Python lists; checksums verified."""
-    frame = _load_kind(shard_dir, QUESTIONS, split)
-    frame["options"] = [list(options) for options in frame["options"]]
-    return frame
+    return ShardRows(shard_dir, QUESTIONS, split, QUESTION_SCHEMA.names).frame()

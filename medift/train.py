@@ -244,7 +244,6 @@ class Validation:
         correct = 0
         with tqdm(total=len(self.reader), desc="validation", unit="q", mininterval=5, disable=ds_engine.rank() > 0) as bar:
             for frame in self.reader.row_groups():
-                frame["options"] = [list(options) for options in frame["options"]]
                 correct += int(score_questions(model, processor, frame, self.config, progress=bar)["correct"].sum())
         if proxy is not None:
             proxy.attach(model)
@@ -310,6 +309,7 @@ class Run:
                       "data_wait_seconds": 0.0, "main_step_seconds": [], "main_tokens": 0}
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.resumed_stage: str | None = None  # the stage of the checkpoint resumed from
+        self.epoch_length = 0  # steps of the current epoch
 
     @property
     def step(self) -> int:
@@ -323,6 +323,7 @@ class Run:
     def steps_of(self, plan_index: int, order_epoch: int) -> list:
         """The epoch's remaining steps (all, or those after a resumed checkpoint's position)."""
         steps = epoch_steps(len(self.samples), self.config, plan_index, order_epoch)
+        self.epoch_length = len(steps)
         skip = self.state["steps_done"] if plan_index == self.state["plan_index"] else 0
         return steps[skip:]
 
@@ -446,7 +447,7 @@ def run_main(engine, run: Run, resumed: Path | None) -> None:
                     proxy.update_momentum_copy(config.momentum)
             run.finish_step(plan_index, "main", epoch, losses, tokens, time.perf_counter() - started, extra,
                             engine=engine, optimizer=optimizer)
-        stopped_early = run.done and run.state["steps_done"] < len(epoch_steps(len(run.samples), config, plan_index, order))
+        stopped_early = run.done and run.state["steps_done"] < run.epoch_length
         run.end_epoch(plan_index)
         if run.validation is not None and not stopped_early:
             validate_epoch(engine, run, epoch)
