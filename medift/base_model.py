@@ -1,7 +1,8 @@
 """The embedded default base model: pre-train it, and measure its general instruction following.
 
-`python -m medift.base_model recipe --out_dir DIR` rebuilds the shipped weights (two
+`python -m medift.base_model recipe --out_dir DIR` rebuilds the shipped LLaVA weights (two
 pre-training stages); `python -m medift.base_model pretrain --out_dir DIR` runs one stage;
+`python -m medift.base_model distill --out_dir DIR` builds the default embedded Mllama from it;
 `python -m medift.base_model evaluate --model DIR --out results/base_model.json`
 reports its accuracy on held-out general-domain multiple-choice questions.
 """
@@ -18,6 +19,7 @@ from transformers import HfArgumentParser
 
 from medift.runtime import set_torch_threads
 from medift.model.embedded import EmbeddedModelConfig
+from medift.model.embedded_mllama import DistillConfig, distill
 from medift.model.loading import load_base_model
 from medift.model.pretrain import (
     PretrainConfig, RecipeConfig, general_mcq_accuracy, held_out_questions, pretrain, recipe_stages, run_stages,
@@ -50,12 +52,15 @@ def evaluate_base(config: BaseEvalConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("recipe", "pretrain", "evaluate"):
-        print("usage: python -m medift.base_model {recipe,pretrain,evaluate} --help", file=sys.stderr)
+    if not argv or argv[0] not in ("recipe", "pretrain", "distill", "evaluate"):
+        print("usage: python -m medift.base_model {recipe,pretrain,distill,evaluate} --help", file=sys.stderr)
         return 2
     if argv[0] == "recipe":
         recipe, model_config = HfArgumentParser((RecipeConfig, EmbeddedModelConfig)).parse_args_into_dataclasses(argv[1:])
         log.info("final: %s", run_stages(recipe_stages(recipe), model_config, reuse_first=recipe.reuse_first_stage))
+    elif argv[0] == "distill":
+        (distill_config,) = HfArgumentParser(DistillConfig).parse_args_into_dataclasses(argv[1:])
+        log.info("final: %s", distill(distill_config))
     elif argv[0] == "pretrain":
         pretrain_config, model_config = HfArgumentParser((PretrainConfig, EmbeddedModelConfig)).parse_args_into_dataclasses(argv[1:])
         log.info("final: %s", pretrain(pretrain_config, model_config))

@@ -16,8 +16,10 @@ Outputs:
   rounded to 2 decimals;
 - the long table (`long_table`): one row per (method, dataset) with LONG_COLUMNS: n, seeds,
   accuracy with its 95% bootstrap interval and seed spread, parse failures, format retention,
-  chance, circular accuracy with its interval, and for configured comparisons the paired
-  bootstrap difference to another method on the same questions;
+  chance, circular accuracy with its interval, description accuracy with its interval;
+- the comparison table (`comparison_table`): for each configured (method, baseline) pair and
+  dataset, the paired bootstrap difference of their accuracies on the same questions (a
+  method may be compared with several baselines, e.g. ift with zero_shot and caption_ft);
 - the per-attribute table (`attribute_table`): accuracy per (method, dataset, attribute);
 - figures: a grouped bar chart of table 1 with intervals, a per-attribute heat map.
 
@@ -25,7 +27,7 @@ CLI:
     python -m medift.tables --predictions results/*/*/seed-*/predictions.csv \
         --methods base ift --datasets wbcatt cbis_ddsm --table t1.csv --long t1_long.csv \
         [--attributes t1_attributes.csv] [--figure t1.png] [--heatmap t1_attributes.png] \
-        [--compare ift:base]
+        [--compare ift:base ift:caption_ft --comparisons t1_comparisons.csv]
 """
 
 from __future__ import annotations
@@ -75,13 +77,12 @@ LONG_COLUMNS = (
     "circular_accuracy",
     "circular_ci_low",
     "circular_ci_high",
-    "compared_to",
-    "diff",
-    "diff_ci_low",
-    "diff_ci_high",
     "description_accuracy",
     "description_ci_low",
     "description_ci_high",
+)
+COMPARISON_COLUMNS = (
+    "method", "baseline", "dataset", "n", "seeds", "accuracy", "baseline_accuracy", "diff", "diff_ci_low", "diff_ci_high",
 )
 ATTRIBUTE_COLUMNS = ("method", "dataset", "attribute", "n", "accuracy", "ci_low", "ci_high")
 AVERAGE = "average"
@@ -244,9 +245,7 @@ def _long_from_frames(
     datasets: Sequence[str],
     n_boot: int,
     seed: int,
-    comparisons: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    comparisons = {a: b for a, b in (comparisons or {}).items() if a in methods and b in methods}
     rows = []
     for method in methods:
         for dataset in datasets:
@@ -276,15 +275,29 @@ def _long_from_frames(
                 c_low, c_high = bootstrap_mean_ci(circular, n_boot=n_boot, seed=seed)
                 row.update(circular_accuracy=_percent(circular.mean()), circular_ci_low=_percent(c_low),
                            circular_ci_high=_percent(c_high))
-            if method in comparisons:
-                other = question_scores(frames[dataset, comparisons[method]])["score"]
-                diff, d_low, d_high = paired_bootstrap_mean_diff(
-                    scores["score"].to_numpy(), other.loc[scores.index].to_numpy(), n_boot=n_boot, seed=seed
-                )
-                row.update(compared_to=comparisons[method], diff=_percent(diff), diff_ci_low=_percent(d_low),
-                           diff_ci_high=_percent(d_high))
             rows.append(row)
     return pd.DataFrame(rows, columns=list(LONG_COLUMNS))
+
+
+def _comparisons_from_frames(
+    frames: Frames, pairs: Sequence[tuple[str, str]], datasets: Sequence[str], n_boot: int, seed: int
+) -> pd.DataFrame:
+    """Per (method, baseline, dataset): both accuracies and the paired bootstrap difference
+    (method - baseline, percentage points) on the same questions, each question's score
+    being its fraction of seeds answered right."""
+    rows = []
+    for method, baseline in pairs:
+        for dataset in datasets:
+            scores = question_scores(frames[dataset, method])["score"]
+            other = question_scores(frames[dataset, baseline])["score"].loc[scores.index]
+            diff, low, high = paired_bootstrap_mean_diff(scores.to_numpy(), other.to_numpy(), n_boot=n_boot, seed=seed)
+            rows.append({
+                "method": method, "baseline": baseline, "dataset": dataset, "n": len(scores),
+                "seeds": len(frames[dataset, method]), "accuracy": _percent(scores.mean()),
+                "baseline_accuracy": _percent(other.mean()), "diff": _percent(diff),
+                "diff_ci_low": _percent(low), "diff_ci_high": _percent(high),
+            })
+    return pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))
 
 
 def _attributes_from_frames(
@@ -315,15 +328,19 @@ def long_table(
     datasets: Sequence[str],
     n_boot: int = 2000,
     seed: int = 0,
-    comparisons: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """One row per (method, dataset): LONG_COLUMNS; percentages rounded to 2 decimals.
-
-    `comparisons` maps a method to the method it is compared with (e.g. ift -> caption_ft);
-    pairs whose methods are not both in `methods` are left out.
-    """
+    """One row per (method, dataset): LONG_COLUMNS; percentages rounded to 2 decimals."""
     frames = _load_requested(pred_files, methods, datasets)
-    return _long_from_frames(frames, methods, datasets, n_boot, seed, comparisons)
+    return _long_from_frames(frames, methods, datasets, n_boot, seed)
+
+
+def comparison_table(
+    pred_files: PredictionFiles, pairs: Sequence[tuple[str, str]], datasets: Sequence[str], n_boot: int = 2000, seed: int = 0
+) -> pd.DataFrame:
+    """One row per (method, baseline) pair and dataset: COMPARISON_COLUMNS (percent, 2 dp)."""
+    methods = list(dict.fromkeys(m for pair in pairs for m in pair))
+    frames = _load_requested(pred_files, methods, datasets)
+    return _comparisons_from_frames(frames, pairs, datasets, n_boot, seed)
 
 
 def attribute_table(
@@ -457,8 +474,9 @@ class TablesArguments:
     heatmap: str | None = field(default=None, metadata={"help": "optional output PNG of the per-attribute heat map"})
     compare: list[str] = field(
         default_factory=list,
-        metadata={"help": "method:baseline pairs whose paired bootstrap difference goes in the long table"},
+        metadata={"help": "method:baseline pairs (both among --methods) whose paired bootstrap difference goes in --comparisons"},
     )
+    comparisons: str | None = field(default=None, metadata={"help": "output CSV of the paired comparisons (needed with --compare)"})
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples for the intervals"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed"})
 
@@ -561,14 +579,20 @@ def prediction_files_from_paths(paths: Sequence[str | Path]) -> dict[tuple[str, 
     return files
 
 
-def parse_comparisons(pairs: Sequence[str]) -> dict[str, str]:
-    comparisons = {}
+def parse_comparisons(pairs: Sequence[str], methods: Sequence[str]) -> list[tuple[str, str]]:
+    """`method:baseline` strings -> pairs, in order; both methods must be among `methods`."""
+    parsed = []
     for pair in pairs:
         method, sep, baseline = pair.partition(":")
-        if not sep or not method or not baseline:
-            raise ValueError(f"--compare takes method:baseline, got {pair!r}")
-        comparisons[method] = baseline
-    return comparisons
+        if not sep or not method or not baseline or method == baseline:
+            raise ValueError(f"--compare takes method:baseline with two different methods, got {pair!r}")
+        missing = [m for m in (method, baseline) if m not in methods]
+        if missing:
+            raise ValueError(f"--compare {pair}: {', '.join(missing)} not among --methods {' '.join(methods)}")
+        if (method, baseline) in parsed:
+            raise ValueError(f"--compare {pair} given twice")
+        parsed.append((method, baseline))
+    return parsed
 
 
 def _parse_args(argv: Sequence[str] | None) -> TablesArguments:
@@ -582,18 +606,25 @@ def _parse_args(argv: Sequence[str] | None) -> TablesArguments:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parse_args(argv)
+    pairs = parse_comparisons(args.compare, args.methods)
+    if pairs and not args.comparisons:
+        raise ValueError("--compare needs --comparisons (the CSV they are written to)")
     files = prediction_files_from_paths(args.predictions)
     unused = sorted({(d, m) for d, m, _ in files} - {(d, m) for d in args.datasets for m in args.methods})
     if unused:
         log.warning("ignoring predictions not requested: %s", ", ".join(f"{d}/{m}" for d, m in unused))
     frames = _load_requested(files, args.methods, args.datasets)
     table = _accuracy_from_frames(frames, args.methods, args.datasets)
-    long = _long_from_frames(frames, args.methods, args.datasets, args.n_boot, args.seed, parse_comparisons(args.compare))
+    long = _long_from_frames(frames, args.methods, args.datasets, args.n_boot, args.seed)
     if args.descriptions:
         long = add_description_accuracy(long, result_files_from_paths(args.descriptions, "descriptions.csv"), args.n_boot, args.seed)
     outputs = [args.table, args.long]
     table.to_csv(_ready(args.table), float_format="%.2f")
     long.to_csv(_ready(args.long), index=False, float_format="%.2f")
+    if args.comparisons:
+        compared = _comparisons_from_frames(frames, pairs, args.datasets, args.n_boot, args.seed)
+        compared.to_csv(_ready(args.comparisons), index=False, float_format="%.2f")
+        outputs.append(args.comparisons)
     if args.attributes or args.heatmap:
         attributes = _attributes_from_frames(frames, args.methods, args.datasets, args.n_boot, args.seed)
         if args.attributes:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from test_workflow import EMBEDDED_BASE, REPO, embedded_base_available, rule_counts, dry_run_jobs, snakemake, \
+from test_workflow import EMBEDDED_BASE, REPO, copy_embedded_models, embedded_base_available, rule_counts, dry_run_jobs, snakemake, \
     tiny_config, write_config
 
 pytestmark = pytest.mark.slurm
@@ -204,7 +204,7 @@ def test_table1_through_the_slurm_profile_equals_the_local_run(slurm_cluster, tm
     timings = {}
     for run in ("local", "slurm"):
         work = tmp_path / run
-        shutil.copytree(EMBEDDED_BASE, work / "models" / "embedded-base")
+        copy_embedded_models(work)
     started = time.monotonic()
     snakemake(f"--configfile={configfile}", "results/table1.csv", workdir=tmp_path / "local", timeout=600)
     timings["local"] = time.monotonic() - started

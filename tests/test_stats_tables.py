@@ -12,11 +12,14 @@ import pytest
 from medift.mcq import LETTERS
 from medift.stats import bootstrap_ci, bootstrap_mean_ci, paired_bootstrap_diff, paired_bootstrap_mean_diff
 from medift.tables import (
+    COMPARISON_COLUMNS,
     PredictionError,
     accuracy_table,
     attribute_table,
+    comparison_table,
     long_table,
     main,
+    parse_comparisons,
     plot_attributes,
     plot_table,
     prediction_files_from_paths,
@@ -170,13 +173,12 @@ def test_long_table_values(predictions):
     assert list(long.columns) == [
         "method", "dataset", "n", "seeds", "accuracy", "ci_low", "ci_high", "seed_std",
         "parse_failures", "format_retention", "chance", "circular_accuracy", "circular_ci_low",
-        "circular_ci_high", "compared_to", "diff", "diff_ci_low", "diff_ci_high",
-        "description_accuracy", "description_ci_low", "description_ci_high",
+        "circular_ci_high", "description_accuracy", "description_ci_low", "description_ci_high",
     ]
     assert long["description_accuracy"].isna().all()  # no descriptions given
     row = long.set_index(["method", "dataset"]).loc[("base", "skincon")]
     assert (row["n"], row["seeds"], row["accuracy"]) == (3, 1, 33.33)
-    assert np.isnan(row["seed_std"]) and np.isnan(row["circular_accuracy"]) and pd.isna(row["compared_to"])
+    assert np.isnan(row["seed_std"]) and np.isnan(row["circular_accuracy"])
     assert row["parse_failures"] == 2 and row["format_retention"] == 33.33
     assert row["chance"] == 20.0
     assert row["ci_low"] <= row["accuracy"] <= row["ci_high"]
@@ -241,16 +243,29 @@ def test_incomplete_rotations_are_refused(tmp_path):
         read_predictions(path)
 
 
-def test_paired_difference_in_the_long_table(tmp_path):
+def test_paired_differences_against_several_baselines(tmp_path):
     files = {
         ("d", "ift", 1): _write_predictions(tmp_path / "d/ift/seed-1/predictions.csv", list("ccccw" * 20)),
         ("d", "base", 1): _write_predictions(tmp_path / "d/base/seed-1/predictions.csv", list("cwcww" * 20)),
+        ("d", "other", 1): _write_predictions(tmp_path / "d/other/seed-1/predictions.csv", list("ccccw" * 20)),
     }
-    long = long_table(files, ["base", "ift"], ["d"], comparisons={"ift": "base", "other": "base"})
-    row = long.set_index("method").loc["ift"]
-    assert (row["compared_to"], row["diff"]) == ("base", 40.0)
-    assert 0 < row["diff_ci_low"] < 40.0 < row["diff_ci_high"]
-    assert pd.isna(long.set_index("method").loc["base", "compared_to"])
+    table = comparison_table(files, [("ift", "base"), ("ift", "other")], ["d"])
+    assert list(table.columns) == list(COMPARISON_COLUMNS)
+    rows = table.set_index("baseline")
+    assert (rows.loc["base", "diff"], rows.loc["base", "accuracy"], rows.loc["base", "baseline_accuracy"]) == (40.0, 80.0, 40.0)
+    assert 0 < rows.loc["base", "diff_ci_low"] < 40.0 < rows.loc["base", "diff_ci_high"]
+    # The same answers: a difference of exactly 0 in every resample.
+    assert rows.loc["other", ["diff", "diff_ci_low", "diff_ci_high"]].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_comparisons_are_checked_against_the_methods():
+    assert parse_comparisons(["ift:base", "ift:other"], ["base", "other", "ift"]) == [("ift", "base"), ("ift", "other")]
+    with pytest.raises(ValueError, match="not among --methods"):
+        parse_comparisons(["ift:missing"], ["ift", "base"])
+    with pytest.raises(ValueError, match="given twice"):
+        parse_comparisons(["ift:base", "ift:base"], ["ift", "base"])
+    with pytest.raises(ValueError, match="two different methods"):
+        parse_comparisons(["ift:ift"], ["ift"])
 
 
 def test_attribute_table_and_heatmap(tmp_path):
@@ -280,13 +295,14 @@ def test_cli_end_to_end(predictions, tmp_path, capsys):
     argv = ["--predictions", *map(str, predictions.values()), "--methods", "base", "ift",
             "--datasets", "wbcatt", "skincon", "--table", str(table_csv), "--long", str(long_csv),
             "--figure", str(figure), "--attributes", str(attributes), "--heatmap", str(heatmap),
-            "--compare", "ift:base"]
+            "--compare", "ift:base", "--comparisons", str(tmp_path / "out/comparisons.csv")]
     assert main(argv) == 0
     table = pd.read_csv(table_csv, index_col="method")
     assert table.loc["ift", "average"] == 87.5 and table.loc["base", "skincon"] == 33.33
     long = pd.read_csv(long_csv)
     assert len(long) == 4 and set(long["dataset"]) == {"wbcatt", "skincon"}
-    assert list(long.loc[long["method"] == "ift", "diff"]) == [25.0, 66.67]
+    compared = pd.read_csv(tmp_path / "out/comparisons.csv")
+    assert list(compared["diff"]) == [25.0, 66.67] and set(compared["baseline"]) == {"base"}
     assert len(pd.read_csv(attributes)) == 4
     assert figure.read_bytes().startswith(b"\x89PNG") and heatmap.read_bytes().startswith(b"\x89PNG")
     assert "wrote" in capsys.readouterr().out

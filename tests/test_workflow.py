@@ -3,8 +3,8 @@
 Every run goes into a temporary working directory (`--directory`) with the repository's
 Snakefile, so nothing is written to the checkout. The end-to-end test (marked `e2e`,
 deselect with `-m "not e2e"`) fine-tunes and evaluates the committed embedded base
-model `models/embedded-base` on tiny synthetic data; it is skipped while that model is
-absent. MEDIFT_TEST_BASE_MODEL=DIR makes it use another checkpoint of that layout.
+model `models/embedded-mllama` (the tiny Mllama) on tiny synthetic data; it is skipped while that model is
+absent.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from medift.tables import PREDICTION_COLUMNS
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 DEFAULT_CONFIG = REPO / "config" / "config.yaml"
-EMBEDDED_BASE = REPO / "models" / "embedded-base"
+EMBEDDED_BASE = REPO / "models" / "embedded-mllama"  # the default (`embedded`)
+EMBEDDED_LLAVA = REPO / "models" / "embedded-base"  # `embedded_llava`, the default's teacher
 DATASETS = ["wbcatt", "cbis_ddsm"]
 TABLE1 = ["zero_shot", "caption_ft", "ift"]
 TABLE2 = ["ift", "ift_no_momentum", "ift_no_shuffle", "ift_no_warmup"]
@@ -109,7 +110,14 @@ def write_config(path: Path, config: dict) -> Path:
 
 
 def embedded_base_available() -> bool:
-    return (EMBEDDED_BASE / "config.json").is_file() and (EMBEDDED_BASE / "model.safetensors").is_file()
+    return all((d / "config.json").is_file() and (d / "model.safetensors").is_file() for d in (EMBEDDED_BASE, EMBEDDED_LLAVA))
+
+
+def copy_embedded_models(work: Path) -> None:
+    """Both committed embedded models into a work directory, as a fresh clone has them (so
+    neither distill_base_model nor pretrain_base_model runs)."""
+    for directory in (EMBEDDED_BASE, EMBEDDED_LLAVA):
+        shutil.copytree(directory, work / "models" / directory.name)
 
 
 # --------------------------------------------------------------------------- static checks
@@ -135,7 +143,7 @@ def test_dry_run_default_config(tmp_path, target, expected):
         (tmp_path / "models").symlink_to(REPO / "models")  # a dry run writes nothing
     jobs = dry_run(target, workdir=tmp_path, configfile=DEFAULT_CONFIG)
     if not embedded_base_available():
-        expected = {**expected, "pretrain_base_model": 1}
+        expected = {**expected, "pretrain_base_model": 1, "distill_base_model": 1}
     assert rule_counts(jobs) == expected
     evaluated = {(w["dataset"], w["method"]) for rule, w in jobs if rule == "evaluate_model"}
     assert {w["seed"] for rule, w in jobs if rule in ("evaluate_model", "train_model")} == {"1"}
@@ -329,13 +337,11 @@ def test_changing_one_dataset_reruns_only_that_dataset(tmp_path):
 
 @pytest.mark.e2e
 def test_end_to_end_tables(tmp_path):
-    source = Path(os.environ.get("MEDIFT_TEST_BASE_MODEL", EMBEDDED_BASE))
-    if not ((source / "config.json").is_file() and (source / "model.safetensors").is_file()):
-        pytest.skip(f"{source} has no model.safetensors: the embedded base model is not built "
-                    "(python -m medift.base_model pretrain --out_dir models/embedded-base)")
+    if not embedded_base_available():
+        pytest.skip("the embedded models are not built (rules pretrain_base_model, distill_base_model)")
     work = tmp_path / "work"
     # The default `embedded` base model, as on a fresh clone: present, so not rebuilt.
-    shutil.copytree(source, work / "models" / "embedded-base")
+    copy_embedded_models(work)
     config = tiny_config()
     configfile = write_config(tmp_path / "config.yaml", config)
     snakemake(f"--configfile={configfile}", "results/table1.csv", "results/table2.csv",
@@ -364,8 +370,9 @@ def test_end_to_end_tables(tmp_path):
         assert long["description_accuracy"].between(0, 100).all()
         assert (long["description_ci_low"] <= long["description_accuracy"]).all()
         assert (results / f"{name}_metrics.png").stat().st_size > 0
-    compared = pd.read_csv(results / "table1_long.csv").set_index("method").loc["ift"]
-    assert (compared["compared_to"] == "caption_ft").all() and compared["diff"].notna().all()
+    compared = pd.read_csv(results / "table1_comparisons.csv")
+    assert set(zip(compared["method"], compared["baseline"])) == {("ift", "zero_shot"), ("ift", "caption_ft")}
+    assert len(compared) == 2 * len(DATASETS) and compared["diff"].notna().all()
 
     seeds = {m: [1] if m == "zero_shot" else [1, 2] for m in TABLE1 + TABLE2[1:]}
     for dataset in DATASETS:
@@ -471,7 +478,7 @@ def test_a_killed_training_job_resumes_under_rerun_incomplete(tmp_path):
     if not embedded_base_available():
         pytest.skip("the embedded base model is not built")
     work = tmp_path / "work"
-    shutil.copytree(EMBEDDED_BASE, work / "models" / "embedded-base")
+    copy_embedded_models(work)
     config = tiny_config()
     config["seeds"] = [1]
     config["train"].update(checkpoint_every=1, batch_size=2, epochs=2)  # 6 steps an epoch

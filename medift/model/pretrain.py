@@ -371,6 +371,18 @@ class ConversationSampler:
     def batch(self, text_only: bool, hint_probability: float = 0.0, config: PretrainConfig | None = None) -> dict:
         """A mixed-phase batch; `hint_probability` is the share of image questions stating their
         value, `config` this step's settings (`mixed_phase_config`; default: the run's)."""
+        encoded, images, attrs = self.rows(text_only, hint_probability, config)
+        if not attrs:
+            return collate(encoded, self.processor.tokenizer.pad_token_id)
+        batch = model_inputs(self.processor, encoded, images, padding_side="right")
+        batch["aux_targets"] = attribute_targets(attrs)
+        return batch
+
+    def rows(
+        self, text_only: bool, hint_probability: float = 0.0, config: PretrainConfig | None = None
+    ) -> tuple[list[Encoded], list, list[dict[str, str]]]:
+        """A mixed-phase batch's conversations (this processor's encoding), images (None: a
+        text-only row) and the attributes of each image, in order."""
         config = config or self.config
         encoded, images, attrs = [], [], []
         tokenizer = self.processor.tokenizer
@@ -390,14 +402,12 @@ class ConversationSampler:
                 encoded.append(e)
                 attrs.append(a)
             images.append(image)
-        if not attrs:
-            return collate(encoded, tokenizer.pad_token_id)
-        batch = model_inputs(self.processor, encoded, images, padding_side="right")
-        if attrs:
-            batch["aux_targets"] = torch.tensor(
-                [[general.ATTRIBUTES[k].index(a[k]) for k in general.ATTRIBUTES] for a in attrs]
-            )
-        return batch
+        return encoded, images, attrs
+
+
+def attribute_targets(attrs: list[dict[str, str]]) -> torch.Tensor:
+    """Each image's value index per general attribute (the attribute heads' targets)."""
+    return torch.tensor([[general.ATTRIBUTES[k].index(a[k]) for k in general.ATTRIBUTES] for a in attrs])
 
 
 # ---------------------------------------------------------------- model pieces

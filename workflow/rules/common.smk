@@ -23,8 +23,10 @@ os.environ.update(
 
 # Adapters that medift.datasets provides (also the synthetic generators).
 ADAPTERS = ("wbcatt", "cbis_ddsm", "skincon", "mimic_cxr")
-EMBEDDED_BASE_DIR = "models/embedded-base"
-EMBEDDED_IMAGE_SIZE = 64  # medift.model.embedded.EmbeddedModelConfig.image_size
+# The embedded models (committed; `base_model.path` names them): the default is the tiny
+# Mllama (rule distill_base_model), distilled from the tiny LLaVA (rule pretrain_base_model).
+EMBEDDED_MODEL_DIRS = {"embedded": "models/embedded-mllama", "embedded_llava": "models/embedded-base"}
+EMBEDDED_IMAGE_SIZE = 64  # medift.model.embedded.EmbeddedModelConfig.image_size (both models)
 
 
 def _load_families():
@@ -70,27 +72,29 @@ def _check_config():
                 f"datasets.{name}: no adapter {adapter!r}; name the entry after one of "
                 f"{', '.join(ADAPTERS)} or set `adapter:`"
             )
-        if config["base_model"]["path"] == "embedded" and adapter not in EMBEDDED_DATASETS:
+        if is_embedded_base() and adapter not in EMBEDDED_DATASETS:
             raise WorkflowError(
                 f"datasets.{name}: the embedded base model's vocabulary covers only "
                 f"{', '.join(EMBEDDED_DATASETS)}; {adapter} needs a real checkpoint (base_model.path)"
             )
-    for method, baseline in config["comparisons"].items():
+    for method, baseline in get_comparison_pairs():
         unknown = [m for m in (method, baseline) if m not in config["methods"]]
         if unknown:
             raise WorkflowError(f"comparisons: methods {unknown} are not configured under `methods:`")
+        if method == baseline:
+            raise WorkflowError(f"comparisons: {method} is compared with itself")
     for table, methods in config["tables"].items():
         unknown = [m for m in methods if m not in config["methods"]]
         if unknown:
             raise WorkflowError(
                 f"tables.{table}: methods {unknown} are not configured under `methods:`"
             )
-    if config["base_model"]["path"] != "embedded":
+    if not is_embedded_base():
         path = Path(config["base_model"]["path"])
         if not (path / "config.json").is_file():
             raise WorkflowError(
                 f"base_model.path {str(path)!r} is not a Hugging Face checkpoint directory "
-                "(no config.json); use `embedded` for the embedded default"
+                f"(no config.json); use one of {', '.join(EMBEDDED_MODEL_DIRS)} for an embedded model"
             )
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
         if model_type not in FAMILIES.FAMILIES and not config["base_model"]["trust_remote_code"]:
@@ -195,25 +199,24 @@ def get_shards_dir(wildcards):
 
 
 def is_embedded_base():
-    return config["base_model"]["path"] == "embedded"
+    return config["base_model"]["path"] in EMBEDDED_MODEL_DIRS
 
 
 def get_base_model():
-    """Directory of the base model: the embedded default, or the configured checkpoint."""
-    if is_embedded_base():
-        return EMBEDDED_BASE_DIR
-    return config["base_model"]["path"]
+    """Directory of the base model: an embedded model, or the configured checkpoint."""
+    return EMBEDDED_MODEL_DIRS.get(config["base_model"]["path"], config["base_model"]["path"])
 
 
 def get_base_model_files():
     """Files whose change makes every model-dependent job out of date.
 
-    For the embedded default these are outputs of rule pretrain_base_model (committed, so
-    the rule does not run on a fresh clone); a real checkpoint (possibly with sharded
-    weights) is represented by its config.json, so that rule is then not in the DAG.
+    For an embedded model these are outputs of rule distill_base_model or
+    pretrain_base_model (committed, so neither runs on a fresh clone); a real checkpoint
+    (possibly with sharded weights) is represented by its config.json, so those rules are
+    then not in the DAG.
     """
     if is_embedded_base():
-        return [f"{EMBEDDED_BASE_DIR}/config.json", f"{EMBEDDED_BASE_DIR}/model.safetensors"]
+        return [f"{get_base_model()}/config.json", f"{get_base_model()}/model.safetensors"]
     return [os.path.join(config["base_model"]["path"], "config.json")]
 
 
@@ -413,10 +416,18 @@ def get_table_descriptions(wildcards):
     return [p.replace("predictions.csv", "descriptions.csv") for p in get_table_predictions(wildcards)]
 
 
+def get_comparison_pairs():
+    """(method, baseline) pairs of `comparisons` (a baseline or a list of them per method)."""
+    pairs = []
+    for method, baselines in config["comparisons"].items():
+        pairs += [(method, b) for b in ([baselines] if isinstance(baselines, str) else baselines)]
+    return pairs
+
+
 def get_table_comparisons(wildcards):
     """`method:baseline` pairs of `comparisons` whose two methods are both in this table."""
     methods = get_table_methods(wildcards)
-    pairs = [f"{m}:{b}" for m, b in config["comparisons"].items() if m in methods and b in methods]
+    pairs = [f"{m}:{b}" for m, b in get_comparison_pairs() if m in methods and b in methods]
     return " ".join(["--compare", *pairs]) if pairs else ""
 
 

@@ -1,5 +1,38 @@
+rule distill_base_model:
+    """The embedded default base model (base_model.path `embedded`): a tiny Mllama, the
+    paper's architecture, whose text layers are the embedded LLaVA's (copied, frozen) and
+    whose vision tower, projector and cross-attention layers are distilled from it.
+
+    Committed to git like its teacher, so on a fresh clone it does not run; the teacher is
+    `ancient` so that checkout times never make it look out of date.
+    `--forcerun distill_base_model` rebuilds it from the committed teacher;
+    `--forcerun pretrain_base_model distill_base_model` rebuilds both.
+    """
+    input:
+        teacher_config=ancient("models/embedded-base/config.json"),
+        teacher_weights=ancient("models/embedded-base/model.safetensors"),
+    output:
+        config="models/embedded-mllama/config.json",
+        weights="models/embedded-mllama/model.safetensors",
+    params:
+        teacher=subpath(input.teacher_config, parent=True),
+        out_dir=subpath(output.config, parent=True),
+        seed=config["base_model"]["seed"],
+    log:
+        "logs/distill_base_model.log",
+    threads: config["threads"]["pretrain"]
+    resources:
+        cpu_slots=get_cpu_slots,
+    conda:
+        "../envs/medift.yaml"
+    shell:
+        "HF_HUB_OFFLINE=1 python -m medift.base_model distill --teacher {params.teacher} --out_dir {params.out_dir}"
+        " --seed {params.seed} --threads {threads} > {log} 2>&1"
+
+
 rule pretrain_base_model:
-    """Pre-train the embedded default base model (used when base_model.path is `embedded`).
+    """Pre-train the embedded LLaVA (base_model.path `embedded_llava`, and the teacher of the
+    default embedded Mllama).
 
     Its output is committed to git and the rule has no inputs, so on a fresh clone it does
     not run; `--forcerun pretrain_base_model` rebuilds it in two stages (101 minutes on

@@ -15,7 +15,13 @@ rule make_table:
             "results/{table}_long.csv",
             caption="../report/table_long.rst",
             category="Tables",
-            labels={"table": "{table}", "content": "intervals and comparisons"},
+            labels={"table": "{table}", "content": "intervals"},
+        ),
+        comparisons=report(
+            "results/{table}_comparisons.csv",
+            caption="../report/comparisons.rst",
+            category="Tables",
+            labels={"table": "{table}", "content": "paired comparisons"},
         ),
         attributes=report(
             "results/{table}_attributes.csv",
@@ -55,4 +61,4 @@ rule make_table:
         " --datasets {params.datasets} --table {output.table} --long {output.long}"
         " --attributes {output.attributes} --figure {output.figure} --heatmap {output.heatmap}"
         " --metrics_figure {output.metrics} {params.descriptions}"
-        " {params.compare} > {log} 2>&1"
+        " --comparisons {output.comparisons} {params.compare} > {log} 2>&1"

@@ -1,0 +1,112 @@
+"""Choose the fine-tuning recipe of the embedded default on the validation split only.
+
+Each trial is the default config (config/config.yaml) with some `train` settings (and
+dataset sizes) changed, run through the real DAG (`results/table1.csv`) in its own work
+directory under resources/recipe-search/, evaluated on `evaluate.split: val`: MCQ
+accuracy, format retention and description accuracy per method and dataset, plus each
+training job's final description loss. One row per (trial, method, dataset) is appended to
+the output CSV, so trials can be run a few at a time and compared in one file.
+
+    HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu .venv/bin/python bench/recipe_search.py \
+        --trials base lr3e-3 --out results/bench/recipe_search.csv
+
+The test split is never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> overrides: {"train": {...}} merged into the global train block,
+# {"datasets": {...}} into every dataset entry.
+TRIALS: dict[str, dict] = {
+    "base": {},
+    "lr3e-3": {"train": {"lr": 3e-3}},
+    "lr3e-4": {"train": {"lr": 3e-4}},
+    "epochs10": {"train": {"epochs": 10}},
+    "lr3e-3_epochs10": {"train": {"lr": 3e-3, "epochs": 10}},
+    "fusion_only": {"train": {"train_modules": "fusion"}},
+    "n1000": {"datasets": {"synthetic": {"n_train": 1000}}},
+    "n1000_lr3e-3": {"datasets": {"synthetic": {"n_train": 1000}}, "train": {"lr": 3e-3}},
+}
+
+
+def trial_config(overrides: dict) -> dict:
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["train"].update(overrides.get("train", {}))
+    for entry in config["datasets"].values():
+        for key, value in overrides.get("datasets", {}).items():
+            entry[key] = {**entry.get(key, {}), **value} if isinstance(value, dict) else value
+    config["evaluate"]["split"] = "val"
+    config["tables"] = {"table1": config["tables"]["table1"]}
+    return config
+
+
+def final_losses(work: Path) -> dict[tuple[str, str], float]:
+    losses = {}
+    for summary in work.glob("results/*/*/seed-*/train_summary.json"):
+        history = json.loads(summary.read_text()).get("history") or []
+        main = [h for h in history if h.get("stage") == "main"]
+        if main:  # mean over the last epoch's steps
+            last = [h["loss"] for h in main if h["epoch"] == main[-1]["epoch"]]
+            losses[summary.parts[-4], summary.parts[-3]] = round(sum(last) / len(last), 4)
+    return losses
+
+
+def run_trial(name: str, overrides: dict, root: Path) -> pd.DataFrame:
+    work = root / name
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "models").exists():
+        (work / "models").symlink_to(REPO / "models")
+    configfile = work / "config.yaml"
+    configfile.write_text(yaml.safe_dump(trial_config(overrides), sort_keys=False))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    started = time.time()
+    subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"), "--cores", "2",
+         "--directory", str(work), f"--configfile={configfile}", "results/table1.csv", "--quiet", "rules"],
+        cwd=REPO, env=env, check=True,
+    )
+    seconds = round(time.time() - started, 1)
+    long = pd.read_csv(work / "results" / "table1_long.csv")
+    losses = final_losses(work)
+    long["final_loss"] = [losses.get((d, m)) for d, m in zip(long["dataset"], long["method"])]
+    long.insert(0, "trial", name)
+    long.insert(1, "overrides", json.dumps(overrides, sort_keys=True))
+    long["trial_seconds"] = seconds
+    return long
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", nargs="+", required=True, help=f"trial names: {', '.join(TRIALS)}")
+    parser.add_argument("--out", default="results/bench/recipe_search.csv")
+    parser.add_argument("--root", default="resources/recipe-search")
+    args = parser.parse_args()
+    unknown = [t for t in args.trials if t not in TRIALS]
+    if unknown:
+        parser.error(f"unknown trials {unknown}; known: {', '.join(TRIALS)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    columns = ["trial", "method", "dataset", "accuracy", "format_retention", "description_accuracy", "final_loss"]
+    for name in args.trials:
+        rows = run_trial(name, TRIALS[name], Path(args.root).resolve())
+        rows.to_csv(out, mode="a", header=not out.exists(), index=False)
+        print(rows[columns].to_string(index=False), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The default embedded base model: a tiny Mllama distilled from the embedded LLaVA."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from medift.chat import collate
+from medift.model.embedded_mllama import (
+    HISTORY_FILE, ConversationSampler, DistillConfig, build_processor, build_student, distill, fit_projector,
+    matched_depths, paired_batches, sampler_config, text_after_image,
+)
+from medift.model.loading import load_base_model, select_trainable
+from medift.model.pretrain import general_mcq_accuracy, held_out_questions
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "models" / "embedded-mllama"
+TEACHER = REPO / "models" / "embedded-base"
+# Settings that name where a run reads and writes, or how many threads it used.
+NOT_RECIPE = ("teacher", "out_dir", "threads")
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    model, processor = load_base_model(str(TEACHER))
+    return model.eval(), processor
+
+
+def history() -> dict:
+    return json.loads((SHIPPED / HISTORY_FILE).read_text())
+
+
+def test_matched_depths_pair_each_cross_attention_layer_with_the_teacher_layer_before_it():
+    # student layers: self 0, cross, self 1, cross, self 2, self 3
+    assert matched_depths([1, 3], 4) == [(2, 1), (3, 2), (4, 2), (5, 3), (6, 4)]
+
+
+def test_text_after_image_marks_the_tokens_after_each_rows_last_image():
+    ids = torch.tensor([[5, 9, 6, 7, 0], [5, 6, 7, 8, 8]])
+    mask = text_after_image(ids, torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]), image_id=9)
+    assert mask.tolist() == [[False, False, True, True, False], [False] * 5]
+
+
+def test_the_untrained_student_is_the_teacher_on_text(teacher):
+    """Closed gates: the text path is the teacher's decoder, weight for weight."""
+    model, processor = teacher
+    student = build_student(model, build_processor(processor, 64), DistillConfig(copy_vision=False)).eval()
+    sampler = ConversationSampler(processor, sampler_config(DistillConfig()), random.Random("text"), 64)
+    rows, _, _ = sampler.rows(True)
+    batch = collate(rows[:8], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_copied_vision_tower_and_fitted_projector_give_the_teachers_image_tokens(teacher):
+    model, processor = teacher
+    config = DistillConfig()
+    s_processor = build_processor(processor, 64)
+    student = build_student(model, s_processor, config)
+    sampler = ConversationSampler(processor, sampler_config(config), random.Random("fit"), 64)
+    error = fit_projector(student, model, [paired_batches(sampler, s_processor) for _ in range(5)])
+    assert error < 0.1  # relative squared error on images the fit did not see (0.067 measured)
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="the embedded Mllama is not built")
+class TestShippedModel:
+    def test_it_is_a_small_mllama_whose_decoder_is_the_teachers(self, teacher):
+        assert (SHIPPED / "model.safetensors").stat().st_size <= 10 * 2**20
+        with safe_open(SHIPPED / "model.safetensors", "pt") as weights:
+            assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"BF16"}
+        model, _ = load_base_model(str(SHIPPED))
+        assert model.config.model_type == "mllama"
+        cross = model.config.text_config.cross_attention_layers
+        assert cross == [1, 3]
+        t_layers = teacher[0].model.language_model.layers
+        s_layers = [layer for i, layer in enumerate(model.model.language_model.layers) if i not in cross]
+        for t_layer, s_layer in zip(t_layers, s_layers, strict=True):
+            for (name, expected), got in zip(t_layer.state_dict().items(), s_layer.state_dict().values()):
+                assert torch.equal(got, expected.to(torch.bfloat16).float()), name
+        counts = select_trainable(model, "vision,fusion")
+        assert counts["trainable"] > 0 and counts["trainable"] < counts["total"]
+
+    def test_the_rule_defaults_are_the_shipped_run(self):
+        recorded = {k: v for k, v in history()["config"].items() if k not in NOT_RECIPE}
+        assert recorded == {k: v for k, v in asdict(DistillConfig()).items() if k not in NOT_RECIPE}
+
+    def test_the_first_steps_reproduce_the_shipped_losses(self, tmp_path):
+        recorded = history()
+        config = DistillConfig(**{**recorded["config"], "teacher": str(TEACHER), "out_dir": str(tmp_path)})
+        rerun = distill(config, stop_after=2)
+        assert rerun["losses"] == recorded["losses"][:2]
+        assert rerun["projector_fit_error"] == recorded["projector_fit_error"]
+
+    def test_general_accuracy_is_the_recorded_one_and_at_least_090(self):
+        recorded = history()
+        model, processor = load_base_model(str(SHIPPED))
+        items = held_out_questions(recorded["config"]["eval_questions"], recorded["config"]["seed"], 64)
+        result = general_mcq_accuracy(model.eval(), processor, items)
+        assert result["general_mcq_accuracy"] == recorded["final"]["general_mcq_accuracy"] >= 0.90
+        assert result["parse_failures"] == 0
