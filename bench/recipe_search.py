@@ -35,9 +35,15 @@ TRIALS: dict[str, dict] = {
     "base": {},
     "lr3e-3": {"train": {"lr": 3e-3}},
     "lr3e-4": {"train": {"lr": 3e-4}},
+    "lr1e-4": {"train": {"lr": 1e-4}},
+    "lr3e-5": {"train": {"lr": 3e-5}},
+    "lr1e-5": {"train": {"lr": 1e-5}},
     "epochs10": {"train": {"epochs": 10}},
     "lr3e-3_epochs10": {"train": {"lr": 3e-3, "epochs": 10}},
     "fusion_only": {"train": {"train_modules": "fusion"}},
+    "vision_only_lr1e-4": {"train": {"train_modules": "vision", "lr": 1e-4}},
+    "lr1e-5_epochs10": {"train": {"lr": 1e-5, "epochs": 10}},
+    "lr3e-5_epochs10": {"train": {"lr": 3e-5, "epochs": 10}},
     "n1000": {"datasets": {"synthetic": {"n_train": 1000}}},
     "n1000_lr3e-3": {"datasets": {"synthetic": {"n_train": 1000}}, "train": {"lr": 3e-3}},
 }
@@ -56,7 +62,7 @@ def trial_config(overrides: dict) -> dict:
 
 def final_losses(work: Path) -> dict[tuple[str, str], float]:
     losses = {}
-    for summary in work.glob("results/*/*/seed-*/train_summary.json"):
+    for summary in work.glob("resources/models/*/*/seed-*/train_summary.json"):
         history = json.loads(summary.read_text()).get("history") or []
         main = [h for h in history if h.get("stage") == "main"]
         if main:  # mean over the last epoch's steps
