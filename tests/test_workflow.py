@@ -153,6 +153,31 @@ def test_dry_run_default_config(tmp_path, target, expected):
     assert trained == {(d, m) for d, m in evaluated if m != "zero_shot"}
 
 
+@pytest.mark.parametrize(
+    ("forced", "expected"),
+    [
+        (["distill_base_model"], ["distill_base_model", "evaluate_base_model"]),
+        # The teacher is `ancient` to the Mllama: rebuilding it does not by itself rebuild the
+        # Mllama (README: two commands rebuild both).
+        (["pretrain_base_model"], ["pretrain_base_model"]),
+        (["pretrain_base_model", "distill_base_model"], ["pretrain_base_model"]),
+    ],
+)
+def test_the_embedded_models_are_rebuilt_only_when_forced(tmp_path, forced, expected):
+    """Committed, so a fresh clone runs neither rule (the teacher is `ancient`: checkout
+    times never make the Mllama look out of date)."""
+    copy_embedded_models(tmp_path)
+    jobs = dry_run("results/base_model.json", workdir=tmp_path, configfile=DEFAULT_CONFIG)
+    assert [rule for rule, _ in jobs] == ["evaluate_base_model"]
+    (tmp_path / "models" / "embedded-base" / "model.safetensors").touch()  # a newer teacher
+    jobs = dry_run("results/base_model.json", workdir=tmp_path, configfile=DEFAULT_CONFIG)
+    assert [rule for rule, _ in jobs] == ["evaluate_base_model"]
+    # (the target first: --forcerun takes every argument after it)
+    result = snakemake("-n", f"--configfile={DEFAULT_CONFIG}", "results/base_model.json", "--forcerun", *forced,
+                       workdir=tmp_path)
+    assert [rule for rule, _ in dry_run_jobs(result.stdout + result.stderr)] == expected
+
+
 def test_dry_run_real_checkpoint_has_no_pretraining(tmp_path):
     from medift.model.tiny import build_tiny_checkpoint
 

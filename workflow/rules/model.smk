@@ -5,8 +5,10 @@ rule distill_base_model:
 
     Committed to git like its teacher, so on a fresh clone it does not run; the teacher is
     `ancient` so that checkout times never make it look out of date.
-    `--forcerun distill_base_model` rebuilds it from the committed teacher;
-    `--forcerun pretrain_base_model distill_base_model` rebuilds both.
+    `--forcerun distill_base_model` rebuilds it from the committed teacher. To rebuild both,
+    first `snakemake --forcerun pretrain_base_model models/embedded-base/model.safetensors`,
+    then `snakemake --forcerun distill_base_model results/base_model.json` (as the teacher
+    is ancient, forcing both in one call runs the teacher only).
     """
     input:
         teacher_config=ancient("models/embedded-base/config.json"),
