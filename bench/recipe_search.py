@@ -16,7 +16,6 @@ The test split is never read.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess

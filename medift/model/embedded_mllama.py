@@ -10,13 +10,16 @@ embedded LLaVA's pre-training learned (docs/base-model-trials.md):
   layers, final norm, output embeddings; copied and kept frozen), so text-only behaviour,
   option binding included, is the LLaVA's;
 - cross-attention layers are inserted after decoder layers 0 and 1, gates at 0 (the
-  untrained model is the text LLM exactly), and a Mllama vision tower and projector are
-  built fresh;
+  untrained model is the text LLM exactly);
+- the vision tower starts as the LLaVA's CLIP tower (copied into Mllama's vision encoder),
+  and the projector, a single linear map as in Llama-3.2-Vision, is fitted by least
+  squares to the LLaVA's projected image tokens;
 - only the vision tower, projector and cross-attention layers are trained, by distilling
   the LLaVA teacher on the same general-domain conversations: its next-token distributions
-  on the responses, and its hidden states at the text after the image at the matching
-  depths (the LLaVA decoder reads the image's values into the text by layer 1; the
-  student's first cross-attention layer has to put them there) plus the true labels.
+  on the responses, its hidden states at the text after the image at the matching depths
+  (the LLaVA decoder reads the image's values into the text by layer 1; the student's
+  first cross-attention layer has to put them there), its projected image tokens, and the
+  true labels.
 
 The student's tokenizer is the teacher's (same ids, `<image>` as Mllama's image token)
 and its chat template the teacher's with the Mllama BOS first.
@@ -39,13 +42,10 @@ from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaPro
 from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-from medift.chat import IGNORE_INDEX, Encoded, collate, model_inputs
+from medift.chat import IGNORE_INDEX, Encoded, model_inputs
 from medift.model.embedded import CHAT_TEMPLATE
 from medift.model.loading import load_base_model
-from medift.model.pretrain import (
-    ConversationSampler, PretrainConfig, general_mcq_accuracy, held_out_questions, held_out_text_batches,
-    letter_accuracy,
-)
+from medift.model.pretrain import ConversationSampler, PretrainConfig, general_mcq_accuracy, held_out_questions
 from medift.runtime import set_torch_threads
 
 log = logging.getLogger(__name__)
