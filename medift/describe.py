@@ -92,9 +92,14 @@ def describe_split(model, processor, config: DescribeConfig) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["image_id", "generated", "found"])
 
 
-def image_scores(descriptions: pd.DataFrame) -> pd.Series:
+def found_phrases(descriptions: pd.DataFrame) -> list[dict[str, int]]:
+    """Per image, in order: attribute -> 1 if its phrase was said, else 0."""
+    return [json.loads(f) for f in descriptions["found"]]
+
+
+def image_scores(descriptions: pd.DataFrame, found: list[dict[str, int]] | None = None) -> pd.Series:
     """Per image (index image_id): the fraction of its phrases found (NaN: no phrases)."""
-    found = [json.loads(f) for f in descriptions["found"]]
+    found = found_phrases(descriptions) if found is None else found
     return pd.Series([np.mean(list(f.values())) if f else np.nan for f in found], index=descriptions["image_id"], dtype=float)
 
 
@@ -102,7 +107,8 @@ def summarize(descriptions: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> 
     """Description accuracy (percent): the mean over images of the fraction of each image's
     phrases found (every image weighs the same; the 95 % interval resamples images, whose
     phrases are not independent), and per attribute (an image has at most one phrase each)."""
-    scores = image_scores(descriptions).dropna()
+    found = found_phrases(descriptions)
+    scores = image_scores(descriptions, found).dropna()
     if scores.empty:
         return {"images": len(descriptions), "phrases": 0, "description_accuracy": None,
                 "reason": "the dataset's descriptions have no attribute phrases (free text)"}
@@ -112,7 +118,6 @@ def summarize(descriptions: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> 
         return {"n": len(values), "accuracy": round(100 * values.mean(), 2), "ci_low": round(100 * low, 2),
                 "ci_high": round(100 * high, 2)}
 
-    found = [json.loads(f) for f in descriptions["found"]]
     keys = sorted({k for f in found for k in f})
     per_attribute = {key: interval(np.array([f[key] for f in found if key in f], dtype=float)) for key in keys}
     overall = interval(scores.to_numpy())

@@ -564,19 +564,7 @@ def result_files_from_paths(paths: Sequence[str | Path], name: str) -> dict[tupl
 
 def prediction_files_from_paths(paths: Sequence[str | Path]) -> dict[tuple[str, str, int], Path]:
     """`.../<dataset>/<method>/seed-<seed>/predictions.csv` -> {(dataset, method, seed): path}."""
-    files: dict[tuple[str, str, int], Path] = {}
-    for raw in paths:
-        path = Path(raw)
-        match = _SEED_DIR.fullmatch(path.parent.name)
-        if len(path.parts) < 4 or match is None:
-            raise PredictionError(
-                f"cannot read dataset/method/seed from {path}; expected .../<dataset>/<method>/seed-<seed>/predictions.csv"
-            )
-        key = (path.parent.parent.parent.name, path.parent.parent.name, int(match.group(1)))
-        if key in files:
-            raise PredictionError(f"two predictions files for {key[0]}/{key[1]} seed {key[2]}: {files[key]} and {path}")
-        files[key] = path
-    return files
+    return result_files_from_paths(paths, "predictions.csv")
 
 
 def parse_comparisons(pairs: Sequence[str], methods: Sequence[str]) -> list[tuple[str, str]]:

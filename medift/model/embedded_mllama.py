@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,7 +44,7 @@ from transformers.models.mllama.image_processing_pil_mllama import MllamaImagePr
 from medift.chat import IGNORE_INDEX, Encoded, model_inputs
 from medift.model.embedded import CHAT_TEMPLATE
 from medift.model.loading import load_base_model
-from medift.model.pretrain import ConversationSampler, PretrainConfig, general_mcq_accuracy, held_out_questions
+from medift.model.pretrain import ConversationSampler, PretrainConfig, general_mcq_accuracy, held_out_questions, lr_at
 from medift.runtime import set_torch_threads
 
 log = logging.getLogger(__name__)
@@ -285,13 +284,6 @@ def paired_batches(sampler: ConversationSampler, s_processor) -> tuple[dict, dic
     )
 
 
-def lr_at(step: int, config: DistillConfig) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def sampler_config(config: DistillConfig) -> PretrainConfig:
     return PretrainConfig(
         seed=config.seed, batch_size=config.batch_size, text_fraction=config.text_fraction,
@@ -337,7 +329,7 @@ def distill(config: DistillConfig, stop_after: int | None = None) -> dict:
     for step in tqdm(range(config.steps), desc="distil", mininterval=10):
         t_batch, s_batch = paired_batches(sampler, s_processor)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
+            group["lr"] = lr_at(step, config.steps, config)
         losses = distill_loss(student, teacher, s_batch, t_batch, image_id, pairs, config)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()

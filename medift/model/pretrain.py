@@ -542,6 +542,8 @@ def mixed_phase_config(mixed_step: int, config: PretrainConfig) -> PretrainConfi
 
 
 def lr_at(step: int, total: int, config: PretrainConfig) -> float:
+    """Linear warm-up to `config.lr`, then cosine decay to a tenth at `total` steps (any
+    config with `lr` and `warmup_steps`: the distillation's too)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
