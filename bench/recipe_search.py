@@ -29,7 +29,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 # name -> overrides: {"train": {...}} merged into the global train block,
-# {"datasets": {...}} into every dataset entry.
+# {"datasets": {...}} into every dataset entry, {"base_model": {...}} into the base_model block.
 TRIALS: dict[str, dict] = {
     "base": {},
     "lr3e-3": {"train": {"lr": 3e-3}},
@@ -50,6 +50,7 @@ TRIALS: dict[str, dict] = {
 
 def trial_config(overrides: dict) -> dict:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["base_model"].update(overrides.get("base_model", {}))
     config["train"].update(overrides.get("train", {}))
     for entry in config["datasets"].values():
         for key, value in overrides.get("datasets", {}).items():
@@ -99,6 +100,8 @@ def main() -> int:
     parser.add_argument("--trials", nargs="+", required=True, help=f"trial names: {', '.join(TRIALS)}")
     parser.add_argument("--out", default="results/bench/recipe_search.csv")
     parser.add_argument("--root", default="resources/recipe-search")
+    parser.add_argument("--base-model", default="", help="base_model.path of every trial (default: the config's)")
+    parser.add_argument("--tag", default="", help="prefix of the trial names (and work directories), e.g. the base model's name")
     args = parser.parse_args()
     unknown = [t for t in args.trials if t not in TRIALS]
     if unknown:
@@ -107,7 +110,10 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     columns = ["trial", "method", "dataset", "accuracy", "format_retention", "description_accuracy", "final_loss"]
     for name in args.trials:
-        rows = run_trial(name, TRIALS[name], Path(args.root).resolve())
+        overrides = TRIALS[name]
+        if args.base_model:
+            overrides = {**overrides, "base_model": {"path": str(Path(args.base_model).resolve())}}
+        rows = run_trial(f"{args.tag}-{name}" if args.tag else name, overrides, Path(args.root).resolve())
         rows.to_csv(out, mode="a", header=not out.exists(), index=False)
         print(rows[columns].to_string(index=False), flush=True)
     return 0

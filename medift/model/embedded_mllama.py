@@ -19,7 +19,13 @@ embedded LLaVA's pre-training learned (docs/base-model-trials.md):
   on the responses, its hidden states at the text after the image at the matching depths
   (the LLaVA decoder reads the image's values into the text by layer 1; the student's
   first cross-attention layer has to put them there), its projected image tokens, and the
-  true labels.
+  true labels;
+- then, in a language stage, its text layers (the cross-attention layers, vision tower and
+  projector frozen) learn to write medical descriptions from text alone: caption requests
+  answered by random descriptions in the datasets' vocabularies, half of them with the
+  description stated first, beside the distillation's losses on general conversations. The
+  text LLM then knows the language of reports, as Llama-3.2-Vision's does, but has never seen
+  a medical image: zero-shot it writes a plausible description, not one of the image.
 
 The student's tokenizer is the teacher's (same ids, `<image>` as Mllama's image token)
 and its chat template the teacher's with the Mllama BOS first.
@@ -31,7 +37,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,10 +47,13 @@ from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaPro
 from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-from medift.chat import IGNORE_INDEX, Encoded, model_inputs
+from medift.chat import IGNORE_INDEX, Encoded, collate, encode_conversation, model_inputs
 from medift.model.embedded import CHAT_TEMPLATE
+from medift.model import general
 from medift.model.loading import load_base_model
-from medift.model.pretrain import ConversationSampler, PretrainConfig, general_mcq_accuracy, held_out_questions, lr_at
+from medift.model.pretrain import (
+    ConversationSampler, PretrainConfig, general_mcq_accuracy, held_out_questions, lr_at, medical_describe_turn,
+)
 from medift.runtime import set_torch_threads
 
 log = logging.getLogger(__name__)
@@ -83,6 +92,25 @@ class DistillConfig:
     label_weight: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy on the true response tokens."})
     text_fraction: float = field(default=0.0, metadata={"help": "Share of text-only rows (the student's text path is the teacher's, frozen)."})
     binding_fraction: float = field(default=0.0, metadata={"help": "Share of text binding rows."})
+    language_steps: int = field(
+        default=0,
+        metadata={"help": "Steps of the language stage after distillation (0: none). It trains the decoder's text layers (not the cross-attention layers, vision tower or projector) on text-only caption requests answered by random medical descriptions, beside the distillation's losses on general conversations, so that the text LLM knows the language of reports (as Llama-3.2-Vision's does) but has seen no medical image."},
+    )
+    language_lr: float = field(default=3e-4, metadata={"help": "Peak learning rate of the language stage (cosine decay to a tenth)."})
+    language_warmup_steps: int = field(default=20, metadata={"help": "Linear warm-up steps of the language stage."})
+    describe_rows: int = field(default=16, metadata={"help": "Text-only medical description rows per language-stage step, beside batch_size general conversations."})
+    describe_context_fraction: float = field(
+        default=0.5, metadata={"help": "Share of the description rows that state the description first ('Context: ...'), so that the decoder learns to write out the values its text carries."},
+    )
+    describe_image_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Share of the description rows that carry a general-domain drawing, unrelated to the description: the caption request asks for a report's language whatever image is shown (as a general VLM writes a medical-sounding description of any scan), and the model learns nothing of how medical images look."},
+    )
+    first_stage_dir: str = field(
+        default="resources/embedded-mllama-distilled",
+        metadata={"help": "With language_steps: where the distilled model is saved; the language stage starts from it. Reused, not distilled again, when its recorded settings match (reuse_first_stage)."},
+    )
+    reuse_first_stage: bool = field(default=True, metadata={"help": "Skip the distillation when first_stage_dir holds a finished run with these distillation settings."})
     eval_every: int = field(default=200, metadata={"help": "Steps between held-out checks on 100 questions (0: only at the end)."})
     eval_questions: int = field(default=300, metadata={"help": "Held-out general multiple-choice questions at the end."})
     threads: int = field(default=2, metadata={"help": "torch intra-op threads."})
@@ -291,25 +319,65 @@ def sampler_config(config: DistillConfig) -> PretrainConfig:
     )
 
 
-def distill(config: DistillConfig, stop_after: int | None = None) -> dict:
-    """Distil and save; with `stop_after`, return the first steps' losses unsaved (tests)."""
-    set_torch_threads(config.threads)
+# Settings of the language stage, and those that only name outputs, set threads or schedule the
+# held-out checks (which leave the weights as they are: a run with eval_every 0 saved the same
+# bytes as the shipped one): a finished distillation whose recorded settings differ from the
+# run's in these alone is reused.
+NOT_DISTILL_SETTINGS = (
+    "out_dir", "threads", "eval_every", "first_stage_dir", "reuse_first_stage", "language_steps", "language_lr",
+    "language_warmup_steps", "describe_rows", "describe_context_fraction", "describe_image_fraction",
+)
+
+
+def distill_settings(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key not in NOT_DISTILL_SETTINGS}
+
+
+def load_teacher(config: DistillConfig):
     teacher, t_processor = load_base_model(config.teacher)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    return teacher, t_processor
+
+
+def train_only(student, prefixes: tuple[str, ...], excluded: tuple[str, ...] = ()) -> list:
+    """Freeze every parameter but those whose names start with one of `prefixes` (and not with
+    one of `excluded`); return the trained ones."""
+    trainable = []
+    for name, p in student.named_parameters():
+        train = name.startswith(prefixes) and not name.startswith(excluded)
+        p.requires_grad_(train)
+        if train:
+            trainable.append(p)
+    return trainable
+
+
+def distill(config: DistillConfig, stop_after: int | None = None) -> dict:
+    """Build the embedded Mllama: distil it (saved to out_dir, or with language_steps to
+    first_stage_dir, reused when it is already there), then the language stage. With
+    `stop_after`, return the first distillation steps' losses unsaved (tests)."""
+    set_torch_threads(config.threads)
+    if not config.language_steps or stop_after is not None:
+        return distill_stage(config, config.first_stage_dir if config.language_steps else config.out_dir, stop_after)
+    history = Path(config.first_stage_dir) / HISTORY_FILE
+    recorded = json.loads(history.read_text()) if history.exists() else None
+    if config.reuse_first_stage and recorded and distill_settings(recorded["config"]) == distill_settings(asdict(config)):
+        log.info("reusing the distilled model in %s (its settings are this run's): %s", config.first_stage_dir, recorded["final"])
+    else:
+        distill_stage(config, config.first_stage_dir, stop_after)
+    return language_stage(config)
+
+
+def distill_stage(config: DistillConfig, out_dir: str, stop_after: int | None = None) -> dict:
+    teacher, t_processor = load_teacher(config)
     image_size = teacher.config.vision_config.image_size
     s_processor = build_processor(t_processor, image_size)
     student = build_student(teacher, s_processor, config)
     cross = student.config.text_config.cross_attention_layers
-    trainable = []
-    for name, p in student.named_parameters():
-        train = name.startswith(("model.vision_model.", "model.multi_modal_projector.")) or any(
-            name.startswith(f"model.language_model.layers.{i}.") for i in cross
-        )
-        p.requires_grad_(train)
-        if train:
-            trainable.append(p)
+    trainable = train_only(
+        student, ("model.vision_model.", "model.multi_modal_projector.", *(f"model.language_model.layers.{i}." for i in cross))
+    )
     log.info("student: %d parameters, %d trained (vision, projector, cross-attention layers %s)",
              sum(p.numel() for p in student.parameters()), sum(p.numel() for p in trainable), cross)
     pairs = matched_depths(cross, teacher.config.text_config.num_hidden_layers)
@@ -341,23 +409,113 @@ def distill(config: DistillConfig, stop_after: int | None = None) -> dict:
         if step % 50 == 0:
             log.info("step %d: %s", step, history[-1])
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            student.eval()
-            check = general_mcq_accuracy(student, s_processor, held_out[:100])
-            student.train()
-            check["step"] = step + 1
-            checks.append(check)
-            log.info("held out at step %d: %s", step + 1, check)
+            checks.append(held_out_check(student, s_processor, held_out[:100], step + 1))
     seconds = round(time.time() - started, 1)
-    out = Path(config.out_dir)
+    final = save_and_measure(student, s_processor, out_dir, config, held_out, seconds)
+    (Path(out_dir) / HISTORY_FILE).write_text(json.dumps(
+        {"config": asdict(config), "final": final, "projector_fit_error": projector_fit, "checks": checks, "losses": history}, indent=0
+    ))
+    return final
+
+
+def held_out_check(student, processor, questions, step: int) -> dict:
+    student.eval()
+    check = general_mcq_accuracy(student, processor, questions)
+    student.train()
+    check["step"] = step
+    log.info("held out at step %d: %s", step, check)
+    return check
+
+
+def save_and_measure(student, processor, out_dir: str, config: DistillConfig, held_out, seconds: float) -> dict:
+    """Save in `save_dtype`; the accuracy is measured on the model as every later job loads it
+    (float32 from the saved weights)."""
+    out = Path(out_dir)
     student.to(getattr(torch, config.save_dtype)).save_pretrained(out)
-    s_processor.save_pretrained(out)
-    # Measured on the model as every later job loads it (float32 from the saved weights).
+    processor.save_pretrained(out)
     saved, saved_processor = load_base_model(str(out))
     final = general_mcq_accuracy(saved, saved_processor, held_out)
     final["seconds"] = seconds
-    log.info("final (saved model): %s", final)
-    (out / HISTORY_FILE).write_text(json.dumps(
-        {"config": asdict(config), "final": final, "projector_fit_error": projector_fit, "checks": checks, "losses": history}, indent=0
+    log.info("final (saved model, %s): %s", out, final)
+    return final
+
+
+def describe_batch(rng: random.Random, t_processor, s_processor, config: DistillConfig, image_size: int = 64) -> dict:
+    """Medical description rows as the student's template renders them; with
+    `describe_image_fraction`, a row carries a general drawing unrelated to its description."""
+    tokenizer = s_processor.tokenizer
+    rows, images = [], []
+    for _ in range(config.describe_rows):
+        instruction, description = medical_describe_turn(rng, config.describe_context_fraction)
+        image = None
+        if rng.random() < config.describe_image_fraction:
+            image = general.render(general.sample_attributes(rng), rng, image_size)
+        row = encode_conversation(t_processor, [instruction], [description], with_image=image is not None)
+        rows.append(student_row(row, tokenizer.bos_token_id, tokenizer.bos_token))
+        images.append(image)
+    if not any(image is not None for image in images):
+        return collate(rows, tokenizer.pad_token_id)
+    return model_inputs(s_processor, rows, images, padding_side="right")
+
+
+def language_stage(config: DistillConfig, stop_after: int | None = None) -> dict:
+    """From the distilled model: its text layers learn to write medical descriptions (text only,
+    no image), while the distillation's losses on general conversations keep its general
+    behaviour the teacher's. The cross-attention layers, vision tower and projector stay as
+    distilled: the stage teaches the language of reports, not how to read a medical image.
+    With `stop_after`, return the first steps' losses and the model, unsaved (tests)."""
+    teacher, t_processor = load_teacher(config)
+    student, s_processor = load_base_model(config.first_stage_dir)
+    image_size = teacher.config.vision_config.image_size
+    cross = student.config.text_config.cross_attention_layers
+    trainable = train_only(
+        student, ("model.language_model.", "lm_head."), tuple(f"model.language_model.layers.{i}." for i in cross)
+    )
+    log.info("language stage: %d parameters trained (text layers; cross-attention layers %s frozen)",
+             sum(p.numel() for p in trainable), cross)
+    pairs = matched_depths(cross, teacher.config.text_config.num_hidden_layers)
+    stage = replace(config, lr=config.language_lr, warmup_steps=config.language_warmup_steps)
+    optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=0.0)
+    sampler = ConversationSampler(t_processor, sampler_config(config), random.Random(f"language-{config.seed}"), image_size)
+    describe_rng = random.Random(f"describe-{config.seed}")
+    image_id = t_processor.tokenizer.image_token_id
+    held_out = held_out_questions(config.eval_questions, config.seed, image_size)
+    held_out_describe = describe_batch(
+        random.Random(f"held-out-describe-{config.seed}"), t_processor, s_processor, replace(config, describe_rows=200), image_size
+    )
+    history, checks = [], []
+    started = time.time()
+    student.train()
+    for step in tqdm(range(config.language_steps), desc="language", mininterval=10):
+        t_batch, s_batch = paired_batches(sampler, s_processor)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config.language_steps, stage)
+        losses = distill_loss(student, teacher, s_batch, t_batch, image_id, pairs, config)
+        losses["describe"] = student(**describe_batch(describe_rng, t_processor, s_processor, config, image_size)).loss
+        optimizer.zero_grad(set_to_none=True)
+        (losses["loss"] + losses["describe"]).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        history.append({k: round(float(v.detach()), 5) for k, v in losses.items()})
+        if stop_after is not None and len(history) >= stop_after:
+            return {"losses": history, "model": student}
+        if step % 50 == 0:
+            log.info("language step %d: %s", step, history[-1])
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.language_steps:
+            checks.append(held_out_check(student, s_processor, held_out[:100], step + 1))
+    seconds = round(time.time() - started, 1)
+    final = save_and_measure(student, s_processor, config.out_dir, config, held_out, seconds)
+    saved, _ = load_base_model(config.out_dir)
+    with torch.no_grad():
+        final["held_out_describe_loss"] = round(float(saved(**held_out_describe).loss), 4)
+    first, _ = load_base_model(config.first_stage_dir)
+    with torch.no_grad():
+        before = round(float(first(**held_out_describe).loss), 4)
+    log.info("held-out medical description loss: %.4f before the stage, %.4f after", before, final["held_out_describe_loss"])
+    first_stage = json.loads((Path(config.first_stage_dir) / HISTORY_FILE).read_text())
+    (Path(config.out_dir) / HISTORY_FILE).write_text(json.dumps(
+        {"config": asdict(config), "final": final, "held_out_describe_loss_before": before, "checks": checks,
+         "losses": history, "first_stage": first_stage}, indent=0
     ))
     return final
 

@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from medift.runtime import resolve_device, set_torch_threads
 from medift import mcq
-from medift.chat import IGNORE_INDEX, Encoded, collate, encode_conversation, model_inputs
+from medift.chat import CAPTION_INSTRUCTION, IGNORE_INDEX, Encoded, collate, encode_conversation, model_inputs
 from medift.datasets import DATASETS
 from medift.generation import forced_answer_context, generate_answers
 from medift.model import general
@@ -225,6 +225,19 @@ def medical_text_turn(rng: random.Random) -> tuple[str, str]:
     q = rng.choice(questions)
     context = f"{CONTEXT_PREFIX} {module.describe(attributes)}\n"
     return context + mcq.build_mcq_instruction(q.question, q.options), mcq.format_answer(q.answer_index)
+
+
+def medical_describe_turn(rng: random.Random, context_probability: float = 0.0) -> tuple[str, str]:
+    """A text-only caption request answered by a random medical description: the language of
+    reports, without any image. With `context_probability`, the description is stated first
+    (`Context: ...`), so that the answer writes out what the text carries."""
+    name = rng.choice(sorted(EMBEDDED_DATASETS))
+    module = DATASETS[name]
+    attributes = importlib.import_module(f"medift.datasets.synthetic_{name}").sample_attributes(rng)
+    description = module.describe(attributes)
+    if rng.random() < context_probability:
+        return f"{CONTEXT_PREFIX} {description}\n{CAPTION_INSTRUCTION}", description
+    return CAPTION_INSTRUCTION, description
 
 
 def general_text_turn(rng: random.Random, fixed_fraction: float) -> tuple[str, str]:

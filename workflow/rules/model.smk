@@ -1,7 +1,10 @@
 rule distill_base_model:
     """The embedded default base model (base_model.path `embedded`): a tiny Mllama, the
-    paper's architecture, whose text layers are the embedded LLaVA's (copied, frozen) and
-    whose vision tower, projector and cross-attention layers are distilled from it.
+    paper's architecture, built in two stages. Distillation: its text layers are the
+    embedded LLaVA's (copied, frozen) and its vision tower, projector and cross-attention
+    layers are distilled from it (saved in resources/embedded-mllama-distilled, and reused
+    while its recorded settings match). Language stage: its text layers learn to write
+    medical descriptions from text alone (no medical image).
 
     Committed to git like its teacher, so on a fresh clone it does not run; the teacher is
     `ancient` so that checkout times never make it look out of date.
@@ -19,6 +22,7 @@ rule distill_base_model:
     params:
         teacher=subpath(input.teacher_config, parent=True),
         out_dir=subpath(output.config, parent=True),
+        first_stage_dir="resources/embedded-mllama-distilled",
         seed=config["base_model"]["seed"],
     log:
         "logs/distill_base_model.log",
@@ -29,7 +33,7 @@ rule distill_base_model:
         "../envs/medift.yaml"
     shell:
         "HF_HUB_OFFLINE=1 python -m medift.base_model distill --teacher {params.teacher} --out_dir {params.out_dir}"
-        " --seed {params.seed} --threads {threads} > {log} 2>&1"
+        " --first_stage_dir {params.first_stage_dir} --seed {params.seed} --threads {threads} > {log} 2>&1"
 
 
 rule pretrain_base_model:
