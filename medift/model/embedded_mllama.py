@@ -93,10 +93,10 @@ class DistillConfig:
     text_fraction: float = field(default=0.0, metadata={"help": "Share of text-only rows (the student's text path is the teacher's, frozen)."})
     binding_fraction: float = field(default=0.0, metadata={"help": "Share of text binding rows."})
     language_steps: int = field(
-        default=0,
+        default=400,
         metadata={"help": "Steps of the language stage after distillation (0: none). It trains the decoder's text layers (not the cross-attention layers, vision tower or projector) on text-only caption requests answered by random medical descriptions, beside the distillation's losses on general conversations, so that the text LLM knows the language of reports (as Llama-3.2-Vision's does) but has seen no medical image."},
     )
-    language_lr: float = field(default=3e-4, metadata={"help": "Peak learning rate of the language stage (cosine decay to a tenth)."})
+    language_lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of the language stage (cosine decay to a tenth)."})
     language_warmup_steps: int = field(default=20, metadata={"help": "Linear warm-up steps of the language stage."})
     describe_rows: int = field(default=16, metadata={"help": "Text-only medical description rows per language-stage step, beside batch_size general conversations."})
     describe_context_fraction: float = field(
@@ -504,7 +504,8 @@ def language_stage(config: DistillConfig, stop_after: int | None = None) -> dict
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.language_steps:
             checks.append(held_out_check(student, s_processor, held_out[:100], step + 1))
     seconds = round(time.time() - started, 1)
-    final = save_and_measure(student, s_processor, config.out_dir, config, held_out, seconds)
+    # The processor as the distillation saved it (loading set its training-time padding side).
+    final = save_and_measure(student, build_processor(t_processor, image_size), config.out_dir, config, held_out, seconds)
     saved, _ = load_base_model(config.out_dir)
     with torch.no_grad():
         final["held_out_describe_loss"] = round(float(saved(**held_out_describe).loss), 4)

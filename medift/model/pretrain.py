@@ -230,11 +230,16 @@ def medical_text_turn(rng: random.Random) -> tuple[str, str]:
 def medical_describe_turn(rng: random.Random, context_probability: float = 0.0) -> tuple[str, str]:
     """A text-only caption request answered by a random medical description: the language of
     reports, without any image. With `context_probability`, the description is stated first
-    (`Context: ...`), so that the answer writes out what the text carries."""
+    (`Context: ...`), so that the answer writes out what the text carries. The phrases come in
+    a random order, as the fine-tuning's shuffled descriptions do: taught the datasets' fixed
+    order instead, the decoder started caption fine-tuning on WBCAtt at 5.73 nats per token,
+    against 1.09 when taught random orders (docs/recipe-search.md)."""
     name = rng.choice(sorted(EMBEDDED_DATASETS))
     module = DATASETS[name]
     attributes = importlib.import_module(f"medift.datasets.synthetic_{name}").sample_attributes(rng)
-    description = module.describe(attributes)
+    phrases = list(module.phrases(attributes).values())
+    rng.shuffle(phrases)
+    description = ", ".join(phrases)
     if rng.random() < context_probability:
         return f"{CONTEXT_PREFIX} {description}\n{CAPTION_INSTRUCTION}", description
     return CAPTION_INSTRUCTION, description
