@@ -390,32 +390,48 @@ def distill_stage(config: DistillConfig, out_dir: str, stop_after: int | None = 
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     sampler = ConversationSampler(t_processor, sampling, random.Random(f"distill-{config.seed}"), image_size)
     image_id = t_processor.tokenizer.image_token_id
-    history, checks = [], []
     held_out = held_out_questions(config.eval_questions, config.seed, image_size)
-    started = time.time()
-    student.train()
-    for step in tqdm(range(config.steps), desc="distil", mininterval=10):
+
+    def step_loss() -> dict:
         t_batch, s_batch = paired_batches(sampler, s_processor)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config.steps, config)
         losses = distill_loss(student, teacher, s_batch, t_batch, image_id, pairs, config)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        history.append({k: round(float(v.detach()), 5) for k, v in losses.items()})
-        if stop_after is not None and len(history) >= stop_after:
-            return {"losses": history, "projector_fit_error": projector_fit}
-        if step % 50 == 0:
-            log.info("step %d: %s", step, history[-1])
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            checks.append(held_out_check(student, s_processor, held_out[:100], step + 1))
+        return losses | {"total": losses["loss"]}
+
+    started = time.time()
+    history, checks = train_steps(student, trainable, optimizer, step_loss, config.steps, config, "distil", s_processor, held_out, stop_after)
+    if stop_after is not None:
+        return {"losses": history, "projector_fit_error": projector_fit}
     seconds = round(time.time() - started, 1)
-    final = save_and_measure(student, s_processor, out_dir, config, held_out, seconds)
+    final, _ = save_and_measure(student, s_processor, out_dir, config, held_out, seconds)
     (Path(out_dir) / HISTORY_FILE).write_text(json.dumps(
         {"config": asdict(config), "final": final, "projector_fit_error": projector_fit, "checks": checks, "losses": history}, indent=0
     ))
     return final
+
+
+def train_steps(student, trainable, optimizer, step_loss, steps: int, schedule, name: str, processor, held_out, stop_after) -> tuple[list, list]:
+    """The training loop of both stages: `step_loss()` samples a batch and returns its losses
+    with the one to minimise as `total`; the learning rate follows `schedule`'s warm-up and
+    cosine decay (pretrain.lr_at). Returns each step's losses (without `total`) and the
+    held-out checks; with `stop_after`, stops after that many steps."""
+    history, checks = [], []
+    student.train()
+    for step in tqdm(range(steps), desc=name, mininterval=10):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, schedule)
+        losses = step_loss()
+        optimizer.zero_grad(set_to_none=True)
+        losses.pop("total").backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        history.append({k: round(float(v.detach()), 5) for k, v in losses.items()})
+        if stop_after is not None and len(history) >= stop_after:
+            break
+        if step % 50 == 0:
+            log.info("%s step %d: %s", name, step, history[-1])
+        if schedule.eval_every and (step + 1) % schedule.eval_every == 0 and step + 1 < steps:
+            checks.append(held_out_check(student, processor, held_out[:100], step + 1))
+    return history, checks
 
 
 def held_out_check(student, processor, questions, step: int) -> dict:
@@ -427,7 +443,7 @@ def held_out_check(student, processor, questions, step: int) -> dict:
     return check
 
 
-def save_and_measure(student, processor, out_dir: str, config: DistillConfig, held_out, seconds: float) -> dict:
+def save_and_measure(student, processor, out_dir: str, config: DistillConfig, held_out, seconds: float) -> tuple[dict, object]:
     """Save in `save_dtype`; the accuracy is measured on the model as every later job loads it
     (float32 from the saved weights)."""
     out = Path(out_dir)
@@ -437,7 +453,7 @@ def save_and_measure(student, processor, out_dir: str, config: DistillConfig, he
     final = general_mcq_accuracy(saved, saved_processor, held_out)
     final["seconds"] = seconds
     log.info("final (saved model, %s): %s", out, final)
-    return final
+    return final, saved
 
 
 def describe_batch(rng: random.Random, t_processor, s_processor, config: DistillConfig, image_size: int = 64) -> dict:
@@ -483,35 +499,27 @@ def language_stage(config: DistillConfig, stop_after: int | None = None) -> dict
     held_out_describe = describe_batch(
         random.Random(f"held-out-describe-{config.seed}"), t_processor, s_processor, replace(config, describe_rows=200), image_size
     )
-    history, checks = [], []
-    started = time.time()
-    student.train()
-    for step in tqdm(range(config.language_steps), desc="language", mininterval=10):
+
+    with torch.no_grad():  # the distilled model's, before any step
+        before = round(float(student.eval()(**held_out_describe).loss), 4)
+
+    def step_loss() -> dict:
         t_batch, s_batch = paired_batches(sampler, s_processor)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config.language_steps, stage)
         losses = distill_loss(student, teacher, s_batch, t_batch, image_id, pairs, config)
         losses["describe"] = student(**describe_batch(describe_rng, t_processor, s_processor, config, image_size)).loss
-        optimizer.zero_grad(set_to_none=True)
-        (losses["loss"] + losses["describe"]).backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        history.append({k: round(float(v.detach()), 5) for k, v in losses.items()})
-        if stop_after is not None and len(history) >= stop_after:
-            return {"losses": history, "model": student}
-        if step % 50 == 0:
-            log.info("language step %d: %s", step, history[-1])
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.language_steps:
-            checks.append(held_out_check(student, s_processor, held_out[:100], step + 1))
+        return losses | {"total": losses["loss"] + losses["describe"]}
+
+    started = time.time()
+    history, checks = train_steps(
+        student, trainable, optimizer, step_loss, config.language_steps, stage, "language", s_processor, held_out, stop_after
+    )
+    if stop_after is not None:
+        return {"losses": history, "model": student}
     seconds = round(time.time() - started, 1)
     # The processor as the distillation saved it (loading set its training-time padding side).
-    final = save_and_measure(student, build_processor(t_processor, image_size), config.out_dir, config, held_out, seconds)
-    saved, _ = load_base_model(config.out_dir)
+    final, saved = save_and_measure(student, build_processor(t_processor, image_size), config.out_dir, config, held_out, seconds)
     with torch.no_grad():
         final["held_out_describe_loss"] = round(float(saved(**held_out_describe).loss), 4)
-    first, _ = load_base_model(config.first_stage_dir)
-    with torch.no_grad():
-        before = round(float(first(**held_out_describe).loss), 4)
     log.info("held-out medical description loss: %.4f before the stage, %.4f after", before, final["held_out_describe_loss"])
     first_stage = json.loads((Path(config.first_stage_dir) / HISTORY_FILE).read_text())
     (Path(config.out_dir) / HISTORY_FILE).write_text(json.dumps(
