@@ -46,29 +46,52 @@ TRIALS: dict[str, dict] = {
     "n1000": {"datasets": {"synthetic": {"n_train": 1000}}},
     "n1000_lr3e-3": {"datasets": {"synthetic": {"n_train": 1000}}, "train": {"lr": 3e-3}},
 }
+# The proxy's own lr, on 200 validation images per dataset (60 gave intervals of +-13 points).
+VAL200 = {"datasets": {"synthetic": {"n_val": 200}}}
+TRIALS["val200"] = VAL200
+# The baselines do not depend on the proxy's lr: these trials train and evaluate ift alone.
+for _proxy_lr in (1e-3, 1e-2, 3e-2, 1e-1):
+    TRIALS[f"val200_plr{_proxy_lr:g}"] = {**VAL200, "train": {"proxy_lr": _proxy_lr}, "methods": ["ift"]}
 
 
 def trial_config(overrides: dict) -> dict:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["base_model"].update(overrides.get("base_model", {}))
     config["train"].update(overrides.get("train", {}))
+    if "seeds" in overrides:
+        config["seeds"] = overrides["seeds"]
     for entry in config["datasets"].values():
         for key, value in overrides.get("datasets", {}).items():
             entry[key] = {**entry.get(key, {}), **value} if isinstance(value, dict) else value
     config["evaluate"]["split"] = "val"
-    config["tables"] = {"table1": config["tables"]["table1"]}
+    config["tables"] = {"table1": overrides.get("methods", config["tables"]["table1"])}
     return config
 
 
-def final_losses(work: Path) -> dict[tuple[str, str], float]:
-    losses = {}
+def epoch_mean_loss(history: list[dict], stage: str, which: int) -> float | None:
+    """Mean loss over the steps of one epoch (0: first, -1: last) of a stage; None without that stage."""
+    steps = [h for h in history if h.get("stage") == stage]
+    if not steps:
+        return None
+    epoch = steps[which]["epoch"]
+    losses = [h["loss"] for h in steps if h["epoch"] == epoch]
+    return round(sum(losses) / len(losses), 4)
+
+
+def training_losses(work: Path) -> dict[tuple[str, str], dict[str, float | None]]:
+    """Per (dataset, method), mean over seeds: the last main epoch's loss and the warm-up's first
+    step and last epoch (how far the warm-up alone brought the proxy)."""
+    per_job: dict[tuple[str, str], list[dict]] = {}
     for summary in work.glob("resources/models/*/*/seed-*/train_summary.json"):
         history = json.loads(summary.read_text()).get("history") or []
-        main = [h for h in history if h.get("stage") == "main"]
-        if main:  # mean over the last epoch's steps
-            last = [h["loss"] for h in main if h["epoch"] == main[-1]["epoch"]]
-            losses[summary.parts[-4], summary.parts[-3]] = round(sum(last) / len(last), 4)
-    return losses
+        warmup = [h for h in history if h.get("stage") == "warmup"]
+        per_job.setdefault((summary.parts[-4], summary.parts[-3]), []).append({
+            "final_loss": epoch_mean_loss(history, "main", -1),
+            "warmup_first_loss": warmup[0]["loss"] if warmup else None,
+            "warmup_last_loss": epoch_mean_loss(history, "warmup", -1),
+        })
+    return {key: {name: None if any(j[name] is None for j in jobs) else round(sum(j[name] for j in jobs) / len(jobs), 4)
+                  for name in jobs[0]} for key, jobs in per_job.items()}
 
 
 def run_trial(name: str, overrides: dict, root: Path) -> pd.DataFrame:
@@ -87,8 +110,9 @@ def run_trial(name: str, overrides: dict, root: Path) -> pd.DataFrame:
     )
     seconds = round(time.time() - started, 1)
     long = pd.read_csv(work / "results" / "table1_long.csv")
-    losses = final_losses(work)
-    long["final_loss"] = [losses.get((d, m)) for d, m in zip(long["dataset"], long["method"])]
+    losses = training_losses(work)
+    for name in ("final_loss", "warmup_first_loss", "warmup_last_loss"):
+        long[name] = [losses.get((d, m), {}).get(name) for d, m in zip(long["dataset"], long["method"])]
     long.insert(0, "trial", name)
     long.insert(1, "overrides", json.dumps(overrides, sort_keys=True))
     long["trial_seconds"] = seconds
@@ -108,7 +132,8 @@ def main() -> int:
         parser.error(f"unknown trials {unknown}; known: {', '.join(TRIALS)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["trial", "method", "dataset", "accuracy", "format_retention", "description_accuracy", "final_loss"]
+    columns = ["trial", "method", "dataset", "accuracy", "format_retention", "description_accuracy", "final_loss",
+               "warmup_first_loss", "warmup_last_loss"]
     for name in args.trials:
         overrides = TRIALS[name]
         if args.base_model:

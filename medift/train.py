@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -45,7 +46,8 @@ class TrainConfig:
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank when `lora` or `lora_vision` is trained."})
     lora_save: str = field(default="merged", metadata={"help": "merged: adapters folded into the saved weights (a plain checkpoint); adapter: saved as a peft adapter in lora_adapter/ beside the model (PeftModel.from_pretrained loads it)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass (non-reentrant, so frozen towers need no input gradients)."})
-    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant), model and proxy."})
+    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant) of the model (and of the proxy unless proxy_lr is given)."})
+    proxy_lr: Optional[float] = field(default=None, metadata={"help": "AdamW learning rate (constant) of the proxy in both stages; unset: lr. The warm-up moves each proxy coordinate at most proxy_lr per step, so a run with far fewer steps than the reference's needs a larger one for the warm-up to move the proxy at all (docs/recipe-search.md)."})
     batch_size: int = field(default=2, metadata={"help": "Micro-batch size (per rank and accumulation step)."})
     gradient_accumulation: int = field(default=1, metadata={"help": "Micro-batches per optimizer step on each rank; global batch = batch_size x gradient_accumulation x ranks (ranks: the launcher's, e.g. torchrun --nproc_per_node)."})
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip of the model's parameters (not the proxy's)."})
@@ -85,6 +87,12 @@ class TrainConfig:
             raise ValueError("epochs must be at least 1")
         if any(g in LORA_GROUPS for g in groups) and self.zero_stage == 3:
             raise ValueError("LoRA with ZeRO-3 is not supported (adapters cannot be merged or saved from partitioned weights); use zero_stage 2")
+        if self.proxy_lr is not None and not self.proxy_lr > 0:
+            raise ValueError(f"proxy_lr must be positive (or unset: lr), got {self.proxy_lr}")
+
+    @property
+    def proxy_learning_rate(self) -> float:
+        return self.lr if self.proxy_lr is None else self.proxy_lr
 
 
 LORA_SAVE_MODES = ("merged", "adapter")
@@ -359,7 +367,7 @@ def run_warmup(model, run: Run, resumed: Path | None) -> None:
     if configured). Every rank holds the whole model; the proxy's gradient is averaged."""
     config, proxy = run.config, run.proxy
     plan = [(i, e, order) for i, (stage, e, order) in enumerate(epoch_plan(config)) if stage == "warmup"]
-    optimizer = torch.optim.AdamW([proxy.weight], lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([proxy.weight], lr=config.proxy_learning_rate, weight_decay=0.0)
     if resumed is not None and run.resumed_stage == "warmup":
         Checkpoints.load_proxy(resumed, proxy, optimizer)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -406,10 +414,10 @@ def run_main(engine, run: Run, resumed: Path | None) -> None:
     config, proxy = run.config, run.proxy
     optimizer = None
     if proxy is not None:
-        # Same AdamW and lr as the model, but its own optimizer: the proxy must not be
-        # partitioned by ZeRO (it is overwritten by P_bar before every step) and the
-        # reference clips the model's gradients only.
-        optimizer = torch.optim.AdamW([proxy.weight], lr=config.lr, weight_decay=0.0)
+        # Same AdamW as the model (and its lr unless proxy_lr is set), but its own optimizer:
+        # the proxy must not be partitioned by ZeRO (it is overwritten by P_bar before every
+        # step) and the reference clips the model's gradients only.
+        optimizer = torch.optim.AdamW([proxy.weight], lr=config.proxy_learning_rate, weight_decay=0.0)
     plan = [(i, e, order) for i, (stage, e, order) in enumerate(epoch_plan(config)) if stage == "main"]
     if resumed is not None and run.resumed_stage == "main":
         engine.load_checkpoint(str(resumed), tag="engine", load_module_strict=False, load_lr_scheduler_states=False)

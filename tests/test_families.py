@@ -153,6 +153,32 @@ def test_one_training_run_changes_exactly_the_configured_groups(family, method, 
     assert summary["trainable_parameters"]["per_group"]
 
 
+@pytest.mark.parametrize("proxy_lr", [None, 3e-2])
+def test_the_warm_up_moves_the_proxy_at_proxy_lr_and_defaults_to_lr(proxy_lr, checkpoints, shards, tmp_path):
+    from safetensors.torch import load_file
+
+    from medift.proxy import ProxyInstruction
+
+    lr, seed = 1e-4, 3
+    out = tmp_path / "tuned"
+    train(TrainConfig(shards=str(shards), base_model=str(checkpoints["mllama"]), out_dir=str(out), proxy=True,
+                      proxy_tokens=K, epochs=1, warmup_epochs=1, batch_size=4, lr=lr, proxy_lr=proxy_lr,
+                      train_modules="vision,fusion", seed=seed, max_steps=1, validate=False))
+    model, processor = load_base_model(str(checkpoints["mllama"]))
+    hidden = model.get_input_embeddings().weight.shape[1]
+    initial = ProxyInstruction(K, hidden, processor.tokenizer.proxy_token_id, torch.Generator().manual_seed(seed)).weight
+    moved = (load_file(str(out / "proxy.safetensors"))["proxy"] - initial.detach()).abs()
+    # AdamW's first step moves a coordinate by lr * g / (|g| + eps): lr wherever |g| >> eps.
+    expected = lr if proxy_lr is None else proxy_lr
+    assert expected * 0.99 < moved.max() <= expected * 1.0001
+    assert torch.quantile(moved.flatten(), 0.5) > expected * 0.9
+
+
+def test_a_non_positive_proxy_lr_fails_before_any_model_is_loaded():
+    with pytest.raises(ValueError, match="proxy_lr must be positive"):
+        TrainConfig(shards="missing", base_model="missing", out_dir="missing", proxy_lr=0.0)
+
+
 @pytest.mark.parametrize("family", ALL)
 def test_lora_saved_merged_or_as_a_peft_adapter_gives_the_same_model(family, checkpoints, shards, tmp_path):
     from peft import PeftModel

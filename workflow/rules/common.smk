@@ -244,6 +244,8 @@ def get_train_settings(wildcards):
     """
     method = {k: v for k, v in config["methods"][wildcards.method].items() if k != "train"}
     settings = {**config["train"], **get_dataset_config(wildcards)["train"], **method}
+    if settings.get("proxy_lr") is None:  # null: the proxy learns at the model's lr
+        settings["proxy_lr"] = settings["lr"]
     return dict(sorted(settings.items()))
 
 

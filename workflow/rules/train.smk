@@ -43,7 +43,7 @@ rule train_model:
         " --epochs {params.settings[epochs]} --shuffle_responses {params.settings[shuffle_responses]}"
         " --train_modules {params.settings[train_modules]} --lora_rank {params.settings[lora_rank]}"
         " --lora_save {params.settings[lora_save]} --gradient_checkpointing {params.settings[gradient_checkpointing]}"
-        " --lr {params.settings[lr]} --batch_size {params.settings[batch_size]}"
+        " --lr {params.settings[lr]} --proxy_lr {params.settings[proxy_lr]} --batch_size {params.settings[batch_size]}"
         " --gradient_accumulation {params.settings[gradient_accumulation]} --offload {params.settings[offload]}"
         " --grad_clip {params.settings[grad_clip]} --zero_stage {params.settings[zero_stage]}"
         " --bf16 {params.settings[bf16]} --repeat_train {params.settings[repeat_train]}"
