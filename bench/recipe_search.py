@@ -111,8 +111,8 @@ def run_trial(name: str, overrides: dict, root: Path) -> pd.DataFrame:
     seconds = round(time.time() - started, 1)
     long = pd.read_csv(work / "results" / "table1_long.csv")
     losses = training_losses(work)
-    for name in ("final_loss", "warmup_first_loss", "warmup_last_loss"):
-        long[name] = [losses.get((d, m), {}).get(name) for d, m in zip(long["dataset"], long["method"])]
+    for column in ("final_loss", "warmup_first_loss", "warmup_last_loss"):
+        long[column] = [losses.get((d, m), {}).get(column) for d, m in zip(long["dataset"], long["method"])]
     long.insert(0, "trial", name)
     long.insert(1, "overrides", json.dumps(overrides, sort_keys=True))
     long["trial_seconds"] = seconds
