@@ -53,6 +53,14 @@ TRIALS["val200"] = VAL200
 for _proxy_lr in (1e-3, 1e-2, 3e-2, 1e-1):
     TRIALS[f"val200_plr{_proxy_lr:g}"] = {**VAL200, "train": {"proxy_lr": _proxy_lr}, "methods": ["ift"]}
 
+# The model's lr with the proxy's, over three training seeds (ift alone; the baselines' rows
+# come from the s3_baselines trials at the same model lr).
+for _lr in (1e-5, 3e-5, 1e-4):
+    for _proxy_lr in (1e-3, 1e-2):
+        TRIALS[f"s3_lr{_lr:g}_plr{_proxy_lr:g}"] = {**VAL200, "seeds": [1, 2, 3], "methods": ["ift"],
+                                                      "train": {"lr": _lr, "proxy_lr": _proxy_lr}}
+    TRIALS[f"s3_baselines_lr{_lr:g}"] = {**VAL200, "seeds": [1, 2, 3], "methods": ["zero_shot", "caption_ft"], "train": {"lr": _lr}}
+
 
 def trial_config(overrides: dict) -> dict:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
