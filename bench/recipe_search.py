@@ -56,7 +56,7 @@ for _proxy_lr in (1e-3, 1e-2, 3e-2, 1e-1):
 # The model's lr with the proxy's, over three training seeds (ift alone; the baselines' rows
 # come from the s3_baselines trials at the same model lr).
 for _lr in (1e-5, 3e-5, 1e-4):
-    for _proxy_lr in (1e-3, 1e-2):
+    for _proxy_lr in (1e-3, 3e-3, 1e-2):
         TRIALS[f"s3_lr{_lr:g}_plr{_proxy_lr:g}"] = {**VAL200, "seeds": [1, 2, 3], "methods": ["ift"],
                                                       "train": {"lr": _lr, "proxy_lr": _proxy_lr}}
     TRIALS[f"s3_baselines_lr{_lr:g}"] = {**VAL200, "seeds": [1, 2, 3], "methods": ["zero_shot", "caption_ft"], "train": {"lr": _lr}}

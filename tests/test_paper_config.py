@@ -38,6 +38,7 @@ def test_paper_config_has_the_papers_settings():
     assert config["image_size"] == 560
     train = config["train"]
     assert (train["lr"], train["batch_size"], train["epochs"], train["warmup_epochs"]) == (2e-5, 2, 5, 1)
+    assert train["proxy_lr"] is None  # the proxy learns at the model's lr, as in the reference
     assert (train["proxy_tokens"], train["momentum"], train["grad_clip"], train["bf16"]) == (8, 0.999, 1.0, True)
     assert train["train_modules"] == "vision,fusion" and train["shuffle_responses"] is True
     assert train["gradient_checkpointing"] is True

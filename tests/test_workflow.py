@@ -221,12 +221,26 @@ def test_several_ranks_start_through_torchrun_with_their_threads(tmp_path):
     assert caption and all("HF_HUB_OFFLINE=1 python -m medift.train" in b for b in caption)
 
 
+def test_the_proxy_learns_at_the_model_lr_unless_its_own_is_set(tmp_path):
+    config = copy.deepcopy(default_config())
+    config["train"].update(lr=3.0e-5, proxy_lr=None)
+    config["methods"]["ift_no_momentum"]["proxy_lr"] = 2.0e-3
+    result = snakemake("-n", "-p", "results/table1.csv", "results/table2.csv",
+                       f"--configfile={write_config(tmp_path / 'config.yaml', config)}", workdir=tmp_path / "work")
+    blocks = [b for b in (result.stdout + result.stderr).split("\n\n") if "medift.train" in b and "seed-1/model.safetensors" in b]
+    of = {method: [b for b in blocks if f"/{method}/seed-1/" in b] for method in ("ift", "ift_no_momentum", "caption_ft")}
+    assert all(of.values())
+    assert all("--lr 3e-05 --proxy_lr 3e-05" in b for b in of["ift"] + of["caption_ft"])
+    assert all("--lr 3e-05 --proxy_lr 0.002" in b for b in of["ift_no_momentum"])
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         (lambda c: c["tables"]["table1"].append("no_such_method"), "no_such_method"),
         (lambda c: c["datasets"]["wbcatt"].update(source="raw"), "raw_dir"),
         (lambda c: c["train"].update(accelerator="tpu"), "tpu"),
+        (lambda c: c["train"].update(proxy_lr=0.0), "proxy_lr"),
         (lambda c: c["datasets"].update(mnist={"source": "synthetic"}), "adapter"),
         (lambda c: c["datasets"].update(skincon={"source": "synthetic"}), "needs a real checkpoint"),
         (lambda c: c["train"].update(offload="optimizer+parameters"), "offload optimizer+parameters needs zero_stage 3"),
@@ -422,6 +436,8 @@ def test_end_to_end_tables(tmp_path):
         assert summaries["ift_no_shuffle"]["shuffle_responses"] is False
         assert summaries["ift_no_warmup"]["warmup_epochs"] == 0 and summaries["ift"]["warmup_epochs"] == 1
         assert all(s["epochs"] == 1 and s["batch_size"] == 4 for s in summaries.values())
+        train_defaults = default_config()["train"]
+        assert all((s["lr"], s["proxy_lr"]) == (train_defaults["lr"], train_defaults["proxy_lr"]) for s in summaries.values())
         for method in TRAINED:
             summary = json.loads((work / "resources/models" / dataset / method / "seed-1" / "train_summary.json").read_text())
             # One validation per epoch where the shards have validation questions (the tiny CBIS-DDSM has none).
