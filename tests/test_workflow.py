@@ -225,6 +225,7 @@ def test_the_proxy_learns_at_the_model_lr_unless_its_own_is_set(tmp_path):
     config = copy.deepcopy(default_config())
     config["train"].update(lr=3.0e-5, proxy_lr=None)
     config["methods"]["ift_no_momentum"]["proxy_lr"] = 2.0e-3
+    config["methods"]["caption_ft"]["proxy_lr"] = 5.0e-3  # no proxy: a job parameter that changes nothing
     result = snakemake("-n", "-p", "results/table1.csv", "results/table2.csv",
                        f"--configfile={write_config(tmp_path / 'config.yaml', config)}", workdir=tmp_path / "work")
     blocks = [b for b in (result.stdout + result.stderr).split("\n\n") if "medift.train" in b and "seed-1/model.safetensors" in b]
@@ -437,7 +438,9 @@ def test_end_to_end_tables(tmp_path):
         assert summaries["ift_no_warmup"]["warmup_epochs"] == 0 and summaries["ift"]["warmup_epochs"] == 1
         assert all(s["epochs"] == 1 and s["batch_size"] == 4 for s in summaries.values())
         train_defaults = default_config()["train"]
-        assert all((s["lr"], s["proxy_lr"]) == (train_defaults["lr"], train_defaults["proxy_lr"]) for s in summaries.values())
+        assert all((s["lr"], s["proxy_lr"]) == (train_defaults["lr"], train_defaults["proxy_lr"])
+                   for method, s in summaries.items() if s["proxy"])
+        assert summaries["caption_ft"]["proxy_lr"] == train_defaults["lr"]  # no proxy: no proxy_lr of its own
         for method in TRAINED:
             summary = json.loads((work / "resources/models" / dataset / method / "seed-1" / "train_summary.json").read_text())
             # One validation per epoch where the shards have validation questions (the tiny CBIS-DDSM has none).

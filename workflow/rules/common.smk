@@ -244,7 +244,9 @@ def get_train_settings(wildcards):
     """
     method = {k: v for k, v in config["methods"][wildcards.method].items() if k != "train"}
     settings = {**config["train"], **get_dataset_config(wildcards)["train"], **method}
-    if settings.get("proxy_lr") is None:  # null: the proxy learns at the model's lr
+    # null: the proxy learns at the model's lr. Without a proxy it is lr too, so that
+    # changing proxy_lr does not make the caption_ft jobs out of date.
+    if settings.get("proxy_lr") is None or not settings["proxy"]:
         settings["proxy_lr"] = settings["lr"]
     return dict(sorted(settings.items()))
 
