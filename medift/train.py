@@ -362,12 +362,17 @@ class Run:
         self.state["plan_index"], self.state["steps_done"] = plan_index + 1, 0
 
 
+def proxy_optimizer(proxy: ProxyInstruction, config: TrainConfig) -> torch.optim.Optimizer:
+    """The proxy's AdamW in both stages: the model's kind, at proxy_lr (lr unless set), no decay."""
+    return torch.optim.AdamW([proxy.weight], lr=config.proxy_learning_rate, weight_decay=0.0)
+
+
 def run_warmup(model, run: Run, resumed: Path | None) -> None:
     """Stage 1: the model is frozen; only the proxy learns (on the training device, bf16 autocast
     if configured). Every rank holds the whole model; the proxy's gradient is averaged."""
     config, proxy = run.config, run.proxy
     plan = [(i, e, order) for i, (stage, e, order) in enumerate(epoch_plan(config)) if stage == "warmup"]
-    optimizer = torch.optim.AdamW([proxy.weight], lr=config.proxy_learning_rate, weight_decay=0.0)
+    optimizer = proxy_optimizer(proxy, config)
     if resumed is not None and run.resumed_stage == "warmup":
         Checkpoints.load_proxy(resumed, proxy, optimizer)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -414,10 +419,9 @@ def run_main(engine, run: Run, resumed: Path | None) -> None:
     config, proxy = run.config, run.proxy
     optimizer = None
     if proxy is not None:
-        # Same AdamW as the model (and its lr unless proxy_lr is set), but its own optimizer:
-        # the proxy must not be partitioned by ZeRO (it is overwritten by P_bar before every
-        # step) and the reference clips the model's gradients only.
-        optimizer = torch.optim.AdamW([proxy.weight], lr=config.proxy_learning_rate, weight_decay=0.0)
+        # Its own optimizer: the proxy must not be partitioned by ZeRO (it is overwritten by
+        # P_bar before every step) and the reference clips the model's gradients only.
+        optimizer = proxy_optimizer(proxy, config)
     plan = [(i, e, order) for i, (stage, e, order) in enumerate(epoch_plan(config)) if stage == "main"]
     if resumed is not None and run.resumed_stage == "main":
         engine.load_checkpoint(str(resumed), tag="engine", load_module_strict=False, load_lr_scheduler_states=False)

@@ -439,7 +439,7 @@ def test_end_to_end_tables(tmp_path):
         assert all(s["epochs"] == 1 and s["batch_size"] == 4 for s in summaries.values())
         train_defaults = default_config()["train"]
         assert all((s["lr"], s["proxy_lr"]) == (train_defaults["lr"], train_defaults["proxy_lr"])
-                   for method, s in summaries.items() if s["proxy"])
+                   for s in summaries.values() if s["proxy"])
         assert summaries["caption_ft"]["proxy_lr"] == train_defaults["lr"]  # no proxy: no proxy_lr of its own
         for method in TRAINED:
             summary = json.loads((work / "resources/models" / dataset / method / "seed-1" / "train_summary.json").read_text())
