@@ -87,6 +87,16 @@ def average_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the sum of `tensor` over the ranks (unchanged with one rank). Create it on
+    `training_device()`: NCCL reduces GPU tensors only."""
+    import torch.distributed as dist
+
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def max_difference_across_ranks(tensor: torch.Tensor) -> float:
     """Largest absolute difference between this tensor on any rank and on rank 0."""
     import torch.distributed as dist

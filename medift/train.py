@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import statistics
 import time
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from medift.batching import resolve_accumulation
 from medift.runtime import set_torch_threads
 from medift.chat import CAPTION_INSTRUCTION, Encoded, encode_conversation, model_inputs
 from medift.checkpoints import Checkpoints
@@ -49,7 +51,8 @@ class TrainConfig:
     lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant) of the model (and of the proxy unless proxy_lr is given)."})
     proxy_lr: Optional[float] = field(default=None, metadata={"help": "AdamW learning rate (constant) of the proxy in both stages; unset: lr. The warm-up moves each proxy coordinate at most proxy_lr per step, so a run with far fewer steps than the reference's needs a larger one for the warm-up to move the proxy at all (docs/recipe-search.md)."})
     batch_size: int = field(default=2, metadata={"help": "Micro-batch size (per rank and accumulation step)."})
-    gradient_accumulation: int = field(default=1, metadata={"help": "Micro-batches per optimizer step on each rank; global batch = batch_size x gradient_accumulation x ranks (ranks: the launcher's, e.g. torchrun --nproc_per_node)."})
+    gradient_accumulation: int = field(default=1, metadata={"help": "Micro-batches per optimizer step on each rank; global batch = batch_size x gradient_accumulation x ranks (ranks: the launcher's WORLD_SIZE, torchrun's --nproc_per_node x --nnodes)."})
+    global_batch: Optional[int] = field(default=None, metadata={"help": "Samples per optimizer step over every rank; the accumulation is derived: global_batch / (batch_size x ranks) must be a whole number >= 1, else an error before training (medift/batching.py). Unset: batch_size x gradient_accumulation x ranks."})
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip of the model's parameters (not the proxy's)."})
     zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage (0-3); partitions optimizer state (2) and parameters (3) over the ranks."})
     offload: str = field(default="none", metadata={"help": "none, optimizer (ZeRO 2/3: optimizer state in CPU memory) or optimizer+parameters (ZeRO-3)."})
@@ -73,6 +76,9 @@ class TrainConfig:
         ds_engine.zero_settings(self.zero_stage, self.offload)  # an impossible offload fails here
         if self.gradient_accumulation < 1 or self.batch_size < 1:
             raise ValueError("batch_size and gradient_accumulation must be at least 1")
+        # The launcher's world size is known before any process group exists (torchrun sets it).
+        self.gradient_accumulation = resolve_accumulation(self.global_batch, self.batch_size, self.gradient_accumulation,
+                                                          launcher_world_size())
         if self.lora_save not in LORA_SAVE_MODES:
             raise ValueError(f"lora_save must be one of {LORA_SAVE_MODES}, got {self.lora_save!r}")
         if self.select not in SELECT_MODES:
@@ -93,6 +99,11 @@ class TrainConfig:
     @property
     def proxy_learning_rate(self) -> float:
         return self.lr if self.proxy_lr is None else self.proxy_lr
+
+
+def launcher_world_size() -> int:
+    """Ranks of the job as its launcher started them (torchrun's WORLD_SIZE; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 LORA_SAVE_MODES = ("merged", "adapter")
@@ -236,8 +247,15 @@ def fingerprint(config: TrainConfig) -> dict:
 
 class Validation:
     """Letter-scoring accuracy on the validation questions (rotation 0), asked of the model
-    without the proxy, as the saved model will be. Every rank asks every question (ZeRO-3
-    forwards are collective), so every rank gets the same accuracy."""
+    without the proxy, as the saved model will be.
+
+    The questions are shared out over the job's ranks (`rank_share`): each rank scores its
+    share of every row group and the correct answers are summed across the ranks, so the
+    accuracy is the one a single rank would get, in a 1/ranks of the time. Under ZeRO-3 a
+    forward is collective (each layer's parameters are gathered from every rank), so every
+    rank must run the same number of forwards: a share shorter than the others is padded
+    with a repeat of its row group's first question, scored and not counted.
+    """
 
     def __init__(self, shards: str, batch_size: int):
         self.reader = ShardRows(Path(shards), QUESTIONS, "val", QUESTION_COLUMNS)
@@ -249,14 +267,30 @@ class Validation:
     def accuracy(self, model, processor, proxy) -> float:
         if proxy is not None:
             proxy.detach()
+        rank, ranks = ds_engine.rank(), ds_engine.world_size()
         correct = 0
-        with tqdm(total=len(self.reader), desc="validation", unit="q", mininterval=5, disable=ds_engine.rank() > 0) as bar:
+        with tqdm(total=-(-len(self.reader) // ranks), desc="validation", unit="q", mininterval=5, disable=rank > 0) as bar:
             for frame in self.reader.row_groups():
-                correct += int(score_questions(model, processor, frame, self.config, progress=bar)["correct"].sum())
+                positions, counted = rank_share(len(frame), rank, ranks)
+                if not positions:  # an empty row group: no rank scores anything of it
+                    continue
+                scored = score_questions(model, processor, frame.iloc[positions], self.config, progress=bar)
+                correct += int(scored["correct"].iloc[:counted].sum())
+        # One collective per validation, on the backend's device (NCCL reduces only GPU tensors).
+        total = ds_engine.sum_across_ranks(torch.tensor(correct, dtype=torch.int64, device=ds_engine.training_device()))
         if proxy is not None:
             proxy.attach(model)
         model.train()
-        return round(100 * correct / len(self.reader), 2)
+        return round(100 * int(total.item()) / len(self.reader), 2)
+
+
+def rank_share(n: int, rank: int, ranks: int) -> tuple[list[int], int]:
+    """The rows of an n-row group that `rank` of `ranks` scores: every ranks-th from its own
+    index, then padded with row 0 up to ceil(n / ranks) rows, so that every rank runs the same
+    number of forwards. Returns (row positions, how many of them count: the unpadded ones)."""
+    share = list(range(rank, n, ranks))
+    counted = len(share)
+    return share + [0] * (-(-n // ranks) - counted), counted
 
 
 def trainable_weights(module, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -486,6 +520,10 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     started = time.time()
     ds_engine.init_distributed()  # before the warm-up, which runs on every rank too
+    global_batch = config.batch_size * config.gradient_accumulation * ds_engine.world_size()
+    if config.global_batch is not None and global_batch != config.global_batch:
+        raise ValueError(f"global_batch {config.global_batch} was planned for {launcher_world_size()} rank(s), "
+                         f"but the job has {ds_engine.world_size()}")
     model, processor = load_base_model(config.base_model, trust_remote_code=config.trust_remote_code)
     trainable = select_trainable(model, config.train_modules, lora_rank=config.lora_rank)
     if config.gradient_checkpointing:
@@ -542,7 +580,7 @@ def train(config: TrainConfig) -> dict:
     summary = {
         "config": asdict(config),
         "ranks": ds_engine.world_size(),
-        "global_batch": config.batch_size * config.gradient_accumulation * ds_engine.world_size(),
+        "global_batch": global_batch,
         "trainable_parameters": trainable,
         "train_images": len(samples),
         "steps": len(history),
@@ -582,8 +620,6 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from transformers import HfArgumentParser
-
-    import os
 
     # Rank 0 logs (and shows progress) for the job; the other ranks only warn.
     level = logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING

@@ -29,18 +29,21 @@ EMBEDDED_MODEL_DIRS = {"embedded": "models/embedded-mllama", "embedded_llava": "
 EMBEDDED_IMAGE_SIZE = 64  # medift.model.embedded.EmbeddedModelConfig.image_size (both models)
 
 
-def _load_families():
-    """medift/model/families.py alone (standard library only): the family table, without
-    importing medift's package (a conda driver environment may lack its dependencies)."""
-    path = Path(workflow.basedir).parent / "medift" / "model" / "families.py"
-    spec = importlib.util.spec_from_file_location("medift_families", path)
-    families = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = families  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(families)
-    return families
+def _load_medift_module(relative_path):
+    """One standard-library-only file of medift (the family table, the GPU allocator, the batch
+    rule), without importing medift's package (a conda driver environment may lack its
+    dependencies)."""
+    path = Path(workflow.basedir).parent / "medift" / relative_path
+    spec = importlib.util.spec_from_file_location(f"medift_{path.stem}", path)
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = loaded  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(loaded)
+    return loaded
 
 
-FAMILIES = _load_families()
+FAMILIES = _load_medift_module("model/families.py")
+GPUS = _load_medift_module("gpus.py")  # which cards a local job takes (python -m medift.gpus)
+BATCHING = _load_medift_module("batching.py")  # global batch = batch_size x accumulation x ranks x nodes
 # Datasets whose words the embedded model's closed vocabulary holds (medift.model.embedded).
 EMBEDDED_DATASETS = ("wbcatt", "cbis_ddsm")
 
@@ -59,6 +62,50 @@ if workflow.local_exec and "cpu_slots" not in workflow.global_resources:
 
 def get_cpu_slots(wildcards, threads):
     return min(threads, CPU_SLOTS)
+
+
+##### GPU cards #####
+
+# Snakemake limits how many GPU jobs run at once (each job asks for `gpu`: its ranks, or 1
+# for an evaluation) but not which card each one takes; a local job's command is started
+# through `python -m medift.gpus --take N`, which locks N free cards of the machine and sets
+# CUDA_VISIBLE_DEVICES (medift/gpus.py). The cards: CUDA_VISIBLE_DEVICES's list where
+# Snakemake runs, else `gpus`, else as many as `nvidia-smi -L` lists (none without it, so
+# that a dry run or CI needs no GPU). Under SLURM the jobs' cards are SLURM's assignment.
+USER_GPU_LIMIT = "gpu" in workflow.global_resources  # --resources gpu=N wins
+
+
+def _may_use_cards():
+    """Whether any job may run on a GPU (only then is the machine asked for its cards)."""
+    evaluate_device = config["evaluate"]["device"]
+    return evaluate_device != "cpu" or any(s["accelerator"] == "cuda" for s in _train_jobs_settings())
+
+
+def _local_cards():
+    try:
+        return GPUS.card_pool(os.environ.get("CUDA_VISIBLE_DEVICES"), config["gpus"]) if _may_use_cards() else []
+    except ValueError as error:
+        raise WorkflowError(f"gpus: {error}")
+
+
+def check_cards(needed, what):
+    """Part of an input function of a GPU job (no files): a local run caps the jobs' `gpu` at the
+    machine's cards, and refuses a job that needs more cards than the machine has, before any job
+    runs (Snakemake would silently shrink its `gpu` to the cap, and its ranks would find no card).
+    Under the SLURM executor SLURM places the jobs; a dry run on a machine without cards checks nothing."""
+    executor = getattr(workflow.executor_plugin, "name", None)
+    if needed == 0 or executor in ("slurm", "slurm-jobstep") or not workflow.local_exec:
+        return []
+    if LOCAL_CARDS and not USER_GPU_LIMIT:
+        workflow.register_resource("gpu", len(LOCAL_CARDS))
+    if (workflow.dryrun or workflow.touch) and not LOCAL_CARDS:
+        return []
+    if needed > len(LOCAL_CARDS):
+        raise WorkflowError(
+            f"{what} needs {needed} GPU card(s), but this machine has {len(LOCAL_CARDS)}"
+            f" ({','.join(LOCAL_CARDS) or 'none found: set `gpus` or CUDA_VISIBLE_DEVICES'})"
+        )
+    return []
 
 
 ##### configuration checks the schema cannot express #####
@@ -102,6 +149,17 @@ def _check_config():
                 f"base_model.path {str(path)!r}: model_type {model_type!r} is not a known VLM family "
                 f"({', '.join(sorted(FAMILIES.FAMILIES))}); add it to medift/model/families.py"
             )
+    for method in get_trained_methods():
+        for dataset in config["datasets"]:
+            try:
+                get_train_settings(SimpleNamespace(method=method, dataset=dataset))
+            except ValueError as error:  # the global batch rule (medift/batching.py)
+                raise WorkflowError(f"methods.{method} on {dataset}: {error}")
+    if config["evaluate"]["device"].startswith("cuda:"):
+        raise WorkflowError(
+            f"evaluate.device {config['evaluate']['device']}: the workflow gives each evaluation job a card of "
+            "its own (CUDA_VISIBLE_DEVICES); use `cuda`, and CUDA_VISIBLE_DEVICES or `gpus` to choose the cards"
+        )
     nodes = {settings["nodes"] for settings in _train_jobs_settings()}
     if max(nodes, default=1) > 1:
         if 1 in nodes:
@@ -248,6 +306,13 @@ def get_train_settings(wildcards):
     # changing proxy_lr does not make the caption_ft jobs out of date.
     if settings.get("proxy_lr") is None or not settings["proxy"]:
         settings["proxy_lr"] = settings["lr"]
+    # The accumulation that gives `global_batch` (null: the one set); global_batch then states
+    # what the job runs with, and medift.train checks it against its launcher's ranks.
+    world = settings["ranks"] * settings["nodes"]
+    settings["gradient_accumulation"] = BATCHING.resolve_accumulation(
+        settings["global_batch"], settings["batch_size"], settings["gradient_accumulation"], world
+    )
+    settings["global_batch"] = settings["batch_size"] * settings["gradient_accumulation"] * world
     return dict(sorted(settings.items()))
 
 
@@ -287,8 +352,34 @@ def get_train_launcher(wildcards, threads):
             f" --cpus-per-task {threads} bash -c '{torchrun}' medift.train"
         )
     if ranks == 1:
-        return "python -m medift.train"
-    return f"python -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node {ranks} -m medift.train"
+        launcher = "python -m medift.train"
+    else:
+        launcher = f"python -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node {ranks} -m medift.train"
+    return _on_cards(get_train_gpus(wildcards), launcher)
+
+
+def _on_cards(cards, command):
+    """`command` started on `cards` GPU cards of its own (medift/gpus.py); as it is without cards."""
+    return f"python -m medift.gpus --take {cards} -- {command}" if cards else command
+
+
+def check_train_cards(wildcards):
+    """Input function of train_model (no files): the job's ranks fit the machine's cards (check_cards)."""
+    settings = get_train_settings(wildcards)
+    if settings["nodes"] > 1:
+        return []  # SLURM only
+    return check_cards(get_train_gpus(wildcards), f"train_model {wildcards.dataset}/{wildcards.method} (ranks {settings['ranks']})")
+
+
+def get_evaluate_gpus(wildcards):
+    """Cards of an evaluation job: one with evaluate.device cuda, or auto on a machine with cards."""
+    device = config["evaluate"]["device"]
+    return 1 if device == "cuda" or (device == "auto" and LOCAL_CARDS) else 0
+
+
+def check_evaluate_cards(wildcards):
+    """Input function of evaluate_model (no files): see check_cards."""
+    return check_cards(get_evaluate_gpus(wildcards), "evaluate_model")
 
 
 def check_train_executor(wildcards):
@@ -444,3 +535,6 @@ def get_final_output():
 
 
 _check_config()
+LOCAL_CARDS = _local_cards()
+# The allocator of every local job uses the same cards (CUDA_VISIBLE_DEVICES, if set, travels too).
+os.environ[GPUS.COUNT_VARIABLE] = str(len(LOCAL_CARDS))

@@ -4,6 +4,7 @@ rule evaluate_model:
     input:
         manifest="resources/shards/{dataset}/manifest.json",
         model=get_model_files,
+        cards_check=check_evaluate_cards,  # no files: the machine has a card for it
     output:
         predictions="results/{dataset}/{method}/seed-{seed}/predictions.csv",
         metrics="results/{dataset}/{method}/seed-{seed}/metrics.json",
@@ -28,10 +29,13 @@ rule evaluate_model:
     threads: config["evaluate"]["threads"]
     resources:
         cpu_slots=get_cpu_slots,
+        # A card with evaluate.device cuda (or auto on a machine with cards); the SLURM profile sets it too.
+        gpu=get_evaluate_gpus,
     conda:
         "../envs/medift.yaml"
     shell:
-        "HF_HUB_OFFLINE=1 python -m medift.evaluate --model {params.model}"
+        # --take 0 runs the command as it is; otherwise it runs on a card of its own (medift/gpus.py).
+        "HF_HUB_OFFLINE=1 python -m medift.gpus --take {resources.gpu} -- python -m medift.evaluate --model {params.model}"
         " --shards {params.shards} --split {params.split}"
         " --scoring {params.scoring} --circular {params.circular}"
         " --out {output.predictions} --summary {output.metrics}"

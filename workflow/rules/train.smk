@@ -8,6 +8,7 @@ rule train_model:
         manifest="resources/shards/{dataset}/manifest.json",
         base_model=get_base_model_files(),
         executor_check=check_train_executor,  # no files: train.nodes > 1 needs SLURM
+        cards_check=check_train_cards,  # no files: the machine has a card per rank
     output:
         config="resources/models/{dataset}/{method}/seed-{seed}/config.json",
         weights="resources/models/{dataset}/{method}/seed-{seed}/model.safetensors",
@@ -31,7 +32,8 @@ rule train_model:
     threads: get_train_threads
     resources:
         cpu_slots=get_cpu_slots,
-        # SLURM: nodes, cpus per task, GPUs per job from train.nodes/ranks/accelerator.
+        # SLURM: nodes, cpus per task, GPUs per job from train.nodes/ranks/accelerator;
+        # locally `gpu` (ranks with cuda) caps the jobs at the machine's cards.
         **get_train_resources(),
     conda:
         "../envs/medift.yaml"
@@ -44,7 +46,8 @@ rule train_model:
         " --train_modules {params.settings[train_modules]} --lora_rank {params.settings[lora_rank]}"
         " --lora_save {params.settings[lora_save]} --gradient_checkpointing {params.settings[gradient_checkpointing]}"
         " --lr {params.settings[lr]} --proxy_lr {params.settings[proxy_lr]} --batch_size {params.settings[batch_size]}"
-        " --gradient_accumulation {params.settings[gradient_accumulation]} --offload {params.settings[offload]}"
+        " --gradient_accumulation {params.settings[gradient_accumulation]} --global_batch {params.settings[global_batch]}"
+        " --offload {params.settings[offload]}"
         " --grad_clip {params.settings[grad_clip]} --zero_stage {params.settings[zero_stage]}"
         " --bf16 {params.settings[bf16]} --repeat_train {params.settings[repeat_train]}"
         " --validate {params.settings[validate]} --select {params.settings[select]}"
