@@ -221,6 +221,61 @@ def test_several_ranks_start_through_torchrun_with_their_threads(tmp_path):
     assert caption and all("HF_HUB_OFFLINE=1 python -m medift.train" in b for b in caption)
 
 
+def _job_blocks(output: str, rule: str) -> list[tuple[dict[str, str], str]]:
+    """(resources, shell command) of every job of `rule` in a dry run's `-p` output."""
+    jobs = []
+    for block in output.split("\n\n"):
+        if re.search(rf"^(?:local)?rule {rule}:$", block, re.M):
+            resources = dict(item.split("=", 1) for item in
+                             re.search(r"^\s+resources: (.*)$", block, re.M).group(1).split(", "))
+            jobs.append((resources, re.search(r"^Shell command: (.*)$", block, re.M).group(1)))
+    return jobs
+
+
+def test_local_gpu_jobs_take_cards_of_their_own(tmp_path):
+    """On an 8-card machine (`gpus: 8`; no GPU needed for a dry run) each training job takes a
+    card per rank and each evaluation one, through medift.gpus, and Snakemake's `gpu` resource
+    caps them at 8; a dry run needs nothing of the machine's own cards."""
+    config = copy.deepcopy(default_config())
+    config["gpus"] = 8
+    config["train"].update(accelerator="cuda")
+    config["methods"]["ift"].update(ranks=2, global_batch=32)  # 16 x 2 ranks: accumulation 1
+    config["evaluate"]["device"] = "cuda"
+    result = snakemake("-n", "-p", f"--configfile={write_config(tmp_path / 'config.yaml', config)}", "results/table1.csv",
+                       workdir=tmp_path / "work")
+    output = result.stdout + result.stderr
+    train, evaluate = _job_blocks(output, "train_model"), _job_blocks(output, "evaluate_model")
+    assert len(train) == 4 and len(evaluate) == 6
+    for resources, shell in train:
+        ranks = 2 if "/ift/" in shell else 1
+        assert resources["gpu"] == str(ranks)
+        launcher = "python -m torch.distributed.run --standalone" if ranks == 2 else "python -m medift.train"
+        assert f"DS_ACCELERATOR=cuda HF_HUB_OFFLINE=1 python -m medift.gpus --take {ranks} -- {launcher}" in shell
+        assert "--gradient_accumulation 1 --global_batch " + str(16 * ranks) in shell
+    for resources, shell in evaluate:
+        assert resources["gpu"] == "1" and "python -m medift.gpus --take 1 -- python -m medift.evaluate" in shell
+    # CPU jobs (the default) take no card: their commands run as they are.
+    for device, cards in (("cpu", "0"), ("auto", "0")):  # auto: this machine has no card
+        config = copy.deepcopy(default_config())
+        config["evaluate"]["device"] = device
+        result = snakemake("-n", "-p", f"--configfile={write_config(tmp_path / f'{device}.yaml', config)}",
+                           "results/table1.csv", workdir=tmp_path / "work")
+        output = result.stdout + result.stderr
+        assert all(r["gpu"] == "0" and "python -m medift.gpus" not in s for r, s in _job_blocks(output, "train_model"))
+        assert all(r["gpu"] == cards and f"medift.gpus --take {cards} --" in s for r, s in _job_blocks(output, "evaluate_model"))
+
+
+def test_global_batch_derives_the_accumulation(tmp_path):
+    config = copy.deepcopy(default_config())
+    config["train"].update(batch_size=4, global_batch=32)
+    config["methods"]["ift"].update(ranks=2)
+    result = snakemake("-n", "-p", f"--configfile={write_config(tmp_path / 'config.yaml', config)}", "results/table1.csv",
+                       workdir=tmp_path / "work")
+    for _, shell in _job_blocks(result.stdout + result.stderr, "train_model"):
+        accumulation = 4 if "/ift/" in shell else 8  # 32 / (4 x 2 ranks), 32 / (4 x 1 rank)
+        assert f"--batch_size 4 --gradient_accumulation {accumulation} --global_batch 32 " in shell
+
+
 def test_the_proxy_learns_at_the_model_lr_unless_its_own_is_set(tmp_path):
     config = copy.deepcopy(default_config())
     config["train"].update(lr=3.0e-5, proxy_lr=None)
@@ -246,6 +301,13 @@ def test_the_proxy_learns_at_the_model_lr_unless_its_own_is_set(tmp_path):
         (lambda c: c["datasets"].update(skincon={"source": "synthetic"}), "needs a real checkpoint"),
         (lambda c: c["train"].update(offload="optimizer+parameters"), "offload optimizer+parameters needs zero_stage 3"),
         (lambda c: c["methods"]["ift"].update(nodes=2), "every training job spans one node or every job several"),
+        # The paper's global batch of 2 cannot come from micro-batches of 2 on 8 ranks.
+        (lambda c: c["train"].update(batch_size=2, global_batch=2, ranks=8),
+         "global_batch 2 cannot be made of micro-batches of 2 on 8 rank(s) in all"),
+        (lambda c: c["train"].update(global_batch=64, gradient_accumulation=3), "gradient_accumulation 3 contradicts global_batch 64"),
+        (lambda c: c["evaluate"].update(device="cuda:1"), "evaluate.device cuda:1: the workflow gives each evaluation job a card"),
+        (lambda c: c.update(gpus=2) or c["train"].update(accelerator="cuda", ranks=4),
+         "needs 4 GPU card(s), but this machine has 2 (0,1)"),
     ],
 )
 def test_invalid_config_is_rejected(tmp_path, change, message):
@@ -310,15 +372,32 @@ def test_slurm_training_jobs_ask_for_their_gpus_and_nodes(tmp_path):
         assert "--nodes=1" in call and "--gpus=2" in call and "--cpus-per-task=2" in call
         assert "--ntasks-per-gpu" not in call and "--gres" not in call
         assert "torch.distributed.run --standalone --nnodes 1 --nproc_per_node 2 -m medift.train" in shell
+        # The allocator stands aside inside a SLURM job (SLURM_JOB_ID): the cards are SLURM's.
+        assert "python -m medift.gpus --take 2 -- python -m torch.distributed.run" in shell
     # CPU training: no GPU, one task.
     for resources, _ in _slurm_train_jobs(tmp_path / "cpu", {"ranks": 2}):
         call = _sbatch_call(resources, threads=2)
         assert resources["gpu"] == "0" and "--gpus" not in call and "--ntasks=1" in call and "--cpus-per-task=2" in call
 
 
-def test_slurm_training_on_several_nodes_starts_one_torchrun_per_node(tmp_path):
-    jobs = _slurm_train_jobs(tmp_path, {"nodes": 2, "ranks": 4, "accelerator": "cuda"})
+def test_slurm_profile_gives_each_evaluation_a_gpu(tmp_path):
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    result = snakemake("-n", "-p", "results/table1.csv", f"--configfile={DEFAULT_CONFIG}",
+                       "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"), workdir=tmp_path / "work")
+    jobs = _job_blocks(result.stdout + result.stderr, "evaluate_model")
+    assert len(jobs) == 6
     for resources, shell in jobs:
+        assert resources["gpu"] == "1" and "gres" not in resources
+        assert "--gpus=1" in _sbatch_call(resources, threads=1)
+        assert "python -m medift.gpus --take 1 -- python -m medift.evaluate" in shell  # stands aside under SLURM
+
+
+def test_slurm_training_on_several_nodes_starts_one_torchrun_per_node(tmp_path):
+    # global batch 64 = micro-batches of 4 x 4 ranks x 2 nodes x accumulation 2
+    jobs = _slurm_train_jobs(tmp_path, {"nodes": 2, "ranks": 4, "accelerator": "cuda", "batch_size": 4, "global_batch": 64})
+    for resources, shell in jobs:
+        assert "--gradient_accumulation 2 --global_batch 64 " in shell
+        assert "medift.gpus" not in shell  # SLURM assigns each node's cards
         assert resources["mpi"] == "srun" and resources["tasks"] == "2" and resources["gres"] == "gpu:4"
         call = _sbatch_call(resources, threads=2)  # 4 ranks x 1 thread, capped at --cores 2
         assert "--nodes=2" in call and "--ntasks=2" in call and "--gres=gpu:4" in call and "--cpus-per-task=2" in call
