@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -175,7 +176,11 @@ def evaluate(config: EvaluateConfig) -> dict:
     set_torch_threads(config.threads)
     started = time.time()
     model, processor = load_base_model(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
-    model.to(resolve_device(config.device))
+    device = resolve_device(config.device)
+    model.to(device)
+    if device.type == "cuda":
+        # The workflow's jobs see only the card(s) medift.gpus gave them: cuda:0 is that card.
+        log.info("scoring on %s (CUDA_VISIBLE_DEVICES=%s)", device, os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
     scoring_started = time.time()
     predictions = score_split(model, processor, config)
     scoring_seconds = time.time() - scoring_started
