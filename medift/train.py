@@ -24,7 +24,8 @@ from medift.chat import CAPTION_INSTRUCTION, Encoded, encode_conversation, model
 from medift.checkpoints import Checkpoints
 from medift.evaluate import QUESTION_COLUMNS, EvaluateConfig, score_questions
 from medift.images import decode_image
-from medift.model.loading import LORA_GROUPS, load_base_model, merge_lora, parse_groups, save_lora_adapter, unwrap_lora, select_trainable
+from medift.model.loading import (LORA_GROUPS, load_base_model, merge_lora, parse_groups, partitioned_loading,
+                                 save_lora_adapter, select_trainable, unwrap_lora)
 from medift.proxy import ProxyInstruction
 from medift.shards import DESCRIPTIONS, QUESTIONS, ShardRows
 from medift import engine as ds_engine
@@ -368,8 +369,11 @@ def proxy_optimizer(proxy: ProxyInstruction, config: TrainConfig) -> torch.optim
 
 
 def run_warmup(model, run: Run, resumed: Path | None) -> None:
-    """Stage 1: the model is frozen; only the proxy learns (on the training device, bf16 autocast
-    if configured). Every rank holds the whole model; the proxy's gradient is averaged."""
+    """Stage 1: the model is frozen; only the proxy learns (bf16 autocast if configured).
+
+    `model` is the engine's module, already on the training device in the training dtype (it
+    was loaded there); under ZeRO-3 each rank holds its partition and the forwards gather the
+    layers in turn (collective, as in the main stage). The proxy's gradient is averaged."""
     config, proxy = run.config, run.proxy
     plan = [(i, e, order) for i, (stage, e, order) in enumerate(epoch_plan(config)) if stage == "warmup"]
     optimizer = proxy_optimizer(proxy, config)
@@ -379,7 +383,7 @@ def run_warmup(model, run: Run, resumed: Path | None) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     device = ds_engine.training_device()
-    model.to(device)
+    dtype = next(model.parameters()).dtype  # pixels in the weights' dtype, as in the main stage
     model.train()
     for plan_index, epoch, order in plan:
         if plan_index < run.state["plan_index"] or run.done:
@@ -395,7 +399,7 @@ def run_warmup(model, run: Run, resumed: Path | None) -> None:
             for batch in micro_batches:
                 tokens += int(batch["attention_mask"].sum())
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    loss = model(**on_device(batch, device, torch.float32)).loss
+                    loss = model(**on_device(batch, device, dtype)).loss
                 (loss / config.gradient_accumulation).backward()
                 losses.append(loss)
             ds_engine.average_across_ranks(proxy.weight.grad)
@@ -481,12 +485,27 @@ def validate_epoch(engine, run: Run, epoch: int) -> None:
         run.best_weights = trainable_weights(engine.module, run.config.zero_stage)
 
 
+def training_dtype(config: TrainConfig) -> str:
+    """The weights' dtype from the moment they load: bf16 for bf16 training (the engine would cast
+    them to it anyway), fp32 otherwise (CPU)."""
+    return "bfloat16" if config.bf16 else "float32"
+
+
 def train(config: TrainConfig) -> dict:
     set_torch_threads(config.threads)
     torch.manual_seed(config.seed)
     started = time.time()
-    ds_engine.init_distributed()  # before the warm-up, which runs on every rank too
-    model, processor = load_base_model(config.base_model, trust_remote_code=config.trust_remote_code)
+    ds_engine.init_distributed()  # before loading: ZeRO-3 partitions the weights over the ranks as they load
+    ds_config = ds_engine.deepspeed_config(config.batch_size, config.zero_stage, config.grad_clip, config.bf16, config.gradient_accumulation, config.offload)
+    with partitioned_loading(ds_config):
+        return train_loaded(config, ds_config, started)
+
+
+def train_loaded(config: TrainConfig, ds_config: dict, started: float) -> dict:
+    """The job once the process group is up: load (onto the training device, partitioned under
+    ZeRO-3), warm up, train, save."""
+    model, processor = load_base_model(config.base_model, trust_remote_code=config.trust_remote_code,
+                                       dtype=training_dtype(config), device=ds_engine.training_device())
     trainable = select_trainable(model, config.train_modules, lora_rank=config.lora_rank)
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing back-propagates into frozen towers without needing their inputs to require grad.
@@ -496,7 +515,7 @@ def train(config: TrainConfig) -> dict:
     validation = Validation(config.shards, config.val_batch_size) if config.validate else None
     proxy = None
     if config.proxy:
-        hidden = model.get_input_embeddings().weight.shape[1]
+        hidden = model.get_input_embeddings().embedding_dim  # (a ZeRO-3 partition has no shape)
         generator = torch.Generator().manual_seed(config.seed)
         proxy = ProxyInstruction(config.proxy_tokens, hidden, processor.tokenizer.proxy_token_id, generator).attach(model)
         proxy.to(ds_engine.training_device())
@@ -512,10 +531,12 @@ def train(config: TrainConfig) -> dict:
         log.info("resuming from %s: step %d (epoch %d of the plan, %d steps into it)", resumed, run.step,
                  run.state["plan_index"] + 1, run.state["steps_done"])
     run.board = Board(config.tensorboard_dir, run.step)
-    if proxy is not None and config.warmup_epochs > 0:
-        run_warmup(model, run, resumed)
-    ds_config = ds_engine.deepspeed_config(config.batch_size, config.zero_stage, config.grad_clip, config.bf16, config.gradient_accumulation, config.offload)
+    # The engine comes first: a ZeRO-3 model (partitioned as it loaded) runs its forwards only
+    # through the engine's gathering hooks, the warm-up's too. Nothing moves or is cast: the
+    # weights are on the training device in the training dtype already.
     engine = ds_engine.initialize(model, ds_config, config.lr)
+    if proxy is not None and config.warmup_epochs > 0:
+        run_warmup(engine.module, run, resumed)
     run_main(engine, run, resumed)
     state = run.state
     last_epoch = max((h["epoch"] for h in state["history"] if h["stage"] == "main"), default=None)
