@@ -449,14 +449,14 @@ def get_final_output():
 # the data's (shard rows x epochs), so that an 11B checkpoint gets what it needs and the
 # embedded default little. Profiles may still override them (set-resources).
 #
-# Host memory per rank (bytes): the load maps the checkpoint (2P for bf16; the rank that
-# reads it under ZeRO-3, the others less), and with accelerator cpu the rank also holds the
+# Host memory of a node (bytes): the checkpoint's page cache, mapped by its ranks while they
+# load, once (2P for bf16: shared pages); per rank, with accelerator cpu, the
 # weights in fp32 (4P, divided over the ranks by ZeRO-3) and, for what trains (at most P
 # parameters), fp32 gradients and AdamW's two moments (12P, divided over the ranks by ZeRO-2/3);
 # with cuda that stays on the GPU unless offloaded (optimizer: 16 bytes per trainable
 # parameter over the ranks; parameters: 2P over the ranks). Plus a fixed overhead per rank
 # (interpreter, torch, DeepSpeed, CUDA context, data workers): 1.5 GB (cpu) or 4 GB (cuda).
-# The sum, times ranks per node, gets a 25 % margin.
+# The node's sum gets a 25 % margin (measured: bench/load_memory.py).
 #
 # Time: samples = training rows x repeat_train x (warm-up + main epochs), plus the
 # validation questions per main epoch at a third of a sample's cost (forward only); a
@@ -499,7 +499,7 @@ def shard_rows(dataset, kind, split):
 def train_memory_bytes(parameters, ranks, nodes, accelerator, zero_stage, offload):
     """Host bytes of one node of a training job (see the block comment above)."""
     total_ranks = ranks * nodes
-    per_rank = 2 * parameters + OVERHEAD_BYTES[accelerator]
+    per_rank = OVERHEAD_BYTES[accelerator]
     if accelerator == "cpu":
         per_rank += 4 * parameters / (total_ranks if zero_stage == 3 else 1)
         per_rank += 12 * parameters / (total_ranks if zero_stage >= 2 else 1)
@@ -508,7 +508,7 @@ def train_memory_bytes(parameters, ranks, nodes, accelerator, zero_stage, offloa
             per_rank += 16 * parameters / total_ranks
         if offload == "optimizer+parameters":
             per_rank += 2 * parameters / total_ranks
-    return MEMORY_MARGIN * ranks * per_rank
+    return MEMORY_MARGIN * (2 * parameters + ranks * per_rank)
 
 
 def train_seconds(parameters, samples, total_ranks, accelerator):
