@@ -174,8 +174,9 @@ def score_split(model, processor, config: EvaluateConfig) -> pd.DataFrame:
 def evaluate(config: EvaluateConfig) -> dict:
     set_torch_threads(config.threads)
     started = time.time()
-    model, processor = load_base_model(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
-    model.to(resolve_device(config.device))
+    # Straight onto the scoring device in its dtype: no full CPU copy of the model first.
+    model, processor = load_base_model(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype,
+                                       device=resolve_device(config.device))
     scoring_started = time.time()
     predictions = score_split(model, processor, config)
     scoring_seconds = time.time() - scoring_started

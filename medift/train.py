@@ -25,7 +25,8 @@ from medift.checkpoints import Checkpoints
 from medift.evaluate import QUESTION_COLUMNS, EvaluateConfig, score_questions
 from medift.images import decode_image
 from medift.model.families import family_of
-from medift.model.loading import LORA_GROUPS, load_base_model, merge_lora, parse_groups, save_lora_adapter, unwrap_lora, select_trainable
+from medift.model.loading import (LORA_GROUPS, load_base_model, merge_lora, parse_groups, partitioned_loading,
+                                 save_lora_adapter, select_trainable, unwrap_lora)
 from medift.proxy import ProxyInstruction
 from medift.shards import DESCRIPTIONS, QUESTIONS, ShardRows
 from medift import engine as ds_engine
@@ -398,8 +399,11 @@ def proxy_optimizer(proxy: ProxyInstruction, config: TrainConfig) -> torch.optim
 
 
 def run_warmup(model, run: Run, resumed: Path | None) -> None:
-    """Stage 1: the model is frozen; only the proxy learns (on the training device, bf16 autocast
-    if configured). Every rank holds the whole model; the proxy's gradient is averaged."""
+    """Stage 1: the model is frozen; only the proxy learns (bf16 autocast if configured).
+
+    `model` is the engine's module, already on the training device in the training dtype (it
+    was loaded there); under ZeRO-3 each rank holds its partition and the forwards gather the
+    layers in turn (collective, as in the main stage). The proxy's gradient is averaged."""
     config, proxy = run.config, run.proxy
     plan = [(i, e, order) for i, (stage, e, order) in enumerate(epoch_plan(config)) if stage == "warmup"]
     optimizer = proxy_optimizer(proxy, config)
@@ -409,7 +413,7 @@ def run_warmup(model, run: Run, resumed: Path | None) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     device = ds_engine.training_device()
-    model.to(device)
+    dtype = next(model.parameters()).dtype  # pixels in the weights' dtype, as in the main stage
     model.train()
     for plan_index, epoch, order in plan:
         if plan_index < run.state["plan_index"] or run.done:
@@ -424,7 +428,7 @@ def run_warmup(model, run: Run, resumed: Path | None) -> None:
             losses, work = [], run.count(micro_batches, "warmup")
             for batch in micro_batches:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    loss = model(**on_device(batch, device, torch.float32)).loss
+                    loss = model(**on_device(batch, device, dtype)).loss
                 (loss / config.gradient_accumulation).backward()
                 losses.append(loss)
             ds_engine.average_across_ranks(proxy.weight.grad)
@@ -589,12 +593,27 @@ def _checkpointed(module, forward):
     return run
 
 
+def training_dtype(config: TrainConfig) -> str:
+    """The weights' dtype from the moment they load: bf16 for bf16 training (the engine would cast
+    them to it anyway), fp32 otherwise (CPU)."""
+    return "bfloat16" if config.bf16 else "float32"
+
+
 def train(config: TrainConfig) -> dict:
     set_torch_threads(config.threads)
     torch.manual_seed(config.seed)
     started = time.time()
-    ds_engine.init_distributed()  # before the warm-up, which runs on every rank too
-    model, processor = load_base_model(config.base_model, trust_remote_code=config.trust_remote_code)
+    ds_engine.init_distributed()  # before loading: ZeRO-3 partitions the weights over the ranks as they load
+    ds_config = ds_engine.deepspeed_config(config.batch_size, config.zero_stage, config.grad_clip, config.bf16, config.gradient_accumulation, config.offload)
+    with partitioned_loading(ds_config):
+        return train_loaded(config, ds_config, started)
+
+
+def train_loaded(config: TrainConfig, ds_config: dict, started: float) -> dict:
+    """The job once the process group is up: load (onto the training device, partitioned under
+    ZeRO-3), warm up, train, save."""
+    model, processor = load_base_model(config.base_model, trust_remote_code=config.trust_remote_code,
+                                       dtype=training_dtype(config), device=ds_engine.training_device())
     trainable = select_trainable(model, config.train_modules, lora_rank=config.lora_rank)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -603,7 +622,7 @@ def train(config: TrainConfig) -> dict:
     validation = Validation(config.shards, config.val_batch_size) if config.validate else None
     proxy = None
     if config.proxy:
-        hidden = model.get_input_embeddings().weight.shape[1]
+        hidden = model.get_input_embeddings().embedding_dim  # (a ZeRO-3 partition has no shape)
         generator = torch.Generator().manual_seed(config.seed)
         proxy = ProxyInstruction(config.proxy_tokens, hidden, processor.tokenizer.proxy_token_id, generator).attach(model)
         proxy.to(ds_engine.training_device())
@@ -627,10 +646,12 @@ def train(config: TrainConfig) -> dict:
         log.info("no FLOP formula for model_type %r in medift/flops.py: FLOPs and MFU are not reported", model.config.model_type)
     elif run.peak_flops is None:
         log.info("no peak FLOP/s for this device (set peak_flops or $%s): MFU/HFU are not reported", flops.PEAK_ENV)
-    if proxy is not None and config.warmup_epochs > 0:
-        run_warmup(model, run, resumed)
-    ds_config = ds_engine.deepspeed_config(config.batch_size, config.zero_stage, config.grad_clip, config.bf16, config.gradient_accumulation, config.offload)
+    # The engine comes first: a ZeRO-3 model (partitioned as it loaded) runs its forwards only
+    # through the engine's gathering hooks, the warm-up's too. Nothing moves or is cast: the
+    # weights are on the training device in the training dtype already.
     engine = ds_engine.initialize(model, ds_config, config.lr)
+    if proxy is not None and config.warmup_epochs > 0:
+        run_warmup(engine.module, run, resumed)
     run_main(engine, run, resumed)
     state = run.state
     last_epoch = max((h["epoch"] for h in state["history"] if h["stage"] == "main"), default=None)

@@ -28,6 +28,9 @@ rule evaluate_model:
     threads: config["evaluate"]["threads"]
     resources:
         cpu_slots=get_cpu_slots,
+        # From the model's and the questions' size (common.smk); a profile's set-resources overrides them.
+        mem_mb=get_evaluate_mem_mb,
+        runtime=get_evaluate_runtime,
     conda:
         "../envs/medift.yaml"
     shell:

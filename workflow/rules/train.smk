@@ -31,6 +31,9 @@ rule train_model:
     threads: get_train_threads
     resources:
         cpu_slots=get_cpu_slots,
+        # From the model's and the data's size (common.smk); a profile's set-resources overrides them.
+        mem_mb=get_train_mem_mb,
+        runtime=get_train_runtime,
         # SLURM: nodes, cpus per task, GPUs per job from train.nodes/ranks/accelerator.
         **get_train_resources(),
     conda:
