@@ -175,9 +175,10 @@ def score_split(model, processor, config: EvaluateConfig) -> pd.DataFrame:
 def evaluate(config: EvaluateConfig) -> dict:
     set_torch_threads(config.threads)
     started = time.time()
-    model, processor = load_base_model(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
+    # Straight onto the scoring device in its dtype: no full CPU copy of the model first.
     device = resolve_device(config.device)
-    model.to(device)
+    model, processor = load_base_model(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype,
+                                       device=device)
     if device.type == "cuda":
         # The workflow's jobs see only the card(s) medift.gpus gave them: cuda:0 is that card.
         log.info("scoring on %s (CUDA_VISIBLE_DEVICES=%s)", device, os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))

@@ -26,10 +26,13 @@ from medift.chat import CAPTION_INSTRUCTION, Encoded, encode_conversation, model
 from medift.checkpoints import Checkpoints
 from medift.evaluate import QUESTION_COLUMNS, EvaluateConfig, score_questions
 from medift.images import decode_image
-from medift.model.loading import LORA_GROUPS, load_base_model, merge_lora, parse_groups, save_lora_adapter, unwrap_lora, select_trainable
+from medift.model.families import family_of
+from medift.model.loading import (LORA_GROUPS, load_base_model, merge_lora, parse_groups, partitioned_loading,
+                                 save_lora_adapter, select_trainable, unwrap_lora)
 from medift.proxy import ProxyInstruction
 from medift.shards import DESCRIPTIONS, QUESTIONS, ShardRows
 from medift import engine as ds_engine
+from medift import flops
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,8 @@ class TrainConfig:
     checkpoint_dir: str = field(default="", metadata={"help": "Directory of resumable checkpoints (outside the job's outputs); a restarted job resumes from its latest. Empty: none."})
     checkpoint_every: int = field(default=0, metadata={"help": "Optimizer steps between checkpoints (warm-up steps count); 0: none."})
     data_workers: int = field(default=0, metadata={"help": "DataLoader worker processes that decode images and run the processor ahead of the step (0: in the training process)."})
-    tensorboard_dir: str = field(default="", metadata={"help": "Where TensorBoard event files go (loss, lr, gradient norm, proxy drift, tokens/s, validation accuracy). Empty: none."})
+    tensorboard_dir: str = field(default="", metadata={"help": "Where TensorBoard event files go (loss, lr, gradient norm, proxy drift, throughput, MFU, peak memory, validation accuracy). Empty: none."})
+    peak_flops: float = field(default=0.0, metadata={"help": "Peak FLOP/s of one device that MFU/HFU are measured against; 0: $MEDIFT_PEAK_FLOPS, else the table of medift/flops.py for the GPU (H100/H200 bf16 989.4e12, A100 312e12); none on CPU (MFU not reported)."})
 
     def __post_init__(self):
         # Incompatible settings fail here, before any model is loaded.
@@ -93,6 +97,8 @@ class TrainConfig:
             raise ValueError("epochs must be at least 1")
         if any(g in LORA_GROUPS for g in groups) and self.zero_stage == 3:
             raise ValueError("LoRA with ZeRO-3 is not supported (adapters cannot be merged or saved from partitioned weights); use zero_stage 2")
+        if self.peak_flops < 0:
+            raise ValueError(f"peak_flops cannot be negative, got {self.peak_flops}")
         if self.proxy_lr is not None and not self.proxy_lr > 0:
             raise ValueError(f"proxy_lr must be positive (or unset: lr), got {self.proxy_lr}")
 
@@ -109,7 +115,7 @@ def launcher_world_size() -> int:
 LORA_SAVE_MODES = ("merged", "adapter")
 SELECT_MODES = ("last", "best_val")
 # Settings that change nothing a checkpoint holds: a job may resume under other values of them.
-NOT_IN_FINGERPRINT = ("threads", "checkpoint_dir", "checkpoint_every", "data_workers", "tensorboard_dir")
+NOT_IN_FINGERPRINT = ("threads", "checkpoint_dir", "checkpoint_every", "data_workers", "tensorboard_dir", "peak_flops")
 
 
 class DescriptionSamples(torch.utils.data.Dataset):
@@ -352,6 +358,10 @@ class Run:
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.resumed_stage: str | None = None  # the stage of the checkpoint resumed from
         self.epoch_length = 0  # steps of the current epoch
+        # Throughput accounting (set by train(): the model's config and trained groups).
+        self.warmup_work: flops.StepWork | None = None
+        self.main_work: flops.StepWork | None = None
+        self.peak_flops: float | None = None
 
     @property
     def step(self) -> int:
@@ -378,19 +388,40 @@ class Run:
             self.state["data_wait_seconds"] += time.perf_counter() - waited
             yield micro
 
-    def finish_step(self, plan_index: int, stage: str, epoch: int, losses, tokens: int, seconds: float, extra: dict,
+    def finish_step(self, plan_index: int, stage: str, epoch: int, losses, work: dict, seconds: float, extra: dict,
                     engine=None, optimizer=None) -> None:
+        """Record a step: its loss, and its throughput (samples, text and image tokens, FLOPs: every
+        rank's, from flops.StepWork) over rank 0's step time, MFU/HFU against the peak, peak memory."""
         loss = mean_step_loss(losses)
         self.state["history"].append({"stage": stage, "epoch": epoch, "loss": loss})
         self.state["plan_index"], self.state["steps_done"] = plan_index, self.state["steps_done"] + 1
-        tokens = int(ds_engine.average_across_ranks(torch.tensor(float(tokens))).item() * ds_engine.world_size())
+        work = work_of_all_ranks(work)
+        figures = flops.rates(work, seconds, ds_engine.world_size(), self.peak_flops)
+        memory = peak_memory_bytes()
         if stage == "main":
             self.state["main_step_seconds"].append(round(seconds, 5))
-            self.state["main_tokens"] += tokens
-        self.board.scalars(self.step, {f"{stage}/loss": loss, "train/tokens_per_second": tokens / max(seconds, 1e-9), **extra})
+            self.state["main_tokens"] += work["text_tokens"]
+            totals = self.state.setdefault("main_work", None)
+            self.state["main_work"] = flops.add_work(totals, work)
+            if memory is not None:
+                self.state["peak_memory_bytes"] = max(self.state.get("peak_memory_bytes") or 0, memory)
+        scalars = {f"train/{key}": value for key, value in figures.items()}
+        scalars["train/peak_memory_gib"] = None if memory is None else memory / 2**30
+        self.board.scalars(self.step, {f"{stage}/loss": loss, **scalars, **extra})
         every = self.config.checkpoint_every
         if self.checkpoints is not None and every and self.step % every == 0:
             self.checkpoints.save(self.step, self.state, self.proxy, optimizer, engine, self.best_weights)
+
+    def count(self, micro_batches: list[dict], stage: str) -> dict:
+        """The work of a step's micro-batches (this rank's); the peak-memory counter restarts with the step."""
+        device = ds_engine.training_device()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        counter = self.warmup_work if stage == "warmup" else self.main_work
+        total = None
+        for batch in micro_batches:
+            total = flops.add_work(total, counter.of(batch))
+        return total
 
     def end_epoch(self, plan_index: int) -> None:
         self.state["plan_index"], self.state["steps_done"] = plan_index + 1, 0
@@ -402,8 +433,11 @@ def proxy_optimizer(proxy: ProxyInstruction, config: TrainConfig) -> torch.optim
 
 
 def run_warmup(model, run: Run, resumed: Path | None) -> None:
-    """Stage 1: the model is frozen; only the proxy learns (on the training device, bf16 autocast
-    if configured). Every rank holds the whole model; the proxy's gradient is averaged."""
+    """Stage 1: the model is frozen; only the proxy learns (bf16 autocast if configured).
+
+    `model` is the engine's module, already on the training device in the training dtype (it
+    was loaded there); under ZeRO-3 each rank holds its partition and the forwards gather the
+    layers in turn (collective, as in the main stage). The proxy's gradient is averaged."""
     config, proxy = run.config, run.proxy
     plan = [(i, e, order) for i, (stage, e, order) in enumerate(epoch_plan(config)) if stage == "warmup"]
     optimizer = proxy_optimizer(proxy, config)
@@ -413,7 +447,7 @@ def run_warmup(model, run: Run, resumed: Path | None) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     device = ds_engine.training_device()
-    model.to(device)
+    dtype = next(model.parameters()).dtype  # pixels in the weights' dtype, as in the main stage
     model.train()
     for plan_index, epoch, order in plan:
         if plan_index < run.state["plan_index"] or run.done:
@@ -425,16 +459,15 @@ def run_warmup(model, run: Run, resumed: Path | None) -> None:
                 break
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            losses, tokens = [], 0
+            losses, work = [], run.count(micro_batches, "warmup")
             for batch in micro_batches:
-                tokens += int(batch["attention_mask"].sum())
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    loss = model(**on_device(batch, device, torch.float32)).loss
+                    loss = model(**on_device(batch, device, dtype)).loss
                 (loss / config.gradient_accumulation).backward()
                 losses.append(loss)
             ds_engine.average_across_ranks(proxy.weight.grad)
             optimizer.step()
-            run.finish_step(plan_index, "warmup", epoch, losses, tokens, time.perf_counter() - started,
+            run.finish_step(plan_index, "warmup", epoch, losses, work, time.perf_counter() - started,
                             {"warmup/lr": optimizer.param_groups[0]["lr"]}, optimizer=optimizer)
         run.end_epoch(plan_index)
         if plan_index == plan[-1][0]:
@@ -476,9 +509,8 @@ def run_main(engine, run: Run, resumed: Path | None) -> None:
                 proxy.load_momentum_copy()
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
-            losses, tokens = [], 0
+            losses, work = [], run.count(micro_batches, "main")
             for batch in micro_batches:
-                tokens += int(batch["attention_mask"].sum())
                 loss = engine(**on_device(batch, engine.device, dtype)).loss
                 engine.backward(loss)
                 engine.step()  # DeepSpeed steps only at the accumulation boundary
@@ -491,12 +523,28 @@ def run_main(engine, run: Run, resumed: Path | None) -> None:
                 extra["proxy/drift"] = float((proxy.weight.detach() - proxy.momentum_copy).norm())
                 if config.momentum > 0:
                     proxy.update_momentum_copy(config.momentum)
-            run.finish_step(plan_index, "main", epoch, losses, tokens, time.perf_counter() - started, extra,
+            run.finish_step(plan_index, "main", epoch, losses, work, time.perf_counter() - started, extra,
                             engine=engine, optimizer=optimizer)
         stopped_early = run.done and run.state["steps_done"] < run.epoch_length
         run.end_epoch(plan_index)
         if run.validation is not None and not stopped_early:
             validate_epoch(engine, run, epoch)
+
+
+def work_of_all_ranks(work: dict) -> dict:
+    """A step's work summed over the ranks (one collective for all figures; None stays None)."""
+    keys = [key for key in flops.WORK_KEYS if work[key] is not None]
+    values = torch.tensor([float(work[key]) for key in keys], dtype=torch.float64, device=ds_engine.training_device())
+    values = ds_engine.average_across_ranks(values) * ds_engine.world_size()
+    counts = ("samples", "text_tokens", "image_tokens")
+    return {key: None for key in flops.WORK_KEYS} | {
+        key: round(value.item()) if key in counts else value.item() for key, value in zip(keys, values)}
+
+
+def peak_memory_bytes() -> int | None:
+    """The step's peak GPU memory allocated on this rank; None off CUDA (no made-up figure on CPU)."""
+    device = ds_engine.training_device()
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def _grad_norm(engine) -> float | None:
@@ -515,26 +563,103 @@ def validate_epoch(engine, run: Run, epoch: int) -> None:
         run.best_weights = trainable_weights(engine.module, run.config.zero_stage)
 
 
+def throughput_summary(state: dict, peak: float | None) -> dict:
+    """The main stage's throughput over all its steps (work of every rank / rank 0's step seconds):
+    samples/s, image tokens/s, model TFLOP/s, MFU and HFU (None without a FLOP formula or a peak),
+    and the peak GPU memory of a rank (None off CUDA)."""
+    work = state.get("main_work")
+    figures = flops.rates(work, sum(state["main_step_seconds"]), ds_engine.world_size(), peak) if work else {}
+
+    def rounded(key, digits):
+        return None if figures.get(key) is None else round(figures[key], digits)
+
+    return {
+        "main_samples_per_second": rounded("samples_per_second", 3),
+        "main_image_tokens_per_second": rounded("image_tokens_per_second", 1),
+        "main_model_tflops_per_second": rounded("model_tflops_per_second", 4),
+        "main_model_flops_per_step": None if not work or work["model_flops"] is None else work["model_flops"] / len(state["main_step_seconds"]),
+        "main_hardware_flops_per_step": None if not work or work["hardware_flops"] is None else work["hardware_flops"] / len(state["main_step_seconds"]),
+        "peak_flops": peak,
+        "mfu": rounded("mfu", 5),
+        "hfu": rounded("hfu", 5),
+        "peak_memory_bytes": state.get("peak_memory_bytes"),
+    }
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every layer that keeps activations for a backward.
+
+    transformers checkpoints its GradientCheckpointingLayer classes (decoder layers, most vision
+    encoders); the family table's `plain_layers` (Mllama's vision encoder layers) are wrapped here
+    the same way. transformers also hooks every tower's input embeddings to require gradients (for
+    reentrant checkpointing): that would make a frozen vision tower keep all its activations, and
+    non-reentrant checkpointing needs none of it, so the hooks are removed.
+    """
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
+    plain = set(family_of(model.config).plain_layers)
+    for module in model.modules():
+        if type(module).__name__ in plain:
+            module.forward = _checkpointed(module, module.forward)
+
+
+def disable_activation_checkpointing(model) -> None:
+    model.activation_checkpointing_disable()
+    for module in model.modules():
+        if "forward" in vars(module) and getattr(module.forward, "checkpointed", False):
+            del module.forward  # back to the class's forward
+
+
+def _checkpointed(module, forward):
+    """`forward` recomputed in the backward pass, where one is needed: in training, with gradients
+    enabled and the layer's weights or tensor inputs requiring them (a frozen layer fed by frozen
+    layers keeps no activations anyway, and runs plainly). Module hooks stay outside, as in transformers."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        needs_grad = any(t.requires_grad for t in tensors) or any(p.requires_grad for p in module.parameters())
+        if module.training and torch.is_grad_enabled() and needs_grad:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    run.checkpointed = True
+    return run
+
+
+def training_dtype(config: TrainConfig) -> str:
+    """The weights' dtype from the moment they load: bf16 for bf16 training (the engine would cast
+    them to it anyway), fp32 otherwise (CPU)."""
+    return "bfloat16" if config.bf16 else "float32"
+
+
 def train(config: TrainConfig) -> dict:
     set_torch_threads(config.threads)
     torch.manual_seed(config.seed)
     started = time.time()
-    ds_engine.init_distributed()  # before the warm-up, which runs on every rank too
-    global_batch = config.batch_size * config.gradient_accumulation * ds_engine.world_size()
-    if config.global_batch is not None and global_batch != config.global_batch:
+    ds_engine.init_distributed()  # before loading: ZeRO-3 partitions the weights over the ranks as they load
+    if config.global_batch is not None and config.batch_size * config.gradient_accumulation * ds_engine.world_size() != config.global_batch:
         raise ValueError(f"global_batch {config.global_batch} was planned for {launcher_world_size()} rank(s), "
                          f"but the job has {ds_engine.world_size()}")
-    model, processor = load_base_model(config.base_model, trust_remote_code=config.trust_remote_code)
+    ds_config = ds_engine.deepspeed_config(config.batch_size, config.zero_stage, config.grad_clip, config.bf16, config.gradient_accumulation, config.offload)
+    with partitioned_loading(ds_config):
+        return train_loaded(config, ds_config, started)
+
+
+def train_loaded(config: TrainConfig, ds_config: dict, started: float) -> dict:
+    """The job once the process group is up: load (onto the training device, partitioned under
+    ZeRO-3), warm up, train, save."""
+    model, processor = load_base_model(config.base_model, trust_remote_code=config.trust_remote_code,
+                                       dtype=training_dtype(config), device=ds_engine.training_device())
     trainable = select_trainable(model, config.train_modules, lora_rank=config.lora_rank)
     if config.gradient_checkpointing:
-        # Non-reentrant checkpointing back-propagates into frozen towers without needing their inputs to require grad.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     log.info("trainable parameters per group: %s (%d of %d)", trainable["per_group"], trainable["trainable"], trainable["total"])
     samples = DescriptionSamples(config.shards, processor, user_text_for(config, processor), config.shuffle_responses, config.seed)
     validation = Validation(config.shards, config.val_batch_size) if config.validate else None
     proxy = None
     if config.proxy:
-        hidden = model.get_input_embeddings().weight.shape[1]
+        hidden = model.get_input_embeddings().embedding_dim  # (a ZeRO-3 partition has no shape)
         generator = torch.Generator().manual_seed(config.seed)
         proxy = ProxyInstruction(config.proxy_tokens, hidden, processor.tokenizer.proxy_token_id, generator).attach(model)
         proxy.to(ds_engine.training_device())
@@ -550,10 +675,20 @@ def train(config: TrainConfig) -> dict:
         log.info("resuming from %s: step %d (epoch %d of the plan, %d steps into it)", resumed, run.step,
                  run.state["plan_index"] + 1, run.state["steps_done"])
     run.board = Board(config.tensorboard_dir, run.step)
-    if proxy is not None and config.warmup_epochs > 0:
-        run_warmup(model, run, resumed)
-    ds_config = ds_engine.deepspeed_config(config.batch_size, config.zero_stage, config.grad_clip, config.bf16, config.gradient_accumulation, config.offload)
+    # Throughput: the warm-up trains the proxy alone, the main stage the groups (and the proxy).
+    run.warmup_work = flops.StepWork(model.config, (), True, config.gradient_checkpointing)
+    run.main_work = flops.StepWork(model.config, trainable["groups"], config.proxy, config.gradient_checkpointing)
+    run.peak_flops = flops.device_peak_flops(config.peak_flops)
+    if not run.main_work.has_formula:
+        log.info("no FLOP formula for model_type %r in medift/flops.py: FLOPs and MFU are not reported", model.config.model_type)
+    elif run.peak_flops is None:
+        log.info("no peak FLOP/s for this device (set peak_flops or $%s): MFU/HFU are not reported", flops.PEAK_ENV)
+    # The engine comes first: a ZeRO-3 model (partitioned as it loaded) runs its forwards only
+    # through the engine's gathering hooks, the warm-up's too. Nothing moves or is cast: the
+    # weights are on the training device in the training dtype already.
     engine = ds_engine.initialize(model, ds_config, config.lr)
+    if proxy is not None and config.warmup_epochs > 0:
+        run_warmup(engine.module, run, resumed)
     run_main(engine, run, resumed)
     state = run.state
     last_epoch = max((h["epoch"] for h in state["history"] if h["stage"] == "main"), default=None)
@@ -573,14 +708,14 @@ def train(config: TrainConfig) -> dict:
         else:
             merge_lora(engine.module)
     if config.gradient_checkpointing:
-        engine.module.activation_checkpointing_disable()
+        disable_activation_checkpointing(engine.module)
     ds_engine.save_hf(engine, processor, out_dir, config.zero_stage)
     history = state["history"]
     main_steps = sum(1 for h in history if h["stage"] == "main")
     summary = {
         "config": asdict(config),
         "ranks": ds_engine.world_size(),
-        "global_batch": global_batch,
+        "global_batch": config.batch_size * config.gradient_accumulation * ds_engine.world_size(),
         "trainable_parameters": trainable,
         "train_images": len(samples),
         "steps": len(history),
@@ -596,6 +731,7 @@ def train(config: TrainConfig) -> dict:
         "main_tokens_per_step": round(state["main_tokens"] / max(main_steps, 1), 1),
         "main_step_seconds_total": round(sum(state["main_step_seconds"]), 3),
         "data_wait_seconds": round(state["data_wait_seconds"], 3),
+        **throughput_summary(state, run.peak_flops),
         "history": history,
     }
     if proxy is not None:

@@ -98,8 +98,12 @@ class TestShippedModel:
             "first_stage_dir": str(tmp_path / "first"),
         })
         rerun = distill(config, stop_after=2)
-        assert rerun["losses"] == recorded["first_stage"]["losses"][:2]
-        assert rerun["projector_fit_error"] == recorded["first_stage"]["projector_fit_error"]
+        # fp32 sums whose order depends on the CPU's BLAS kernels: another x86-64 machine measured
+        # the fit error 6.7e-7 (relative) from the recorded one. The losses are stored rounded to
+        # 5 decimals, so a last-digit flip (1e-5) plus that drift is allowed, and no more.
+        for ours, shipped in zip(rerun["losses"], recorded["first_stage"]["losses"][:2], strict=True):
+            assert ours == pytest.approx(shipped, abs=2e-5)
+        assert rerun["projector_fit_error"] == pytest.approx(recorded["first_stage"]["projector_fit_error"], rel=1e-5)
 
     def test_the_language_stage_trains_the_text_layers_only(self, tmp_path):
         """From the shipped model (the distilled one is not shipped): two steps move every text
@@ -133,7 +137,8 @@ class TestShippedModel:
         held_out = describe_batch(random.Random(f"held-out-describe-{config.seed}"), t_processor, processor, config)
         with torch.no_grad():
             loss = round(float(model.eval()(**held_out).loss), 4)
-        assert loss == recorded["final"]["held_out_describe_loss"]
+        # Rounded to 4 decimals as recorded; one last-digit flip from another CPU's summation order.
+        assert loss == pytest.approx(recorded["final"]["held_out_describe_loss"], abs=1e-4)
         assert loss < recorded["held_out_describe_loss_before"] / 4
 
     def test_general_accuracy_is_the_recorded_one_and_at_least_090(self):

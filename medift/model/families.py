@@ -25,6 +25,14 @@ class Family:
     groups: dict[str, str]  # group -> regex over parameter names
     lora_targets: dict[str, str] = field(default_factory=dict)  # "language_model" / "vision" -> regex over module names
     implies: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group -> groups it trains too
+    # Layer classes (names) that hold a tower's activations but have no activation checkpointing of
+    # their own (not transformers' GradientCheckpointingLayer): medift.train wraps them itself.
+    plain_layers: tuple[str, ...] = ()
+    # The processor's key whose last dimension marks each image's real tiles (1) and padding tiles (0);
+    # None: the family does not pad images to a fixed tile count.
+    tile_mask: str | None = None
+    # The FLOP formula of medift/flops.py for this family's layout; None: no formula (no MFU reported).
+    flops: str | None = None
 
 
 def _lm(prefix: str) -> str:
@@ -64,6 +72,12 @@ _add(("mllama",), Family(
      "vision": r"(^|\.)vision_model\.", "language_model": _lm("language_model")},
     {"language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}", "vision": rf"(^|\.)vision_model\..*{SELF_ATTN_QV}"},
     implies={"fusion": ("projector",)},
+    # The vision encoder's layers (local and gated global) are plain nn.Modules in transformers;
+    # only the decoder's layers checkpoint themselves.
+    plain_layers=("MllamaVisionEncoderLayer",),
+    # The processor pads every image to max_image_tiles; aspect_ratio_mask marks the real ones.
+    tile_mask="aspect_ratio_mask",
+    flops="mllama",
 ))
 _add(("qwen2_vl", "qwen2_5_vl"), Family(
     "Qwen2-VL / Qwen2.5-VL",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -24,8 +25,14 @@ ADAPTER_DIR = "lora_adapter"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_base_model(path: str, trust_remote_code: bool = False, dtype: str = "float32"):
+def load_base_model(path: str, trust_remote_code: bool = False, dtype: str = "float32", device: str | torch.device = "cpu"):
     """Model and processor from a local directory, offline, weights via safetensors.
+
+    The weights are read in `dtype` straight onto `device` (device_map): a rank's host memory
+    never holds a second, full-precision copy of an 11B model. Under ZeRO-3 (inside
+    `partitioned_loading`) they load partitioned over the ranks instead (deepspeed.zero.Init;
+    transformers reads the checkpoint on rank 0 and scatters it layer by layer), each rank's
+    partition on its own device, so no rank ever holds the whole model.
 
     A directory with a LoRA adapter beside the model (`lora_adapter/`, written by
     `train.lora_save: adapter`) is loaded through peft and merged, so evaluation runs the
@@ -38,8 +45,11 @@ def load_base_model(path: str, trust_remote_code: bool = False, dtype: str = "fl
         raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint (no config.json)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     processor = load_processor(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    # ZeRO-3 places every partition itself; transformers refuses a device_map with it.
+    placement = {} if is_partitioned_loading() else {"device_map": {"": str(device)}}
     model = AutoModelForImageTextToText.from_pretrained(
-        path, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=DTYPES[dtype]
+        path, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=DTYPES[dtype],
+        **placement,
     )
     if (directory / ADAPTER_DIR / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -47,6 +57,48 @@ def load_base_model(path: str, trust_remote_code: bool = False, dtype: str = "fl
         model = PeftModel.from_pretrained(model, str(directory / ADAPTER_DIR), is_trainable=False).merge_and_unload()
     ensure_proxy_token(model, processor)
     return model, processor
+
+
+@contextmanager
+def partitioned_loading(ds_config: dict):
+    """While open, `load_base_model` loads ZeRO-3 partitioned (a no-op below stage 3).
+
+    transformers decides how to load from a global weak reference to an HfDeepSpeedConfig,
+    so the object is held here for the whole block (resizing embeddings and saving consult it
+    too), and unset afterwards: a later load in the same process is a plain one again.
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    held = HfDeepSpeedConfig(ds_config)
+    try:
+        yield held
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def is_partitioned_loading() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def full_numel(parameter: torch.Tensor) -> int:
+    """Elements of a parameter, whole even when ZeRO-3 holds only this rank's partition of it."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
+def gathered(parameters: list, modifier_rank: int | None = None):
+    """The whole of ZeRO-3 partitioned parameters inside the block (what rank `modifier_rank`
+    writes is scattered back); plain parameters are whole already."""
+    if not any(hasattr(p, "ds_id") for p in parameters):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
 
 
 def ensure_proxy_token(model, processor) -> None:
@@ -61,14 +113,17 @@ def ensure_proxy_token(model, processor) -> None:
     tokenizer.add_special_tokens({"additional_special_tokens": [PROXY_TOKEN]})
     tokenizer.proxy_token = PROXY_TOKEN
     tokenizer.proxy_token_id = tokenizer.convert_tokens_to_ids(PROXY_TOKEN)
-    old_rows = model.get_input_embeddings().weight.shape[0]
+    old_rows = model.get_input_embeddings().num_embeddings  # a partitioned weight's shape is empty
     if tokenizer.proxy_token_id >= old_rows:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         # The new rows are the mean of the old ones, not random: loading twice gives the same
         # model, and the output row scores the token at an average logit, never the top one.
-        with torch.no_grad():
-            for matrix in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
-                matrix.weight[old_rows:] = matrix.weight[:old_rows].mean(dim=0)
+        matrices = {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+        weights = [m.weight for m in matrices.values()]
+        # Under ZeRO-3 only these (vocabulary x hidden) matrices are gathered, one rank writes them.
+        with gathered(weights, modifier_rank=0), torch.no_grad():
+            for weight in weights:
+                weight[old_rows:] = weight[:old_rows].mean(dim=0)
 
 
 def known_groups() -> list[str]:
@@ -131,14 +186,14 @@ def select_trainable(model, groups: str | list[str], lora_rank: int = 8) -> dict
             continue
         if "lora_" in name:
             part = next(part for part, pattern in family.lora_targets.items() if _adapter_matches(name, pattern))
-            counts[next(g for g, target in LORA_GROUPS.items() if target == part)] += p.numel()
+            counts[next(g for g, target in LORA_GROUPS.items() if target == part)] += full_numel(p)
         else:
-            counts[owners[name]] += p.numel()
+            counts[owners[name]] += full_numel(p)
     for group, n in counts.items():
         if n == 0:
             raise ValueError(f"train_modules group {group!r} trains no parameter of {type(model).__name__}")
-    total = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(full_numel(p) for p in model.parameters())
+    trained = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     return {"groups": groups, "trainable": trained, "total": total, "per_group": counts}
 
 

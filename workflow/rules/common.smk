@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -532,6 +533,127 @@ def get_final_output():
     if is_embedded_base():
         targets.append("results/base_model.json")
     return targets
+
+##### memory and time of training and evaluation jobs (SLURM mem_mb, runtime) #####
+
+# From the model's size (parameters P, read from the checkpoint's safetensors headers) and
+# the data's (shard rows x epochs), so that an 11B checkpoint gets what it needs and the
+# embedded default little. Profiles may still override them (set-resources).
+#
+# Host memory of a node (bytes): the checkpoint's page cache, mapped by its ranks while they
+# load, once (2P for bf16: shared pages); per rank, with accelerator cpu, the
+# weights in fp32 (4P, divided over the ranks by ZeRO-3) and, for what trains (at most P
+# parameters), fp32 gradients and AdamW's two moments (12P, divided over the ranks by ZeRO-2/3);
+# with cuda that stays on the GPU unless offloaded (optimizer: 16 bytes per trainable
+# parameter over the ranks; parameters: 2P over the ranks). Plus a fixed overhead per rank
+# (interpreter, torch, DeepSpeed, CUDA context, data workers): 1.5 GB (cpu) or 4 GB (cuda).
+# The node's sum gets a 25 % margin (measured: bench/load_memory.py).
+#
+# Time: samples = training rows x repeat_train x (warm-up + main epochs), plus the
+# validation questions per main epoch at a third of a sample's cost (forward only); a
+# sample costs P x SECONDS_PER_SAMPLE_PARAMETER over all ranks: cpu 2e-8 (the embedded
+# default measured 6e-9 with one thread: 1,800 samples of a 2.8 M model in ~30 s), cuda
+# 2.4e-10 (6 P FLOPs per token-equivalent x 1,000 per sample at 50 TFLOP/s: 1.3 s per
+# sample of the 11B model on one GPU, a 2x margin on a conservative bf16 rate). Plus 10
+# minutes of start-up and the checkpoint read at 100 MB/s; times 1.5. Before make_shards has
+# run the rows are unknown (0): Snakemake evaluates resources again once a job's inputs exist.
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+OVERHEAD_BYTES = {"cpu": 1.5e9, "cuda": 4e9}
+SECONDS_PER_SAMPLE_PARAMETER = {"cpu": 2e-8, "cuda": 2.4e-10}
+MEMORY_MARGIN, TIME_MARGIN, START_MINUTES, READ_BYTES_PER_SECOND = 1.25, 1.5, 10, 100e6
+
+
+def checkpoint_parameters(model_dir):
+    """Parameters of a checkpoint from its safetensors headers (8 bytes + JSON each: no weight is read)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise WorkflowError(f"{model_dir}: no *.safetensors files to size the jobs from")
+    total = 0
+    for path in files:
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                total += math.prod(tensor["shape"])
+    return total
+
+
+def shard_rows(dataset, kind, split):
+    """Rows of one split of a dataset's shards (manifest totals); 0 before make_shards has run."""
+    manifest = Path(f"resources/shards/{dataset}/manifest.json")
+    if not manifest.is_file():
+        return 0
+    return json.loads(manifest.read_text())["totals"][kind][split]
+
+
+def train_memory_bytes(parameters, ranks, nodes, accelerator, zero_stage, offload):
+    """Host bytes of one node of a training job (see the block comment above)."""
+    total_ranks = ranks * nodes
+    per_rank = OVERHEAD_BYTES[accelerator]
+    if accelerator == "cpu":
+        per_rank += 4 * parameters / (total_ranks if zero_stage == 3 else 1)
+        per_rank += 12 * parameters / (total_ranks if zero_stage >= 2 else 1)
+    else:
+        if offload != "none":
+            per_rank += 16 * parameters / total_ranks
+        if offload == "optimizer+parameters":
+            per_rank += 2 * parameters / total_ranks
+    return MEMORY_MARGIN * (2 * parameters + ranks * per_rank)
+
+
+def train_seconds(parameters, samples, total_ranks, accelerator):
+    """Wall seconds of a training job of `samples` sample passes (see the block comment above)."""
+    compute = samples * parameters * SECONDS_PER_SAMPLE_PARAMETER[accelerator] / total_ranks
+    return TIME_MARGIN * (START_MINUTES * 60 + 2 * parameters / READ_BYTES_PER_SECOND + compute)
+
+
+def get_train_mem_mb(wildcards):
+    settings = get_train_settings(wildcards)
+    bytes_ = train_memory_bytes(checkpoint_parameters(get_base_model()), settings["ranks"], settings["nodes"],
+                                settings["accelerator"], settings["zero_stage"], settings["offload"])
+    return math.ceil(bytes_ / 1e6)
+
+
+def get_train_runtime(wildcards):
+    """Minutes (sbatch -t) of a training job."""
+    settings = get_train_settings(wildcards)
+    epochs = settings["epochs"] + (settings["warmup_epochs"] if settings["proxy"] else 0)
+    samples = shard_rows(wildcards.dataset, "descriptions", "train") * settings["repeat_train"] * epochs
+    if settings["validate"]:
+        samples += shard_rows(wildcards.dataset, "questions", "val") * settings["epochs"] / 3
+    seconds = train_seconds(checkpoint_parameters(get_base_model()), samples, settings["ranks"] * settings["nodes"],
+                            settings["accelerator"])
+    return math.ceil(seconds / 60)
+
+
+def evaluate_accelerator():
+    """Where evaluation scores: the GPU unless evaluate.device names the CPU (auto: a GPU if there is one)."""
+    return "cpu" if config["evaluate"]["device"] == "cpu" else "cuda"
+
+
+def get_evaluate_mem_mb(wildcards):
+    """Host memory of an evaluation: the mapped checkpoint (2P), on the CPU the weights in
+    evaluate.dtype as well, plus the overhead; 25 % margin. The tuned models have the base's size."""
+    parameters = checkpoint_parameters(get_base_model())
+    per_rank = 2 * parameters + OVERHEAD_BYTES[evaluate_accelerator()]
+    if evaluate_accelerator() == "cpu":
+        per_rank += {"float32": 4, "bfloat16": 2, "float16": 2}[config["evaluate"]["dtype"]] * parameters
+    return math.ceil(MEMORY_MARGIN * per_rank / 1e6)
+
+
+def get_evaluate_runtime(wildcards):
+    """Minutes of an evaluation: every asked prompt (5 rotations at most with circular) at a third of a
+    training sample's cost, times (1 + max_new_tokens / 8) when generating; the same start-up and margin."""
+    settings = config["evaluate"]
+    prompts = shard_rows(wildcards.dataset, "questions", settings["split"]) * (5 if settings["circular"] else 1)
+    if settings["scoring"] == "generate":
+        prompts *= 1 + settings["max_new_tokens"] / 8
+    if settings["describe"]:
+        prompts += shard_rows(wildcards.dataset, "descriptions", settings["split"]) * (1 + settings["describe_max_new_tokens"] / 8)
+    seconds = train_seconds(checkpoint_parameters(get_base_model()), prompts / 3, 1, evaluate_accelerator())
+    return math.ceil(seconds / 60)
+
 
 
 _check_config()

@@ -29,6 +29,9 @@ rule evaluate_model:
     threads: config["evaluate"]["threads"]
     resources:
         cpu_slots=get_cpu_slots,
+        # From the model's and the questions' size (common.smk); a profile's set-resources overrides them.
+        mem_mb=get_evaluate_mem_mb,
+        runtime=get_evaluate_runtime,
         # A card with evaluate.device cuda (or auto on a machine with cards); the SLURM profile sets it too.
         gpu=get_evaluate_gpus,
     conda:

@@ -32,6 +32,9 @@ rule train_model:
     threads: get_train_threads
     resources:
         cpu_slots=get_cpu_slots,
+        # From the model's and the data's size (common.smk); a profile's set-resources overrides them.
+        mem_mb=get_train_mem_mb,
+        runtime=get_train_runtime,
         # SLURM: nodes, cpus per task, GPUs per job from train.nodes/ranks/accelerator;
         # locally `gpu` (ranks with cuda) caps the jobs at the machine's cards.
         **get_train_resources(),
@@ -52,7 +55,7 @@ rule train_model:
         " --bf16 {params.settings[bf16]} --repeat_train {params.settings[repeat_train]}"
         " --validate {params.settings[validate]} --select {params.settings[select]}"
         " --checkpoint_dir {params.checkpoint_dir} --checkpoint_every {params.settings[checkpoint_every]}"
-        " --data_workers {params.settings[data_workers]} --tensorboard_dir {params.tensorboard_dir}"
+        " --data_workers {params.settings[data_workers]} --peak_flops {params.settings[peak_flops]} --tensorboard_dir {params.tensorboard_dir}"
         " --trust_remote_code {params.trust_remote_code} --seed {wildcards.seed}"
         # Each rank's share of the job's threads (not a param: threads change no result).
         " --threads $(( ({threads} + {params.settings[ranks]} - 1) / {params.settings[ranks]} )) > {log} 2>&1"
