@@ -50,8 +50,9 @@ REAL_IMAGE_TOKEN_INDEX = 128256
 
 
 def mllama_config(text_layers: int = 40, vision_layers: int = 32, global_layers: int = 8, vocab_size: int = 128256,
-                  tokenizer=None):
-    """The real configuration, optionally at reduced depth (or vocabulary); ids from `tokenizer` if given."""
+                  tokenizer=None, image_size: int = 560):
+    """The real configuration, optionally at reduced depth (or vocabulary, or tile size: a CPU cannot
+    train on 560 px tiles in minutes); ids from `tokenizer` if given."""
     from transformers import MllamaConfig
     from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
     from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
@@ -68,7 +69,9 @@ def mllama_config(text_layers: int = 40, vision_layers: int = 32, global_layers:
         text.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     # Duplicate indices are valid (the tower stacks the listed layers' outputs), and keep the output 7680 wide.
     intermediate = [min(i, vision_layers - 1) for i in VISION["intermediate_layers_indices"]]
-    vision = dict(VISION, num_hidden_layers=vision_layers, num_global_layers=global_layers,
+    if image_size % VISION["patch_size"]:
+        raise ValueError(f"image_size {image_size} is not a multiple of the {VISION['patch_size']} px patch")
+    vision = dict(VISION, num_hidden_layers=vision_layers, num_global_layers=global_layers, image_size=image_size,
                   intermediate_layers_indices=intermediate,
                   supported_aspect_ratios=[list(r) for r in get_all_supported_aspect_ratios(VISION["max_num_tiles"])])
     image_token = tokenizer.image_token_id if tokenizer is not None else REAL_IMAGE_TOKEN_INDEX
@@ -98,7 +101,7 @@ def parameter_counts(config=None) -> dict[str, int]:
     return counts
 
 
-def mllama_processor():
+def mllama_processor(image_size: int = VISION["image_size"]):
     """A real MllamaProcessor: Llama 3.2 Vision's image processor settings (560 px tiles, up to 4),
     a small byte-level BPE tokenizer with Llama 3's special tokens, the chat template's structure."""
     from transformers import MllamaProcessor
@@ -113,24 +116,26 @@ def mllama_processor():
         bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>",
         extra_special_tokens={"image_token": "<|image|>"},
     )
-    side = VISION["image_size"]
+    side = image_size
     image_processor = MllamaImageProcessorPil(size={"height": side, "width": side}, max_image_tiles=VISION["max_num_tiles"])
     return MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=MLLAMA_TEMPLATE)
 
 
 def build_checkpoint(out_dir: str | Path, text_layers: int = 40, vision_layers: int = 32, global_layers: int = 8,
-                     vocab_size: int = 128256, seed: int = 0) -> Path:
-    """Write a random bf16 checkpoint of the real configuration (at the given depth) with its processor."""
+                     vocab_size: int = 128256, seed: int = 0, image_size: int = 560, device: str | torch.device = "cpu") -> Path:
+    """Write a random bf16 checkpoint of the real configuration (at the given depth) with its processor.
+    `device`: where the random weights are drawn (a GPU draws the full 11B in seconds)."""
     from transformers import MllamaForConditionalGeneration
 
-    processor = mllama_processor()
+    processor = mllama_processor(image_size)
     tokenizer = processor.tokenizer
-    config = mllama_config(text_layers, vision_layers, global_layers, vocab_size, tokenizer)
+    config = mllama_config(text_layers, vision_layers, global_layers, vocab_size, tokenizer, image_size)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: no fp32 copy of the weights
     try:
-        model = MllamaForConditionalGeneration(config)
+        with torch.device(device):
+            model = MllamaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
     with torch.no_grad():
@@ -160,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--global_layers", type=int, default=8)
     build.add_argument("--vocab_size", type=int, default=TEXT["vocab_size"])
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--image_size", type=int, default=VISION["image_size"])
+    build.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.command == "counts":
         print(json.dumps(parameter_counts(), indent=1))
     else:
-        out = build_checkpoint(args.out_dir, args.text_layers, args.vision_layers, args.global_layers, args.vocab_size, args.seed)
+        out = build_checkpoint(args.out_dir, args.text_layers, args.vision_layers, args.global_layers, args.vocab_size, args.seed,
+                               args.image_size, args.device)
         print(out)
     return 0
 
