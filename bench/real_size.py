@@ -3,8 +3,9 @@
 No weights are needed: the model is the REAL Llama-3.2-11B-Vision configuration with random
 weights (bench/real_models.py), written once as a local checkpoint with its MllamaProcessor and
 loaded through medift's own loader. On a GPU it runs at full size; on a CPU at reduced depth
-and image size (`--text_layers 4 --vision_layers 1 --global_layers 1 --image_size 224`, the
-default there), which keeps every width of the real model. Every figure is measured in this
+and image size (`--text_layers 4 --vision_layers 1 --global_layers 1 --image_size 112`, the
+default there), which keeps every width of the real model. `--checkpoint DIR` runs it on any
+local Mllama checkpoint instead (a user's real one; the tests' tiny one). Every figure is measured in this
 run; each fix is shown as a ratio against the as-shipped baseline measured in the same run.
 
 Sections (`--sections`, all by default):
@@ -25,7 +26,7 @@ Sections (`--sections`, all by default):
 - `scoring`: letter scoring (evaluation and validation) in questions/s at batch 8 and 32.
 
     python bench/real_size.py --out results/bench/real_size.json            (or: snakemake results/bench/real_size.json)
-    python bench/real_size.py --full --out /tmp/real_size.json                (a GPU: the full 11B)
+    python bench/real_size.py --size full --out /tmp/real_size.json           (a GPU: the full 11B)
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import real_models  # noqa: E402
 import torch  # noqa: E402
 
 SECTIONS = ("counts", "load", "step", "tiles", "scoring")
-REDUCED = dict(text_layers=4, vision_layers=1, global_layers=1, vocab_size=8192, image_size=224)
+REDUCED = dict(text_layers=4, vision_layers=1, global_layers=1, vocab_size=8192, image_size=112)
 FULL = dict(text_layers=40, vision_layers=32, global_layers=8, vocab_size=128256, image_size=560)
 CHECKPOINTING = ("fixed", "shipped", "off")  # the order they run in: the lowest memory first
 WORDS = ("segmented nucleus", "fine granules", "pale cytoplasm", "round cell", "irregular membrane", "dense chromatin",
@@ -106,6 +107,14 @@ def set_checkpointing(model, mode: str) -> None:
         enable_activation_checkpointing(model)
 
 
+def host_peak_gib() -> float:
+    """This process's resident-set high-water mark (VmHWM), GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 2**20, 2)
+    raise KeyError("VmHWM")
+
+
 def step_section(checkpoint: str, device: torch.device, steps: int, batch_size: int, phrases: int, modes) -> dict:
     """Main-stage training steps through the real engine, once per checkpointing mode."""
     from medift import engine as ds_engine
@@ -117,6 +126,7 @@ def step_section(checkpoint: str, device: torch.device, steps: int, batch_size: 
     bf16 = device.type == "cuda"
     ds_engine.init_distributed()
     model, processor = load_base_model(checkpoint, dtype="bfloat16" if bf16 else "float32", device=ds_engine.training_device())
+    host_after_load = host_peak_gib()
     trainable = select_trainable(model, "vision,fusion")
     hidden = model.get_input_embeddings().weight.shape[1]
     proxy = ProxyInstruction(8, hidden, processor.tokenizer.proxy_token_id, torch.Generator().manual_seed(1)).attach(model)
@@ -164,8 +174,8 @@ def step_section(checkpoint: str, device: torch.device, steps: int, batch_size: 
             "samples_per_second": round(batch_size / seconds, 3),
             "text_tokens_per_second": round(work["text_tokens"] / seconds, 1),
             "image_tokens_per_second": round(work["image_tokens"] / seconds, 1),
-            "model_tflop_per_step": round(work["model_flops"] / 1e12, 3),
-            "hardware_tflop_per_step": round(work["hardware_flops"] / 1e12, 3),
+            "model_flops_per_step": work["model_flops"],
+            "hardware_flops_per_step": work["hardware_flops"],
             "model_tflops_per_second": round(work["model_flops"] / seconds / 1e12, 3),
             "mfu": None if peak is None else round(work["model_flops"] / seconds / peak, 4),
             "hfu": None if peak is None else round(work["hardware_flops"] / seconds / peak, 4),
@@ -180,7 +190,9 @@ def step_section(checkpoint: str, device: torch.device, steps: int, batch_size: 
                 row["memory_vs_shipped"] = round(row["peak_gpu_memory_gib"] / base["peak_gpu_memory_gib"], 3)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
             "batch_size": batch_size, "text_tokens_per_row": int(batch["attention_mask"].sum()) // batch_size,
-            "trainable_parameters": trainable["trainable"], "total_parameters": trainable["total"], "peak_flops": peak}
+            "trainable_parameters": trainable["trainable"], "total_parameters": trainable["total"], "peak_flops": peak,
+            # Host memory of this (single-rank) process: after loading, and its peak over every step.
+            "host_peak_gib_after_load": host_after_load, "host_peak_gib": host_peak_gib()}
     del engine, model, optimizer
     gc.collect()
     if device.type == "cuda":
@@ -294,17 +306,21 @@ def scoring_section(checkpoint: str, device: torch.device, questions: int, batch
 
 
 def build_once(directory: Path, sizes: dict, device: torch.device) -> Path:
-    if (directory / "config.json").is_file():
+    """The checkpoint of `sizes`, built once (a build stopped half-way has no marker and is redone)."""
+    marker = directory / ".built"
+    if marker.is_file():
         return directory
     started = time.perf_counter()
     real_models.build_checkpoint(directory, device=device, **sizes)
+    marker.write_text(json.dumps(sizes))
     print(f"built {directory} in {time.perf_counter() - started:.1f}s", flush=True)
     return directory
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true", help="The full-size 11B (a GPU); default: reduced depth and image size.")
+    parser.add_argument("--size", default="auto", choices=("auto", "full", "reduced"),
+                        help="full: the 11B; reduced: reduced depth and tile size; auto: full on a GPU, reduced on a CPU.")
     for key, value in REDUCED.items():
         parser.add_argument(f"--{key}", type=int, default=None, help=f"Reduced size's {key} (default {value}).")
     parser.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda.")
@@ -317,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load_modes", nargs="+", default=list(load_memory.MODES), help="Modes of the load section.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed forwards per tiles variant.")
     parser.add_argument("--questions", type=int, default=64, help="Questions of the scoring section.")
+    parser.add_argument("--checkpoint", default="", help="A local Mllama checkpoint to run on instead of building one.")
     parser.add_argument("--work_dir", default="resources/bench/real_size", help="Where the checkpoint is built (reused).")
     parser.add_argument("--out", default="results/bench/real_size.json")
     args = parser.parse_args(argv)
@@ -325,10 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown sections {unknown}; known: {', '.join(SECTIONS)}")
     device = device_of(args.device)
-    sizes = dict(FULL if args.full else REDUCED)
+    full = args.size == "full" or (args.size == "auto" and device.type == "cuda")
+    sizes = dict(FULL if full else REDUCED)
     sizes.update({k: getattr(args, k) for k in REDUCED if getattr(args, k) is not None})
     name = "full" if sizes == FULL else "-".join(f"{k}{v}" for k, v in sizes.items())
-    checkpoint = build_once(Path(args.work_dir) / f"mllama-{name}", sizes, device)
+    if args.checkpoint:
+        checkpoint, sizes = Path(args.checkpoint), {"checkpoint": args.checkpoint}
+    else:
+        checkpoint = build_once(Path(args.work_dir) / f"mllama-{name}", sizes, device)
     out = {"sizes": sizes, "device": str(device), "sections": {}}
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

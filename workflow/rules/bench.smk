@@ -45,3 +45,22 @@ rule bench_training:
     shell:
         "HF_HUB_OFFLINE=1 python bench/train_scaling.py --base_model {params.model} --threads {threads}"
         " --out {output} 2>&1 | tee {log}"
+
+
+rule bench_real_size:
+    """Benchmark (not part of `all`): the paper's model at the size users run it (random weights
+    from the real Llama-3.2-11B-Vision config; full size where torch sees a GPU, reduced depth
+    and tile size on a CPU): host memory at load, training steps per
+    checkpointing mode (as shipped / fixed / off) with MFU and HFU, padded vs real-tile vision,
+    letter scoring at batch 8 and 32 (bench/real_size.py)."""
+    output:
+        "results/bench/real_size.json",
+    log:
+        "logs/bench_real_size.log",
+    threads: 2
+    resources:
+        cpu_slots=get_cpu_slots,
+    conda:
+        "../envs/medift.yaml"
+    shell:
+        "HF_HUB_OFFLINE=1 python bench/real_size.py --size auto --out {output} > {log} 2>&1"
