@@ -93,9 +93,10 @@ def collective_device() -> torch.device:
     associated with device type cpu"), so a count made on the CPU must travel to the GPU first.
     """
     types = backend_device_types()
-    training = training_device()
-    if training.type in types:
-        return training
+    if len(types) > 1:  # gloo, or a mixed "cpu:gloo,cuda:nccl" group: no copy where the training tensors live
+        training = training_device()
+        if training.type in types:
+            return training
     if types[0] == "cpu":
         return torch.device("cpu")
     return torch.empty(0, device=types[0]).device  # the type's current device, index included (cuda:3 on rank 3)

@@ -17,6 +17,8 @@ STRICT_CLOCK_SKEW=<factor> makes medift.train's clock run <factor> times fast on
 with checkpoint_minutes, the ranks then checkpoint at the same steps only if they agree on
 the slowest clock (a rank deciding alone would wait forever in the checkpoint's barrier).
 
+Each rank also counts the shard files it hashes (sha256): rank 0 alone should.
+
 `--self-test`: one rank; the engine's helpers must pass and the pre-fix pattern (an
 all-reduce of a CPU tensor from medift.train) must be refused.
 """
@@ -33,6 +35,7 @@ import torch.distributed as dist
 CHECKED = ("all_reduce", "all_gather", "broadcast", "reduce", "all_gather_into_tensor", "reduce_scatter_tensor",
            "reduce_scatter", "all_to_all_single", "gather", "scatter")
 checked_calls = 0
+hashed_files = 0
 
 
 def tensors_of(args, kwargs) -> list[torch.Tensor]:
@@ -131,13 +134,22 @@ def main() -> int:
     if sys.argv[1:] == ["--self-test"]:
         self_test()
         return 0
-    from medift import train
+    from medift import shards, train
 
+    real_sha256 = shards._sha256
+
+    def counted_sha256(path):
+        global hashed_files
+        hashed_files += 1
+        return real_sha256(path)
+
+    shards._sha256 = counted_sha256
     skew = float(os.environ.get("STRICT_CLOCK_SKEW", "1"))
     if skew != 1 and os.environ.get("RANK") == "1":
         train.time = SkewedTime(skew)
     code = train.main(sys.argv[1:])
-    print(f"strict collectives: rank {os.environ.get('RANK', 0)} checked {checked_calls} medift collectives", flush=True)
+    print(f"strict collectives: rank {os.environ.get('RANK', 0)} checked {checked_calls} medift collectives, "
+          f"hashed {hashed_files} shard files", flush=True)
     return code
 
 

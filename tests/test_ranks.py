@@ -137,12 +137,17 @@ def test_collectives_use_the_backends_device_and_ranks_agree_on_checkpoints(setu
     training tensors' CPU, as NCCL's is the GPU), else the rank fails. Rank 1's clock runs 10^4
     times fast, so with checkpoint_minutes 1 only it sees a minute pass at each step (0.3 s):
     both ranks checkpoint at every step only because they agree on the slowest clock (a rank
-    checkpointing alone would block in the checkpoint's barrier until the timeout)."""
+    checkpointing alone would block in the checkpoint's barrier until the timeout). And rank 0
+    alone hashes the shard files."""
     root = setup[0]
     run = run_training(setup, "strict", 2, strict=True, environment={"STRICT_CLOCK_SKEW": "10000"}, batch_size=1,
                        epochs=1, checkpoint_dir=root / "strict-checkpoints", checkpoint_minutes=1)
-    checked = [int(n) for n in re.findall(r"strict collectives: rank \d checked (\d+) medift collectives", run["log"])]
-    assert len(checked) == 2 and min(checked) >= 2 * len(run["history"]), checked  # a step's figures, the proxy's gradient
+    ranks = dict((int(r), (int(n), int(h))) for r, n, h in
+                 re.findall(r"strict collectives: rank (\d) checked (\d+) medift collectives, hashed (\d+) shard files", run["log"]))
+    assert sorted(ranks) == [0, 1], run["log"][-3000:]
+    assert min(n for n, _ in ranks.values()) >= 2 * len(run["history"]), ranks  # each step: its figures, the proxy's gradient
+    # The shards are verified once, on rank 0: its training descriptions and validation questions.
+    assert ranks[0][1] == 2 and ranks[1][1] == 0, ranks
     written = re.findall(r"checkpoint \S+step-(\d+) written: (\d+) bytes in ([\d.]+) s", run["log"])
     assert [int(step) for step, _, _ in written] == list(range(1, len(run["history"]) + 1)) == [1, 2, 3, 4]
     assert all(int(size) > 0 for _, size, _ in written)
