@@ -113,7 +113,7 @@ class DescriptionSamples(torch.utils.data.Dataset):
     DataLoader worker loads it.
     """
 
-    def __init__(self, shard_dir: str, processor, user_text: str, shuffle: bool, seed: int, window: int = 16,
+    def __init__(self, shard_dir: str, processor, user_text: str, shuffle: bool, seed: int, window: int,
                  verify: bool = True):
         # A window of row groups stays decoded: the epoch's order reads each group once (epoch_batches).
         self.rows = ShardRows(Path(shard_dir), DESCRIPTIONS, "train", ("image", "description"), cached_groups=window,
@@ -551,8 +551,9 @@ def train(config: TrainConfig) -> dict:
         # Non-reentrant checkpointing back-propagates into frozen towers without needing their inputs to require grad.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     log.info("trainable parameters per group: %s (%d of %d)", trainable["per_group"], trainable["trainable"], trainable["total"])
+    # Verified above, once (rank 0); the readers still check their files' row counts.
     samples = DescriptionSamples(config.shards, processor, user_text_for(config, processor), config.shuffle_responses, config.seed,
-                                 config.shuffle_window, verify=False)  # verified above, once
+                                 config.shuffle_window, verify=False)
     validation = Validation(config.shards, config.val_batch_size, verify=False) if config.validate else None
     proxy = None
     if config.proxy:
