@@ -1,7 +1,9 @@
 """Resumable training checkpoints, kept outside a job's declared outputs.
 
 Snakemake deletes a failed job's outputs, so a job killed by a cluster's time limit would
-otherwise start again from step 0. Every `checkpoint_every` optimizer steps the job writes
+otherwise start again from step 0. Every `checkpoint_minutes` of training (the slowest rank's
+clock, so every rank picks the same step) and/or every `checkpoint_every` optimizer steps the
+job writes
 
     <checkpoint_dir>/step-000040/
         state.json            position (epoch of the plan, steps done in it), history, validation, best epoch
@@ -17,6 +19,10 @@ its part; `latest` is replaced after that. A kill at any moment therefore leaves
 previous checkpoint or the new one, never a half-written one. A restarted job resumes from
 `latest` if it was written with the same settings (the fingerprint), and otherwise says so and
 starts at step 0. The directory is removed once the job has saved its model.
+
+The trainable weights and optimizer state make a checkpoint large (about 37 GB for
+Llama-3.2-11B-Vision with vision,fusion trained), so the log gives each one's size and the
+seconds it took: the interval should keep writing them a small share of the training time.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +48,11 @@ def _barrier() -> None:
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def directory_bytes(directory: Path) -> int:
+    """Bytes of every file under `directory`."""
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
 
 
 class Checkpoints:
@@ -98,6 +110,7 @@ class Checkpoints:
         """Write checkpoint `step` (every rank calls this: DeepSpeed's part is collective)."""
         from safetensors.torch import save_file
 
+        started = time.perf_counter()
         name = f"step-{step:06d}"
         partial = self.root / f"{name}.partial"
         if ds_engine.rank() == 0:
@@ -127,7 +140,8 @@ class Checkpoints:
             for old in self.root.glob("step-*"):
                 if old.name != name:
                     shutil.rmtree(old, ignore_errors=True)
-            log.info("checkpoint %s written", final)
+            log.info("checkpoint %s written: %d bytes in %.2f s", final, directory_bytes(final),
+                     time.perf_counter() - started)
         _barrier()
         return final
 

@@ -77,35 +77,119 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def average_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """In place: the mean of `tensor` over the ranks (unchanged with one rank)."""
+def backend_device_types() -> list[str]:
+    """Device types whose tensors the job's process group takes, read from its backend config:
+    ["cuda"] for NCCL ("cuda:nccl"), ["cpu", "cuda"] for gloo or "cpu:gloo,cuda:nccl"."""
     import torch.distributed as dist
 
-    if world_size() > 1:
-        dist.all_reduce(tensor)
-        tensor /= world_size()
+    return [entry.split(":")[0] for entry in dist.get_backend_config().split(",")]
+
+
+def collective_device() -> torch.device:
+    """Where medift's collectives put their tensors: the training device when the backend takes
+    it (no copy), else the first device type the backend takes.
+
+    NCCL takes CUDA tensors only: a CPU tensor in an NCCL group fails ("No backend type
+    associated with device type cpu"), so a count made on the CPU must travel to the GPU first.
+    """
+    types = backend_device_types()
+    if len(types) > 1:  # gloo, or a mixed "cpu:gloo,cuda:nccl" group: no copy where the training tensors live
+        training = training_device()
+        if training.type in types:
+            return training
+    if types[0] == "cpu":
+        return torch.device("cpu")
+    return torch.empty(0, device=types[0]).device  # the type's current device, index included (cuda:3 on rank 3)
+
+
+def _collective_ready() -> bool:
+    """Collectives run whenever a process group exists, one rank included: one code path for
+    1 and N ranks (a one-GPU run then exercises the NCCL path; a scalar all-reduce costs microseconds)."""
+    import torch.distributed as dist
+
+    return dist.is_initialized()
+
+
+def average_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the mean of `tensor` over the ranks, reduced on `collective_device()`."""
+    import torch.distributed as dist
+
+    if not _collective_ready():
+        return tensor
+    work = tensor.detach().to(collective_device())  # `tensor` itself (a view) when it is there already
+    dist.all_reduce(work)
+    work /= world_size()
+    if work.device != tensor.device:
+        with torch.no_grad():
+            tensor.copy_(work.to(tensor.device))
     return tensor
 
 
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """In place: the sum of `tensor` over the ranks (unchanged with one rank). Create it on
-    `training_device()`: NCCL reduces GPU tensors only."""
+    """In place: the sum of `tensor` over the ranks, reduced on `collective_device()`."""
     import torch.distributed as dist
 
-    if world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    if not _collective_ready():
+        return tensor
+    work = tensor.detach().to(collective_device())
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    if work.device != tensor.device:
+        with torch.no_grad():
+            tensor.copy_(work.to(tensor.device))
     return tensor
+
+
+def gather_across_ranks(values: list[float]) -> torch.Tensor:
+    """Every rank's `values`, one row per rank (float64, on the CPU): several per-step figures in
+    one small collective instead of one collective each."""
+    import torch.distributed as dist
+
+    row = torch.tensor(values, dtype=torch.float64)
+    if not _collective_ready():
+        return row[None]
+    row = row.to(collective_device())
+    rows = [torch.empty_like(row) for _ in range(world_size())]
+    dist.all_gather(rows, row)
+    return torch.stack(rows).cpu()
+
+
+def max_across_ranks(value: float) -> float:
+    """The largest `value` of any rank (every rank gets the same answer)."""
+    import torch.distributed as dist
+
+    if not _collective_ready():
+        return value
+    work = torch.tensor([value], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(work, op=dist.ReduceOp.MAX)
+    return float(work.item())
 
 
 def max_difference_across_ranks(tensor: torch.Tensor) -> float:
     """Largest absolute difference between this tensor on any rank and on rank 0."""
     import torch.distributed as dist
 
-    if world_size() == 1:
+    if not _collective_ready() or world_size() == 1:
         return 0.0
-    gathered = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
+    work = tensor.detach().to(collective_device()).contiguous()
+    gathered = [torch.empty_like(work) for _ in range(world_size())]
+    dist.all_gather(gathered, work)
     return max(float((t - gathered[0]).abs().max()) for t in gathered)
+
+
+def on_rank_zero(task, what: str) -> None:
+    """Run `task` on rank 0 only while the other ranks wait for its verdict; if it fails there,
+    every rank fails (none is left waiting for a rank that stopped)."""
+    error = None
+    if rank() == 0:
+        try:
+            task()
+        except Exception as caught:  # re-raised below, after the others have heard of it
+            error = caught
+    failed = max_across_ranks(float(error is not None))
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"{what} failed on rank 0 (its log says why)")
 
 
 def training_device() -> torch.device:

@@ -416,13 +416,27 @@ def read_manifest(shard_dir: Path, verify: bool = True) -> dict:
     return manifest
 
 
+def verify_split(shard_dir: Path, kind: str, split: str) -> int:
+    """Check every file of one (kind, split) against the manifest's sha256; the number of files checked.
+
+    Training calls it on rank 0 alone (the other ranks wait for its verdict): the files are
+    the same for every rank, and hashing them on each would read them once per rank.
+    """
+    shard_dir = Path(shard_dir)
+    entries = [e for e in _load_manifest_file(shard_dir)["files"] if e["kind"] == kind and e["split"] == split]
+    for entry in entries:
+        _verify_file(shard_dir, entry)
+    return len(entries)
+
+
 class ShardRows:
     """Rows of one (kind, split), read row group by row group: memory stays flat in dataset size.
 
     Only an index (file, row group, row within it: 12 bytes a row) and the last
-    `cached_groups` row groups read stay in memory, so any row can be read in any order (a
-    seeded shuffle over the whole split, as training needs) and a pass in file order
-    (evaluation) decodes each row group once. Each file's checksum and row count are checked
+    `cached_groups` row groups read stay in memory (the oldest read is dropped first), so any
+    row can be read in any order and a pass in file order (evaluation) decodes each row group
+    once. Training shuffles within windows of row groups (`train.epoch_batches`) and caches a
+    window's worth, so it too decodes each row group once per epoch. Each file's checksum and row count are checked
     against the manifest when the reader is made (`verify=False`: the row counts only). Picklable: a DataLoader worker reopens
     the files itself (open parquet handles are never shared across processes).
     """
@@ -460,6 +474,11 @@ class ShardRows:
 
     def __len__(self) -> int:
         return len(self._row)
+
+    def group_sizes(self) -> list[int]:
+        """Rows of each row group, in index order (a row group's rows have consecutive indices)."""
+        starts = np.flatnonzero(self._row == 0)
+        return np.diff(np.append(starts, len(self._row))).tolist()
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": {}, "_cache": {}}

@@ -30,7 +30,7 @@ from medift.model.families import family_of
 from medift.model.loading import (LORA_GROUPS, load_base_model, merge_lora, parse_groups, partitioned_loading,
                                  save_lora_adapter, select_trainable, unwrap_lora)
 from medift.proxy import ProxyInstruction
-from medift.shards import DESCRIPTIONS, QUESTIONS, ShardRows
+from medift.shards import DESCRIPTIONS, QUESTIONS, ShardRows, verify_split
 from medift import engine as ds_engine
 from medift import flops
 
@@ -69,7 +69,9 @@ class TrainConfig:
     select: str = field(default="last", metadata={"help": "Which epoch's model is saved: last, or best_val (the highest validation accuracy; the earliest on a tie)."})
     val_batch_size: int = field(default=32, metadata={"help": "Questions per forward pass of the validation."})
     checkpoint_dir: str = field(default="", metadata={"help": "Directory of resumable checkpoints (outside the job's outputs); a restarted job resumes from its latest. Empty: none."})
-    checkpoint_every: int = field(default=0, metadata={"help": "Optimizer steps between checkpoints (warm-up steps count); 0: none."})
+    checkpoint_every: int = field(default=0, metadata={"help": "Optimizer steps between checkpoints (warm-up steps count); 0: none. With checkpoint_minutes too, a checkpoint is written when either is due."})
+    checkpoint_minutes: float = field(default=0.0, metadata={"help": "Minutes of training between checkpoints, on the slowest rank's clock (every rank decides the same step); 0: none. The log gives each checkpoint's bytes and seconds: choose it so that writing one is a small share of the interval."})
+    shuffle_window: int = field(default=16, metadata={"help": "Row groups (64 rows each) whose samples are shuffled together: row groups are shuffled, then the samples of each window of this many; the reader caches a window, so each row group is read once per epoch by each reading process (rank or data worker). A split of at most this many row groups is shuffled whole. Memory: about shuffle_window x 64 stored images per reading process."})
     data_workers: int = field(default=0, metadata={"help": "DataLoader worker processes that decode images and run the processor ahead of the step (0: in the training process)."})
     tensorboard_dir: str = field(default="", metadata={"help": "Where TensorBoard event files go (loss, lr, gradient norm, proxy drift, throughput, MFU, peak memory, validation accuracy). Empty: none."})
     peak_flops: float = field(default=0.0, metadata={"help": "Peak FLOP/s of one device that MFU/HFU are measured against; 0: $MEDIFT_PEAK_FLOPS, else the table of medift/flops.py for the GPU (H100/H200 bf16 989.4e12, A100 312e12); none on CPU (MFU not reported)."})
@@ -89,10 +91,12 @@ class TrainConfig:
             raise ValueError(f"select must be one of {SELECT_MODES}, got {self.select!r}")
         if self.select == "best_val" and not self.validate:
             raise ValueError("select best_val needs validate true (the validation accuracy chooses the epoch)")
-        if self.checkpoint_every < 0 or self.data_workers < 0 or self.max_steps < 0:
-            raise ValueError("checkpoint_every, data_workers and max_steps cannot be negative")
-        if self.checkpoint_every and not self.checkpoint_dir:
-            raise ValueError("checkpoint_every needs a checkpoint_dir")
+        if self.checkpoint_every < 0 or self.checkpoint_minutes < 0 or self.data_workers < 0 or self.max_steps < 0:
+            raise ValueError("checkpoint_every, checkpoint_minutes, data_workers and max_steps cannot be negative")
+        if (self.checkpoint_every or self.checkpoint_minutes) and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every and checkpoint_minutes need a checkpoint_dir")
+        if self.shuffle_window < 1:
+            raise ValueError(f"shuffle_window must be at least 1 row group, got {self.shuffle_window}")
         if self.epochs < 1:
             raise ValueError("epochs must be at least 1")
         if any(g in LORA_GROUPS for g in groups) and self.zero_stage == 3:
@@ -115,7 +119,8 @@ def launcher_world_size() -> int:
 LORA_SAVE_MODES = ("merged", "adapter")
 SELECT_MODES = ("last", "best_val")
 # Settings that change nothing a checkpoint holds: a job may resume under other values of them.
-NOT_IN_FINGERPRINT = ("threads", "checkpoint_dir", "checkpoint_every", "data_workers", "tensorboard_dir", "peak_flops")
+NOT_IN_FINGERPRINT = ("threads", "checkpoint_dir", "checkpoint_every", "checkpoint_minutes", "data_workers", "tensorboard_dir",
+                      "peak_flops")
 
 
 class DescriptionSamples(torch.utils.data.Dataset):
@@ -126,8 +131,11 @@ class DescriptionSamples(torch.utils.data.Dataset):
     DataLoader worker loads it.
     """
 
-    def __init__(self, shard_dir: str, processor, user_text: str, shuffle: bool, seed: int):
-        self.rows = ShardRows(Path(shard_dir), DESCRIPTIONS, "train", ("image", "description"))
+    def __init__(self, shard_dir: str, processor, user_text: str, shuffle: bool, seed: int, window: int,
+                 verify: bool = True):
+        # A window of row groups stays decoded: the epoch's order reads each group once (epoch_batches).
+        self.rows = ShardRows(Path(shard_dir), DESCRIPTIONS, "train", ("image", "description"), cached_groups=window,
+                              verify=verify)
         if len(self.rows) == 0:
             raise ValueError(f"{shard_dir}: no training descriptions")
         self.processor, self.user_text, self.shuffle, self.seed = processor, user_text, shuffle, seed
@@ -156,13 +164,39 @@ def collate_samples(processor, items: list[tuple[Encoded, object]]) -> dict:
     return model_inputs(processor, [e for e, _ in items], [image for _, image in items], padding_side="right")
 
 
-def epoch_batches(n: int, batch_size: int, repeat: int, seed: int, epoch: int) -> list[list[int]]:
-    order = [i for _ in range(repeat) for i in range(n)]
-    random.Random(f"{seed}:order:{epoch}").shuffle(order)
+def row_group_windows(group_sizes: list[int], window: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's windows: the row groups in a seeded random order, cut into windows of `window`
+    groups; each window lists the rows of its groups in index order."""
+    starts = [0]
+    for size in group_sizes:
+        starts.append(starts[-1] + size)
+    groups = list(range(len(group_sizes)))
+    # An RNG of its own: the order RNG's draws stay those of a whole-split shuffle when one window holds every group.
+    random.Random(f"{seed}:groups:{epoch}").shuffle(groups)
+    return [[i for g in sorted(groups[k : k + window]) for i in range(starts[g], starts[g + 1])]
+            for k in range(0, len(groups), window)]
+
+
+def epoch_batches(group_sizes: list[int], batch_size: int, repeat: int, seed: int, epoch: int,
+                  window: int) -> list[list[int]]:
+    """One epoch's sample order, cut into batches: a two-level seeded shuffle.
+
+    Row groups are shuffled into windows of `window` groups, then each window's samples
+    (repeated `repeat` times) are shuffled among themselves, window after window. A reader
+    that caches `window` groups thus decodes each group once per epoch, where a shuffle over
+    the whole split decoded it about once per row (64 times). A split of at most `window`
+    groups is one window, shuffled whole exactly as before windows existed.
+    """
+    rng = random.Random(f"{seed}:order:{epoch}")
+    order: list[int] = []
+    for rows in row_group_windows(group_sizes, window, seed, epoch):
+        part = [i for _ in range(repeat) for i in rows]
+        rng.shuffle(part)
+        order += part
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def global_batches(n: int, config: TrainConfig, epoch: int) -> list[list[int]]:
+def global_batches(group_sizes: list[int], config: TrainConfig, epoch: int) -> list[list[int]]:
     """One epoch's global batches (batch_size x gradient_accumulation x ranks samples each).
 
     They depend on the global batch size and the seed only, so the same seed gives the
@@ -170,12 +204,13 @@ def global_batches(n: int, config: TrainConfig, epoch: int) -> list[list[int]]:
     rank's every micro-step a sample joins the batch before it (nothing is dropped).
     """
     parts = config.gradient_accumulation * ds_engine.world_size()
-    batches = epoch_batches(n, config.batch_size * parts, config.repeat_train, config.seed, epoch)
+    batches = epoch_batches(group_sizes, config.batch_size * parts, config.repeat_train, config.seed, epoch,
+                            config.shuffle_window)
     if len(batches) > 1 and len(batches[-1]) < parts:
         tail = batches.pop()
         batches[-1] = batches[-1] + tail
     if len(batches[-1]) < parts:
-        raise ValueError(f"{n} training samples cannot fill {parts} micro-batches (ranks x gradient_accumulation)")
+        raise ValueError(f"{sum(group_sizes)} training samples cannot fill {parts} micro-batches (ranks x gradient_accumulation)")
     return batches
 
 
@@ -208,13 +243,15 @@ def epoch_plan(config: TrainConfig) -> list[tuple[str, int, int]]:
     return [("warmup", e, -1 - e) for e in range(warmup)] + [("main", e, e) for e in range(config.epochs)]
 
 
-def epoch_steps(n: int, config: TrainConfig, plan_index: int, order_epoch: int) -> list[list[list[tuple[int, int]]]]:
-    """This rank's micro-batches, step by step, of one epoch of the plan. The data position of a
-    checkpoint is (plan index, steps done): both suffice to rebuild every later batch."""
+def epoch_steps(group_sizes: list[int], config: TrainConfig, plan_index: int,
+                order_epoch: int) -> list[list[list[tuple[int, int]]]]:
+    """This rank's micro-batches, step by step, of one epoch of the plan (`group_sizes`: rows of
+    each row group of the split). The data position of a checkpoint is (plan index, steps
+    done): both suffice to rebuild every later batch."""
     load_counts: dict[int, int] = {}
     start = plan_index * config.repeat_train
     return [my_micro_batches(indices, count_loads(indices, load_counts, start), config)
-            for indices in global_batches(n, config, order_epoch)]
+            for indices in global_batches(group_sizes, config, order_epoch)]
 
 
 def micro_batch_loader(samples: DescriptionSamples, steps: list[list[list[tuple[int, int]]]], processor, workers: int):
@@ -235,10 +272,29 @@ def on_device(batch: dict, device, dtype) -> dict:
     return {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()}
 
 
-def mean_step_loss(losses: list[torch.Tensor]) -> float:
-    """The step's loss: the mean over this rank's micro-batches, averaged over the ranks."""
-    total = torch.stack([loss.detach().float() for loss in losses]).mean()
-    return round(ds_engine.average_across_ranks(total).item(), 5)
+def step_figures(losses: list[torch.Tensor], work: dict, seconds_since_checkpoint: float) -> tuple[float, dict, float]:
+    """The step's loss (this rank's micro-batches' mean, averaged over the ranks), its work summed
+    over the ranks (flops.WORK_KEYS; a figure a family cannot count stays None) and the slowest
+    rank's seconds since the last checkpoint: one small collective per step.
+
+    The loss is averaged in float32 in rank order, as an all-reduce of two ranks does, so two
+    ranks log what one rank with accumulation 2 logs.
+    """
+    local = torch.stack([loss.detach().float() for loss in losses]).mean().item()
+    keys = [key for key in flops.WORK_KEYS if work[key] is not None]
+    per_rank = ds_engine.gather_across_ranks([local, seconds_since_checkpoint] + [float(work[key]) for key in keys])
+    loss = (per_rank[:, 0].float().sum() / per_rank.shape[0]).item()
+    counts = ("samples", "text_tokens", "image_tokens")
+    summed = {key: None for key in flops.WORK_KEYS}
+    for key, value in zip(keys, per_rank[:, 2:].sum(dim=0).tolist()):
+        summed[key] = round(value) if key in counts else value
+    return round(loss, 5), summed, float(per_rank[:, 1].max())
+
+
+def checkpoint_due(step: int, seconds: float, every: int, minutes: float) -> bool:
+    """Whether step `step` ends with a checkpoint: every `every` steps, or once `minutes` have
+    passed since the last (`seconds`: the slowest rank's, so every rank decides alike)."""
+    return bool(every and step % every == 0) or bool(minutes and seconds >= 60 * minutes)
 
 
 def user_text_for(config: TrainConfig, processor) -> str:
@@ -263,8 +319,8 @@ class Validation:
     with a repeat of its row group's first question, scored and not counted.
     """
 
-    def __init__(self, shards: str, batch_size: int):
-        self.reader = ShardRows(Path(shards), QUESTIONS, "val", QUESTION_COLUMNS)
+    def __init__(self, shards: str, batch_size: int, verify: bool = True):
+        self.reader = ShardRows(Path(shards), QUESTIONS, "val", QUESTION_COLUMNS, verify=verify)
         if len(self.reader) == 0:
             raise ValueError(f"{shards}: no validation questions (set validate false)")
         self.config = EvaluateConfig(model="", shards=shards, out="", summary="", split="val", scoring="letter",
@@ -362,6 +418,7 @@ class Run:
         self.warmup_work: flops.StepWork | None = None
         self.main_work: flops.StepWork | None = None
         self.peak_flops: float | None = None
+        self.checkpoint_clock = time.perf_counter()  # this rank's clock since the start or the last checkpoint
 
     @property
     def step(self) -> int:
@@ -374,7 +431,7 @@ class Run:
 
     def steps_of(self, plan_index: int, order_epoch: int) -> list:
         """The epoch's remaining steps (all, or those after a resumed checkpoint's position)."""
-        steps = epoch_steps(len(self.samples), self.config, plan_index, order_epoch)
+        steps = epoch_steps(self.samples.rows.group_sizes(), self.config, plan_index, order_epoch)
         self.epoch_length = len(steps)
         skip = self.state["steps_done"] if plan_index == self.state["plan_index"] else 0
         return steps[skip:]
@@ -390,27 +447,27 @@ class Run:
 
     def finish_step(self, plan_index: int, stage: str, epoch: int, losses, work: dict, seconds: float, extra: dict,
                     engine=None, optimizer=None) -> None:
-        """Record a step: its loss, and its throughput (samples, text and image tokens, FLOPs: every
-        rank's, from flops.StepWork) over rank 0's step time, MFU/HFU against the peak, peak memory."""
-        loss = mean_step_loss(losses)
+        """Record a step: its loss, its throughput (samples, text and image tokens, FLOPs: every
+        rank's, from flops.StepWork) over rank 0's step time, MFU/HFU against the peak, peak memory;
+        then a checkpoint if one is due (every rank decides alike, on the slowest rank's clock)."""
+        loss, work, since_checkpoint = step_figures(losses, work, time.perf_counter() - self.checkpoint_clock)
         self.state["history"].append({"stage": stage, "epoch": epoch, "loss": loss})
         self.state["plan_index"], self.state["steps_done"] = plan_index, self.state["steps_done"] + 1
-        work = work_of_all_ranks(work)
         figures = flops.rates(work, seconds, ds_engine.world_size(), self.peak_flops)
         memory = peak_memory_bytes()
         if stage == "main":
             self.state["main_step_seconds"].append(round(seconds, 5))
             self.state["main_tokens"] += work["text_tokens"]
-            totals = self.state.setdefault("main_work", None)
-            self.state["main_work"] = flops.add_work(totals, work)
+            self.state["main_work"] = flops.add_work(self.state.get("main_work"), work)
             if memory is not None:
                 self.state["peak_memory_bytes"] = max(self.state.get("peak_memory_bytes") or 0, memory)
         scalars = {f"train/{key}": value for key, value in figures.items()}
         scalars["train/peak_memory_gib"] = None if memory is None else memory / 2**30
         self.board.scalars(self.step, {f"{stage}/loss": loss, **scalars, **extra})
-        every = self.config.checkpoint_every
-        if self.checkpoints is not None and every and self.step % every == 0:
+        if self.checkpoints is not None and checkpoint_due(self.step, since_checkpoint, self.config.checkpoint_every,
+                                                           self.config.checkpoint_minutes):
             self.checkpoints.save(self.step, self.state, self.proxy, optimizer, engine, self.best_weights)
+            self.checkpoint_clock = time.perf_counter()  # the writing is not training time
 
     def count(self, micro_batches: list[dict], stage: str) -> dict:
         """The work of a step's micro-batches (this rank's); the peak-memory counter restarts with the step."""
@@ -531,16 +588,6 @@ def run_main(engine, run: Run, resumed: Path | None) -> None:
             validate_epoch(engine, run, epoch)
 
 
-def work_of_all_ranks(work: dict) -> dict:
-    """A step's work summed over the ranks (one collective for all figures; None stays None)."""
-    keys = [key for key in flops.WORK_KEYS if work[key] is not None]
-    values = torch.tensor([float(work[key]) for key in keys], dtype=torch.float64, device=ds_engine.training_device())
-    values = ds_engine.average_across_ranks(values) * ds_engine.world_size()
-    counts = ("samples", "text_tokens", "image_tokens")
-    return {key: None for key in flops.WORK_KEYS} | {
-        key: round(value.item()) if key in counts else value.item() for key, value in zip(keys, values)}
-
-
 def peak_memory_bytes() -> int | None:
     """The step's peak GPU memory allocated on this rank; None off CUDA (no made-up figure on CPU)."""
     device = ds_engine.training_device()
@@ -633,6 +680,14 @@ def training_dtype(config: TrainConfig) -> str:
     return "bfloat16" if config.bf16 else "float32"
 
 
+def verify_training_shards(config: TrainConfig) -> None:
+    """The checksums of the files this job reads (training descriptions, validation questions)."""
+    files = verify_split(config.shards, DESCRIPTIONS, "train")
+    if config.validate:
+        files += verify_split(config.shards, QUESTIONS, "val")
+    log.info("%d shard files match their manifest's sha256", files)
+
+
 def train(config: TrainConfig) -> dict:
     set_torch_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -641,6 +696,7 @@ def train(config: TrainConfig) -> dict:
     if config.global_batch is not None and config.batch_size * config.gradient_accumulation * ds_engine.world_size() != config.global_batch:
         raise ValueError(f"global_batch {config.global_batch} was planned for {launcher_world_size()} rank(s), "
                          f"but the job has {ds_engine.world_size()}")
+    ds_engine.on_rank_zero(partial(verify_training_shards, config), "shard verification")
     ds_config = ds_engine.deepspeed_config(config.batch_size, config.zero_stage, config.grad_clip, config.bf16, config.gradient_accumulation, config.offload)
     with partitioned_loading(ds_config):
         return train_loaded(config, ds_config, started)
@@ -655,8 +711,10 @@ def train_loaded(config: TrainConfig, ds_config: dict, started: float) -> dict:
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     log.info("trainable parameters per group: %s (%d of %d)", trainable["per_group"], trainable["trainable"], trainable["total"])
-    samples = DescriptionSamples(config.shards, processor, user_text_for(config, processor), config.shuffle_responses, config.seed)
-    validation = Validation(config.shards, config.val_batch_size) if config.validate else None
+    # Verified above, once (rank 0); the readers still check their files' row counts.
+    samples = DescriptionSamples(config.shards, processor, user_text_for(config, processor), config.shuffle_responses, config.seed,
+                                 config.shuffle_window, verify=False)
+    validation = Validation(config.shards, config.val_batch_size, verify=False) if config.validate else None
     proxy = None
     if config.proxy:
         hidden = model.get_input_embeddings().embedding_dim  # (a ZeRO-3 partition has no shape)

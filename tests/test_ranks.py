@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,9 @@ import torch
 from medift import engine
 from medift.model.loading import load_base_model
 from medift.model.tiny import build_tiny_checkpoint
-from medift.train import TrainConfig, count_loads, global_batches, my_micro_batches
+from medift.train import TrainConfig, checkpoint_due, count_loads, global_batches, my_micro_batches
+
+STRICT_LAUNCHER = os.path.join(os.path.dirname(__file__), "strict_collectives.py")
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +32,24 @@ def setup(tmp_path_factory, tiny_wbcatt_shards):
     return root, tiny_wbcatt_shards, build_tiny_checkpoint("llava", root / "llava")
 
 
-def run_training(setup, name: str, ranks: int, **settings) -> dict:
+def run_training(setup, name: str, ranks: int, strict: bool = False, environment: dict | None = None,
+                 **settings) -> dict:
+    """Train on `ranks` ranks; `strict`: through tests/strict_collectives.py (its docstring says why)."""
     root, shards, checkpoint = setup
     out = root / name
     args = ["--shards", str(shards), "--base_model", str(checkpoint), "--out_dir", str(out),
             "--proxy", "True", "--proxy_tokens", "4", "--epochs", "2", "--warmup_epochs", "1", "--lr", "1e-3", "--seed", "3"]
     for key, value in settings.items():
         args += [f"--{key}", str(value)]
-    launcher = [sys.executable, "-m", "medift.train"] if ranks == 1 else [
+    program = [STRICT_LAUNCHER] if strict else ["-m", "medift.train"]
+    launcher = [sys.executable, *program] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(ranks),
-        "-m", "medift.train"]
+        *program]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=300,
-                            env={**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads((out / "train_summary.json").read_text()) | {"out": out}
+                            env={**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", **(environment or {})})
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+    return json.loads((out / "train_summary.json").read_text()) | {"out": out, "log": result.stderr + result.stdout}
 
 
 def weights(directory) -> dict[str, torch.Tensor]:
@@ -56,6 +62,7 @@ def max_difference(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_accumulation(setup):
     one = run_training(setup, "one-rank", 1, batch_size=1, gradient_accumulation=2)
     two = run_training(setup, "two-ranks", 2, batch_size=1, gradient_accumulation=1)
@@ -71,6 +78,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(setup):
     assert all(torch.allclose(p1[k], p2[k], atol=1e-6) for k in p1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,offload", [(3, "none"), (2, "optimizer"), (3, "optimizer+parameters")])
 def test_zero_stages_and_offload_give_the_same_weights(setup, stage, offload):
     reference_dir = setup[0] / "zero2"
@@ -91,13 +99,14 @@ def test_impossible_offload_fails_before_training():
 def test_global_batches_do_not_depend_on_the_rank_count(monkeypatch, ranks, accumulation):
     """Same seed and global batch: the same global batches, every sample on exactly one rank's
     micro-batch, and the same load count (so the same shuffled description) wherever it lands."""
+    groups = [3, 3, 3, 1]  # 10 samples in row groups; windows of 2 groups
     config = TrainConfig(shards="x", base_model="y", out_dir="z", batch_size=4 // (ranks * accumulation),
-                         gradient_accumulation=accumulation, repeat_train=2, seed=5)
+                         gradient_accumulation=accumulation, repeat_train=2, seed=5, shuffle_window=2)
     monkeypatch.setattr(engine, "world_size", lambda: ranks)
-    batches = global_batches(10, config, epoch=0)
+    batches = global_batches(groups, config, epoch=0)
     monkeypatch.setattr(engine, "world_size", lambda: 1)
-    reference = global_batches(10, TrainConfig(shards="x", base_model="y", out_dir="z", batch_size=4,
-                                               repeat_train=2, seed=5), epoch=0)
+    reference = global_batches(groups, TrainConfig(shards="x", base_model="y", out_dir="z", batch_size=4,
+                                                   repeat_train=2, seed=5, shuffle_window=2), epoch=0)
     assert batches == reference  # 20 samples: 4 + 4 + 4 + 4 + 4
     monkeypatch.setattr(engine, "world_size", lambda: ranks)
     counts_seen, loads = [], {}
@@ -115,7 +124,46 @@ def test_global_batches_do_not_depend_on_the_rank_count(monkeypatch, ranks, accu
 def test_a_last_batch_too_small_for_every_rank_joins_the_one_before(monkeypatch):
     monkeypatch.setattr(engine, "world_size", lambda: 2)
     config = TrainConfig(shards="x", base_model="y", out_dir="z", batch_size=2, gradient_accumulation=2)
-    batches = global_batches(9, config, epoch=0)  # 8 + 1: the 1 cannot feed 4 micro-batches
+    batches = global_batches([9], config, epoch=0)  # 8 + 1: the 1 cannot feed 4 micro-batches
     assert [len(b) for b in batches] == [9] and sorted(batches[0]) == list(range(9))
     with pytest.raises(ValueError, match="3 training samples cannot fill 4 micro-batches"):
-        global_batches(3, config, epoch=0)
+        global_batches([3], config, epoch=0)
+
+
+@pytest.mark.slow
+def test_collectives_use_the_backends_device_and_ranks_agree_on_checkpoints(setup):
+    """Two ranks train under tests/strict_collectives.py: every collective medift calls must hold
+    its tensors on the device the engine says the backend takes (there a device other than the
+    training tensors' CPU, as NCCL's is the GPU), else the rank fails. Rank 1's clock runs 10^4
+    times fast, so with checkpoint_minutes 1 only it sees a minute pass at each step (0.3 s):
+    both ranks checkpoint at every step only because they agree on the slowest clock (a rank
+    checkpointing alone would block in the checkpoint's barrier until the timeout). And rank 0
+    alone hashes the shard files."""
+    root = setup[0]
+    run = run_training(setup, "strict", 2, strict=True, environment={"STRICT_CLOCK_SKEW": "10000"}, batch_size=1,
+                       epochs=1, checkpoint_dir=root / "strict-checkpoints", checkpoint_minutes=1)
+    ranks = dict((int(r), (int(n), int(h))) for r, n, h in
+                 re.findall(r"strict collectives: rank (\d) checked (\d+) medift collectives, hashed (\d+) shard files", run["log"]))
+    assert sorted(ranks) == [0, 1], run["log"][-3000:]
+    assert min(n for n, _ in ranks.values()) >= 2 * len(run["history"]), ranks  # each step: its figures, the proxy's gradient
+    # The shards are verified once, on rank 0: its training descriptions and validation questions.
+    assert ranks[0][1] == 2 and ranks[1][1] == 0, ranks
+    written = re.findall(r"checkpoint \S+step-(\d+) written: (\d+) bytes in ([\d.]+) s", run["log"])
+    assert [int(step) for step, _, _ in written] == list(range(1, len(run["history"]) + 1)) == [1, 2, 3, 4]
+    assert all(int(size) > 0 for _, size, _ in written)
+
+
+def test_checkpoints_fall_due_by_steps_or_by_minutes():
+    assert [s for s in range(1, 8) if checkpoint_due(s, 0.0, every=3, minutes=0)] == [3, 6]
+    assert not checkpoint_due(5, 1799.9, every=0, minutes=30) and checkpoint_due(5, 1800.0, every=0, minutes=30)
+    assert checkpoint_due(4, 10.0, every=2, minutes=30) and checkpoint_due(3, 1800.0, every=2, minutes=30)
+    assert not checkpoint_due(3, 1e9, every=0, minutes=0)
+
+
+def test_the_strict_checker_refuses_a_cpu_tensor_and_passes_the_helpers():
+    """The checker of the two-rank test can fail: the pre-fix all-reduce of a CPU tensor is refused."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, STRICT_LAUNCHER, "--self-test"], capture_output=True, text=True, timeout=300,
+                            env={**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "3 helper calls passed; the pre-fix all-reduce was refused" in result.stdout

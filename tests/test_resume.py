@@ -77,6 +77,7 @@ def scalars(directory) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_a_killed_job_resumes_to_the_uninterrupted_result(tmp_path, tiny_wbcatt_shards, checkpoint, ranks):
     # 4 training images, global batch 2: 2 steps per epoch; warm-up 1 epoch + 2 epochs = 6 steps.
@@ -116,6 +117,7 @@ def test_a_killed_job_resumes_to_the_uninterrupted_result(tmp_path, tiny_wbcatt_
     assert not (tmp_path / "ck-resumed").exists() and not (tmp_path / "ck-straight").exists()
 
 
+@pytest.mark.slow
 def test_best_val_saves_the_best_epoch_and_validation_matches_evaluation(tmp_path, tiny_wbcatt_shards, checkpoint, monkeypatch):
     """select best_val: with the first of 2 epochs validated best, the saved weights are those
     of a 1-epoch run. And the per-epoch validation accuracy is the evaluation's accuracy on

@@ -11,7 +11,7 @@ from PIL import Image
 
 from medift.images import ImageLoadError, decode_image, load_and_letterbox
 from medift.records import Question, Record
-from medift.shards import ShardError, load_descriptions, load_questions, read_manifest, write_shards
+from medift.shards import ShardError, ShardRows, load_descriptions, load_questions, read_manifest, verify_split, write_shards
 
 IMAGE_SIZE = 24
 
@@ -134,6 +134,12 @@ def test_tampered_or_missing_file_is_detected_by_name(tmp_path):
     with pytest.raises(ShardError, match="descriptions-train-00001.parquet"):
         load_descriptions(out, "train")
     load_questions(out, "val")  # files that were not touched still load
+    # What training verifies once, on rank 0: one split's files.
+    with pytest.raises(ShardError, match="descriptions-train-00001.parquet"):
+        verify_split(out, "descriptions", "train")
+    assert verify_split(out, "questions", "val") == 1
+    # The other ranks read without hashing; row counts are still checked.
+    assert len(ShardRows(out, "descriptions", "train", ["image_id"], verify=False)) == 8
 
     (out / "questions-test-00000.parquet").unlink()
     with pytest.raises(ShardError, match="questions-test-00000.parquet"):
@@ -193,3 +199,12 @@ def test_shards_are_written_while_images_are_still_being_decoded(tmp_path, monke
     monkeypatch.setattr(shards, "load_and_letterbox", spying_load)
     write_shards(records, descriptions, {}, out, IMAGE_SIZE, rows_per_shard=4)
     assert on_disk_when_decoding == [k // 4 for k in range(10)]
+
+
+def test_row_group_sizes_follow_the_files(tmp_path, monkeypatch):
+    import medift.shards as shards
+
+    monkeypatch.setattr(shards, "ROW_GROUP_SIZE", 3)
+    records, descriptions, questions = _make_dataset(tmp_path, splits=("train",))
+    write_shards(records, descriptions, questions, tmp_path / "shards", IMAGE_SIZE, rows_per_shard=4)
+    assert ShardRows(tmp_path / "shards", "descriptions", "train", ["image_id"]).group_sizes() == [3, 1, 3, 1, 2]

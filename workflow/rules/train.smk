@@ -55,6 +55,7 @@ rule train_model:
         " --bf16 {params.settings[bf16]} --repeat_train {params.settings[repeat_train]}"
         " --validate {params.settings[validate]} --select {params.settings[select]}"
         " --checkpoint_dir {params.checkpoint_dir} --checkpoint_every {params.settings[checkpoint_every]}"
+        " --checkpoint_minutes {params.settings[checkpoint_minutes]} --shuffle_window {params.settings[shuffle_window]}"
         " --data_workers {params.settings[data_workers]} --peak_flops {params.settings[peak_flops]} --tensorboard_dir {params.tensorboard_dir}"
         " --trust_remote_code {params.trust_remote_code} --seed {wildcards.seed}"
         # Each rank's share of the job's threads (not a param: threads change no result).
