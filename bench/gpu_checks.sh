@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks of the real-size work, in one run on one GPU (docs/training.md, "On a GPU"):
 #   1. bench/nccl_check.py: a CPU tensor in an NCCL group fails; medift's collectives work;
-#   2. bench/real_size.py, full 11B: parameter counts, training steps per checkpointing mode
-#      (as shipped / fixed / off: step time, samples/s, tokens/s, MFU, HFU, peak GPU memory);
+#   2. bench/real_size.py, full 11B: parameter counts; training steps per checkpointing mode
+#      (as shipped / fixed / off: step time, samples/s, tokens/s, MFU, HFU, peak GPU memory,
+#      host memory of the process); padded vs real-tile vision; letter scoring at batch 8, 32;
 #   3. the paper's job through the real command lines on that checkpoint: `medift.train`
 #      (bf16, batch 2, vision,fusion, ZeRO-2, checkpointing: warm-up, main stage, validation,
 #      save) and `medift.evaluate` of the tuned model (letter scoring);
-#   4. bench/real_size.py: padded vs real-tile vision, letter scoring at batch 8 and 32, host
-#      memory while loading (bf16 onto the GPU; main's fp32 load last, as time allows).
+#   4. as time allows (DEADLINE seconds, default 520, from the start): host memory of a
+#      torchrun rank loading the checkpoint bf16 onto the GPU (bench/load_memory.py).
 #
 #   bash bench/gpu_checks.sh [OUT_DIR]        (OUT_DIR: $OUT, else results/bench/gpu)
 #
@@ -30,9 +31,14 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DS_ACCELERATOR=${DS_ACCELERATOR:-cuda} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
 failed=0
+deadline=${DEADLINE:-520}
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, say how it ended
     local name=$1 limit=$2 started=$SECONDS
     shift 2
+    if [ $((SECONDS + limit)) -gt "$deadline" ]; then
+        echo "=== $name: skipped (${SECONDS}s gone, limit ${limit}s, deadline ${deadline}s)"
+        return
+    fi
     echo "=== $name (limit ${limit}s)"
     timeout "$limit" "$@"
     local rc=$?
@@ -44,8 +50,8 @@ if [ "$DS_ACCELERATOR" = cuda ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     stage nccl_check 60 bash -c "python3 bench/nccl_check.py | tee '$out/nccl_check.json'"
 fi
-bench=(python3 bench/real_size.py --size "$size" --work_dir "$work" --steps 4)
-stage real_size_step 240 "${bench[@]}" --sections counts,step --out "$out/real_size_step.json"
+bench=(python3 bench/real_size.py --size "$size" --work_dir "$work" --steps ${STEPS:-4} --questions ${QUESTIONS:-64})
+stage real_size 240 "${bench[@]}" --sections counts,step,tiles,scoring --out "$out/real_size.json"
 
 # The paper's job on the checkpoint the benchmark built: an 8/4/8-image WBCAtt-format release
 # at the real tile size, so that one epoch is a few steps and validation runs after it.
@@ -62,21 +68,20 @@ if not (root / "shards" / "manifest.json").is_file():
                                 report=str(root / "report.json"), image_size=560, seed=3))
 EOF
 bf16=$([ "$DS_ACCELERATOR" = cuda ] && echo True || echo False)
-stage train 200 bash -c "python3 -m medift.train --shards '$work/shards' --base_model '$checkpoint' --out_dir '$work/tuned' \
+stage train 170 bash -c "python3 -m medift.train --shards '$work/shards' --base_model '$checkpoint' --out_dir '$work/tuned' \
     --train_modules vision,fusion --bf16 $bf16 --batch_size 2 --global_batch 2 --gradient_checkpointing True --epochs 1 \
     --warmup_epochs 1 --lr 2e-5 --val_batch_size 8 --seed 1 > '$out/train.log' 2>&1; rc=\$?; \
     cp '$work/tuned/train_summary.json' '$out/' 2>/dev/null; tail -n 5 '$out/train.log'; exit \$rc"
 dtype=$([ "$DS_ACCELERATOR" = cuda ] && echo bfloat16 || echo float32)
-stage evaluate 90 bash -c "python3 -m medift.evaluate --model '$work/tuned' --shards '$work/shards' --split test \
+stage evaluate 70 bash -c "python3 -m medift.evaluate --model '$work/tuned' --shards '$work/shards' --split test \
     --scoring letter --dtype $dtype --device auto --out '$work/predictions.csv' --summary '$out/evaluate_metrics.json' \
     > '$work/evaluate.log' 2>&1; rc=\$?; tail -n 3 '$work/evaluate.log'; exit \$rc"
-stage real_size_rest 240 "${bench[@]}" --sections tiles,scoring,load --ranks 1 --load_modes bf16_zero2 fp32_full \
-    --out "$out/real_size_rest.json"
+stage load_memory 60 "${bench[@]}" --sections load --ranks 1 --load_modes bf16_zero2 --out "$out/load_memory.json"
 python3 - "$out" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name in ("nccl_check.json", "real_size_step.json", "train_summary.json", "evaluate_metrics.json", "real_size_rest.json"):
+for name in ("nccl_check.json", "real_size.json", "train_summary.json", "evaluate_metrics.json", "load_memory.json"):
     path = out / name
     if path.is_file():
         data = json.loads(path.read_text())

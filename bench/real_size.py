@@ -167,7 +167,9 @@ def step_section(checkpoint: str, device: torch.device, steps: int, batch_size: 
             torch.cuda.empty_cache()
             continue
         seconds = statistics.median(times)
-        work = flops.step_flops(model.config, batch, trainable["groups"], proxy=True, recompute=mode != "off")
+        # What each mode recomputes: medift's checkpointing every tower, transformers' own the decoder only.
+        recompute = {"fixed": True, "shipped": {"text"}, "off": False}[mode]
+        work = flops.step_flops(model.config, batch, trainable["groups"], proxy=True, recompute=recompute)
         results[mode] = {
             "step_seconds": round(seconds, 4),
             "step_seconds_all": [round(t, 4) for t in times],

@@ -127,8 +127,9 @@ def summarize(descriptions: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> 
 
 def run(config: DescribeConfig) -> dict:
     set_torch_threads(config.threads)
-    model, processor = load_base_model(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
-    model.to(resolve_device(config.device))
+    # Onto the device as the weights load: no whole copy in host memory first.
+    model, processor = load_base_model(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype,
+                                       device=resolve_device(config.device))
     return describe_with(model, processor, config)
 
 

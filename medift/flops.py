@@ -74,12 +74,17 @@ def attention(query_tokens: float, key_tokens: float, width: int, query_grad: bo
     return product * (2 + query_grad + key_grad + scores_grad + value_grad)
 
 
-def step_flops(model_config, batch: dict, trainable_groups, proxy: bool = False, recompute: bool = False) -> dict:
+TOWERS = frozenset({"vision", "text"})
+
+
+def step_flops(model_config, batch: dict, trainable_groups, proxy: bool = False, recompute: bool | set = False) -> dict:
     """Model and hardware FLOPs of one forward + backward over `batch` (the processor's tensors).
 
     trainable_groups: the trained groups of medift/model/families.py (implied ones are added);
     proxy: a proxy instruction learns (gradients flow back to the text embeddings);
-    recompute: activation checkpointing is on (hardware FLOPs repeat the recomputed forwards).
+    recompute: activation checkpointing is on (hardware FLOPs repeat the recomputed forwards): True
+    for every tower (medift's checkpointing), or the towers recomputed ({"text"}: transformers'
+    own, which leaves Mllama's vision encoder layers out).
     Returns model_flops, hardware_flops, text_tokens (real), image_tokens (vision tokens of real
     tiles) and image_tokens_computed (those the vision encoder ran, padding included).
     """
@@ -89,10 +94,13 @@ def step_flops(model_config, batch: dict, trainable_groups, proxy: bool = False,
                          "add one to medift/flops.py and name it in the family table")
     groups = set(trainable_groups)
     groups |= {implied for g in list(groups) for implied in family.implies.get(g, ())}
-    return FORMULAS[family.flops](model_config, batch, groups, proxy, recompute, family)
+    towers = TOWERS if recompute is True else frozenset(recompute or ())
+    if towers - TOWERS:
+        raise ValueError(f"recompute names unknown towers {sorted(towers - TOWERS)}; known: {sorted(TOWERS)}")
+    return FORMULAS[family.flops](model_config, batch, groups, proxy, towers, family)
 
 
-def _mllama(config, batch: dict, groups: set, proxy: bool, recompute: bool, family) -> dict:
+def _mllama(config, batch: dict, groups: set, proxy: bool, recompute: frozenset, family) -> dict:
     vision, text = config.vision_config, config.text_config
     mask = batch[family.tile_mask]  # (rows, images, max tiles): 1 = a real tile
     real_tiles = mask.reshape(-1, mask.shape[-1]).sum(dim=1).tolist()  # per image
@@ -104,14 +112,14 @@ def _mllama(config, batch: dict, groups: set, proxy: bool, recompute: bool, fami
     width = batch["attention_mask"].shape[1]
     images_per_row = mask.shape[1]
 
-    def count(tiles_of_image: list[int], tile_tokens: int, text_lengths: list[int], extra_forward: bool) -> float:
+    def count(tiles_of_image: list[int], tile_tokens: int, text_lengths: list[int], recomputed_towers: frozenset) -> float:
         vision_tokens = [t * per_tile for t in tiles_of_image]  # what the projector and cross-attention see
         encoder_tokens = [t * tile_tokens for t in tiles_of_image]
         fwd_and_bwd, recomputed = _mllama_ops(vision, text, groups, proxy, tiles_of_image, encoder_tokens, vision_tokens,
                                               text_lengths, images_per_row)
-        return fwd_and_bwd + (recomputed if extra_forward else 0.0)
+        return fwd_and_bwd + sum(recomputed[tower] for tower in recomputed_towers)
 
-    model = count([int(t) for t in real_tiles], per_tile, [int(n) for n in lengths], False)
+    model = count([int(t) for t in real_tiles], per_tile, [int(n) for n in lengths], frozenset())
     hardware = count([computed_tiles] * len(real_tiles), per_tile_padded, [width] * len(lengths), recompute)
     return {
         "model_flops": model,
@@ -123,9 +131,10 @@ def _mllama(config, batch: dict, groups: set, proxy: bool, recompute: bool, fami
 
 
 def _mllama_ops(vision, text, groups: set, proxy: bool, tiles: list[int], encoder_tokens: list[int],
-                vision_tokens: list[int], text_lengths: list[int], images_per_row: int) -> tuple[float, float]:
-    """(forward + backward FLOPs, forward FLOPs of the checkpointed layers that run a backward)."""
-    total, recomputed = 0.0, 0.0
+                vision_tokens: list[int], text_lengths: list[int], images_per_row: int) -> tuple[float, dict]:
+    """(forward + backward FLOPs, per tower the forward FLOPs of its layers that run a backward:
+    what checkpointing them recomputes)."""
+    total, recomputed = 0.0, {"vision": 0.0, "text": 0.0}
     # Vision tower: patch convolution, local layers, gated global layers (all tiles of an image attend together).
     d, f = vision.hidden_size, vision.intermediate_size
     trains_vision = bool(groups & {"vision", "lora_vision"})
@@ -140,7 +149,7 @@ def _mllama_ops(vision, text, groups: set, proxy: bool, tiles: list[int], encode
     layers = vision.num_hidden_layers + vision.num_global_layers
     total += layers * layer
     if trains_vision:
-        recomputed += layers * layer_forward
+        recomputed["vision"] += layers * layer_forward
     # Projector: every vision token (real patches + class) of every layer the decoder reads.
     v = sum(vision_tokens)
     kv_grad = trains_vision or "projector" in groups  # the cross-attention's keys/values need gradients
@@ -169,7 +178,7 @@ def _mllama_ops(vision, text, groups: set, proxy: bool, tiles: list[int], encode
             forward = 2.0 * t * (2 * d * d + 3 * d * f + 2 * d * kv) + sum(4.0 * q * q * d for q in text_lengths)
         total += sum(op.total() for op in ops) + att
         if g or weight or (is_cross and kv_grad):
-            recomputed += forward
+            recomputed["text"] += forward
         flow = flow or weight or (is_cross and kv_grad)
     total += matmul(t, d, text.vocab_size, flow, "language_model" in groups).total()  # lm_head
     return total, recomputed
@@ -194,7 +203,7 @@ class StepWork:
     FLOPs stay None, and MFU is not reported (said once in the log by the caller).
     """
 
-    def __init__(self, model_config, trainable_groups, proxy: bool, recompute: bool):
+    def __init__(self, model_config, trainable_groups, proxy: bool, recompute: bool | set):
         self.config, self.groups, self.proxy, self.recompute = model_config, tuple(trainable_groups), proxy, recompute
         self.has_formula = family_of(model_config).flops in FORMULAS
 

@@ -146,6 +146,14 @@ def test_recompute_adds_the_checkpointed_forwards(mllama):
     recomputed = step_flops(model.config, batch, ["vision", "fusion"], proxy=True, recompute=True)
     assert recomputed["model_flops"] == plain["model_flops"]
     assert recomputed["hardware_flops"] > plain["hardware_flops"]
+    # Per tower: transformers' own checkpointing recomputes the decoder only; the towers' extra
+    # forwards add up to medift's, which recomputes both.
+    extra = {tower: step_flops(model.config, batch, ["vision", "fusion"], proxy=True, recompute={tower})["hardware_flops"]
+             - plain["hardware_flops"] for tower in ("vision", "text")}
+    assert extra["vision"] > 0 and extra["text"] > 0
+    assert extra["vision"] + extra["text"] == pytest.approx(recomputed["hardware_flops"] - plain["hardware_flops"], rel=1e-12)
+    with pytest.raises(ValueError, match="unknown towers"):
+        step_flops(model.config, batch, ["vision"], recompute={"projector"})
 
 
 def test_device_peak(monkeypatch):

@@ -39,8 +39,11 @@ def test_the_real_size_benchmark_runs_every_section_on_a_tiny_mllama(tmp_path):
         assert row["model_flops_per_step"] < row["hardware_flops_per_step"]  # padding tiles are not useful work
         assert row["mfu"] is None and row["peak_gpu_memory_gib"] is None  # no peak FLOP/s or GPU memory on a CPU
     assert modes["shipped"]["speed_vs_shipped"] == 1.0
-    # Recompute is hardware work: both checkpointing modes count more of it than no checkpointing.
-    assert modes["fixed"]["hardware_flops_per_step"] > modes["off"]["hardware_flops_per_step"]
+    # Recompute is hardware work: medift's checkpointing recomputes the vision layers too, transformers'
+    # own only the decoder's, none without checkpointing.
+    hardware = {mode: row["hardware_flops_per_step"] for mode, row in modes.items()}
+    assert hardware["fixed"] > hardware["shipped"] > hardware["off"]
+    assert len({row["model_flops_per_step"] for row in modes.values()}) == 1  # useful work is the same in every mode
 
     # The real tile alone is a different computation than the padded one (Mllama's real patches
     # attend to the padding tiles): the outputs differ, and the bench says by how much.
