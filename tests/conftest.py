@@ -1,10 +1,6 @@
-import sys
 from pathlib import Path
 
 import pytest
-
-# tests/ helpers (tiny_models) import as plain modules
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")

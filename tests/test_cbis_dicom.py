@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from medift.datasets import cbis_ddsm
 from medift.images import ImageLoadError, is_dicom, load_image
-from test_datasets import REAL_DATA, _assert_patients_disjoint, _real_cbis_layout, real_cbis_case_files
+from tests.fixtures.data import real_data_missing, REAL_DATA, assert_patients_disjoint, real_cbis_layout, real_cbis_case_files
 
 STUDY_FOLDER = "07-21-2016-DDSM-NA-96009"
 
@@ -131,13 +131,13 @@ def real_cbis_dicom_layout(root: Path) -> Path:
     return root
 
 
-@pytest.mark.skipif(not (REAL_DATA / "cbis-ddsm").is_dir(), reason="real CBIS-DDSM files absent")
+@pytest.mark.skipif(bool(real_data_missing("cbis-ddsm")), reason=real_data_missing("cbis-ddsm"))
 def test_real_case_descriptions_with_dicom_images_match_the_jpeg_release(tmp_path):
     dicom = cbis_ddsm.read_records(real_cbis_dicom_layout(tmp_path / "dicom"), seed=0)
     assert dicom.rows_read == 1318 + 1546 and not dicom.quarantined
     assert all("cropped images" in r.image_path and r.image_path.endswith("1-1.dcm") for r in dicom.records)
-    _assert_patients_disjoint(dicom.records)
-    _real_cbis_layout(tmp_path / "jpeg")
+    assert_patients_disjoint(dicom.records)
+    real_cbis_layout(tmp_path / "jpeg")
     jpeg = cbis_ddsm.read_records(tmp_path / "jpeg", seed=0)
 
     def summary(result):

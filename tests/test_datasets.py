@@ -18,8 +18,8 @@ from PIL import Image
 from medift.datasets import DATASETS, DataError, cbis_ddsm, get_dataset, wbcatt
 from medift.datasets.synthetic import write_synthetic
 from medift.records import SPLITS, Question, Record
-
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.fixtures.data import (real_data_missing, REAL_DATA, assert_patients_disjoint, placeholders, real_cbis_case_files, real_cbis_layout,
+                                 real_wbcatt_layout, tiny_jpeg)
 
 WBCATT_EXAMPLE = {
     "label": "Neutrophil", "cell_size": "small", "cell_shape": "round",
@@ -43,19 +43,6 @@ def _record(dataset: str, attributes: dict[str, str], image_id: str = "img") -> 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
     files = sorted(path for path in root.rglob("*") if path.is_file())
     return {str(path.relative_to(root)): path.read_bytes() for path in files}
-
-
-def _tiny_jpeg() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 200, 200)).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def _assert_patients_disjoint(records: list[Record]) -> None:
-    splits_of: dict[str, set[str]] = {}
-    for record in records:
-        splits_of.setdefault(record.patient_id, set()).add(record.split)
-    assert all(len(splits) == 1 for splits in splits_of.values())
 
 
 # --- registry ------------------------------------------------------------------------
@@ -199,7 +186,7 @@ def test_synthetic_wbcatt_round_trip(synthetic_wbcatt):
         label_folder = Path(record.image_path).parent.name
         assert label_folder == record.attributes["label"].lower()
         assert Image.open(record.image_path).size == (64, 64)
-    _assert_patients_disjoint(result.records)
+    assert_patients_disjoint(result.records)
     assert len({r.attributes["label"] for r in result.records}) >= 4
 
 
@@ -219,7 +206,7 @@ def test_synthetic_cbis_round_trip(synthetic_cbis):
     assert result.rows_read == 76 and not result.quarantined
     splits = Counter(r.split for r in result.records)
     assert splits["test"] == 16 and splits["train"] + splits["val"] == 60 and splits["val"] > 0
-    _assert_patients_disjoint(result.records)
+    assert_patients_disjoint(result.records)
     for record in result.records:
         assert Path(record.image_path).is_file() and "\n" not in record.image_id
         assert record.image_id.split("_")[0] in ("Mass-Training", "Calc-Training",
@@ -429,42 +416,13 @@ def test_cbis_train_rows_of_test_patients_quarantined(synthetic_cbis, tmp_path):
     again = cbis_ddsm.read_records(root, seed=0)
     assert [q.reason for q in again.quarantined] == [
         "patient also in the official test files"] * moved
-    _assert_patients_disjoint(again.records)
+    assert_patients_disjoint(again.records)
 
 
 # --- the real annotation files -------------------------------------------------------
 
 
-def _placeholders(root: Path, relative_paths) -> None:
-    """One tiny JPEG, hard-linked at every path (thousands of writes are slow here)."""
-    source = root / "placeholder.jpg"
-    source.write_bytes(_tiny_jpeg())
-    made_folders: set[Path] = set()
-    for relative in relative_paths:
-        path = root / relative
-        if path.parent not in made_folders:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            made_folders.add(path.parent)
-        try:
-            os.link(source, path)
-        except OSError:  # no hard links on this file system
-            shutil.copyfile(source, path)
-
-
-def real_wbcatt_layout(root: Path) -> Path:
-    """The real train/val CSVs, a header-only test file (not shipped here), placeholder images."""
-    root.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val"):
-        shutil.copy(REAL_DATA / "wbcatt" / wbcatt.SPLIT_FILES[split], root)
-    (root / wbcatt.SPLIT_FILES["test"]).write_text(",".join(wbcatt.CSV_HEADER) + "\n")
-    paths = []
-    for split in ("train", "val"):
-        paths += list(pd.read_csv(root / wbcatt.SPLIT_FILES[split], dtype=str)["path"])
-    _placeholders(root, paths)
-    return root
-
-
-@pytest.mark.skipif(not (REAL_DATA / "wbcatt").is_dir(), reason="real WBCAtt files absent")
+@pytest.mark.skipif(bool(real_data_missing("wbcatt")), reason=real_data_missing("wbcatt"))
 def test_real_wbcatt_files(tmp_path):
     real_wbcatt_layout(tmp_path)
 
@@ -481,45 +439,14 @@ def test_real_wbcatt_files(tmp_path):
     assert wbcatt.describe(example.attributes) == WBCATT_EXAMPLE_TEXT
 
 
-def real_cbis_case_files(csv_dir: Path):
-    """Copy the real train case CSVs into csv_dir (header-only test files) and yield each frame."""
-    csv_dir.mkdir(parents=True)
-    for case_file in cbis_ddsm.CASE_FILES:
-        if case_file.official_split == "test":
-            (csv_dir / case_file.file_name).write_text(",".join(case_file.header) + "\r\n")
-            continue
-        shutil.copy(REAL_DATA / "cbis-ddsm" / case_file.file_name, csv_dir)
-        yield pd.read_csv(csv_dir / case_file.file_name, dtype=str)
-
-
-def _real_cbis_layout(root: Path) -> None:
-    """The JPEG re-release layout for the real train CSVs: dicom_info rows + placeholders."""
-    rows = []
-    for frame in real_cbis_case_files(root / "csv"):
-        for raw in frame["cropped image file path"]:
-            case, _study, series = raw.strip().split("/")[:3]
-            rows.append({"file_path": f"CBIS-DDSM/dicom/{series}/1-1.dcm",
-                         "image_path": f"CBIS-DDSM/jpeg/{series}/1-1.jpg",
-                         "PatientID": case, "SeriesDescription": "cropped images",
-                         "SeriesInstanceUID": series})
-            # The ROI mask shares the series; it must never be picked as the crop.
-            rows.append({"file_path": f"CBIS-DDSM/dicom/{series}/2-1.dcm",
-                         "image_path": f"CBIS-DDSM/jpeg/{series}/2-1.jpg",
-                         "PatientID": case, "SeriesDescription": "ROI mask images",
-                         "SeriesInstanceUID": series})
-    pd.DataFrame(rows).to_csv(root / "csv" / "dicom_info.csv", index=False)
-    _placeholders(root, [row["image_path"].removeprefix("CBIS-DDSM/") for row in rows
-                         if row["SeriesDescription"] == "cropped images"])
-
-
-@pytest.mark.skipif(not (REAL_DATA / "cbis-ddsm").is_dir(), reason="real CBIS-DDSM files absent")
+@pytest.mark.skipif(bool(real_data_missing("cbis-ddsm")), reason=real_data_missing("cbis-ddsm"))
 def test_real_cbis_files(tmp_path):
-    _real_cbis_layout(tmp_path)
+    real_cbis_layout(tmp_path)
     result = cbis_ddsm.read_records(tmp_path, seed=0)
     assert result.rows_read == 1318 + 1546 and not result.quarantined
     records = result.records
     assert all(r.image_path.endswith("/1-1.jpg") for r in records)
-    _assert_patients_disjoint(records)
+    assert_patients_disjoint(records)
     patients = {r.patient_id for r in records}
     val_patients = {r.patient_id for r in records if r.split == "val"}
     assert len(val_patients) == int(len(patients) * 0.1)

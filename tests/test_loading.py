@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from tests.fixtures import load_bench
 
-import real_models  # noqa: E402  (bench/)
+ROOT = Path(__file__).resolve().parents[1]
+
+real_models = load_bench("real_models")
 
 
 def test_full_size_real_config_has_the_real_parameter_counts():

@@ -17,7 +17,7 @@ from medift.datasets import DataError, mimic_cxr
 from medift.datasets.synthetic import write_synthetic
 from medift.datasets.synthetic_mimic_cxr import LABEL_HEADER, METADATA_HEADER, sample_attributes
 from medift.records import Record
-from test_datasets import _assert_patients_disjoint, _placeholders
+from tests.fixtures.data import assert_patients_disjoint, placeholders
 
 REPORT = (
     "                                 FINAL REPORT\n"
@@ -117,7 +117,7 @@ def _release(root: Path, studies=STUDIES, gz=True) -> Path:
     _gz_csv(root / mimic_cxr.METADATA_FILES[0], METADATA_HEADER, metadata, gz)
     _gz_csv(root / mimic_cxr.LABEL_FILES[0], LABEL_HEADER, labels, gz)
     _gz_csv(root / mimic_cxr.SPLIT_FILES[0], mimic_cxr.SPLIT_COLUMNS, splits, gz)
-    _placeholders(root, images)
+    placeholders(root, images)
     return root
 
 
@@ -136,7 +136,7 @@ def test_view_rule_labels_splits_and_counts(tmp_path):
     assert result.exclusion_summary() == {"no PA or AP image in the study": 1}
     assert result.quarantine_summary() == {"report missing": 1, "patient also in the official test split": 1}
     assert result.counts == {"metadata images": 12, "metadata studies": 7}
-    _assert_patients_disjoint(result.records)
+    assert_patients_disjoint(result.records)
     with pytest.raises(DataError, match="report missing"):
         mimic_cxr.read_records(tmp_path, seed=0, strict=True)
 
@@ -195,7 +195,7 @@ def test_synthetic_round_trip(tmp_path):
     assert Counter(r.split for r in result.records) == {"train": 30, "val": 6, "test": 8}
     assert not result.quarantined
     assert result.rows_read == len(result.records) + len(result.excluded)
-    _assert_patients_disjoint(result.records)
+    assert_patients_disjoint(result.records)
     rng = random.Random(0)
     for record in result.records:
         assert mimic_cxr.describe(record.attributes)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from test_workflow import REPO, dry_run, rule_counts, snakemake
+from tests.fixtures.workflow import REPO, dry_run, rule_counts, snakemake
 
 PAPER_CONFIG = REPO / "config" / "paper.yaml"
 DATASETS = ["wbcatt", "cbis_ddsm", "skincon", "mimic_cxr"]

@@ -18,7 +18,7 @@ from medift.images import ImageLoadError
 from medift.prepare import ShardsConfig, prepare_shards
 from medift.records import SPLITS, Record
 from medift.shards import load_descriptions, load_questions, read_manifest
-from test_datasets import REAL_DATA, _placeholders, _real_cbis_layout, real_wbcatt_layout
+from tests.fixtures.data import real_data_missing, REAL_DATA, placeholders, real_cbis_layout, real_wbcatt_layout
 
 SIZES = dict(n_train=24, n_val=6, n_test=8, image_size=32)
 
@@ -102,7 +102,7 @@ def _fake_adapter(records: list[Record]) -> SimpleNamespace:
 
 
 def _image(tmp_path: Path, name: str) -> str:
-    _placeholders(tmp_path, [name])
+    placeholders(tmp_path, [name])
     return str(tmp_path / name)
 
 
@@ -136,7 +136,7 @@ def _layouts():
 
     return {
         "wbcatt": ("wbcatt", real_wbcatt_layout, "wbcatt"),
-        "cbis_ddsm_jpeg": ("cbis-ddsm", lambda root: _real_cbis_layout(root) or root, "cbis_ddsm"),
+        "cbis_ddsm_jpeg": ("cbis-ddsm", lambda root: real_cbis_layout(root) or root, "cbis_ddsm"),
         "cbis_ddsm_dicom": ("cbis-ddsm", real_cbis_dicom_layout, "cbis_ddsm"),
         "skincon": ("fitzpatrick17k", real_skincon_layout, "skincon"),
     }
@@ -153,8 +153,8 @@ EXPECTED = {  # rows read, kept, excluded; records per split; questions per spli
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_real_annotation_files_through_shards(name, tmp_path):
     folder, build, adapter = _layouts()[name]
-    if not (REAL_DATA / folder).is_dir():
-        pytest.skip(f"real {folder} files absent")
+    if real_data_missing(folder):
+        pytest.skip(real_data_missing(folder))
     raw = tmp_path / "raw"
     raw.mkdir()
     build(raw)

@@ -3,7 +3,7 @@ import torch
 
 from medift.model.loading import select_trainable
 from medift.proxy import ProxyInstruction
-from tiny_models import PROXY_ID, llava_inputs, mllama_inputs, tiny_llava, tiny_mllama
+from tests.fixtures.tiny_models import PROXY_ID, llava_inputs, mllama_inputs, tiny_llava, tiny_mllama
 
 BUILDERS = {"llava": (tiny_llava, llava_inputs), "mllama": (tiny_mllama, mllama_inputs)}
 

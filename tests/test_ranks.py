@@ -23,7 +23,7 @@ from medift.model.loading import load_base_model
 from medift.model.tiny import build_tiny_checkpoint
 from medift.train import TrainConfig, checkpoint_due, count_loads, global_batches, my_micro_batches
 
-STRICT_LAUNCHER = os.path.join(os.path.dirname(__file__), "strict_collectives.py")
+STRICT_LAUNCHER = os.path.join(os.path.dirname(__file__), "fixtures", "strict_collectives.py")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def setup(tmp_path_factory, tiny_wbcatt_shards):
 
 def run_training(setup, name: str, ranks: int, strict: bool = False, environment: dict | None = None,
                  **settings) -> dict:
-    """Train on `ranks` ranks; `strict`: through tests/strict_collectives.py (its docstring says why)."""
+    """Train on `ranks` ranks; `strict`: through tests/fixtures/strict_collectives.py (its docstring says why)."""
     root, shards, checkpoint = setup
     out = root / name
     args = ["--shards", str(shards), "--base_model", str(checkpoint), "--out_dir", str(out),
@@ -132,7 +132,7 @@ def test_a_last_batch_too_small_for_every_rank_joins_the_one_before(monkeypatch)
 
 @pytest.mark.slow
 def test_collectives_use_the_backends_device_and_ranks_agree_on_checkpoints(setup):
-    """Two ranks train under tests/strict_collectives.py: every collective medift calls must hold
+    """Two ranks train under tests/fixtures/strict_collectives.py: every collective medift calls must hold
     its tensors on the device the engine says the backend takes (there a device other than the
     training tensors' CPU, as NCCL's is the GPU), else the rank fails. Rank 1's clock runs 10^4
     times fast, so with checkpoint_minutes 1 only it sees a minute pass at each step (0.3 s):

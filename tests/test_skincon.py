@@ -17,7 +17,7 @@ from medift.datasets.common import observed_values, split_by_image
 from medift.datasets.synthetic import write_synthetic
 from medift.datasets.synthetic_skincon import sample_concepts
 from medift.records import Record
-from test_datasets import REAL_DATA, _assert_patients_disjoint, _placeholders
+from tests.fixtures.data import real_data_missing, REAL_DATA, assert_patients_disjoint, placeholders
 
 HEADER = ["", "ImageID", *skincon.CONCEPTS, "Do not consider this image"]
 
@@ -42,7 +42,7 @@ def _fitzpatrick_release(root: Path, rows, md5s, images=True) -> Path:
            header=["md5hash", "fitzpatrick_scale", "fitzpatrick_centaur", "label", "nine_partition_label",
                    "three_partition_label", "qc", "url", "url_alphanum"])
     if images:
-        _placeholders(root, dict.fromkeys(f"fitzpatrick17k/{row[1]}" for row in rows))
+        placeholders(root, dict.fromkeys(f"fitzpatrick17k/{row[1]}" for row in rows))
     return root
 
 
@@ -108,7 +108,7 @@ def test_index_column_is_never_a_concept_and_flagged_rows_are_counted(tmp_path):
     assert first.attributes == {skincon.KEY: "papule"}  # no "unnamed: 0"
     assert all("unnamed" not in r.attributes[skincon.KEY] for r in result.records)
     assert Counter(r.split for r in result.records) == {"train": 16, "val": 1, "test": 1}
-    _assert_patients_disjoint(result.records)
+    assert_patients_disjoint(result.records)
 
 
 def test_either_annotation_file_name_and_float_cells(tmp_path):
@@ -222,18 +222,19 @@ def real_skincon_layout(root: Path, n_rows: int = 3690, n_flagged: int = 460) ->
     _write(root / "annotations_fitzpatrick17k.csv", rows)
     (root / "fitzpatrick17k").mkdir(parents=True, exist_ok=True)
     shutil.copy(REAL_FITZPATRICK, root / "fitzpatrick17k" / "fitzpatrick17k.csv")
-    _placeholders(root, [f"fitzpatrick17k/{row[1]}" for row in rows])
+    placeholders(root, [f"fitzpatrick17k/{row[1]}" for row in rows])
     return root
 
 
-@pytest.mark.skipif(not REAL_FITZPATRICK.is_file(), reason="real Fitzpatrick17k metadata absent")
+@pytest.mark.skipif(bool(real_data_missing("fitzpatrick17k/fitzpatrick17k.csv")),
+                    reason=real_data_missing("fitzpatrick17k/fitzpatrick17k.csv"))
 def test_real_fitzpatrick17k_metadata_join(tmp_path):
     root = real_skincon_layout(tmp_path)
     result = skincon.read_records(root, seed=0)
     assert result.rows_read == 3690 and not result.quarantined
     assert result.exclusion_summary() == {"flagged 'Do not consider this image'": 460}
     assert Counter(r.split for r in result.records) == {"train": 2584, "val": 323, "test": 323}
-    _assert_patients_disjoint(result.records)
+    assert_patients_disjoint(result.records)
     observed = observed_values(result.records)
     rng = random.Random(0)
     for record in result.records:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from test_workflow import EMBEDDED_BASE, REPO, copy_embedded_models, embedded_base_available, rule_counts, dry_run_jobs, snakemake, \
+from tests.fixtures.workflow import EMBEDDED_BASE, REPO, copy_embedded_models, embedded_base_available, rule_counts, dry_run_jobs, snakemake, \
     tiny_config, write_config
 
 pytestmark = pytest.mark.slurm

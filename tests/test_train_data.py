@@ -16,32 +16,51 @@ from medift.train import DescriptionSamples, TrainConfig, epoch_batches, epoch_s
 REPO = Path(__file__).resolve().parents[1]
 
 
-class _Samples(DescriptionSamples):
-    def __init__(self, descriptions, shuffle, seed=1):
-        self.descriptions, self.shuffle, self.seed = descriptions, shuffle, seed
-
-    def response(self, index, load_count):
-        return super().response(self.descriptions[index], index, load_count)
+EMBEDDED = REPO / "models" / "embedded-mllama"
 
 
-DESC = "small cell size, round cell shape, low nuclear cytoplasmic ratio, granularity, Neutrophil"
+@pytest.fixture(scope="module")
+def embedded_processor():
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(EMBEDDED)
 
 
-def test_response_shuffling_permutes_phrases_and_differs_between_loads():
-    samples = _Samples([DESC], shuffle=True)
-    responses = {samples.response(0, load) for load in range(1, 20)}
-    assert len(responses) > 5
-    for r in responses:
-        assert sorted(r.split(", ")) == sorted(DESC.split(", "))
+def _samples(shards: Path, processor, shuffle: bool, seed: int = 1) -> DescriptionSamples:
+    return DescriptionSamples(str(shards), processor, "Describe the image.", shuffle=shuffle, seed=seed, window=16)
 
 
-def test_response_shuffling_is_deterministic_for_a_seed():
-    assert _Samples([DESC], True).response(0, 3) == _Samples([DESC], True).response(0, 3)
-    assert _Samples([DESC], True, seed=1).response(0, 3) != _Samples([DESC], True, seed=2).response(0, 3)
+def _phrases(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",")]
 
 
-def test_no_shuffle_keeps_the_description():
-    assert _Samples([DESC], shuffle=False).response(0, 7) == DESC
+def _response_of(samples: DescriptionSamples, index: int, load_count: int) -> str:
+    """The assistant response the training sample holds: its label tokens, decoded."""
+    encoded, _image = samples[(index, load_count)]
+    tokens = [t for t in encoded.labels if t != -100]
+    return samples.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def test_response_shuffling_permutes_phrases_and_differs_between_loads(tiny_wbcatt_shards, embedded_processor):
+    samples = _samples(tiny_wbcatt_shards, embedded_processor, shuffle=True)
+    description = samples.rows.row(0)["description"]
+    responses = {_response_of(samples, 0, load) for load in range(1, 13)}
+    assert len(responses) > 5  # 11 phrases: 11! orders
+    for response in responses:
+        assert sorted(_phrases(response)) == sorted(_phrases(description))
+
+
+def test_response_shuffling_is_deterministic_for_a_seed(tiny_wbcatt_shards, embedded_processor):
+    one, same = (_samples(tiny_wbcatt_shards, embedded_processor, True) for _ in range(2))
+    other_seed = _samples(tiny_wbcatt_shards, embedded_processor, True, seed=2)
+    assert _response_of(one, 1, 3) == _response_of(same, 1, 3)
+    assert _response_of(one, 1, 3) != _response_of(other_seed, 1, 3)
+
+
+def test_no_shuffle_keeps_the_description(tiny_wbcatt_shards, embedded_processor):
+    samples = _samples(tiny_wbcatt_shards, embedded_processor, shuffle=False)
+    for index in range(len(samples)):
+        assert _response_of(samples, index, 7) == samples.rows.row(index)["description"]
 
 
 @pytest.mark.parametrize("groups,window", [([10], 16), ([3, 3, 3, 1], 2), ([2, 2, 2, 2, 2], 1)])

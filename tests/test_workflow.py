@@ -25,99 +25,7 @@ import yaml
 
 from medift.tables import PREDICTION_COLUMNS
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEFILE = REPO / "workflow" / "Snakefile"
-DEFAULT_CONFIG = REPO / "config" / "config.yaml"
-EMBEDDED_BASE = REPO / "models" / "embedded-mllama"  # the default (`embedded`)
-EMBEDDED_LLAVA = REPO / "models" / "embedded-base"  # `embedded_llava`, the default's teacher
-DATASETS = ["wbcatt", "cbis_ddsm"]
-TABLE1 = ["zero_shot", "caption_ft", "ift"]
-TABLE2 = ["ift", "ift_no_momentum", "ift_no_shuffle", "ift_no_warmup"]
-TRAINED = ["caption_ft", "ift", "ift_no_momentum", "ift_no_shuffle", "ift_no_warmup"]
-DATA_TARGETS = [f"results/{d}/data_report.json" for d in DATASETS]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
-    # The jobs import this checkout's medift, installed or not.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def snakemake(*args: str, workdir: Path | None = None, check: bool = True,
-              timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m snakemake` with the repository's Snakefile, in `workdir` (default: the repo)."""
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--cores", "2"]
-    if workdir is not None:
-        command += ["--directory", str(workdir)]
-    result = subprocess.run(
-        [*command, *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
-    if check and result.returncode != 0:
-        pytest.fail(f"snakemake {' '.join(args)} exited {result.returncode}:\n"
-                    f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def dry_run_jobs(output: str) -> list[tuple[str, dict[str, str]]]:
-    """(rule, wildcards) of every job a dry run (`-n`) lists."""
-    jobs: list[tuple[str, dict[str, str]]] = []
-    for line in output.splitlines():
-        rule = re.match(r"^(?:local)?rule (\w+):$", line)
-        if rule:
-            jobs.append((rule.group(1), {}))
-            continue
-        wildcards = re.match(r"^\s+wildcards: (.*)$", line)
-        if wildcards and jobs:
-            jobs[-1][1].update(item.split("=", 1) for item in wildcards.group(1).split(", "))
-    return jobs
-
-
-def rule_counts(jobs) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for rule, _ in jobs:
-        counts[rule] = counts.get(rule, 0) + 1
-    return counts
-
-
-def dry_run(*targets: str, workdir: Path, configfile: Path) -> list[tuple[str, dict[str, str]]]:
-    result = snakemake("-n", f"--configfile={configfile}", *targets, workdir=workdir)
-    return dry_run_jobs(result.stdout + result.stderr)
-
-
-def default_config() -> dict:
-    return yaml.safe_load(DEFAULT_CONFIG.read_text())
-
-
-def tiny_config(base_model: str = "embedded") -> dict:
-    """The default config shrunk: 12/4/8 synthetic images, one epoch, 8 new tokens, two seeds."""
-    config = default_config()
-    config["base_model"]["path"] = base_model
-    for entry in config["datasets"].values():
-        entry["synthetic"] = {"n_train": 12, "n_val": 4, "n_test": 8, "image_size": 64}
-    config["train"].update(epochs=1, warmup_epochs=1, batch_size=4, threads=1)
-    # CBIS-DDSM's validation patients are 10 % of its training patients: none among 16 images.
-    config["datasets"]["cbis_ddsm"]["train"]["validate"] = False
-    config["evaluate"].update(max_new_tokens=8, describe_max_new_tokens=8, threads=1)
-    config["seeds"] = [1, 2]
-    config["threads"] = {"prepare": 1, "pretrain": 1}
-    return config
-
-
-def write_config(path: Path, config: dict) -> Path:
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def embedded_base_available() -> bool:
-    return all((d / "config.json").is_file() and (d / "model.safetensors").is_file() for d in (EMBEDDED_BASE, EMBEDDED_LLAVA))
-
-
-def copy_embedded_models(work: Path) -> None:
-    """Both committed embedded models into a work directory, as a fresh clone has them (so
-    neither distill_base_model nor pretrain_base_model runs)."""
-    for directory in (EMBEDDED_BASE, EMBEDDED_LLAVA):
-        shutil.copytree(directory, work / "models" / directory.name)
+from tests.fixtures.workflow import (REPO, SNAKEFILE, DEFAULT_CONFIG, EMBEDDED_BASE, EMBEDDED_LLAVA, DATASETS, TABLE1, TABLE2, TRAINED, DATA_TARGETS, workflow_env, snakemake, dry_run_jobs, rule_counts, dry_run, default_config, tiny_config, write_config, embedded_base_available, copy_embedded_models)
 
 
 # --------------------------------------------------------------------------- static checks
@@ -610,7 +518,7 @@ def test_a_killed_training_job_resumes_under_rerun_incomplete(tmp_path):
     latest = work / "resources/checkpoints/wbcatt/ift/seed-1/latest"
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--cores", "2",
                "--directory", str(work), f"--configfile={configfile}", target]
-    process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=REPO, env=workflow_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
         while not latest.is_file() and process.poll() is None and time.time() < deadline:
