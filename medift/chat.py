@@ -143,7 +143,7 @@ def carried_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: 
     return labels
 
 
-def collate(batch: list[Encoded], pad_id: int, pad_left: bool = False) -> dict[str, torch.Tensor]:
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad plain token ids (text-only rows; raw-id sequences of pre-training) to the longest sequence."""
     if any(e.has_image for e in batch):
         raise ValueError("rows with an image go through model_inputs (the processor expands the image)")
@@ -153,8 +153,7 @@ def collate(batch: list[Encoded], pad_id: int, pad_left: bool = False) -> dict[s
     attention = torch.zeros((len(batch), width), dtype=torch.long)
     for row, e in enumerate(batch):
         n = len(e.input_ids)
-        span = slice(width - n, width) if pad_left else slice(0, n)
-        input_ids[row, span] = torch.tensor(e.input_ids)
-        labels[row, span] = torch.tensor(e.labels)
-        attention[row, span] = 1
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}

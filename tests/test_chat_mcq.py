@@ -1,7 +1,7 @@
 import pytest
 
 from medift import mcq
-from medift.chat import IGNORE_INDEX, collate, encode_conversation, model_inputs
+from medift.chat import IGNORE_INDEX, encode_conversation, model_inputs
 from medift.model.embedded import EmbeddedModelConfig, build_processor
 
 
@@ -68,11 +68,21 @@ def test_every_medical_word_is_in_the_embedded_vocabulary(processor):
 
 
 def test_left_padding_keeps_prompts_flush_right(processor):
-    a = encode_conversation(processor, ["Describe this image."], ["x"], with_image=False)
-    b = encode_conversation(processor, ["What is the color?\nA. red\nB. blue"], ["y"], with_image=False)
-    batch = collate([a, b], processor.tokenizer.pad_token_id, pad_left=True)
+    """Generation and scoring pad on the left (model_inputs, padding_side="left"): every row ends at the last
+    column, so the next token follows each prompt, and each row's labels end there too."""
+    from PIL import Image
+
+    short = encode_conversation(processor, ["What is the color?"], ["red"], with_image=True)
+    long = encode_conversation(processor, ["What is the color?\nA. red\nB. blue"], ["blue color"], with_image=True)
+    images = [Image.new("RGB", (64, 64))] * 2
+    batch = model_inputs(processor, [short, long], images, padding_side="left")
     assert batch["attention_mask"][:, -1].tolist() == [1, 1]
-    assert batch["attention_mask"][0, 0] == 0
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1, 0] == 1
+    for row, encoded in enumerate((short, long)):
+        n = len(encoded.labels)
+        assert batch["labels"][row, -n:].tolist() == encoded.labels
+        response = next(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
+        assert batch["input_ids"][row, response - n:].tolist() == encoded.input_ids[response:]  # after the image
 
 
 def test_letter_dot_tokens_put_the_letter_right_before_its_option():
