@@ -8,7 +8,8 @@ never dropped from the denominator.
 
 Per (dataset, method) the seeds' results are combined: a question's score is the fraction
 of seeds that answered it right, the accuracy is the mean over questions (equal to the mean
-of the seeds' accuracies), and `seed_std` is the spread of the seeds' accuracies.
+of the seeds' accuracies), and `seed_std` is the spread of the seeds' accuracies. Every
+metric is computed by `medift.metrics` (as a fraction) and shown here in percent.
 
 Outputs:
 - table 1 (`accuracy_table`): one row per method, one column per dataset plus `average`
@@ -202,10 +203,6 @@ def question_scores(seed_frames: Mapping[int, pd.DataFrame], circular: bool = Fa
         "attribute": plain["attribute"],
         "n_options": plain["n_options"],
     })
-
-
-def is_circular(seed_frames: Mapping[int, pd.DataFrame]) -> bool:
-    return metrics.is_circular(list(seed_frames.values()))
 
 
 # --------------------------------------------------------------------------- tables
