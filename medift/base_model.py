@@ -17,12 +17,14 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from medift import metrics
 from medift.runtime import set_torch_threads
 from medift.model.embedded import EmbeddedModelConfig
 from medift.model.embedded_mllama import DistillConfig, distill
 from medift.model.loading import load_base_model
 from medift.model.pretrain import (
-    PretrainConfig, RecipeConfig, general_mcq_accuracy, held_out_questions, pretrain, recipe_stages, run_stages,
+    PretrainConfig, RecipeConfig, held_out_answers, held_out_questions, held_out_summary, pretrain, recipe_stages,
+    run_stages,
 )
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,10 @@ class BaseEvalConfig:
 def evaluate_base(config: BaseEvalConfig) -> dict:
     set_torch_threads(config.threads)
     model, processor = load_base_model(config.model)
-    result = general_mcq_accuracy(model, processor, held_out_questions(config.n, config.seed, config.image_size))
-    result["format_retention"] = round(1 - result["parse_failures"] / result["n"], 4)
+    answers = held_out_answers(model, processor, held_out_questions(config.n, config.seed, config.image_size))
+    # Fractions (4 decimals) in this report, from medift.metrics like every other metric.
+    result = held_out_summary(answers)
+    result["format_retention"] = round(metrics.format_retention(answers), 4)
     result["model"] = config.model
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     Path(config.out).write_text(json.dumps(result, indent=1))

@@ -28,11 +28,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
+from medift import metrics
 from medift.chat import CAPTION_INSTRUCTION
 from medift.datasets import get_dataset
 from medift.generation import generate_answers
@@ -97,30 +97,28 @@ def found_phrases(descriptions: pd.DataFrame) -> list[dict[str, int]]:
     return [json.loads(f) for f in descriptions["found"]]
 
 
-def image_scores(descriptions: pd.DataFrame, found: list[dict[str, int]] | None = None) -> pd.Series:
-    """Per image (index image_id): the fraction of its phrases found (NaN: no phrases)."""
-    found = found_phrases(descriptions) if found is None else found
-    return pd.Series([np.mean(list(f.values())) if f else np.nan for f in found], index=descriptions["image_id"], dtype=float)
-
-
 def summarize(descriptions: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Description accuracy (percent): the mean over images of the fraction of each image's
-    phrases found (every image weighs the same; the 95 % interval resamples images, whose
-    phrases are not independent), and per attribute (an image has at most one phrase each)."""
+    """Description accuracy (`medift.metrics.description_accuracy`, percent here): the mean over
+    images of the fraction of each image's phrases found (every image weighs the same; the
+    95 % interval resamples images, whose phrases are not independent), and per attribute the
+    same over that attribute's phrase alone (an image has at most one phrase each)."""
     found = found_phrases(descriptions)
-    scores = image_scores(descriptions, found).dropna()
-    if scores.empty:
+    if metrics.description_accuracy(descriptions) is None:
         return {"images": len(descriptions), "phrases": 0, "description_accuracy": None,
                 "reason": "the dataset's descriptions have no attribute phrases (free text)"}
 
-    def interval(values: np.ndarray) -> dict:
-        low, high = bootstrap_mean_ci(values, n_boot=n_boot, seed=seed)
-        return {"n": len(values), "accuracy": round(100 * values.mean(), 2), "ci_low": round(100 * low, 2),
-                "ci_high": round(100 * high, 2)}
+    def interval(frame: pd.DataFrame) -> dict:
+        scores = metrics.description_scores(frame).to_numpy()
+        low, high = bootstrap_mean_ci(scores, n_boot=n_boot, seed=seed)
+        return {"n": len(scores), "accuracy": metrics.summary_percent(metrics.description_accuracy(frame)),
+                "ci_low": metrics.percent(low), "ci_high": metrics.percent(high)}
+
+    def one_attribute(key: str) -> pd.DataFrame:
+        return descriptions.assign(found=[json.dumps({key: f[key]} if key in f else {}) for f in found])
 
     keys = sorted({k for f in found for k in f})
-    per_attribute = {key: interval(np.array([f[key] for f in found if key in f], dtype=float)) for key in keys}
-    overall = interval(scores.to_numpy())
+    per_attribute = {key: interval(one_attribute(key)) for key in keys}
+    overall = interval(descriptions)
     return {"images": len(descriptions), "phrases": sum(len(f) for f in found), "description_accuracy": overall["accuracy"],
             "ci_low": overall["ci_low"], "ci_high": overall["ci_high"], "per_attribute": per_attribute}
 

@@ -29,7 +29,7 @@ import pandas as pd
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-from medift import mcq
+from medift import mcq, metrics
 from medift.generation import best_letter, generate_answers, score_letters
 from medift.images import decode_image
 from medift.model.loading import load_base_model
@@ -136,18 +136,17 @@ def score_questions(model, processor, questions: pd.DataFrame, config: EvaluateC
 
 
 def summarize(predictions: pd.DataFrame) -> dict:
-    """Accuracy on rotation 0 (the question as written) and, if asked, circular accuracy."""
-    plain = predictions[predictions["rotation"] == 0]
+    """metrics.json's metrics (`medift.metrics`, in percent there): accuracy on rotation 0 (the
+    question as written), parse failures, format retention and, if asked, circular accuracy."""
     summary = {
-        "n": len(plain),
-        "accuracy": round(100 * plain["correct"].mean(), 2),
-        "parse_failures": int(plain["parse_failed"].sum()),
-        "format_retention": round(100 * (1 - plain["parse_failed"].mean()), 2),
+        "n": metrics.answers(predictions),
+        "accuracy": metrics.summary_percent(metrics.accuracy(predictions)),
+        "parse_failures": metrics.parse_failures(predictions),
+        "format_retention": metrics.summary_percent(metrics.format_retention(predictions)),
         "prompts_asked": len(predictions),
     }
-    if (predictions["rotation"] > 0).any():
-        circular = predictions.groupby("question_id")["correct"].min()
-        summary["circular_accuracy"] = round(100 * circular.mean(), 2)
+    if metrics.is_circular(predictions):
+        summary["circular_accuracy"] = metrics.summary_percent(metrics.circular_accuracy(predictions))
     return summary
 
 

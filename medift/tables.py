@@ -8,7 +8,8 @@ never dropped from the denominator.
 
 Per (dataset, method) the seeds' results are combined: a question's score is the fraction
 of seeds that answered it right, the accuracy is the mean over questions (equal to the mean
-of the seeds' accuracies), and `seed_std` is the spread of the seeds' accuracies.
+of the seeds' accuracies), and `seed_std` is the spread of the seeds' accuracies. Every
+metric is computed by `medift.metrics` (as a fraction) and shown here in percent.
 
 Outputs:
 - table 1 (`accuracy_table`): one row per method, one column per dataset plus `average`
@@ -43,6 +44,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from medift import metrics
 from medift.mcq import LETTERS
 from medift.stats import bootstrap_mean_ci, paired_bootstrap_mean_diff
 
@@ -192,40 +194,26 @@ def _question_set(frame: pd.DataFrame) -> set[tuple[str, int]]:
 
 
 def question_scores(seed_frames: Mapping[int, pd.DataFrame], circular: bool = False) -> pd.DataFrame:
-    """Per question (index question_id, sorted): the fraction of seeds right, and its attribute.
-
-    Plain: rotation 0 only. Circular: a seed gets a question right only if every rotation is.
-    """
-    per_seed = []
-    for frame in seed_frames.values():
-        if circular:
-            right = frame.groupby("question_id")["correct"].min()
-        else:
-            right = frame[frame["rotation"] == 0].set_index("question_id")["correct"]
-        per_seed.append(right.sort_index())
+    """Per question (index question_id, sorted): its score (`metrics.question_scores`: the
+    fraction of seeds right, as written or, `circular`, in every rotation), and its attribute."""
     first = next(iter(seed_frames.values()))
     plain = first[first["rotation"] == 0].set_index("question_id").sort_index()
     return pd.DataFrame({
-        "score": pd.concat(per_seed, axis=1).mean(axis=1),
+        "score": metrics.question_scores(list(seed_frames.values()), circular=circular),
         "attribute": plain["attribute"],
         "n_options": plain["n_options"],
     })
 
 
-def is_circular(seed_frames: Mapping[int, pd.DataFrame]) -> bool:
-    return all((frame["rotation"] > 0).any() for frame in seed_frames.values())
-
-
 # --------------------------------------------------------------------------- tables
 
-
-def _percent(fraction: float) -> float:
-    return round(100.0 * float(fraction), 2)
+# Every metric comes from medift.metrics as a fraction; `metrics.percent` turns it into the
+# CSVs' percent. Table 1's average and the seed spread are taken of the unrounded percents.
 
 
 def _accuracy_from_frames(frames: Frames, methods: Sequence[str], datasets: Sequence[str]) -> pd.DataFrame:
     accuracy = pd.DataFrame(
-        [[100.0 * question_scores(frames[d, m])["score"].mean() for d in datasets] for m in methods],
+        [[100.0 * metrics.accuracy(list(frames[d, m].values())) for d in datasets] for m in methods],
         index=pd.Index(list(methods), name="method"),
         columns=list(datasets),
     )
@@ -235,7 +223,7 @@ def _accuracy_from_frames(frames: Frames, methods: Sequence[str], datasets: Sequ
 
 def _seed_spread(seed_frames: Mapping[int, pd.DataFrame]) -> float:
     """Sample standard deviation of the seeds' accuracies (percent); NaN for one seed."""
-    accuracies = [100.0 * f.loc[f["rotation"] == 0, "correct"].mean() for f in seed_frames.values()]
+    accuracies = [100.0 * metrics.accuracy(f) for f in seed_frames.values()]
     return round(float(np.std(accuracies, ddof=1)), 2) if len(accuracies) > 1 else float("nan")
 
 
@@ -250,31 +238,30 @@ def _long_from_frames(
     for method in methods:
         for dataset in datasets:
             seed_frames = frames[dataset, method]
+            seeds = list(seed_frames.values())
             scores = question_scores(seed_frames)
             n = len(scores)
             low, high = bootstrap_mean_ci(scores["score"].to_numpy(), n_boot=n_boot, seed=seed)
-            plain = pd.concat([f[f["rotation"] == 0] for f in seed_frames.values()])
-            parse_failures = int(plain["parse_failed"].sum())
             row = {
                 "method": method,
                 "dataset": dataset,
                 "n": n,
                 "seeds": len(seed_frames),
-                "accuracy": _percent(scores["score"].mean()),
-                "ci_low": _percent(low),
-                "ci_high": _percent(high),
+                "accuracy": metrics.percent(metrics.accuracy(seeds)),
+                "ci_low": metrics.percent(low),
+                "ci_high": metrics.percent(high),
                 "seed_std": _seed_spread(seed_frames),
                 # Summed over seeds, out of n x seeds answers.
-                "parse_failures": parse_failures,
-                "format_retention": _percent(1.0 - parse_failures / len(plain)),
+                "parse_failures": metrics.parse_failures(seeds),
+                "format_retention": metrics.percent(metrics.format_retention(seeds)),
                 # Expected accuracy of a uniform guess over each question's own options.
-                "chance": _percent(np.mean(1.0 / scores["n_options"].to_numpy())),
+                "chance": metrics.percent(np.mean(1.0 / scores["n_options"].to_numpy())),
             }
-            if is_circular(seed_frames):
+            if metrics.is_circular(seeds):
                 circular = question_scores(seed_frames, circular=True)["score"].to_numpy()
                 c_low, c_high = bootstrap_mean_ci(circular, n_boot=n_boot, seed=seed)
-                row.update(circular_accuracy=_percent(circular.mean()), circular_ci_low=_percent(c_low),
-                           circular_ci_high=_percent(c_high))
+                row.update(circular_accuracy=metrics.percent(metrics.circular_accuracy(seeds)),
+                           circular_ci_low=metrics.percent(c_low), circular_ci_high=metrics.percent(c_high))
             rows.append(row)
     return pd.DataFrame(rows, columns=list(LONG_COLUMNS))
 
@@ -293,9 +280,10 @@ def _comparisons_from_frames(
             diff, low, high = paired_bootstrap_mean_diff(scores.to_numpy(), other.to_numpy(), n_boot=n_boot, seed=seed)
             rows.append({
                 "method": method, "baseline": baseline, "dataset": dataset, "n": len(scores),
-                "seeds": len(frames[dataset, method]), "accuracy": _percent(scores.mean()),
-                "baseline_accuracy": _percent(other.mean()), "diff": _percent(diff),
-                "diff_ci_low": _percent(low), "diff_ci_high": _percent(high),
+                "seeds": len(frames[dataset, method]),
+                "accuracy": metrics.percent(metrics.accuracy(list(frames[dataset, method].values()))),
+                "baseline_accuracy": metrics.percent(metrics.accuracy(list(frames[dataset, baseline].values()))),
+                "diff": metrics.percent(diff), "diff_ci_low": metrics.percent(low), "diff_ci_high": metrics.percent(high),
             })
     return pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))
 
@@ -306,12 +294,15 @@ def _attributes_from_frames(
     rows = []
     for dataset in datasets:
         for method in methods:
-            scores = question_scores(frames[dataset, method])
+            seed_frames = frames[dataset, method]
+            scores = question_scores(seed_frames)
             for attribute, group in scores.groupby("attribute", sort=True):
                 low, high = bootstrap_mean_ci(group["score"].to_numpy(), n_boot=n_boot, seed=seed)
+                asked = [frame[frame["attribute"] == attribute] for frame in seed_frames.values()]
                 rows.append({
                     "method": method, "dataset": dataset, "attribute": attribute, "n": len(group),
-                    "accuracy": _percent(group["score"].mean()), "ci_low": _percent(low), "ci_high": _percent(high),
+                    "accuracy": metrics.percent(metrics.accuracy(asked)), "ci_low": metrics.percent(low),
+                    "ci_high": metrics.percent(high),
                 })
     return pd.DataFrame(rows, columns=list(ATTRIBUTE_COLUMNS))
 
@@ -490,21 +481,19 @@ def add_description_accuracy(long: pd.DataFrame, description_files: Mapping[tupl
     fraction averaged over the seeds, then the mean over images with its bootstrap interval
     (resampling images). A (method, dataset) with no descriptions file, or whose descriptions
     have no attribute phrases (free-text reports), stays empty."""
-    from medift.describe import image_scores
-
     long = long.copy()
     for index, row in long.iterrows():
-        per_seed = [image_scores(pd.read_csv(path, keep_default_na=False))
+        per_seed = [pd.read_csv(path, keep_default_na=False)
                     for (dataset, method, _), path in sorted(description_files.items())
                     if dataset == row["dataset"] and method == row["method"]]
         if not per_seed:
             continue
-        scores = pd.concat(per_seed, axis=1).mean(axis=1).dropna().to_numpy()
-        if len(scores) == 0:
+        accuracy = metrics.description_accuracy(per_seed)
+        if accuracy is None:
             continue
-        low, high = bootstrap_mean_ci(scores, n_boot=n_boot, seed=seed)
+        low, high = bootstrap_mean_ci(metrics.description_scores(per_seed).to_numpy(), n_boot=n_boot, seed=seed)
         long.loc[index, ["description_accuracy", "description_ci_low", "description_ci_high"]] = [
-            _percent(scores.mean()), _percent(low), _percent(high)]
+            metrics.percent(accuracy), metrics.percent(low), metrics.percent(high)]
     return long
 
 

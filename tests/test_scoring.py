@@ -119,11 +119,12 @@ def test_letter_scoring_agrees_with_generation_and_circular_summary(shipped):
     assert list(generated["parsed_letter"]) == list(scored["parsed_letter"])
     assert scored["raw_output"].eq("").all() and scored["parse_failed"].eq(0).all()
     assert all(set(json.loads(s)) == set(mcq.LETTERS[: len(json.loads(o))]) for s, o in zip(scored["letter_scores"], scored["options"]))
+    # The metrics' values are checked on hand-counted predictions (tests/test_metrics.py);
+    # here what a real circular run's summary must satisfy.
     summary = summarize(scored)
-    plain = scored[scored["rotation"] == 0]
-    assert summary["n"] == 12 and summary["accuracy"] == round(100 * plain["correct"].mean(), 2)
-    assert summary["circular_accuracy"] == round(100 * scored.groupby("question_id")["correct"].min().mean(), 2)
-    assert summary["circular_accuracy"] <= summary["accuracy"]
+    assert summary["n"] == 12 and summary["prompts_asked"] == sum(len(o) for o in questions["options"])
+    assert summary["parse_failures"] == 0 and summary["format_retention"] == 100.0  # letter scoring always answers
+    assert 0 <= summary["circular_accuracy"] <= summary["accuracy"] <= 100
 
 
 def test_device_resolution():

@@ -45,12 +45,13 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from medift.runtime import resolve_device, set_torch_threads
-from medift import mcq
+from medift import mcq, metrics
 from medift.chat import CAPTION_INSTRUCTION, IGNORE_INDEX, Encoded, collate, encode_conversation, model_inputs
 from medift.datasets import DATASETS
 from medift.generation import forced_answer_context, generate_answers
@@ -617,18 +618,31 @@ def answer_held_out(model, processor, items, max_new_tokens: int = 50) -> tuple[
     return parsed, [p == mcq.LETTERS[i[3]] for p, i in zip(parsed, items)]
 
 
-def general_mcq_accuracy(model, processor, items, max_new_tokens: int = 50) -> dict:
+def held_out_answers(model, processor, items, max_new_tokens: int = 50) -> pd.DataFrame:
+    """The held-out questions' answers as a `medift.metrics` predictions frame (one plain
+    answer per question), with `fixed_order`: whether its options were in the fixed order."""
     parsed, hits = answer_held_out(model, processor, items, max_new_tokens)
+    answers = metrics.plain_answers(hits, [p is None for p in parsed])
+    answers["fixed_order"] = [i[4] for i in items]
+    return answers
+
+
+def held_out_summary(answers: pd.DataFrame) -> dict:
+    """General accuracy (`medift.metrics`, fractions to 4 decimals), overall and per option format."""
     by_format = {}
     for name, wanted in (("fixed_order", True), ("shuffled", False)):
-        subset = [h for h, i in zip(hits, items) if i[4] == wanted]
-        by_format[name] = {"n": len(subset), "accuracy": round(sum(subset) / len(subset), 4) if subset else None}
+        subset = answers[answers["fixed_order"] == wanted]
+        by_format[name] = {"n": len(subset), "accuracy": round(metrics.accuracy(subset), 4) if len(subset) else None}
     return {
-        "general_mcq_accuracy": round(sum(hits) / len(items), 4),
-        "n": len(items),
-        "parse_failures": sum(p is None for p in parsed),
+        "general_mcq_accuracy": round(metrics.accuracy(answers), 4),
+        "n": len(answers),
+        "parse_failures": metrics.parse_failures(answers),
         "by_option_format": by_format,
     }
+
+
+def general_mcq_accuracy(model, processor, items, max_new_tokens: int = 50) -> dict:
+    return held_out_summary(held_out_answers(model, processor, items, max_new_tokens))
 
 
 # ---------------------------------------------------------------- the loop
