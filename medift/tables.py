@@ -345,21 +345,35 @@ def attribute_table(
 # --------------------------------------------------------------------------- figure
 
 
-def plot_table(
-    table_df: pd.DataFrame,
-    out_png: str | Path,
-    long_df: pd.DataFrame | None = None,
-    show_chance: bool = True,
-) -> None:
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_png: str | Path) -> None:
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=150)
+    _pyplot().close(fig)
+
+
+def plot_table(table_df: pd.DataFrame, out_png: str | Path, long_df: pd.DataFrame | None = None,
+               show_chance: bool = True) -> None:
+    """table_figure, written to out_png."""
+    _save(table_figure(table_df, long_df, show_chance), out_png)
+
+
+def table_figure(table_df: pd.DataFrame, long_df: pd.DataFrame | None = None, show_chance: bool = True):
     """Grouped bar chart of table 1: one group per dataset (+ average), one bar per method.
 
     With `long_df`, dataset bars get the bootstrap interval as error bars and (if
     `show_chance`) a dashed chance line per dataset. The average has no interval.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     methods = list(table_df.index)
     groups = list(table_df.columns)
@@ -412,18 +426,17 @@ def plot_table(
     ax.set_axisbelow(True)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=150)
-    plt.close(fig)
+    return fig
 
 
 def plot_attributes(attributes_df: pd.DataFrame, out_png: str | Path) -> None:
-    """Heat map of per-attribute accuracy: one row per dataset/attribute, one column per method."""
-    import matplotlib
+    """attributes_figure, written to out_png."""
+    _save(attributes_figure(attributes_df), out_png)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def attributes_figure(attributes_df: pd.DataFrame):
+    """Heat map of per-attribute accuracy: one row per dataset/attribute, one column per method."""
+    plt = _pyplot()
 
     grid = attributes_df.pivot_table(index=["dataset", "attribute"], columns="method", values="accuracy", sort=False)
     grid = grid[list(dict.fromkeys(attributes_df["method"]))]
@@ -436,10 +449,7 @@ def plot_attributes(attributes_df: pd.DataFrame, out_png: str | Path) -> None:
     fig.colorbar(image, ax=ax, label="Accuracy (%)")
     ax.set_title("Accuracy per attribute")
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=150)
-    plt.close(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------- CLI

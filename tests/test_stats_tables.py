@@ -20,8 +20,10 @@ from medift.tables import (
     long_table,
     main,
     parse_comparisons,
+    attributes_figure,
     plot_attributes,
     plot_table,
+    table_figure,
     prediction_files_from_paths,
     read_predictions,
 )
@@ -275,18 +277,45 @@ def test_attribute_table_and_heatmap(tmp_path):
     table = attribute_table(files, ["m"], ["d"]).set_index("attribute")
     assert table.loc["size", "accuracy"] == 100.0 and table.loc["shape", "accuracy"] == 50.0
     assert table.loc["size", "n"] == 2
+    figure = attributes_figure(table.reset_index())
+    heat = figure.axes[0]
+    rows = [t.get_text() for t in heat.get_yticklabels()]
+    values = heat.images[0].get_array().tolist()  # one column: method m
+    assert dict(zip(rows, values, strict=True)) == {"d: size": [100.0], "d: shape": [50.0]}
+    assert [t.get_text() for t in heat.texts] == [f"{v[0]:.0f}" for v in values]
     out = tmp_path / "heat.png"
     plot_attributes(table.reset_index(), out)
     assert out.read_bytes().startswith(b"\x89PNG")
 
 
-def test_plot_table_writes_png(predictions, tmp_path):
+def test_table_figure_draws_every_cell_its_interval_and_the_chance_lines(predictions, tmp_path):
     table = accuracy_table(predictions, ["base", "ift"], ["wbcatt", "skincon"])
-    long = long_table(predictions, ["base", "ift"], ["wbcatt", "skincon"])
+    long = long_table(predictions, ["base", "ift"], ["wbcatt", "skincon"]).set_index(["method", "dataset"])
+    ax = table_figure(table, long.reset_index()).axes[0]
+    from matplotlib.container import BarContainer
+
+    bars = {c.get_label(): c for c in ax.containers if isinstance(c, BarContainer)}
+    assert sorted(bars) == ["base", "ift"]
+    # Heights: the hand-counted accuracies (base 2/4, 1/3; ift 3/4, 3/3) and their averages.
+    assert [round(b.get_height(), 2) for b in bars["base"]] == [50.0, 33.33, 41.67]
+    assert [round(b.get_height(), 2) for b in bars["ift"]] == [75.0, 100.0, 87.5]
+    # Error bars span each dataset's bootstrap interval; the average has none.
+    for method, container in bars.items():
+        segments = container.errorbar.lines[2][0].get_segments()
+        spans = [(round(seg[0][1], 2), round(seg[1][1], 2)) for seg in segments if len(seg)]  # the average: empty
+        expected = [(long.loc[(method, d), "ci_low"], long.loc[(method, d), "ci_high"]) for d in ("wbcatt", "skincon")]
+        assert spans == expected
+    # Chance: 1/3 on wbcatt (3 options), 1/5 on skincon (5 options), once in the legend.
+    error_lines = {id(c.errorbar.lines[2][0]) for c in bars.values()}
+    chance = [seg[0][1] for collection in ax.collections if id(collection) not in error_lines
+              for seg in collection.get_segments()]
+    assert sorted(round(y, 2) for y in chance) == [20.0, 33.33]
+    assert ax.get_legend_handles_labels()[1] == ["chance", "base", "ift"]
     out = tmp_path / "fig" / "table1.png"
-    plot_table(table, out, long_df=long)
+    plot_table(table, out, long_df=long.reset_index())
     assert out.read_bytes().startswith(b"\x89PNG")
-    plot_table(table, tmp_path / "plain.png")  # without intervals too
+    plain = table_figure(table).axes[0]  # without intervals: no error bars, no chance line
+    assert all(c.errorbar is None for c in plain.containers if isinstance(c, BarContainer)) and not plain.collections
 
 
 def test_cli_end_to_end(predictions, tmp_path, capsys):
