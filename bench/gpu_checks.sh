@@ -74,7 +74,7 @@ stage train 170 bash -c "python3 -m medift.train --shards '$work/shards' --base_
     cp '$work/tuned/train_summary.json' '$out/' 2>/dev/null; tail -n 5 '$out/train.log'; exit \$rc"
 dtype=$([ "$DS_ACCELERATOR" = cuda ] && echo bfloat16 || echo float32)
 stage evaluate 70 bash -c "python3 -m medift.evaluate --model '$work/tuned' --shards '$work/shards' --split test \
-    --scoring letter --dtype $dtype --device auto --out '$work/predictions.csv' --summary '$out/evaluate_metrics.json' \
+    --scoring letter --circular False --dtype $dtype --device auto --out '$work/predictions.csv' --summary '$out/evaluate_metrics.json' \
     > '$work/evaluate.log' 2>&1; rc=\$?; tail -n 3 '$work/evaluate.log'; exit \$rc"
 stage load_memory 60 "${bench[@]}" --sections load --ranks 1 --load_modes bf16_zero2 --out "$out/load_memory.json"
 python3 - "$out" <<'EOF'

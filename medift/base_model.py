@@ -19,6 +19,7 @@ from transformers import HfArgumentParser
 
 from medift import metrics
 from medift.runtime import set_torch_threads
+from medift.settings import EMBEDDED_IMAGE_SIZE
 from medift.model.embedded import EmbeddedModelConfig
 from medift.model.embedded_mllama import DistillConfig, distill
 from medift.model.loading import load_base_model
@@ -36,7 +37,7 @@ class BaseEvalConfig:
     out: str = field(metadata={"help": "JSON to write ({'general_mcq_accuracy': ...})."})
     n: int = field(default=300, metadata={"help": "Held-out general multiple-choice questions."})
     seed: int = field(default=1, metadata={"help": "Seed of the held-out stream (the pre-training seed)."})
-    image_size: int = field(default=64, metadata={"help": "Image size of the embedded model."})
+    image_size: int = field(default=EMBEDDED_IMAGE_SIZE, metadata={"help": "Image size of the embedded model."})
     threads: int = field(default=1, metadata={"help": "torch intra-op threads."})
 
 

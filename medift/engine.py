@@ -14,6 +14,8 @@ import tempfile
 
 import torch
 
+from medift.settings import check_offload
+
 
 def _use_this_environments_ninja() -> None:
     """Put this interpreter's bin/ first on PATH before DeepSpeed may build its op.
@@ -200,17 +202,9 @@ def training_device() -> torch.device:
     return torch.device(name if name == "cpu" else f"{name}:{get_accelerator().current_device()}")
 
 
-OFFLOAD_MODES = ("none", "optimizer", "optimizer+parameters")
-
-
 def zero_settings(zero_stage: int, offload: str) -> dict:
     """ZeRO settings; `offload` moves the optimizer state (and, at stage 3, the parameters) to CPU memory."""
-    if offload not in OFFLOAD_MODES:
-        raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
-    if offload != "none" and zero_stage < 2:
-        raise ValueError("offload needs zero_stage 2 or 3")
-    if offload == "optimizer+parameters" and zero_stage != 3:
-        raise ValueError("offloading parameters needs zero_stage 3")
+    check_offload(zero_stage, offload)  # the one rule (medift/settings.py), also the workflow's
     settings: dict = {"stage": zero_stage}
     if offload != "none":
         settings["offload_optimizer"] = {"device": "cpu"}

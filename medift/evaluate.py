@@ -34,6 +34,7 @@ from medift.generation import best_letter, generate_answers, score_letters
 from medift.images import decode_image
 from medift.model.loading import load_base_model
 from medift.runtime import resolve_device, set_torch_threads
+from medift.settings import DEVICE_PATTERN, DTYPES, SCORING_MODES, SPLITS, check_fields
 from medift.shards import QUESTIONS, ShardRows
 
 log = logging.getLogger(__name__)
@@ -41,18 +42,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvaluateConfig:
+    """One evaluation. Each field's default, help and limits are the only ones: the workflow's
+    schema and config/README.md are generated from them (medift/settings.py)."""
+
     model: str = field(metadata={"help": "Local Hugging Face checkpoint to evaluate."})
     shards: str = field(metadata={"help": "Shard directory of one dataset."})
     out: str = field(metadata={"help": "predictions.csv to write (one row per asked prompt: question x rotation)."})
     summary: str = field(metadata={"help": "metrics.json to write (accuracy, parse failures, timing)."})
-    split: str = field(default="test", metadata={"help": "Question split to evaluate (val or test)."})
-    scoring: str = field(default="generate", metadata={"help": "generate (the paper's: generate, parse the letter) or letter (argmax of the valid letters' logits after the forced answer prefix)."})
-    circular: bool = field(default=False, metadata={"help": "Also ask every rotation of each question's options."})
-    max_new_tokens: int = field(default=50, metadata={"help": "Generation budget per answer (the paper: 50)."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts per forward or generate call (results do not depend on it)."})
+    split: str = field(default="test", metadata={"help": "Question split to evaluate: val or test."})
+    scoring: str = field(default="generate", metadata={"help": "generate: the paper's protocol, greedy generation, then the letter after `The correct answer is` is parsed (an unparseable answer is wrong and counted). letter: the prompt is followed by that forced prefix and the prediction is the valid option letter with the highest next-token logit, one forward pass per prompt (no parse failure possible; the letters' logits are saved in letter_scores)."})
+    circular: bool = field(default=True, metadata={"help": "Also ask every rotation of each question's options (n prompts for n options); a question counts for circular_accuracy only if all rotations are right. Plain accuracy is always on the question as written (rotation 0)."})
+    max_new_tokens: int = field(default=50, metadata={"help": "Generation budget per answer (generate only; the paper: 50)."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per forward or generate call; predictions do not depend on it (left padding, positions from the attention mask; tested per family)."})
     threads: int = field(default=1, metadata={"help": "torch intra-op threads (the rule's `threads`)."})
-    device: str = field(default="auto", metadata={"help": "auto (the GPU if torch sees one, else the CPU), cpu, cuda or cuda:N."})
-    dtype: str = field(default="float32", metadata={"help": "Weights' dtype for scoring: float32, bfloat16 or float16 (a real 11B checkpoint: bfloat16)."})
+    device: str = field(default="auto", metadata={"help": "Where scoring runs: auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (a named GPU that is absent is an error, not a silent CPU run; the workflow gives each evaluation job a card of its own and refuses cuda:N). metrics.json records the device."})
+    dtype: str = field(default="float32", metadata={"help": "Weights' dtype while scoring: float32, bfloat16 (a real multi-billion-parameter checkpoint on a GPU; config/paper.yaml) or float16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint."})
     descriptions: str = field(default="", metadata={"help": "Also measure description accuracy (medift.describe) with the same model: descriptions.csv to write. Empty: not measured."})
     description_summary: str = field(default="", metadata={"help": "description_metrics.json to write (with --descriptions)."})
@@ -62,11 +66,20 @@ class EvaluateConfig:
     def __post_init__(self):
         if self.descriptions and not (self.description_summary and self.adapter):
             raise ValueError("--descriptions needs --description_summary and --adapter")
-        if self.scoring not in SCORING_MODES:
-            raise ValueError(f"scoring must be one of {SCORING_MODES}, got {self.scoring!r}")
+        check_fields(self, EVALUATE_LIMITS)
 
 
-SCORING_MODES = ("generate", "letter")
+# Each setting's limits (the CLI's check, check_fields, and the schema's, generated).
+EVALUATE_LIMITS = {
+    "split": {"choices": SPLITS},
+    "scoring": {"choices": SCORING_MODES},
+    "max_new_tokens": {"minimum": 1},
+    "batch_size": {"minimum": 1},
+    "threads": {"minimum": 1},
+    "device": {"pattern": DEVICE_PATTERN},
+    "dtype": {"choices": DTYPES},
+    "describe_max_new_tokens": {"minimum": 1},
+}
 
 
 def asked_prompts(questions: pd.DataFrame, circular: bool) -> pd.DataFrame:

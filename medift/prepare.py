@@ -18,6 +18,7 @@ from medift.datasets import AdapterResult, DataError, Quarantined, get_dataset
 from medift.datasets.common import observed_values
 from medift.datasets.synthetic import write_synthetic
 from medift.records import SPLITS
+from medift.settings import EMBEDDED_IMAGE_SIZE
 from medift.shards import write_shards
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class ShardsConfig:
     raw_dir: str = field(metadata={"help": "Raw dataset root, as its publisher ships it."})
     out_dir: str = field(metadata={"help": "Shard directory to write."})
     report: str = field(metadata={"help": "data_report.json to write (counts per split)."})
-    image_size: int = field(default=64, metadata={"help": "Model input size: images are letterboxed to it once."})
+    image_size: int = field(default=EMBEDDED_IMAGE_SIZE, metadata={"help": "Model input size: images are letterboxed to it once (default: the embedded models')."})
     seed: int = field(default=0, metadata={"help": "Seeds splits that the release does not fix, and questions."})
     strict: bool = field(default=False, metadata={"help": "Turn every quarantine (missing or unreadable image, duplicated id, empty description, ...) into an error."})
     rows_per_shard: int = field(default=512, metadata={"help": "Rows per Parquet file."})

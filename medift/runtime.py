@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+from medift.settings import available_cpus  # the workflow's CPU count too
 
 
 def set_torch_threads(requested: int) -> int:

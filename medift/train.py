@@ -27,8 +27,10 @@ from medift.checkpoints import Checkpoints
 from medift.evaluate import QUESTION_COLUMNS, EvaluateConfig, score_questions
 from medift.images import decode_image
 from medift.model.families import family_of
-from medift.model.loading import (LORA_GROUPS, load_base_model, merge_lora, parse_groups, partitioned_loading,
+from medift.model.loading import (LORA_GROUPS, known_groups, load_base_model, merge_lora, parse_groups, partitioned_loading,
                                  save_lora_adapter, select_trainable, unwrap_lora)
+from medift.settings import (LORA_SAVE_MODES, OFFLOAD_MODES, SELECT_MODES, ZERO_STAGES, check_fields, check_train_settings,
+                             proxy_learning_rate)
 from medift.proxy import ProxyInstruction
 from medift.shards import DESCRIPTIONS, QUESTIONS, ShardRows, verify_split
 from medift import engine as ds_engine
@@ -36,79 +38,97 @@ from medift import flops
 
 log = logging.getLogger(__name__)
 
+# train_modules: comma-separated group names (medift.model.loading.known_groups).
+_GROUP = "|".join(known_groups())
+GROUPS_PATTERN = f"^({_GROUP})(,({_GROUP}))*$"
+
+
 @dataclass
 class TrainConfig:
+    """One training run. Each field's default, help and limits are the only ones: the workflow's
+    schema and config/README.md are generated from them (medift/settings.py)."""
+
     shards: str = field(metadata={"help": "Shard directory of one dataset (reads descriptions-train-*)."})
     base_model: str = field(metadata={"help": "Local Hugging Face checkpoint directory of the base model."})
     out_dir: str = field(metadata={"help": "Where the tuned model is saved (HF layout)."})
-    proxy: bool = field(default=True, metadata={"help": "Use the learnable proxy instruction (IFT); off = fixed caption instruction."})
+    proxy: bool = field(default=True, metadata={"help": "Learnable proxy instruction (IFT); false = fixed caption instruction (caption fine-tuning)."})
     proxy_tokens: int = field(default=8, metadata={"help": "K, the number of proxy embeddings."})
     momentum: float = field(default=0.999, metadata={"help": "m of the proxy's momentum copy; 0 = no momentum copy (plain proxy training)."})
     warmup_epochs: int = field(default=1, metadata={"help": "Stage-1 epochs that train the proxy alone (0 = no warm-up)."})
-    epochs: int = field(default=5, metadata={"help": "Stage-2 epochs."})
+    epochs: int = field(default=5, metadata={"help": "Stage-2 epochs (model and proxy)."})
     shuffle_responses: bool = field(default=True, metadata={"help": "Shuffle the description's comma-separated phrases at every load."})
-    train_modules: str = field(default="vision,projector", metadata={"help": "Comma-separated groups: vision, projector, fusion (Mllama's cross-attention layers), language_model, lora (adapters on the language model), lora_vision (adapters on the vision tower). medift/model/families.py names each family's modules."})
+    train_modules: str = field(default="vision,fusion", metadata={"help": "Comma-separated trainable groups: vision, projector, fusion (Mllama's cross-attention layers, with the projector), language_model, lora (adapters on the language model's attention), lora_vision (on the vision tower's). medift/model/families.py names each family's modules; a group that matches nothing in the model is an error. The default is the paper's for Mllama (the embedded model's family); families without fusion layers (LLaVA-style) take vision,projector."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank when `lora` or `lora_vision` is trained."})
-    lora_save: str = field(default="merged", metadata={"help": "merged: adapters folded into the saved weights (a plain checkpoint); adapter: saved as a peft adapter in lora_adapter/ beside the model (PeftModel.from_pretrained loads it)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass (non-reentrant, so frozen towers need no input gradients)."})
-    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant) of the model (and of the proxy unless proxy_lr is given)."})
-    proxy_lr: Optional[float] = field(default=None, metadata={"help": "AdamW learning rate (constant) of the proxy in both stages; unset: lr. The warm-up moves each proxy coordinate at most proxy_lr per step, so a run with far fewer steps than the reference's needs a larger one for the warm-up to move the proxy at all (docs/recipe-search.md)."})
-    batch_size: int = field(default=2, metadata={"help": "Micro-batch size (per rank and accumulation step)."})
-    gradient_accumulation: int = field(default=1, metadata={"help": "Micro-batches per optimizer step on each rank; global batch = batch_size x gradient_accumulation x ranks (ranks: the launcher's WORLD_SIZE, torchrun's --nproc_per_node x --nnodes)."})
-    global_batch: Optional[int] = field(default=None, metadata={"help": "Samples per optimizer step over every rank; the accumulation is derived: global_batch / (batch_size x ranks) must be a whole number >= 1, else an error before training (medift/batching.py). Unset: batch_size x gradient_accumulation x ranks."})
+    lora_save: str = field(default="merged", metadata={"help": "merged: adapters folded into the saved weights (a plain checkpoint); adapter: saved as a peft adapter in lora_adapter/ beside the model (fully trained groups in the model), which PeftModel.from_pretrained loads and evaluation merges."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass (non-reentrant, so it works with a frozen vision tower or decoder); config/paper.yaml turns it on."})
+    lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate (constant) of the model, and of the proxy unless proxy_lr is set. The default was chosen with proxy_lr on the validation split for the embedded model (docs/recipe-search.md); the paper's is 2e-5. In YAML write floats with a dot (1.0e-3): 1e-3 reads as a string."})
+    proxy_lr: Optional[float] = field(default=3e-3, metadata={"help": "AdamW learning rate (constant) of the proxy in both stages; null (unset) = lr, as in the paper (config/paper.yaml). Each warm-up step moves a proxy coordinate by at most this much, so a run with far fewer steps than the reference's needs a larger one for the warm-up to move the proxy at all (docs/recipe-search.md)."})
+    batch_size: int = field(default=16, metadata={"help": "Micro-batch size (per rank and accumulation step)."})
+    gradient_accumulation: int = field(default=1, metadata={"help": "Micro-batches per optimizer step on each rank; global batch = batch_size x gradient_accumulation x ranks (the launcher's WORLD_SIZE: the workflow's ranks x nodes). Derived when global_batch is set (leave it 1 then; another value that disagrees is refused)."})
+    global_batch: Optional[int] = field(default=None, metadata={"help": "Samples per optimizer step over every rank, the setting that keeps a run comparable from 1 GPU to 8. Set, the accumulation is derived: global_batch / (batch_size x ranks) must be a whole number >= 1, else an error before any training (medift/batching.py; the workflow checks it before any job). null (unset): batch_size x gradient_accumulation x ranks. config/paper.yaml: 2, the reference's."})
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip of the model's parameters (not the proxy's)."})
-    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage (0-3); partitions optimizer state (2) and parameters (3) over the ranks."})
-    offload: str = field(default="none", metadata={"help": "none, optimizer (ZeRO 2/3: optimizer state in CPU memory) or optimizer+parameters (ZeRO-3)."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 training (GPU); CPU runs in fp32."})
+    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage: 2 partitions the optimizer state over the ranks, 3 the parameters too (gathered again when the model is saved). LoRA with ZeRO-3 is refused."})
+    offload: str = field(default="none", metadata={"help": "ZeRO offload to CPU memory: none, optimizer (stage 2 or 3: the optimizer state) or optimizer+parameters (stage 3: the parameters too); refused with another stage."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 training (GPU only); CPU runs in fp32."})
     repeat_train: int = field(default=1, metadata={"help": "Times the training list is repeated per epoch (reference: 3 for CBIS-DDSM/SKINCON)."})
     seed: int = field(default=1, metadata={"help": "Seeds order, shuffling, proxy init."})
     threads: int = field(default=1, metadata={"help": "torch intra-op threads (the rule's `threads`)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint (off: only transformers' own classes)."})
     max_steps: int = field(default=0, metadata={"help": "Stop after this many optimizer steps in all, warm-up included (0: every epoch); for benchmarks and smoke runs."})
-    validate: bool = field(default=True, metadata={"help": "After every stage-2 epoch, letter-scoring accuracy on the validation questions (logged, in the summary and TensorBoard)."})
-    select: str = field(default="last", metadata={"help": "Which epoch's model is saved: last, or best_val (the highest validation accuracy; the earliest on a tie)."})
+    validate: bool = field(default=True, metadata={"help": "After every stage-2 epoch, letter-scoring accuracy on the validation questions (the model without the proxy, as it is saved), in the log, train_summary.json (validation) and TensorBoard."})
+    select: str = field(default="last", metadata={"help": "Which epoch's model is saved: last, or best_val (the highest validation accuracy, the earliest on a tie; needs validate)."})
     val_batch_size: int = field(default=32, metadata={"help": "Questions per forward pass of the validation."})
-    checkpoint_dir: str = field(default="", metadata={"help": "Directory of resumable checkpoints (outside the job's outputs); a restarted job resumes from its latest. Empty: none."})
+    checkpoint_dir: str = field(default="", metadata={"help": "Directory of resumable checkpoints (outside the job's outputs; the workflow's: resources/checkpoints/); a restarted job resumes from its latest. Empty: no checkpoints (checkpoint_every and checkpoint_minutes do nothing)."})
     checkpoint_every: int = field(default=0, metadata={"help": "Optimizer steps between checkpoints (warm-up steps count); 0: none. With checkpoint_minutes too, a checkpoint is written when either is due."})
-    checkpoint_minutes: float = field(default=0.0, metadata={"help": "Minutes of training between checkpoints, on the slowest rank's clock (every rank decides the same step); 0: none. The log gives each checkpoint's bytes and seconds: choose it so that writing one is a small share of the interval."})
-    shuffle_window: int = field(default=16, metadata={"help": "Row groups (64 rows each) whose samples are shuffled together: row groups are shuffled, then the samples of each window of this many; the reader caches a window, so each row group is read once per epoch by each reading process (rank or data worker). A split of at most this many row groups is shuffled whole. Memory: about shuffle_window x 64 stored images per reading process."})
-    data_workers: int = field(default=0, metadata={"help": "DataLoader worker processes that decode images and run the processor ahead of the step (0: in the training process)."})
+    # 30, not 30.0: the workflow's jobs of configs that leave it out keep their parameters.
+    checkpoint_minutes: float = field(default=30, metadata={"help": "Minutes of training between checkpoints, on the slowest rank's clock (every rank decides the same step); 0: none. The log gives each checkpoint's bytes and seconds (about 37 GB for Llama-3.2-11B-Vision with vision,fusion): choose it so that writing one is a small share of the interval."})
+    shuffle_window: int = field(default=16, metadata={"help": "Row groups (64 rows each) whose samples are shuffled together: row groups are shuffled, then the samples of each window of this many; the reader caches a window, so each row group is read once per epoch by each reading process (rank or data worker). A split of at most this many row groups is shuffled whole. Memory: about shuffle_window x 64 stored images per reading process. Part of the training order, so of the results."})
+    data_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank that read row groups, decode images and run the processor ahead of the step (0: in the training process)."})
     tensorboard_dir: str = field(default="", metadata={"help": "Where TensorBoard event files go (loss, lr, gradient norm, proxy drift, throughput, MFU, peak memory, validation accuracy). Empty: none."})
     peak_flops: float = field(default=0.0, metadata={"help": "Peak FLOP/s of one device that MFU/HFU are measured against; 0: $MEDIFT_PEAK_FLOPS, else the table of medift/flops.py for the GPU (H100/H200 bf16 989.4e12, A100 312e12); none on CPU (MFU not reported)."})
 
     def __post_init__(self):
         # Incompatible settings fail here, before any model is loaded.
-        groups = parse_groups(self.train_modules)
-        ds_engine.zero_settings(self.zero_stage, self.offload)  # an impossible offload fails here
-        if self.gradient_accumulation < 1 or self.batch_size < 1:
-            raise ValueError("batch_size and gradient_accumulation must be at least 1")
+        parse_groups(self.train_modules)  # unknown groups, named
+        check_fields(self, TRAIN_LIMITS)
+        check_train_settings(asdict(self))
         # The launcher's world size is known before any process group exists (torchrun sets it).
         self.gradient_accumulation = resolve_accumulation(self.global_batch, self.batch_size, self.gradient_accumulation,
                                                           launcher_world_size())
-        if self.lora_save not in LORA_SAVE_MODES:
-            raise ValueError(f"lora_save must be one of {LORA_SAVE_MODES}, got {self.lora_save!r}")
-        if self.select not in SELECT_MODES:
-            raise ValueError(f"select must be one of {SELECT_MODES}, got {self.select!r}")
-        if self.select == "best_val" and not self.validate:
-            raise ValueError("select best_val needs validate true (the validation accuracy chooses the epoch)")
-        if self.checkpoint_every < 0 or self.checkpoint_minutes < 0 or self.data_workers < 0 or self.max_steps < 0:
-            raise ValueError("checkpoint_every, checkpoint_minutes, data_workers and max_steps cannot be negative")
-        if (self.checkpoint_every or self.checkpoint_minutes) and not self.checkpoint_dir:
-            raise ValueError("checkpoint_every and checkpoint_minutes need a checkpoint_dir")
-        if self.shuffle_window < 1:
-            raise ValueError(f"shuffle_window must be at least 1 row group, got {self.shuffle_window}")
-        if self.epochs < 1:
-            raise ValueError("epochs must be at least 1")
-        if any(g in LORA_GROUPS for g in groups) and self.zero_stage == 3:
-            raise ValueError("LoRA with ZeRO-3 is not supported (adapters cannot be merged or saved from partitioned weights); use zero_stage 2")
-        if self.peak_flops < 0:
-            raise ValueError(f"peak_flops cannot be negative, got {self.peak_flops}")
-        if self.proxy_lr is not None and not self.proxy_lr > 0:
-            raise ValueError(f"proxy_lr must be positive (or unset: lr), got {self.proxy_lr}")
 
     @property
     def proxy_learning_rate(self) -> float:
-        return self.lr if self.proxy_lr is None else self.proxy_lr
+        return proxy_learning_rate(self.lr, self.proxy_lr)
+
+
+# Each setting's limits (the CLI's check, check_fields, and the schema's, generated).
+TRAIN_LIMITS = {
+    "proxy_tokens": {"minimum": 1},
+    "momentum": {"minimum": 0, "maximum": 1},
+    "warmup_epochs": {"minimum": 0},
+    "epochs": {"minimum": 1},
+    "train_modules": {"pattern": GROUPS_PATTERN},
+    "lora_rank": {"minimum": 1},
+    "lora_save": {"choices": LORA_SAVE_MODES},
+    "lr": {"exclusive_minimum": 0},
+    "proxy_lr": {"exclusive_minimum": 0},
+    "batch_size": {"minimum": 1},
+    "gradient_accumulation": {"minimum": 1},
+    "global_batch": {"minimum": 1},
+    "grad_clip": {"minimum": 0},
+    "zero_stage": {"choices": ZERO_STAGES},
+    "offload": {"choices": OFFLOAD_MODES},
+    "repeat_train": {"minimum": 1},
+    "threads": {"minimum": 1},
+    "max_steps": {"minimum": 0},
+    "select": {"choices": SELECT_MODES},
+    "val_batch_size": {"minimum": 1},
+    "checkpoint_every": {"minimum": 0},
+    "checkpoint_minutes": {"minimum": 0},
+    "shuffle_window": {"minimum": 1},
+    "data_workers": {"minimum": 0},
+    "peak_flops": {"minimum": 0},
+}
 
 
 def launcher_world_size() -> int:
@@ -116,8 +136,6 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-LORA_SAVE_MODES = ("merged", "adapter")
-SELECT_MODES = ("last", "best_val")
 # Settings that change nothing a checkpoint holds: a job may resume under other values of them.
 NOT_IN_FINGERPRINT = ("threads", "checkpoint_dir", "checkpoint_every", "checkpoint_minutes", "data_workers", "tensorboard_dir",
                       "peak_flops")

@@ -273,7 +273,7 @@ def test_generate_and_letter_scoring_are_batch_invariant_and_agree(family, check
     for scoring in ("generate", "letter"):
         for batch_size in (1, 8):
             config = EvaluateConfig(model="", shards="", out="", summary="", scoring=scoring, batch_size=batch_size,
-                                    max_new_tokens=12)
+                                    max_new_tokens=12, circular=False)
             letters[scoring, batch_size] = list(score_questions(model, processor, questions, config)["parsed_letter"])
     assert letters["generate", 1] == letters["generate", 8]
     assert letters["letter", 1] == letters["letter", 8]

@@ -28,7 +28,7 @@ def command(shards, base, out, checkpoints, ranks: int, *extra: str) -> list[str
         "-m", "medift.train"]
     return [*launcher, "--shards", str(shards), "--base_model", str(base), "--out_dir", str(out),
             "--proxy_tokens", "4", "--warmup_epochs", "1", "--epochs", "2", "--batch_size", str(2 // ranks),
-            "--lr", "1e-3", "--seed", "4", "--select", "best_val",
+            "--lr", "1e-3", "--seed", "4", "--select", "best_val", "--train_modules", "vision,projector",
             "--checkpoint_dir", str(checkpoints), "--checkpoint_every", "1", "--tensorboard_dir", str(out) + "-events", *extra]
 
 
@@ -128,11 +128,12 @@ def test_best_val_saves_the_best_epoch_and_validation_matches_evaluation(tmp_pat
 
     def config(out: str, **settings) -> TrainConfig:
         return TrainConfig(shards=str(tiny_wbcatt_shards), base_model=str(checkpoint), out_dir=str(tmp_path / out),
-                           proxy_tokens=4, warmup_epochs=1, lr=1e-3, batch_size=2, seed=4, **settings)
+                           proxy_tokens=4, warmup_epochs=1, lr=1e-3, batch_size=2, seed=4, train_modules="vision,projector",
+                           **settings)
 
     one = train(config("one-epoch", epochs=1))
     metrics = evaluate(EvaluateConfig(model=str(tmp_path / "one-epoch"), shards=str(tiny_wbcatt_shards), split="val",
-                                      scoring="letter", out=str(tmp_path / "val.csv"), summary=str(tmp_path / "val.json")))
+                                      scoring="letter", circular=False, out=str(tmp_path / "val.csv"), summary=str(tmp_path / "val.json")))
     assert [v["accuracy"] for v in one["validation"]] == [metrics["accuracy"]]
 
     measured = iter([50.0, 10.0])  # epoch 1 best, epoch 2 worse

@@ -25,6 +25,7 @@ from medift.chat import CAPTION_INSTRUCTION
 from medift.datasets import DATASETS
 from medift.model import general
 from medift.model.tokenizer import IMAGE_TOKEN, build_tokenizer
+from medift.settings import EMBEDDED_DATASETS, EMBEDDED_IMAGE_SIZE  # shared with the workflow
 
 # One template for every message shape the pipeline writes: a user turn whose content
 # is a list of {"type": "image"} / {"type": "text"} parts, an assistant turn with text.
@@ -46,7 +47,7 @@ CONTEXT_PREFIX = "Context:"
 
 @dataclass
 class EmbeddedModelConfig:
-    image_size: int = field(default=64, metadata={"help": "Square input size in pixels."})
+    image_size: int = field(default=EMBEDDED_IMAGE_SIZE, metadata={"help": "Square input size in pixels."})
     patch_size: int = field(default=8, metadata={"help": "ViT patch size; (image/patch)^2 image tokens."})
     vision_hidden: int = field(default=128, metadata={"help": "CLIP vision tower width."})
     vision_layers: int = field(default=2, metadata={"help": "CLIP vision tower depth."})
@@ -64,8 +65,7 @@ class EmbeddedModelConfig:
     )
 
 
-# The datasets the shipped model was built with.
-EMBEDDED_DATASETS = ("wbcatt", "cbis_ddsm")
+# The datasets the shipped model was built with: EMBEDDED_DATASETS (medift/settings.py).
 
 
 def tokenizer_corpus(datasets: tuple[str, ...] = EMBEDDED_DATASETS) -> tuple[list[str], list[str]]:

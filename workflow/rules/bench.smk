@@ -2,7 +2,7 @@ rule bench_scoring:
     """Benchmark (not part of `all`): letter scoring vs generate-and-parse on the base model,
     same questions, same process; prints agreement and speed ratios."""
     input:
-        manifests=expand("resources/shards/{dataset}/manifest.json", dataset=get_datasets()),
+        manifests=expand(SHARDS_MANIFEST, dataset=get_datasets()),
         model=get_base_model_files(),
     output:
         "results/bench/scoring.json",

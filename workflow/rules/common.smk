@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -27,7 +28,31 @@ ADAPTERS = ("wbcatt", "cbis_ddsm", "skincon", "mimic_cxr")
 # The embedded models (committed; `base_model.path` names them): the default is the tiny
 # Mllama (rule distill_base_model), distilled from the tiny LLaVA (rule pretrain_base_model).
 EMBEDDED_MODEL_DIRS = {"embedded": "models/embedded-mllama", "embedded_llava": "models/embedded-base"}
-EMBEDDED_IMAGE_SIZE = 64  # medift.model.embedded.EmbeddedModelConfig.image_size (both models)
+
+##### path templates (every rule file uses these) #####
+
+RAW_DIR = "resources/raw/{dataset}"  # a synthetic release (source: synthetic)
+SYNTHETIC_MARKER = f"{RAW_DIR}/.synthetic.done"
+SHARDS_DIR = "resources/shards/{dataset}"
+SHARDS_MANIFEST = f"{SHARDS_DIR}/manifest.json"
+DATA_REPORT = "results/{dataset}/data_report.json"
+MODEL_DIR = "resources/models/{dataset}/{method}/seed-{seed}"  # a tuned model
+# Not outputs of train_model: Snakemake deletes a failed job's outputs, and these must outlive it.
+CHECKPOINT_DIR = "resources/checkpoints/{dataset}/{method}/seed-{seed}"
+TENSORBOARD_DIR = "logs/tensorboard/{dataset}/{method}/seed-{seed}"
+RESULTS_DIR = "results/{dataset}/{method}/seed-{seed}"  # an evaluation's files
+TABLE_CSV = "results/{table}.csv"
+BASE_MODEL_RESULT = "results/base_model.json"
+
+
+def model_file(name):
+    """Template of a file of a tuned model (MODEL_DIR)."""
+    return f"{MODEL_DIR}/{name}"
+
+
+def result_file(name):
+    """Template of a file of an evaluation (RESULTS_DIR)."""
+    return f"{RESULTS_DIR}/{name}"
 
 
 def _load_medift_module(relative_path):
@@ -45,8 +70,11 @@ def _load_medift_module(relative_path):
 FAMILIES = _load_medift_module("model/families.py")
 GPUS = _load_medift_module("gpus.py")  # which cards a local job takes (python -m medift.gpus)
 BATCHING = _load_medift_module("batching.py")  # global batch = batch_size x accumulation x ranks x nodes
-# Datasets whose words the embedded model's closed vocabulary holds (medift.model.embedded).
-EMBEDDED_DATASETS = ("wbcatt", "cbis_ddsm")
+# The settings' checks across keys, the proxy's lr, command lines, shared facts (medift/settings.py).
+SETTINGS = _load_medift_module("settings.py")
+# Datasets whose words the embedded model's closed vocabulary holds, and its image side.
+EMBEDDED_DATASETS = SETTINGS.EMBEDDED_DATASETS
+EMBEDDED_IMAGE_SIZE = SETTINGS.EMBEDDED_IMAGE_SIZE
 
 
 ##### CPU slots #####
@@ -56,7 +84,7 @@ EMBEDDED_DATASETS = ("wbcatt", "cbis_ddsm")
 # 2-thread jobs at once, and oversubscribed OpenMP threads slow every matmul down; so the
 # heavy rules also take `cpu_slots`, of which a local run has as many as this machine has
 # CPUs. `--resources cpu_slots=N` overrides it; cluster executors are not limited by it.
-CPU_SLOTS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+CPU_SLOTS = SETTINGS.available_cpus()
 if workflow.local_exec and "cpu_slots" not in workflow.global_resources:
     workflow.register_resource("cpu_slots", CPU_SLOTS)
 
@@ -153,8 +181,10 @@ def _check_config():
     for method in get_trained_methods():
         for dataset in config["datasets"]:
             try:
-                get_train_settings(SimpleNamespace(method=method, dataset=dataset))
-            except ValueError as error:  # the global batch rule (medift/batching.py)
+                # The global batch rule (medift/batching.py), then medift.train's own checks across
+                # settings (medift/settings.py): the job would fail on them at its start.
+                SETTINGS.check_train_settings(get_train_settings(SimpleNamespace(method=method, dataset=dataset)))
+            except ValueError as error:
                 raise WorkflowError(f"methods.{method} on {dataset}: {error}")
     if config["evaluate"]["device"].startswith("cuda:"):
         raise WorkflowError(
@@ -168,21 +198,6 @@ def _check_config():
                 "train.nodes: every training job spans one node or every job several "
                 f"(here {sorted(nodes)}); set nodes in the global train block"
             )
-    for method in get_trained_methods():
-        for dataset in config["datasets"]:
-            settings = get_train_settings(SimpleNamespace(method=method, dataset=dataset))
-            groups = settings["train_modules"].split(",")
-            offload, stage = settings["offload"], settings["zero_stage"]
-            if (offload != "none" and stage < 2) or (offload == "optimizer+parameters" and stage != 3):
-                raise WorkflowError(
-                    f"methods.{method} on {dataset}: offload {offload} needs zero_stage "
-                    f"{'3' if offload == 'optimizer+parameters' else '2 or 3'}, not {stage}"
-                )
-            if any(g.startswith("lora") for g in groups) and settings["zero_stage"] == 3:
-                raise WorkflowError(
-                    f"methods.{method} on {dataset}: LoRA with ZeRO-3 is not supported "
-                    "(adapters cannot be merged or saved from partitioned weights); use zero_stage 2"
-                )
 
 
 ##### image size #####
@@ -239,19 +254,15 @@ def get_raw_dir(wildcards):
     """Root of the raw release: generated under resources/raw/ or the configured raw_dir."""
     entry = get_dataset_config(wildcards)
     if entry["source"] == "synthetic":
-        return f"resources/raw/{wildcards.dataset}"
+        return RAW_DIR.format(dataset=wildcards.dataset)
     return entry["raw_dir"]
 
 
 def get_raw_input(wildcards):
     """What the shards depend on: the synthetic generator's marker, or the real release."""
     if get_dataset_config(wildcards)["source"] == "synthetic":
-        return f"resources/raw/{wildcards.dataset}/.synthetic.done"
+        return SYNTHETIC_MARKER.format(dataset=wildcards.dataset)
     return get_dataset_config(wildcards)["raw_dir"]
-
-
-def get_shards_dir(wildcards):
-    return f"resources/shards/{wildcards.dataset}"
 
 
 ##### base model #####
@@ -282,10 +293,6 @@ def get_base_model_files():
 ##### methods and training #####
 
 
-def get_methods():
-    return list(config["methods"])
-
-
 def get_trained_methods():
     """Methods that have a fine-tuning job (all but those with `train: false`)."""
     return [m for m, entry in config["methods"].items() if entry["train"]]
@@ -303,10 +310,9 @@ def get_train_settings(wildcards):
     """
     method = {k: v for k, v in config["methods"][wildcards.method].items() if k != "train"}
     settings = {**config["train"], **get_dataset_config(wildcards)["train"], **method}
-    # null: the proxy learns at the model's lr. Without a proxy it is lr too, so that
-    # changing proxy_lr does not make the caption_ft jobs out of date.
-    if settings.get("proxy_lr") is None or not settings["proxy"]:
-        settings["proxy_lr"] = settings["lr"]
+    # null: the proxy learns at the model's lr; without a proxy lr too, so that changing
+    # proxy_lr does not make the caption_ft jobs out of date (medift/settings.py).
+    settings["proxy_lr"] = SETTINGS.proxy_learning_rate(settings["lr"], settings["proxy_lr"], settings["proxy"])
     # The accumulation that gives `global_batch` (null: the one set); global_batch then states
     # what the job runs with, and medift.train checks it against its launcher's ranks.
     world = settings["ranks"] * settings["nodes"]
@@ -320,6 +326,29 @@ def get_train_settings(wildcards):
 def get_train_params(wildcards):
     """The train settings that are job parameters: all but `threads`, which changes no result."""
     return {k: v for k, v in get_train_settings(wildcards).items() if k != "threads"}
+
+
+# The workflow's settings as they are medift's command-line options, in the dataclasses' order:
+# the schema's properties (generated from TrainConfig and EvaluateConfig) but the workflow's own keys.
+_SCHEMA = yaml.safe_load((Path(workflow.basedir) / "schemas" / "config.schema.yaml").read_text())
+TRAIN_ARGUMENTS = [k for k in _SCHEMA["$defs"]["train_settings"]["properties"] if k not in SETTINGS.TRAIN_WORKFLOW_KEYS]
+EVALUATE_ARGUMENTS = [k for k in _SCHEMA["properties"]["evaluate"]["properties"] if k not in SETTINGS.EVALUATE_WORKFLOW_KEYS]
+
+
+def get_train_args(wildcards):
+    """The job's train settings as `python -m medift.train` options (`--lr 3e-05 ...`)."""
+    return SETTINGS.to_arguments(get_train_settings(wildcards), TRAIN_ARGUMENTS)
+
+
+def get_evaluate_params():
+    """The evaluate settings that are job parameters of evaluate_model: all but `threads` (and
+    `describe`, which decides the job's outputs)."""
+    return {k: config["evaluate"][k] for k in EVALUATE_ARGUMENTS}
+
+
+def get_evaluate_args(wildcards):
+    """The evaluate settings as `python -m medift.evaluate` options."""
+    return SETTINGS.to_arguments(config["evaluate"], EVALUATE_ARGUMENTS)
 
 
 def get_train_threads(wildcards):
@@ -458,7 +487,7 @@ def get_method_seeds(method):
 def get_model_dir(wildcards):
     """Model evaluated for (dataset, method, seed): the fine-tuned one, or the base for `train: false`."""
     if is_trained(wildcards.method):
-        return f"resources/models/{wildcards.dataset}/{wildcards.method}/seed-{wildcards.seed}"
+        return MODEL_DIR.format(dataset=wildcards.dataset, method=wildcards.method, seed=wildcards.seed)
     return get_base_model()
 
 
@@ -476,13 +505,18 @@ def get_table_methods(wildcards):
     return config["tables"][wildcards.table]
 
 
-def get_table_predictions(wildcards):
+def _table_results(wildcards, name):
+    """`name` (an evaluation's file) of every (method, seed, dataset) of the table, in table order."""
     return [
-        f"results/{dataset}/{method}/seed-{seed}/predictions.csv"
+        result_file(name).format(dataset=dataset, method=method, seed=seed)
         for method in get_table_methods(wildcards)
         for seed in get_method_seeds(method)
         for dataset in get_datasets()
     ]
+
+
+def get_table_predictions(wildcards):
+    return _table_results(wildcards, "predictions.csv")
 
 
 def get_description_outputs():
@@ -490,18 +524,18 @@ def get_description_outputs():
     if not config["evaluate"]["describe"]:
         return {}
     return {
-        "descriptions": "results/{dataset}/{method}/seed-{seed}/descriptions.csv",
-        "description_metrics": "results/{dataset}/{method}/seed-{seed}/description_metrics.json",
+        "descriptions": result_file("descriptions.csv"),
+        "description_metrics": result_file("description_metrics.json"),
     }
 
 
 def get_describe_options(wildcards, output):
-    """The evaluation's description options: outputs, the dataset's adapter (whose phrases count), budget."""
+    """The evaluation's description outputs and the dataset's adapter (whose phrases count)."""
     if not config["evaluate"]["describe"]:
         return ""
     return (
         f"--descriptions {output.descriptions} --description_summary {output.description_metrics}"
-        f" --adapter {get_adapter(wildcards)} --describe_max_new_tokens {config['evaluate']['describe_max_new_tokens']}"
+        f" --adapter {get_adapter(wildcards)}"
     )
 
 
@@ -509,7 +543,7 @@ def get_table_descriptions(wildcards):
     """descriptions.csv of every (method, seed, dataset) of the table when `evaluate.describe` is on."""
     if not config["evaluate"]["describe"]:
         return []
-    return [p.replace("predictions.csv", "descriptions.csv") for p in get_table_predictions(wildcards)]
+    return _table_results(wildcards, "descriptions.csv")
 
 
 def get_comparison_pairs():
@@ -529,9 +563,9 @@ def get_table_comparisons(wildcards):
 
 def get_final_output():
     """Targets of `all`: every table, and the embedded base model's general accuracy."""
-    targets = expand("results/{table}.csv", table=config["tables"])
+    targets = expand(TABLE_CSV, table=config["tables"])
     if is_embedded_base():
-        targets.append("results/base_model.json")
+        targets.append(BASE_MODEL_RESULT)
     return targets
 
 ##### memory and time of training and evaluation jobs (SLURM mem_mb, runtime) #####
@@ -585,7 +619,7 @@ def checkpoint_parameters(model_dir):
 
 def shard_rows(dataset, kind, split):
     """Rows of one split of a dataset's shards (manifest totals); 0 before make_shards has run."""
-    manifest = Path(f"resources/shards/{dataset}/manifest.json")
+    manifest = Path(SHARDS_MANIFEST.format(dataset=dataset))
     if not manifest.is_file():
         return 0
     return json.loads(manifest.read_text())["totals"][kind][split]

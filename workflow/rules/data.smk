@@ -1,9 +1,9 @@
 rule synthesize_raw_data:
     """Small synthetic raw release of one dataset, in the real on-disk format."""
     output:
-        marker=touch("resources/raw/{dataset}/.synthetic.done"),
+        marker=touch(SYNTHETIC_MARKER),
     params:
-        raw_dir="resources/raw/{dataset}",
+        raw_dir=RAW_DIR,
         adapter=get_adapter,
         seed=config["seed"],
         n_train=lambda wildcards: get_synthetic_settings(wildcards)["n_train"],
@@ -30,8 +30,8 @@ rule make_shards:
     input:
         get_raw_input,
     output:
-        manifest="resources/shards/{dataset}/manifest.json",
-        report="results/{dataset}/data_report.json",
+        manifest=SHARDS_MANIFEST,
+        report=DATA_REPORT,
     params:
         raw_dir=get_raw_dir,
         out_dir=subpath(output.manifest, parent=True),

@@ -75,7 +75,7 @@ rule evaluate_base_model:
     input:
         get_base_model_files(),
     output:
-        "results/base_model.json",
+        BASE_MODEL_RESULT,
     params:
         model=lambda wildcards, input: os.path.dirname(input[0]),
         n=config["base_model"]["eval_questions"],

@@ -6,7 +6,7 @@ rule make_table:
         descriptions=get_table_descriptions,
     output:
         table=report(
-            "results/{table}.csv",
+            TABLE_CSV,
             caption="../report/table.rst",
             category="Tables",
             labels={"table": "{table}", "content": "accuracy"},
