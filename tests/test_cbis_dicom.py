@@ -14,41 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from medift.datasets import cbis_ddsm
 from medift.images import ImageLoadError, is_dicom, load_image
 from tests.fixtures.data import real_data_missing, REAL_DATA, assert_patients_disjoint, real_cbis_layout, real_cbis_case_files
-
-STUDY_FOLDER = "07-21-2016-DDSM-NA-96009"
-
-
-def write_dicom(path: Path, pixels: np.ndarray, description: str, series_uid: str,
-                photometric: str = "MONOCHROME2") -> Path:
-    """A minimal single-frame grayscale DICOM file (uncompressed, explicit VR little endian)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    dataset.Modality = "MG"
-    dataset.SeriesDescription, dataset.SeriesInstanceUID = description, series_uid
-    dataset.Rows, dataset.Columns = pixels.shape
-    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, photometric
-    bits = 8 if pixels.dtype == np.uint8 else 16
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = bits, bits, bits - 1
-    dataset.PixelRepresentation = 0
-    dataset.PixelData = pixels.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dataset.save_as(path, enforce_file_format=True)
-    return path
-
-
-def _crop_pixels(size=(12, 10)) -> np.ndarray:
-    return (np.arange(size[0] * size[1]).reshape(size) * 300).astype(np.uint16)
-
-
-def _mask_pixels(size=(40, 30)) -> np.ndarray:
-    mask = np.zeros(size, dtype=np.uint8)
-    mask[10:20, 5:15] = 255
-    return mask
+from tests.fixtures.cbis_dicom import STUDY_FOLDER, _case_dir, _crop_pixels, _mask_pixels, real_cbis_dicom_layout, write_dicom
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -80,10 +46,6 @@ def test_truncated_or_non_dicom_file_names_the_file(tmp_path):
 # --- finding the crop -----------------------------------------------------------------------------
 
 
-def _case_dir(root: Path, case: str) -> Path:
-    return root / "CBIS-DDSM" / case / STUDY_FOLDER
-
-
 def test_crop_by_folder_name_then_by_header_then_by_size(tmp_path):
     # 1. The descriptive layout: one DICOM in a "cropped images" series folder.
     case = _case_dir(tmp_path, "Mass-Training_P_00001_LEFT_CC_1")
@@ -113,22 +75,6 @@ def test_crop_by_folder_name_then_by_header_then_by_size(tmp_path):
 
 
 # --- the real case descriptions in the NBIA layout ----------------------------------------------------
-
-
-def real_cbis_dicom_layout(root: Path) -> Path:
-    """The real train CSVs (header-only test files) and, for every case folder they name, a
-    crop and a mask series in the NBIA descriptive layout (hard links to two tiny DICOMs)."""
-    crop = write_dicom(root / "crop.dcm", _crop_pixels(), "cropped images", "9.9")
-    mask = write_dicom(root / "mask.dcm", _mask_pixels(), "ROI mask images", "9.9")
-    for frame in real_cbis_case_files(root / "csv"):
-        for number, raw in enumerate(frame["cropped image file path"]):
-            case = _case_dir(root, raw.strip().split("/")[0])
-            for source, series in ((crop, f"1.000000-cropped images-{number:05d}"),
-                                   (mask, f"1.000000-ROI mask images-{number:05d}")):
-                (case / series).mkdir(parents=True, exist_ok=True)
-                if not (case / series / "1-1.dcm").exists():
-                    (case / series / "1-1.dcm").hardlink_to(source)
-    return root
 
 
 @pytest.mark.skipif(bool(real_data_missing("cbis-ddsm")), reason=real_data_missing("cbis-ddsm"))

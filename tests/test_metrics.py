@@ -86,7 +86,7 @@ def test_percent_only_for_display():
 def test_evaluation_and_tables_report_the_same_hand_counted_metrics(tmp_path):
     from medift.evaluate import summarize
     from medift.tables import long_table, read_predictions
-    from test_stats_tables import _write_predictions
+    from tests.fixtures.predictions import _write_predictions
 
     files = {("d", "m", seed): _write_predictions(tmp_path / f"d/m/seed-{seed}/predictions.csv", patterns, n_options=4)
              for seed, patterns in ((1, SEED_1), (2, SEED_2))}

@@ -131,8 +131,8 @@ def test_patient_in_two_splits_is_an_error_before_decoding(tmp_path, monkeypatch
 
 
 def _layouts():
-    from test_cbis_dicom import real_cbis_dicom_layout
-    from test_skincon import real_skincon_layout
+    from tests.fixtures.cbis_dicom import real_cbis_dicom_layout
+    from tests.fixtures.skincon import real_skincon_layout
 
     return {
         "wbcatt": ("wbcatt", real_wbcatt_layout, "wbcatt"),

@@ -20,7 +20,7 @@ from transformers import HfArgumentParser
 from medift import settings
 from medift.evaluate import EvaluateConfig
 from medift.train import TrainConfig
-from test_workflow import DEFAULT_CONFIG, REPO, snakemake, write_config
+from tests.fixtures.workflow import DEFAULT_CONFIG, REPO, snakemake, write_config
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 

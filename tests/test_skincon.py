@@ -18,21 +18,7 @@ from medift.datasets.synthetic import write_synthetic
 from medift.datasets.synthetic_skincon import sample_concepts
 from medift.records import Record
 from tests.fixtures.data import real_data_missing, REAL_DATA, assert_patients_disjoint, placeholders
-
-HEADER = ["", "ImageID", *skincon.CONCEPTS, "Do not consider this image"]
-
-
-def _row(index: int, image_id: str, present=(), flagged=False) -> list[str]:
-    return [str(index), image_id, *("1" if c in present else "0" for c in skincon.CONCEPTS),
-            "1" if flagged else "0"]
-
-
-def _write(path: Path, rows, header=HEADER) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
+from tests.fixtures.skincon import HEADER, REAL_FITZPATRICK, _row, _write, real_skincon_layout
 
 
 def _fitzpatrick_release(root: Path, rows, md5s, images=True) -> Path:
@@ -207,23 +193,6 @@ def test_sampled_concepts_have_structure():
 
 
 # --- the real Fitzpatrick17k metadata ---------------------------------------------------------
-
-REAL_FITZPATRICK = REAL_DATA / "fitzpatrick17k" / "fitzpatrick17k.csv"
-
-
-def real_skincon_layout(root: Path, n_rows: int = 3690, n_flagged: int = 460) -> Path:
-    """SKINCON-format annotations over real md5hashes (the real annotation file is not
-    here): 3,690 rows, 460 flagged, as in the release; the real metadata; placeholders."""
-    md5s = list(pd.read_csv(REAL_FITZPATRICK, dtype=str)["md5hash"])
-    rng = random.Random(17)
-    chosen = rng.sample(md5s, n_rows)
-    flagged = set(rng.sample(range(n_rows), n_flagged))
-    rows = [_row(k, f"{m}.jpg", sample_concepts(rng), k in flagged) for k, m in enumerate(chosen)]
-    _write(root / "annotations_fitzpatrick17k.csv", rows)
-    (root / "fitzpatrick17k").mkdir(parents=True, exist_ok=True)
-    shutil.copy(REAL_FITZPATRICK, root / "fitzpatrick17k" / "fitzpatrick17k.csv")
-    placeholders(root, [f"fitzpatrick17k/{row[1]}" for row in rows])
-    return root
 
 
 @pytest.mark.skipif(bool(real_data_missing("fitzpatrick17k/fitzpatrick17k.csv")),

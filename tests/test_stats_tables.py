@@ -27,6 +27,7 @@ from medift.tables import (
     prediction_files_from_paths,
     read_predictions,
 )
+from tests.fixtures.predictions import _question_rows, _write_predictions
 
 # ----------------------------------------------------------------------------- stats
 
@@ -112,41 +113,6 @@ def test_paired_mean_diff_matches_the_binary_paired_bootstrap_and_pairs_fraction
 
 
 # ----------------------------------------------------------------------------- tables
-
-
-def _question_rows(i: int, outcome: str, n_options: int, attribute: str, rotation: int) -> dict:
-    answer = (i + rotation) % n_options
-    answer_letter = LETTERS[answer]
-    parsed = {"c": answer_letter, "w": LETTERS[(answer + 1) % n_options], "f": ""}[outcome]
-    return {
-        "question_id": f"img{i}:{attribute}",
-        "image_id": f"img{i}",
-        "attribute": attribute,
-        "question": f"What is the {attribute}?",
-        "options": json.dumps([f"opt{(k + rotation) % n_options}" for k in range(n_options)]),
-        "answer_index": answer,
-        "answer_letter": answer_letter,
-        "rotation": rotation,
-        "raw_output": f"The correct answer is {parsed}." if parsed else "I think it is big",
-        "parsed_letter": parsed,
-        "correct": int(outcome == "c"),
-        "parse_failed": int(outcome == "f"),
-    }
-
-
-def _write_predictions(path: Path, outcomes: list[str], n_options: int = 3, attributes=("size",)) -> Path:
-    """One question per outcome: 'c' correct, 'w' wrong letter, 'f' unparseable output.
-
-    An outcome of several letters (e.g. "ccw") is one question asked circularly: one letter
-    per rotation. Question i asks about attributes[i % len(attributes)].
-    """
-    rows = []
-    for i, outcome in enumerate(outcomes):
-        for rotation, letter in enumerate(outcome):
-            rows.append(_question_rows(i, letter, n_options, attributes[i % len(attributes)], rotation))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
 
 
 @pytest.fixture
