@@ -14,3 +14,10 @@ def tiny_wbcatt_shards(tmp_path_factory) -> Path:
     prepare_shards(ShardsConfig(dataset="wbcatt", raw_dir=str(root / "raw"), out_dir=str(root / "shards"),
                                 report=str(root / "report.json"), image_size=64, seed=3))
     return root / "shards"
+
+
+def pytest_collection_modifyitems(items):
+    # End-to-end workflow runs and the SLURM cluster run the DAG: they belong to the slow tier too.
+    for item in items:
+        if item.get_closest_marker("e2e") or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)
