@@ -27,7 +27,7 @@ from medift.evaluate import EvaluateConfig, score_questions
 from medift.images import encode_image
 from medift.model.families import FAMILIES, native_image_size
 from medift.model.loading import ADAPTER_DIR, load_base_model, parameter_groups, select_trainable
-from medift.model.pretrain import held_out_questions
+from medift.embedded.pretrain import held_out_questions
 from medift.model.tiny import build_tiny_checkpoint, family_names
 from medift.train import TrainConfig, train
 

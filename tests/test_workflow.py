@@ -641,7 +641,7 @@ def test_workflow_adapters_are_the_package_datasets():
     common = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "common.smk").read_text()
     listed = re.search(r"\nADAPTERS = \(([^)]*)\)", common).group(1)
     assert sorted(re.findall(r'"(\w+)"', listed)) == sorted(DATASETS)
-    from medift.model.embedded import EMBEDDED_DATASETS
+    from medift.embedded.llava import EMBEDDED_DATASETS
 
     embedded = re.search(r"\nEMBEDDED_DATASETS = \(([^)]*)\)", common).group(1)
     assert tuple(re.findall(r'"(\w+)"', embedded)) == EMBEDDED_DATASETS

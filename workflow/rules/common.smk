@@ -27,7 +27,7 @@ ADAPTERS = ("wbcatt", "cbis_ddsm", "skincon", "mimic_cxr")
 # The embedded models (committed; `base_model.path` names them): the default is the tiny
 # Mllama (rule distill_base_model), distilled from the tiny LLaVA (rule pretrain_base_model).
 EMBEDDED_MODEL_DIRS = {"embedded": "models/embedded-mllama", "embedded_llava": "models/embedded-base"}
-EMBEDDED_IMAGE_SIZE = 64  # medift.model.embedded.EmbeddedModelConfig.image_size (both models)
+EMBEDDED_IMAGE_SIZE = 64  # medift.embedded.llava.EmbeddedModelConfig.image_size (both models)
 
 
 def _load_medift_module(relative_path):
@@ -45,7 +45,7 @@ def _load_medift_module(relative_path):
 FAMILIES = _load_medift_module("model/families.py")
 GPUS = _load_medift_module("gpus.py")  # which cards a local job takes (python -m medift.gpus)
 BATCHING = _load_medift_module("batching.py")  # global batch = batch_size x accumulation x ranks x nodes
-# Datasets whose words the embedded model's closed vocabulary holds (medift.model.embedded).
+# Datasets whose words the embedded model's closed vocabulary holds (medift.embedded.llava).
 EMBEDDED_DATASETS = ("wbcatt", "cbis_ddsm")
 
 

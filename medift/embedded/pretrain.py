@@ -1,4 +1,5 @@
-"""Pre-training of the embedded default base model on the general-domain instruction set.
+"""Pre-training of the embedded LLaVA (`embedded_llava`, the default Mllama's teacher) on the
+general-domain instruction set.
 
 The table only measures something if the base model already follows instructions:
 it must answer multiple-choice questions in the evaluation template with a letter.
@@ -54,9 +55,9 @@ from medift import mcq
 from medift.chat import CAPTION_INSTRUCTION, IGNORE_INDEX, Encoded, collate, encode_conversation, model_inputs
 from medift.datasets import DATASETS
 from medift.generation import forced_answer_context, generate_answers
-from medift.model import general
+from medift.embedded import general
 from medift.model.loading import load_base_model
-from medift.model.embedded import CONTEXT_PREFIX, EMBEDDED_DATASETS, EmbeddedModelConfig, build_model, build_processor
+from medift.embedded.llava import CONTEXT_PREFIX, EMBEDDED_DATASETS, EmbeddedModelConfig, build_model, build_processor
 from medift.records import Record
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,11 @@
-"""The embedded default base model: pre-train it, and measure its general instruction following.
+"""The embedded base models' command lines: build them, and measure their general instruction following.
 
-`python -m medift.base_model recipe --out_dir DIR` rebuilds the shipped LLaVA weights (two
-pre-training stages); `python -m medift.base_model pretrain --out_dir DIR` runs one stage;
-`python -m medift.base_model distill --out_dir DIR` builds the default embedded Mllama from it;
-`python -m medift.base_model evaluate --model DIR --out results/base_model.json`
+`python -m medift.embedded recipe --out_dir DIR` rebuilds the shipped tiny LLaVA
+(`embedded_llava`, models/embedded-base; two pre-training stages);
+`python -m medift.embedded pretrain --out_dir DIR` runs one stage;
+`python -m medift.embedded distill --out_dir DIR` builds the default tiny Mllama
+(`embedded`, models/embedded-mllama) from it;
+`python -m medift.embedded evaluate --model DIR --out results/base_model.json`
 reports its accuracy on held-out general-domain multiple-choice questions.
 """
 
@@ -18,10 +20,10 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from medift.runtime import set_torch_threads
-from medift.model.embedded import EmbeddedModelConfig
-from medift.model.embedded_mllama import DistillConfig, distill
+from medift.embedded.llava import EmbeddedModelConfig
+from medift.embedded.mllama import DistillConfig, distill
 from medift.model.loading import load_base_model
-from medift.model.pretrain import (
+from medift.embedded.pretrain import (
     PretrainConfig, RecipeConfig, general_mcq_accuracy, held_out_questions, pretrain, recipe_stages, run_stages,
 )
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("recipe", "pretrain", "distill", "evaluate"):
-        print("usage: python -m medift.base_model {recipe,pretrain,distill,evaluate} --help", file=sys.stderr)
+        print("usage: python -m medift.embedded {recipe,pretrain,distill,evaluate} --help", file=sys.stderr)
         return 2
     if argv[0] == "recipe":
         recipe, model_config = HfArgumentParser((RecipeConfig, EmbeddedModelConfig)).parse_args_into_dataclasses(argv[1:])
