@@ -15,7 +15,7 @@ import pytest
 from medift.datasets import DataError, skincon
 from medift.datasets.common import observed_values, split_by_image
 from medift.datasets.synthetic import write_synthetic
-from medift.datasets.synthetic_skincon import sample_concepts
+from medift.datasets.synthetic.skincon import sample_concepts
 from medift.records import Record
 from test_datasets import REAL_DATA, _assert_patients_disjoint, _placeholders
 

@@ -220,7 +220,7 @@ def medical_text_turn(rng: random.Random) -> tuple[str, str]:
     """A text-only multiple-choice turn on a random medical attribute combination."""
     name = rng.choice(sorted(EMBEDDED_DATASETS))
     module = DATASETS[name]
-    attributes = importlib.import_module(f"medift.datasets.synthetic_{name}").sample_attributes(rng)
+    attributes = importlib.import_module(f"medift.datasets.synthetic.{name}").sample_attributes(rng)
     record = Record(module.NAME, "text", "", "text", "test", attributes)
     questions = module.make_questions(record, rng)
     q = rng.choice(questions)
@@ -237,7 +237,7 @@ def medical_describe_turn(rng: random.Random, context_probability: float = 0.0) 
     against 1.09 when taught random orders (docs/recipe-search.md)."""
     name = rng.choice(sorted(EMBEDDED_DATASETS))
     module = DATASETS[name]
-    attributes = importlib.import_module(f"medift.datasets.synthetic_{name}").sample_attributes(rng)
+    attributes = importlib.import_module(f"medift.datasets.synthetic.{name}").sample_attributes(rng)
     phrases = list(module.phrases(attributes).values())
     rng.shuffle(phrases)
     description = ", ".join(phrases)
@@ -316,7 +316,7 @@ def binding_conversation(
         name = rng.choice(sorted(EMBEDDED_DATASETS))
         module = DATASETS[name]
         vocabulary, question_text = module.ATTRIBUTES, module.QUESTION_TEXT
-        attributes = importlib.import_module(f"medift.datasets.synthetic_{name}").sample_attributes(rng)
+        attributes = importlib.import_module(f"medift.datasets.synthetic.{name}").sample_attributes(rng)
         context = module.describe(attributes)
     else:
         vocabulary, question_text = general.ATTRIBUTES, general.QUESTION_TEXT
