@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from medift import mcq
 from medift.chat import encode_prompt, model_inputs
 from medift.generation import forced_answer_context, generate_answers
-from medift.model import general
+from medift.embedded import general
 from medift.model.loading import load_base_model
-from medift.model.pretrain import (
+from medift.embedded.pretrain import (
     ConversationSampler,
     PretrainConfig,
     answer_held_out,

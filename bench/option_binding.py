@@ -34,9 +34,9 @@ import torch
 
 from medift import mcq
 from medift.chat import collate, encode_conversation
-from medift.model import general
-from medift.model.embedded import CONTEXT_PREFIX, EmbeddedModelConfig, build_model, build_processor
-from medift.model.pretrain import lookup_sequence, random_options
+from medift.embedded import general
+from medift.embedded.llava import CONTEXT_PREFIX, EmbeddedModelConfig, build_model, build_processor
+from medift.embedded.pretrain import lookup_sequence, random_options
 from medift.runtime import set_torch_threads
 
 SHUFFLED_KEYS = [key for key, values in general.ATTRIBUTES.items() if len(values) > 2]

@@ -70,8 +70,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def write_release(root: Path, n_images: int, pool: int, seed: int) -> None:
     """WBCAtt-format release of `n_images` rows whose files are hard links to `pool` cells."""
-    from medift.datasets.synthetic_drawing import save_jpeg
-    from medift.datasets.synthetic_wbcatt import IMAGE_ROOT, _image_name, render_cell, sample_attributes
+    from medift.datasets.synthetic.drawing import save_jpeg
+    from medift.datasets.synthetic.wbcatt import IMAGE_ROOT, _image_name, render_cell, sample_attributes
 
     marker = root / ".bench.json"
     settings = {"n_images": n_images, "pool": pool, "seed": seed, "side": list(WBCATT_SIDE)}
@@ -110,7 +110,7 @@ def write_release(root: Path, n_images: int, pool: int, seed: int) -> None:
 
 def write_subset(root: Path, subset: Path, fraction: float) -> None:
     """The first `fraction` of every split file, sharing the full release's image folder."""
-    from medift.datasets.synthetic_wbcatt import IMAGE_ROOT
+    from medift.datasets.synthetic.wbcatt import IMAGE_ROOT
 
     subset.mkdir(parents=True, exist_ok=True)
     for file_name in wbcatt.SPLIT_FILES.values():

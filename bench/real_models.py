@@ -12,7 +12,7 @@ transformers' own MllamaConfig. Two uses:
   output and its projector), at full depth or at reduced depth, in bf16 safetensors through
   `save_pretrained`, with a real MllamaProcessor built from code (the real image processor
   settings; a small byte-level BPE tokenizer with Llama 3's special tokens and chat template,
-  as medift.model.tiny builds), so that medift loads it like a real local checkpoint.
+  as medift.testing.tiny_checkpoints builds), so that medift loads it like a real local checkpoint.
 
 Reduced depth keeps the configuration valid: the cross-attention layers are the real ones
 below `text_layers` (3, 8, 13, ...; so `text_layers` >= 4), the vision tower's intermediate
@@ -107,8 +107,8 @@ def mllama_processor(image_size: int = VISION["image_size"]):
     from transformers import MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-    from medift.model.tiny.families_a import MLLAMA_TEMPLATE
-    from medift.model.tiny.tokenizer import build_bpe_tokenizer
+    from medift.testing.tiny_checkpoints.families_a import MLLAMA_TEMPLATE
+    from medift.testing.tiny_checkpoints.tokenizer import build_bpe_tokenizer
 
     tokenizer = build_bpe_tokenizer(
         ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",

@@ -1,8 +1,8 @@
 """The benchmark's metrics, each defined once here, as FRACTIONS in [0, 1].
 
 Evaluation (`medift.evaluate`, metrics.json), the tables (`medift.tables`), description
-accuracy (`medift.describe`) and the base-model report (`medift.base_model`, through
-`medift.model.pretrain`) all call these functions; none computes a metric itself.
+accuracy (`medift.describe`) and the base-model report (`medift.embedded`, through
+`medift.embedded.pretrain`) all call these functions; none computes a metric itself.
 
 Input of the multiple-choice metrics: a predictions frame, one row per asked prompt, with at
 least `question_id`, `rotation` (0: the question as written; 1..n-1: its options rotated, in

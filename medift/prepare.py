@@ -16,7 +16,6 @@ from pathlib import Path
 
 from medift.datasets import AdapterResult, DataError, Quarantined, get_dataset
 from medift.datasets.common import observed_values
-from medift.datasets.synthetic import write_synthetic
 from medift.records import SPLITS
 from medift.settings import EMBEDDED_IMAGE_SIZE
 from medift.shards import write_shards
@@ -208,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command, rest = argv[0], argv[1:]
     if command == "synthesize":
+        from medift.datasets.synthetic import write_synthetic  # the synthetic releases' generators, only here
+
         (config,) = HfArgumentParser(SynthesizeConfig).parse_args_into_dataclasses(rest)
         write_synthetic(config.dataset, Path(config.out_dir), config.seed, config.n_train, config.n_val, config.n_test, config.image_size)
         log.info("wrote synthetic %s to %s", config.dataset, config.out_dir)

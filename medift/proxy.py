@@ -15,6 +15,10 @@ import math
 import torch
 from torch import nn
 
+# The placeholder token the K proxy rows stand on: a checkpoint without it gets it added
+# (`medift.model.loading.ensure_proxy_token`); the embedded models' tokenizer has it built in.
+PROXY_TOKEN = "<proxy>"
+
 # The reference parameterises the proxy as the first column of a bias-free
 # Linear(768, K*hidden) applied to a one-hot vector; PyTorch's default init of that
 # Linear is uniform(-1/sqrt(768), 1/sqrt(768)), which we reproduce directly.

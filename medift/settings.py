@@ -28,9 +28,9 @@ from pathlib import Path
 
 ##### facts the workflow and the package share #####
 
-# Datasets whose words the embedded models' closed vocabulary holds (medift.model.embedded).
+# Datasets whose words the embedded models' closed vocabulary holds (medift.embedded.llava).
 EMBEDDED_DATASETS = ("wbcatt", "cbis_ddsm")
-# Side of the embedded models' images (medift.model.embedded.EmbeddedModelConfig.image_size).
+# Side of the embedded models' images (medift.embedded.llava.EmbeddedModelConfig.image_size).
 EMBEDDED_IMAGE_SIZE = 64
 
 

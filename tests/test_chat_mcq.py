@@ -2,7 +2,7 @@ import pytest
 
 from medift import mcq
 from medift.chat import IGNORE_INDEX, encode_conversation, model_inputs
-from medift.model.embedded import EmbeddedModelConfig, build_processor
+from medift.embedded.llava import EmbeddedModelConfig, build_processor
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_loss_is_on_responses_only(processor):
 
 def test_every_medical_word_is_in_the_embedded_vocabulary(processor):
     from medift.datasets import DATASETS
-    from medift.model.embedded import EMBEDDED_DATASETS
+    from medift.embedded.llava import EMBEDDED_DATASETS
 
     tok = processor.tokenizer
     for module in (DATASETS[name] for name in EMBEDDED_DATASETS):

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from medift.chat import encode_conversation, model_inputs
 from medift.flops import device_peak_flops, step_flops
 from medift.model.loading import load_base_model, select_trainable
-from medift.model.tiny import build_tiny_checkpoint
+from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 from medift.proxy import ProxyInstruction
 from medift.train import TrainConfig, disable_activation_checkpointing, enable_activation_checkpointing, train
 

@@ -232,7 +232,7 @@ def test_synthetic_is_deterministic(name, tmp_path):
 
 
 def test_synthetic_attributes_vary_within_a_class(tmp_path):
-    from medift.datasets.synthetic_wbcatt import sample_attributes
+    from medift.datasets.synthetic.wbcatt import sample_attributes
 
     rng = random.Random(0)
     samples = [sample_attributes(rng) for _ in range(600)]
@@ -252,7 +252,7 @@ def test_sampled_attributes_fit_the_rules(name):
     import importlib
 
     module = get_dataset(name)
-    sampler = importlib.import_module(f"medift.datasets.synthetic_{name}").sample_attributes
+    sampler = importlib.import_module(f"medift.datasets.synthetic.{name}").sample_attributes
     rng = random.Random(1)
     for _ in range(200):
         attributes = sampler(rng)
@@ -265,7 +265,7 @@ def test_sampled_attributes_fit_the_rules(name):
 
 
 def test_synthetic_cbis_attributes_match_sampler_normalisation(synthetic_cbis):
-    from medift.datasets.synthetic_cbis_ddsm import sample_attributes
+    from medift.datasets.synthetic.cbis_ddsm import sample_attributes
 
     read = {tuple(sorted(r.attributes)) for r in cbis_ddsm.read_records(synthetic_cbis, 0).records}
     rng = random.Random(2)

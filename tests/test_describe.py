@@ -44,7 +44,7 @@ def test_summary_weighs_every_image_the_same_and_reports_each_attribute():
 
 
 def test_a_tiny_checkpoint_describes_every_test_image(tmp_path, tiny_wbcatt_shards):
-    from medift.model.tiny import build_tiny_checkpoint
+    from medift.testing.tiny_checkpoints import build_tiny_checkpoint
     from medift.shards import load_descriptions
 
     checkpoint = build_tiny_checkpoint("qwen2_vl", tmp_path / "qwen2_vl")

@@ -13,12 +13,12 @@ import torch
 from safetensors import safe_open
 
 from medift.chat import collate
-from medift.model.embedded_mllama import (
+from medift.embedded.mllama import (
     HISTORY_FILE, ConversationSampler, DistillConfig, build_processor, build_student, describe_batch, distill,
     distill_settings, fit_projector, language_stage, matched_depths, paired_batches, sampler_config, text_after_image,
 )
 from medift.model.loading import load_base_model, select_trainable
-from medift.model.pretrain import general_mcq_accuracy, held_out_questions
+from medift.embedded.pretrain import general_mcq_accuracy, held_out_questions
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "embedded-mllama"

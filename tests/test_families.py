@@ -1,6 +1,6 @@
 """Every VLM family through the pipeline's real interfaces, on tiny random checkpoints.
 
-Each family's checkpoint (medift.model.tiny: the family's model class, its own processor
+Each family's checkpoint (medift.testing.tiny_checkpoints: the family's model class, its own processor
 and a chat template of the real structure) is saved with `save_pretrained` and loaded with
 `load_base_model`, as a user's local checkpoint would be. Then, per family: the assembled
 training sequence decodes as the family's template with the proxy placeholders after the
@@ -27,8 +27,8 @@ from medift.evaluate import EvaluateConfig, score_questions
 from medift.images import encode_image
 from medift.model.families import FAMILIES, native_image_size
 from medift.model.loading import ADAPTER_DIR, load_base_model, parameter_groups, select_trainable
-from medift.model.pretrain import held_out_questions
-from medift.model.tiny import build_tiny_checkpoint, family_names
+from medift.embedded.pretrain import held_out_questions
+from medift.testing.tiny_checkpoints import build_tiny_checkpoint, family_names
 from medift.train import TrainConfig, train
 
 ALL = family_names()
@@ -58,7 +58,7 @@ def image(seed: int = 0, size=(64, 64)) -> Image.Image:
 
 
 def test_every_tiny_family_is_in_the_family_table():
-    from medift.model.tiny import build_tiny
+    from medift.testing.tiny_checkpoints import build_tiny
 
     for family in ALL:
         model, _ = build_tiny(family)

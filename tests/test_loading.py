@@ -57,7 +57,7 @@ def test_two_rank_zero3_load_holds_half_the_parameters_per_rank(tmp_path):
     embedding resize and its mean rows run on partitioned weights too."""
     import load_memory
 
-    from medift.model.tiny import build_tiny_checkpoint
+    from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 
     checkpoint = str(build_tiny_checkpoint("mllama", tmp_path / "mllama"))
     one = load_memory.measure(checkpoint, "bf16_zero3", 1)[0]

@@ -101,8 +101,8 @@ def test_evaluation_and_tables_report_the_same_hand_counted_metrics(tmp_path):
 
 
 def test_base_model_report_by_hand(tmp_path, monkeypatch):
-    import medift.base_model as base_model
-    import medift.model.pretrain as pretrain
+    import medift.embedded.__main__ as base_model
+    import medift.embedded.pretrain as pretrain
 
     # Five held-out questions, all answered A: parsed A, none, B, A, none; the first two in
     # the fixed option order.

@@ -15,7 +15,7 @@ import pytest
 
 from medift.datasets import DataError, mimic_cxr
 from medift.datasets.synthetic import write_synthetic
-from medift.datasets.synthetic_mimic_cxr import LABEL_HEADER, METADATA_HEADER, sample_attributes
+from medift.datasets.synthetic.mimic_cxr import LABEL_HEADER, METADATA_HEADER, sample_attributes
 from medift.records import Record
 from tests.fixtures.data import assert_patients_disjoint, placeholders
 

@@ -11,9 +11,9 @@ import torch
 
 from medift import mcq
 from medift.chat import IGNORE_INDEX, encode_conversation, model_inputs
-from medift.model import general
-from medift.model.embedded import EmbeddedModelConfig, build_model, build_processor
-from medift.model.pretrain import (
+from medift.embedded import general
+from medift.embedded.llava import EmbeddedModelConfig, build_model, build_processor
+from medift.embedded.pretrain import (
     ConversationSampler,
     PretrainConfig,
     RecipeConfig,
@@ -435,7 +435,7 @@ def test_run_stages_records_earlier_stages_and_reuses_only_a_matching_first_stag
     # The second stage started from the first one's weights, not from a fresh model.
     assert final_run["history"][0]["lm_loss"] != first_run["history"][0]["lm_loss"]
 
-    from medift.model import pretrain as module
+    from medift.embedded import pretrain as module
 
     ran = []
     real = module.pretrain
@@ -445,7 +445,7 @@ def test_run_stages_records_earlier_stages_and_reuses_only_a_matching_first_stag
     # Another thread count computes the same stage; other settings do not.
     run_stages([replace(first, threads=2), second], model_config, reuse_first=True)
     assert ran == [second.out_dir] * 2
-    with caplog.at_level(logging.INFO, logger="medift.model.pretrain"):
+    with caplog.at_level(logging.INFO, logger="medift.embedded.pretrain"):
         run_stages([replace(first, lr=1e-3), second], model_config, reuse_first=True)
     assert f"not reusing {first.out_dir}: its settings differ in lr" in caplog.text
     assert ran == [second.out_dir] * 2 + [first.out_dir, second.out_dir]

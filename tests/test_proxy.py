@@ -7,7 +7,7 @@ from PIL import Image
 
 from medift.chat import encode_conversation, model_inputs
 from medift.model.loading import load_base_model, select_trainable
-from medift.model.tiny import build_tiny_checkpoint
+from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 from medift.proxy import ProxyInstruction
 
 BUILDERS = ("llava", "mllama")

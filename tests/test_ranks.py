@@ -20,7 +20,7 @@ import torch
 
 from medift import engine
 from medift.model.loading import load_base_model
-from medift.model.tiny import build_tiny_checkpoint
+from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 from medift.train import TrainConfig, checkpoint_due, count_loads, global_batches, my_micro_batches
 
 STRICT_LAUNCHER = os.path.join(os.path.dirname(__file__), "fixtures", "strict_collectives.py")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from medift.model.tiny import build_tiny_checkpoint
+from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

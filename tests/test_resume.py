@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medift.model.tiny import build_tiny_checkpoint
+from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

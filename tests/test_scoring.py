@@ -13,9 +13,9 @@ from medift import mcq
 from medift.evaluate import EvaluateConfig, asked_prompts, score_questions, summarize
 from medift.generation import best_letter, forced_answer_context, score_letters
 from medift.images import encode_image
-from medift.model.embedded import EmbeddedModelConfig, build_processor
+from medift.embedded.llava import EmbeddedModelConfig, build_processor
 from medift.model.loading import load_base_model
-from medift.model.pretrain import held_out_questions
+from medift.embedded.pretrain import held_out_questions
 
 SHIPPED_MODEL = "models/embedded-base"
 

@@ -104,7 +104,7 @@ def test_an_unset_proxy_lr_is_lr():
 
 def test_the_workflow_shares_the_embedded_facts_and_the_cpu_count():
     """common.smk reads them from medift/settings.py, which medift's own modules import too."""
-    from medift.model.embedded import EMBEDDED_DATASETS, EmbeddedModelConfig
+    from medift.embedded.llava import EMBEDDED_DATASETS, EmbeddedModelConfig
     from medift.prepare import ShardsConfig
 
     common = (REPO / "workflow" / "rules" / "common.smk").read_text()

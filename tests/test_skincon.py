@@ -15,7 +15,7 @@ import pytest
 from medift.datasets import DataError, skincon
 from medift.datasets.common import observed_values, split_by_image
 from medift.datasets.synthetic import write_synthetic
-from medift.datasets.synthetic_skincon import sample_concepts
+from medift.datasets.synthetic.skincon import sample_concepts
 from medift.records import Record
 from tests.fixtures.data import real_data_missing, REAL_DATA, assert_patients_disjoint, placeholders
 from tests.fixtures.skincon import HEADER, REAL_FITZPATRICK, _row, _write, real_skincon_layout

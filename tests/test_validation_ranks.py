@@ -47,7 +47,7 @@ engine.shutdown()
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from medift.datasets.synthetic import write_synthetic
-    from medift.model.tiny import build_tiny_checkpoint
+    from medift.testing.tiny_checkpoints import build_tiny_checkpoint
     from medift.prepare import ShardsConfig, prepare_shards
 
     root = tmp_path_factory.mktemp("validation-ranks")

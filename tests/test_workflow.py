@@ -87,7 +87,7 @@ def test_the_embedded_models_are_rebuilt_only_when_forced(tmp_path, forced, expe
 
 
 def test_dry_run_real_checkpoint_has_no_pretraining(tmp_path):
-    from medift.model.tiny import build_tiny_checkpoint
+    from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 
     checkpoint = build_tiny_checkpoint("mllama", tmp_path / "checkpoint")
     config = write_config(tmp_path / "config.yaml", {**default_config(), "base_model": {"path": str(checkpoint)}})
@@ -474,7 +474,7 @@ def test_end_to_end_table1_on_a_tiny_mllama_checkpoint(tmp_path):
     """The paper's family through the real DAG: a local Mllama checkpoint (base_model.path),
     the embedded datasets at its own image size, caption_ft and ift trained with vision +
     fusion, evaluated by generation and then by letter scoring."""
-    from medift.model.tiny import build_tiny_checkpoint
+    from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 
     checkpoint = build_tiny_checkpoint("mllama", tmp_path / "tiny-mllama")
     work = tmp_path / "work"

@@ -13,7 +13,7 @@ Each module exposes:
   (`common.observed_values`), for datasets whose distractors are drawn from the data.
 
 Adding a dataset here does not change the embedded base model's vocabulary: that is built
-from the fixed list `medift.model.embedded.tokenizer_corpus` names.
+from the fixed list `medift.embedded.llava.tokenizer_corpus` names.
 """
 
 from __future__ import annotations

@@ -1,1 +1,3 @@
-"""Model construction, the proxy instruction, and the embedded default base model."""
+"""Loading a checkpoint of any supported family, its processor, and what trains.
+
+The embedded base models themselves are built by `medift.embedded`."""

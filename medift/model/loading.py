@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText
 
 from medift.model.families import GROUPS, family_of, group_of_parameter, group_patterns
 from medift.model.processors import load_processor
-from medift.model.tokenizer import PROXY_TOKEN
+from medift.proxy import PROXY_TOKEN
 
 log = logging.getLogger(__name__)
 

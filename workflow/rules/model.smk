@@ -32,7 +32,7 @@ rule distill_base_model:
     conda:
         "../envs/medift.yaml"
     shell:
-        "HF_HUB_OFFLINE=1 python -m medift.base_model distill --teacher {params.teacher} --out_dir {params.out_dir}"
+        "HF_HUB_OFFLINE=1 python -m medift.embedded distill --teacher {params.teacher} --out_dir {params.out_dir}"
         " --first_stage_dir {params.first_stage_dir} --seed {params.seed} --threads {threads} > {log} 2>&1"
 
 
@@ -42,10 +42,10 @@ rule pretrain_base_model:
 
     Its output is committed to git and the rule has no inputs, so on a fresh clone it does
     not run; `--forcerun pretrain_base_model` rebuilds it in two stages (101 minutes on
-    2 CPU cores): a run of `python -m medift.base_model pretrain`'s defaults (86 minutes),
+    2 CPU cores): a run of `python -m medift.embedded pretrain`'s defaults (86 minutes),
     saved in resources/, then 1,500 refining steps from it (15 minutes). The first stage is
     reused, not retrained, while its recorded settings match the recipe's; delete its
-    directory to retrain it. The defaults of `python -m medift.base_model recipe` are the shipped run's.
+    directory to retrain it. The defaults of `python -m medift.embedded recipe` are the shipped run's.
     Only the files later jobs depend on are declared; the command also writes the
     tokenizer and processor files and pretrain_history.json into the same directory.
     """
@@ -65,7 +65,7 @@ rule pretrain_base_model:
     conda:
         "../envs/medift.yaml"
     shell:
-        "HF_HUB_OFFLINE=1 python -m medift.base_model recipe --out_dir {params.out_dir}"
+        "HF_HUB_OFFLINE=1 python -m medift.embedded recipe --out_dir {params.out_dir}"
         " --first_stage_dir {params.first_stage_dir} --seed {params.seed} --image_size {params.image_size} --threads {threads}"
         " > {log} 2>&1"
 
@@ -89,6 +89,6 @@ rule evaluate_base_model:
     conda:
         "../envs/medift.yaml"
     shell:
-        "HF_HUB_OFFLINE=1 python -m medift.base_model evaluate --model {params.model}"
+        "HF_HUB_OFFLINE=1 python -m medift.embedded evaluate --model {params.model}"
         " --out {output} --n {params.n} --seed {params.seed}"
         " --image_size {params.image_size} --threads {threads} > {log} 2>&1"

@@ -16,9 +16,10 @@ from collections.abc import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from medift.proxy import PROXY_TOKEN
+
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 IMAGE_TOKEN = "<image>"
-PROXY_TOKEN = "<proxy>"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS, IMAGE_TOKEN, PROXY_TOKEN]
 
 _WORD = r"[A-Za-z0-9]+(?:[-'/][A-Za-z0-9]+)*"

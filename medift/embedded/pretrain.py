@@ -1,4 +1,5 @@
-"""Pre-training of the embedded default base model on the general-domain instruction set.
+"""Pre-training of the embedded LLaVA (`embedded_llava`, the default Mllama's teacher) on the
+general-domain instruction set.
 
 The table only measures something if the base model already follows instructions:
 it must answer multiple-choice questions in the evaluation template with a letter.
@@ -55,9 +56,9 @@ from medift import mcq, metrics
 from medift.chat import CAPTION_INSTRUCTION, IGNORE_INDEX, Encoded, collate, encode_conversation, model_inputs
 from medift.datasets import DATASETS
 from medift.generation import forced_answer_context, generate_answers
-from medift.model import general
+from medift.embedded import general
 from medift.model.loading import load_base_model
-from medift.model.embedded import CONTEXT_PREFIX, EMBEDDED_DATASETS, EmbeddedModelConfig, build_model, build_processor
+from medift.embedded.llava import CONTEXT_PREFIX, EMBEDDED_DATASETS, EmbeddedModelConfig, build_model, build_processor
 from medift.records import Record
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ def medical_text_turn(rng: random.Random) -> tuple[str, str]:
     """A text-only multiple-choice turn on a random medical attribute combination."""
     name = rng.choice(sorted(EMBEDDED_DATASETS))
     module = DATASETS[name]
-    attributes = importlib.import_module(f"medift.datasets.synthetic_{name}").sample_attributes(rng)
+    attributes = importlib.import_module(f"medift.datasets.synthetic.{name}").sample_attributes(rng)
     record = Record(module.NAME, "text", "", "text", "test", attributes)
     questions = module.make_questions(record, rng)
     q = rng.choice(questions)
@@ -237,7 +238,7 @@ def medical_describe_turn(rng: random.Random, context_probability: float = 0.0) 
     against 1.09 when taught random orders (docs/recipe-search.md)."""
     name = rng.choice(sorted(EMBEDDED_DATASETS))
     module = DATASETS[name]
-    attributes = importlib.import_module(f"medift.datasets.synthetic_{name}").sample_attributes(rng)
+    attributes = importlib.import_module(f"medift.datasets.synthetic.{name}").sample_attributes(rng)
     phrases = list(module.phrases(attributes).values())
     rng.shuffle(phrases)
     description = ", ".join(phrases)
@@ -316,7 +317,7 @@ def binding_conversation(
         name = rng.choice(sorted(EMBEDDED_DATASETS))
         module = DATASETS[name]
         vocabulary, question_text = module.ATTRIBUTES, module.QUESTION_TEXT
-        attributes = importlib.import_module(f"medift.datasets.synthetic_{name}").sample_attributes(rng)
+        attributes = importlib.import_module(f"medift.datasets.synthetic.{name}").sample_attributes(rng)
         context = module.describe(attributes)
     else:
         vocabulary, question_text = general.ATTRIBUTES, general.QUESTION_TEXT

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from medift.datasets import wbcatt
-from medift.datasets.synthetic_drawing import (
+from medift.datasets.synthetic.drawing import (
     along,
     blocky_noise,
     disc,

@@ -1,5 +1,5 @@
-"""The embedded default base model in the paper's architecture: a tiny Mllama, distilled
-from the embedded LLaVA.
+"""The embedded default base model (`base_model.path: embedded`, models/embedded-mllama) in
+the paper's architecture: a tiny Mllama, distilled from the embedded LLaVA (`llava.py`).
 
 Llama-3.2-Vision reads the image through gated cross-attention layers inside the decoder
 (one `<image>` token in the text marks where the image is); its self-attention and MLP
@@ -48,10 +48,10 @@ from transformers.models.mllama.configuration_mllama import MllamaTextConfig, Ml
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
 from medift.chat import IGNORE_INDEX, Encoded, collate, encode_conversation, model_inputs
-from medift.model.embedded import CHAT_TEMPLATE
-from medift.model import general
+from medift.embedded.llava import CHAT_TEMPLATE
+from medift.embedded import general
 from medift.model.loading import load_base_model
-from medift.model.pretrain import (
+from medift.embedded.pretrain import (
     ConversationSampler, PretrainConfig, general_mcq_accuracy, held_out_questions, lr_at, medical_describe_turn,
 )
 from medift.runtime import set_torch_threads

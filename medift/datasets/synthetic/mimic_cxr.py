@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from medift.datasets import mimic_cxr
-from medift.datasets.synthetic_drawing import save_jpeg, smooth_noise
+from medift.datasets.synthetic.drawing import save_jpeg, smooth_noise
 
 SUPERSAMPLE = 2
 LATERAL_ONLY = 0.08

@@ -44,7 +44,7 @@ from medift.model.processors import (
     Qwen2VLImageOnlyProcessor,
     SmolVLMImageOnlyProcessor,
 )
-from medift.model.tiny.tokenizer import build_bpe_tokenizer, default_corpus
+from medift.testing.tiny_checkpoints.tokenizer import build_bpe_tokenizer, default_corpus
 
 # Toy sizes shared by all families.
 TEXT_HIDDEN = 64

@@ -1,8 +1,10 @@
 """Synthetic datasets in the exact on-disk format of the real releases.
 
 `write_synthetic(name, ...)` writes a small release that the dataset's own
-`read_records` reads like the real one; see the per-dataset modules for the layout,
-the sampled attribute structure and how each attribute is drawn.
+`read_records` reads like the real one; see the per-dataset modules (`wbcatt`,
+`cbis_ddsm`, `skincon`, `mimic_cxr`; shared drawing helpers in `drawing`) for the layout,
+the sampled attribute structure and how each attribute is drawn. The pipeline calls it
+through `python -m medift.prepare synthesize` (rule synthesize_raw_data).
 """
 
 from __future__ import annotations
@@ -11,20 +13,15 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from medift.datasets import (
-    synthetic_cbis_ddsm,
-    synthetic_mimic_cxr,
-    synthetic_skincon,
-    synthetic_wbcatt,
-)
+from medift.datasets.synthetic import cbis_ddsm, mimic_cxr, skincon, wbcatt
 
 log = logging.getLogger(__name__)
 
 WRITERS: dict[str, Callable[..., None]] = {
-    "wbcatt": synthetic_wbcatt.write_synthetic,
-    "cbis_ddsm": synthetic_cbis_ddsm.write_synthetic,
-    "skincon": synthetic_skincon.write_synthetic,
-    "mimic_cxr": synthetic_mimic_cxr.write_synthetic,
+    "wbcatt": wbcatt.write_synthetic,
+    "cbis_ddsm": cbis_ddsm.write_synthetic,
+    "skincon": skincon.write_synthetic,
+    "mimic_cxr": mimic_cxr.write_synthetic,
 }
 
 

@@ -51,7 +51,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from medift.datasets import cbis_ddsm
-from medift.datasets.synthetic_drawing import (
+from medift.datasets.synthetic.drawing import (
     along,
     disc,
     ragged_polygon,

@@ -4,7 +4,9 @@ Each builder returns a model of the family's own transformers class and the fami
 processor (PIL image processor, a byte-level BPE tokenizer with the family's special
 tokens, a chat template of the real one's structure). `build_tiny_checkpoint` saves both
 with `save_pretrained`, so tests and benchmarks load them exactly like a real local
-checkpoint. `python -m medift.model.tiny FAMILY OUT_DIR` writes one.
+checkpoint. `python -m medift.testing.tiny_checkpoints FAMILY OUT_DIR` writes one.
+`TINY_BUILDERS` maps a family's name to its builder; the family table the pipeline reads
+(parameter groups, LoRA targets) is `medift.model.families.FAMILIES`.
 """
 
 from __future__ import annotations
@@ -12,23 +14,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-FAMILIES: dict[str, Callable] = {}
+TINY_BUILDERS: dict[str, Callable] = {}
 
 
 def _register() -> None:
-    from medift.model.tiny import families_a, families_b
+    from medift.testing.tiny_checkpoints import families_a, families_b
 
-    FAMILIES.update(families_a.BUILDERS)
-    FAMILIES.update(families_b.BUILDERS)
+    TINY_BUILDERS.update(families_a.BUILDERS)
+    TINY_BUILDERS.update(families_b.BUILDERS)
 
 
 def build_tiny(family: str, seed: int = 0):
     """(model, processor) of `family`, random weights from `seed`."""
-    if not FAMILIES:
+    if not TINY_BUILDERS:
         _register()
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[family](seed)
+    if family not in TINY_BUILDERS:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(sorted(TINY_BUILDERS))}")
+    return TINY_BUILDERS[family](seed)
 
 
 def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0) -> Path:
@@ -42,6 +44,6 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0) -> Pa
 
 
 def family_names() -> list[str]:
-    if not FAMILIES:
+    if not TINY_BUILDERS:
         _register()
-    return sorted(FAMILIES)
+    return sorted(TINY_BUILDERS)

@@ -1,4 +1,6 @@
-"""The embedded default base model: a tiny LLaVA built offline from code.
+"""The embedded LLaVA (`base_model.path: embedded_llava`, models/embedded-base): a tiny
+LLaVA built offline from code, pre-trained by `pretrain.py` and the teacher of the default
+embedded Mllama (`mllama.py`).
 
 It is a standard `LlavaForConditionalGeneration` (CLIP vision tower, MLP projector,
 Llama decoder) with a word-level tokenizer and a `LlavaProcessor`, saved with
@@ -23,8 +25,8 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from medift import mcq
 from medift.chat import CAPTION_INSTRUCTION
 from medift.datasets import DATASETS
-from medift.model import general
-from medift.model.tokenizer import IMAGE_TOKEN, build_tokenizer
+from medift.embedded import general
+from medift.embedded.tokenizer import IMAGE_TOKEN, build_tokenizer
 from medift.settings import EMBEDDED_DATASETS, EMBEDDED_IMAGE_SIZE  # shared with the workflow
 
 # One template for every message shape the pipeline writes: a user turn whose content

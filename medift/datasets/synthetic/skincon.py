@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from medift.datasets import skincon
-from medift.datasets.synthetic_drawing import along, disc, ragged_polygon, save_jpeg, smooth_noise, wobbly_outline
+from medift.datasets.synthetic.drawing import along, disc, ragged_polygon, save_jpeg, smooth_noise, wobbly_outline
 
 SUPERSAMPLE = 2
 DDI_SHARE = 0.15

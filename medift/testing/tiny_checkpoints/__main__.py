@@ -1,10 +1,10 @@
-"""`python -m medift.model.tiny FAMILY OUT_DIR [--seed N]`: write a tiny random checkpoint."""
+"""`python -m medift.testing.tiny_checkpoints FAMILY OUT_DIR [--seed N]`: write a tiny random checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 
-from medift.model.tiny import build_tiny_checkpoint, family_names
+from medift.testing.tiny_checkpoints import build_tiny_checkpoint, family_names
 
 
 def main(argv: list[str] | None = None) -> int:

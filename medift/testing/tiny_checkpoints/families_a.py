@@ -42,7 +42,7 @@ from transformers.models.mllama.image_processing_pil_mllama import (
     get_all_supported_aspect_ratios,
 )
 
-from medift.model.tiny.tokenizer import build_bpe_tokenizer
+from medift.testing.tiny_checkpoints.tokenizer import build_bpe_tokenizer
 
 HIDDEN = 32
 HEADS = 2
