@@ -34,9 +34,7 @@ import torch.nn.functional as F
 
 from medift import mcq
 from medift.chat import encode_prompt, model_inputs
-from medift.generation import forced_answer_context, generate_answers
 from medift.embedded import general
-from medift.model.loading import load_base_model
 from medift.embedded.pretrain import (
     ConversationSampler,
     PretrainConfig,
@@ -45,6 +43,8 @@ from medift.embedded.pretrain import (
     letter_accuracy,
     random_options,
 )
+from medift.generation import forced_answer_context, generate_answers
+from medift.model.loading import load_base_model
 
 
 def rate(hits: list[bool]) -> dict:
@@ -149,7 +149,9 @@ def text_binding(model, processor, size: int) -> dict:
         for name, medical in (("general", 0.0), ("medical", 1.0)):
             config = PretrainConfig(binding_hops=hops, binding_batch_size=200, medical_text_fraction=medical)
             sampler = ConversationSampler(processor, config, random.Random(f"binding-probe-{hops}"), size)
-            result[f"{hops} hop{'s' if hops > 1 else ''}, {name}"] = letter_accuracy(model, sampler.binding_batch(5), letters)
+            result[f"{hops} hop{'s' if hops > 1 else ''}, {name}"] = letter_accuracy(
+                model, sampler.binding_batch(5), letters
+            )
     return result
 
 
@@ -162,13 +164,18 @@ def main() -> None:
     model, processor = load_base_model(args.model_dir)
     model.eval()
     size = model.config.vision_config.image_size
-    print(json.dumps({
-        "open_questions": open_questions(model, processor, size, args.n),
-        "mcq": mcq_by_attribute(model, processor, size, args.seed),
-        "two_options": two_options(model, processor, size, args.n),
-        "size_by_layer": size_by_layer(model, processor, size),
-        "text_binding": text_binding(model, processor, size),
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "open_questions": open_questions(model, processor, size, args.n),
+                "mcq": mcq_by_attribute(model, processor, size, args.seed),
+                "two_options": two_options(model, processor, size, args.n),
+                "size_by_layer": size_by_layer(model, processor, size),
+                "text_binding": text_binding(model, processor, size),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

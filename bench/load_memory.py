@@ -115,10 +115,28 @@ def measure(checkpoint: str, mode: str, ranks: int, timeout: int = 600) -> list[
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     with tempfile.TemporaryDirectory(prefix="load-memory-") as tmp:
         env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
-        env.update(DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), HF_HUB_OFFLINE="1",
-                   PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node",
-                   str(ranks), str(Path(__file__).resolve()), "--worker", mode, "--checkpoint", checkpoint, "--out", tmp]
+        env.update(
+            DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"),
+            HF_HUB_OFFLINE="1",
+            PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]),
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(ranks),
+            str(Path(__file__).resolve()),
+            "--worker",
+            mode,
+            "--checkpoint",
+            checkpoint,
+            "--out",
+            tmp,
+        ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"{mode} with {ranks} ranks failed:\n{done.stderr[-3000:]}")
@@ -142,8 +160,16 @@ def run(checkpoint: str, ranks: list[int], modes: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Host memory per rank while loading the base model.")
-    parser.add_argument("--checkpoint", default="", help="Checkpoint to load; empty: the reduced real-config one (built once under --build_dir).")
-    parser.add_argument("--build_dir", default="results/bench/real-mllama-reduced", help="Where the reduced checkpoint is built and reused.")
+    parser.add_argument(
+        "--checkpoint",
+        default="",
+        help="Checkpoint to load; empty: the reduced real-config one (built once under --build_dir).",
+    )
+    parser.add_argument(
+        "--build_dir",
+        default="results/bench/real-mllama-reduced",
+        help="Where the reduced checkpoint is built and reused.",
+    )
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--out", default="", help="Also write the JSON here.")

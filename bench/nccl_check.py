@@ -54,8 +54,12 @@ def main() -> int:
     report = {"backend": dist.get_backend_config(), "torch": torch.__version__, "before": before()}
     report["after"] = after()
     dist.destroy_process_group()
-    expected = {"average_gpu_tensor": [3.0] * 4, "average_cpu_tensor": 7.0, "gather_step_figures": [[2.5, 120.0, 31.0]],
-                "max_across_ranks": 4.0}
+    expected = {
+        "average_gpu_tensor": [3.0] * 4,
+        "average_cpu_tensor": 7.0,
+        "gather_step_figures": [[2.5, 120.0, 31.0]],
+        "max_across_ranks": 4.0,
+    }
     report["ok"] = report["before"].startswith("fails") and all(report["after"][k] == v for k, v in expected.items())
     print(json.dumps(report))
     return 0 if report["ok"] else 1

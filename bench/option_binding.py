@@ -105,7 +105,11 @@ def main(argv=None) -> int:
     parser.add_argument("--turns", type=int, default=3, help="questions per training conversation")
     parser.add_argument("--options", type=int, default=5, help="pairs per lookup sequence")
     parser.add_argument("--curriculum", default="", help="lookup only: N:STEPS,... pairs per training stage")
-    parser.add_argument("--merged", action="store_true", help="one-token 'A.' (the embedded tokenizer's letter_dot_tokens); lookup: 'A.' right before its word")
+    parser.add_argument(
+        "--merged",
+        action="store_true",
+        help="one-token 'A.' (the embedded tokenizer's letter_dot_tokens); lookup: 'A.' right before its word",
+    )
     parser.add_argument("--eval_every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
@@ -117,8 +121,12 @@ def main(argv=None) -> int:
     processor = build_processor(config)
     model = build_model(config, processor, args.seed).to(args.device)
     vocab = processor.tokenizer.get_vocab()
-    letter_ids = {vocab[token] for k in range(8) for token in (letter_token(k, False), letter_token(k, True)) if token in vocab}
-    held_out = to_device(make_batch(args, processor, random.Random(f"held-out-{args.seed}"), 200, held_out=True), args.device)
+    letter_ids = {
+        vocab[token] for k in range(8) for token in (letter_token(k, False), letter_token(k, True)) if token in vocab
+    }
+    held_out = to_device(
+        make_batch(args, processor, random.Random(f"held-out-{args.seed}"), 200, held_out=True), args.device
+    )
     rng = random.Random(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98))
     stages = [tuple(map(int, stage.split(":"))) for stage in args.curriculum.split(",") if stage]
@@ -137,7 +145,9 @@ def main(argv=None) -> int:
     for step in range(1, args.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, step / 50)
-        loss = model(**to_device(make_batch(args, processor, rng, args.batch_size, n_options=pairs_at(step)), args.device)).loss
+        loss = model(
+            **to_device(make_batch(args, processor, rng, args.batch_size, n_options=pairs_at(step)), args.device)
+        ).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

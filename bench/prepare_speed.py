@@ -133,8 +133,15 @@ def run_plain(config: BenchConfig) -> dict:
     from medift.images import load_and_letterbox
 
     records = wbcatt.read_records(Path(config.raw_dir), seed=config.seed).records
-    rows = [{"image_id": r.image_id, "split": r.split, "description": wbcatt.describe(r.attributes),
-             "image": load_and_letterbox(r.image_path, config.image_size)} for r in records]
+    rows = [
+        {
+            "image_id": r.image_id,
+            "split": r.split,
+            "description": wbcatt.describe(r.attributes),
+            "image": load_and_letterbox(r.image_path, config.image_size),
+        }
+        for r in records
+    ]
     Path(config.work_dir).mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), Path(config.work_dir) / "plain.parquet")
     return {"images": len(rows)}
@@ -149,15 +156,37 @@ def measure(label: str, command: list[str], work_dir: Path) -> dict:
     run = run_sampled(label, command)
     report = work_dir / "data_report.json"
     images = json.loads(report.read_text())["records_kept"] if report.is_file() else json.loads(run["output"])["images"]
-    return {"mode": label, "images": images, "seconds": run["seconds"], "images_per_second": images / run["seconds"],
-            "peak_rss_mb": run["peak_rss_mb"], "peak_pss_mb": run["peak_pss_mb"]}
+    return {
+        "mode": label,
+        "images": images,
+        "seconds": run["seconds"],
+        "images_per_second": images / run["seconds"],
+        "peak_rss_mb": run["peak_rss_mb"],
+        "peak_pss_mb": run["peak_pss_mb"],
+    }
 
 
 def pipeline_command(config: BenchConfig, raw_dir: Path, work_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "medift.prepare", "shards", "--dataset", "wbcatt",
-            "--raw_dir", str(raw_dir), "--out_dir", str(work_dir / "shards"),
-            "--report", str(work_dir / "data_report.json"), "--image_size", str(config.image_size),
-            "--seed", str(config.seed), "--threads", str(config.threads)]
+    return [
+        sys.executable,
+        "-m",
+        "medift.prepare",
+        "shards",
+        "--dataset",
+        "wbcatt",
+        "--raw_dir",
+        str(raw_dir),
+        "--out_dir",
+        str(work_dir / "shards"),
+        "--report",
+        str(work_dir / "data_report.json"),
+        "--image_size",
+        str(config.image_size),
+        "--seed",
+        str(config.seed),
+        "--threads",
+        str(config.threads),
+    ]
 
 
 def plain_command(config: BenchConfig, raw_dir: Path, work_dir: Path) -> list[str]:
@@ -180,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     results = [
         measure("pipeline", pipeline_command(config, raw, work / "pipeline"), work / "pipeline"),
         measure("plain", plain_command(config, raw, work / "plain"), work / "plain"),
-        measure("pipeline_small", pipeline_command(config, work / "raw_quarter", work / "pipeline_small"),
-                work / "pipeline_small"),
+        measure(
+            "pipeline_small",
+            pipeline_command(config, work / "raw_quarter", work / "pipeline_small"),
+            work / "pipeline_small",
+        ),
     ]
     pipeline, plain, small = results
     summary = {
@@ -194,12 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{'mode':<16}{'images':>8}{'seconds':>10}{'images/s':>10}{'peak RSS MB':>13}{'peak PSS MB':>13}")
     for run in results:
-        print(f"{run['mode']:<16}{run['images']:>8}{run['seconds']:>10.1f}"
-              f"{run['images_per_second']:>10.1f}{run['peak_rss_mb']:>13.0f}{run['peak_pss_mb']:>13.0f}")
-    print(f"speed-up pipeline/plain: {summary['speedup']:.2f}x with {config.threads} worker(s); "
-          f"peak RSS pipeline/plain: {summary['peak_rss_ratio_pipeline_over_plain']:.2f} "
-          f"(PSS {summary['peak_pss_ratio_pipeline_over_plain']:.2f}); "
-          f"pipeline full/quarter: {summary['peak_rss_ratio_pipeline_full_over_quarter']:.2f}")
+        print(
+            f"{run['mode']:<16}{run['images']:>8}{run['seconds']:>10.1f}"
+            f"{run['images_per_second']:>10.1f}{run['peak_rss_mb']:>13.0f}{run['peak_pss_mb']:>13.0f}"
+        )
+    print(
+        f"speed-up pipeline/plain: {summary['speedup']:.2f}x with {config.threads} worker(s); "
+        f"peak RSS pipeline/plain: {summary['peak_rss_ratio_pipeline_over_plain']:.2f} "
+        f"(PSS {summary['peak_pss_ratio_pipeline_over_plain']:.2f}); "
+        f"pipeline full/quarter: {summary['peak_rss_ratio_pipeline_full_over_quarter']:.2f}"
+    )
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     Path(config.out).write_text(json.dumps(summary, indent=1))
     return 0

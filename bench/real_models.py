@@ -35,22 +35,48 @@ import torch
 
 # meta-llama/Llama-3.2-11B-Vision config.json (text_config / vision_config).
 TEXT = dict(
-    hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
-    vocab_size=128256, cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38], max_position_embeddings=131072,
-    rms_norm_eps=1e-5, rope_theta=500000.0,
-    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
+    hidden_size=4096,
+    num_hidden_layers=40,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    vocab_size=128256,
+    cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
 )
 VISION = dict(
-    hidden_size=1280, num_hidden_layers=32, num_global_layers=8, attention_heads=16, intermediate_size=5120,
-    image_size=560, patch_size=14, max_num_tiles=4, vision_output_dim=7680, intermediate_layers_indices=[3, 7, 15, 23, 30],
+    hidden_size=1280,
+    num_hidden_layers=32,
+    num_global_layers=8,
+    attention_heads=16,
+    intermediate_size=5120,
+    image_size=560,
+    patch_size=14,
+    max_num_tiles=4,
+    vision_output_dim=7680,
+    intermediate_layers_indices=[3, 7, 15, 23, 30],
     norm_eps=1e-5,
 )
 REAL_IMAGE_TOKEN_INDEX = 128256
 
 
-def mllama_config(text_layers: int = 40, vision_layers: int = 32, global_layers: int = 8, vocab_size: int = 128256,
-                  tokenizer=None, image_size: int = 560):
+def mllama_config(
+    text_layers: int = 40,
+    vision_layers: int = 32,
+    global_layers: int = 8,
+    vocab_size: int = 128256,
+    tokenizer=None,
+    image_size: int = 560,
+):
     """The real configuration, optionally at reduced depth (or vocabulary, or tile size: a CPU cannot
     train on 560 px tiles in minutes); ids from `tokenizer` if given."""
     from transformers import MllamaConfig
@@ -66,17 +92,27 @@ def mllama_config(text_layers: int = 40, vision_layers: int = 32, global_layers:
     if tokenizer is not None:
         if len(tokenizer) > vocab_size:
             raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
-        text.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        text.update(
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     # Duplicate indices are valid (the tower stacks the listed layers' outputs), and keep the output 7680 wide.
     intermediate = [min(i, vision_layers - 1) for i in VISION["intermediate_layers_indices"]]
     if image_size % VISION["patch_size"]:
         raise ValueError(f"image_size {image_size} is not a multiple of the {VISION['patch_size']} px patch")
-    vision = dict(VISION, num_hidden_layers=vision_layers, num_global_layers=global_layers, image_size=image_size,
-                  intermediate_layers_indices=intermediate,
-                  supported_aspect_ratios=[list(r) for r in get_all_supported_aspect_ratios(VISION["max_num_tiles"])])
+    vision = dict(
+        VISION,
+        num_hidden_layers=vision_layers,
+        num_global_layers=global_layers,
+        image_size=image_size,
+        intermediate_layers_indices=intermediate,
+        supported_aspect_ratios=[list(r) for r in get_all_supported_aspect_ratios(VISION["max_num_tiles"])],
+    )
     image_token = tokenizer.image_token_id if tokenizer is not None else REAL_IMAGE_TOKEN_INDEX
-    return MllamaConfig(vision_config=MllamaVisionConfig(**vision), text_config=MllamaTextConfig(**text),
-                        image_token_index=image_token)
+    return MllamaConfig(
+        vision_config=MllamaVisionConfig(**vision), text_config=MllamaTextConfig(**text), image_token_index=image_token
+    )
 
 
 def parameter_counts(config=None) -> dict[str, int]:
@@ -111,18 +147,39 @@ def mllama_processor(image_size: int = VISION["image_size"]):
     from medift.testing.tiny_checkpoints.tokenizer import build_bpe_tokenizer
 
     tokenizer = build_bpe_tokenizer(
-        ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
-         "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"],
-        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>",
+        [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|finetune_right_pad_id|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eom_id|>",
+            "<|eot_id|>",
+            "<|python_tag|>",
+            "<|image|>",
+        ],
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
         extra_special_tokens={"image_token": "<|image|>"},
     )
     side = image_size
-    image_processor = MllamaImageProcessorPil(size={"height": side, "width": side}, max_image_tiles=VISION["max_num_tiles"])
+    image_processor = MllamaImageProcessorPil(
+        size={"height": side, "width": side}, max_image_tiles=VISION["max_num_tiles"]
+    )
     return MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=MLLAMA_TEMPLATE)
 
 
-def build_checkpoint(out_dir: str | Path, text_layers: int = 40, vision_layers: int = 32, global_layers: int = 8,
-                     vocab_size: int = 128256, seed: int = 0, image_size: int = 560, device: str | torch.device = "cpu") -> Path:
+def build_checkpoint(
+    out_dir: str | Path,
+    text_layers: int = 40,
+    vision_layers: int = 32,
+    global_layers: int = 8,
+    vocab_size: int = 128256,
+    seed: int = 0,
+    image_size: int = 560,
+    device: str | torch.device = "cpu",
+) -> Path:
     """Write a random bf16 checkpoint of the real configuration (at the given depth) with its processor.
     `device`: where the random weights are drawn (a GPU draws the full 11B in seconds)."""
     from transformers import MllamaForConditionalGeneration
@@ -171,8 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "counts":
         print(json.dumps(parameter_counts(), indent=1))
     else:
-        out = build_checkpoint(args.out_dir, args.text_layers, args.vision_layers, args.global_layers, args.vocab_size, args.seed,
-                               args.image_size, args.device)
+        out = build_checkpoint(
+            args.out_dir,
+            args.text_layers,
+            args.vision_layers,
+            args.global_layers,
+            args.vocab_size,
+            args.seed,
+            args.image_size,
+            args.device,
+        )
         print(out)
     return 0
 

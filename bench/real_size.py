@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
-import os
 import random
 import statistics
 import sys
@@ -45,15 +43,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import load_memory  # noqa: E402  (bench/ is not a package)
 import real_models  # noqa: E402
-
 import torch  # noqa: E402
 
 SECTIONS = ("counts", "load", "step", "tiles", "scoring")
 REDUCED = dict(text_layers=4, vision_layers=1, global_layers=1, vocab_size=8192, image_size=112)
 FULL = dict(text_layers=40, vision_layers=32, global_layers=8, vocab_size=128256, image_size=560)
 CHECKPOINTING = ("fixed", "shipped", "off")  # the order they run in: the lowest memory first
-WORDS = ("segmented nucleus", "fine granules", "pale cytoplasm", "round cell", "irregular membrane", "dense chromatin",
-         "small vacuoles", "violet granules", "large nucleolus", "thin rim")
+WORDS = (
+    "segmented nucleus",
+    "fine granules",
+    "pale cytoplasm",
+    "round cell",
+    "irregular membrane",
+    "dense chromatin",
+    "small vacuoles",
+    "violet granules",
+    "large nucleolus",
+    "thin rim",
+)
 
 
 def device_of(name: str) -> torch.device:
@@ -77,8 +84,10 @@ def images(n: int, side: int, seed: int) -> list:
     from PIL import Image
 
     generator = torch.Generator().manual_seed(seed)
-    return [Image.fromarray(torch.randint(0, 256, (side, side, 3), generator=generator, dtype=torch.uint8).numpy())
-            for _ in range(n)]
+    return [
+        Image.fromarray(torch.randint(0, 256, (side, side, 3), generator=generator, dtype=torch.uint8).numpy())
+        for _ in range(n)
+    ]
 
 
 # ------------------------------------------------------------------ step
@@ -90,7 +99,10 @@ def training_batch(processor, proxy_text: str, batch_size: int, side: int, phras
     from medift.chat import encode_conversation, model_inputs
 
     rng = random.Random(0)
-    rows = [encode_conversation(processor, [proxy_text], [description(rng, phrases)], with_image=True) for _ in range(batch_size)]
+    rows = [
+        encode_conversation(processor, [proxy_text], [description(rng, phrases)], with_image=True)
+        for _ in range(batch_size)
+    ]
     return model_inputs(processor, rows, images(batch_size, side, seed=1), padding_side="right")
 
 
@@ -125,11 +137,15 @@ def step_section(checkpoint: str, device: torch.device, steps: int, batch_size: 
 
     bf16 = device.type == "cuda"
     ds_engine.init_distributed()
-    model, processor = load_base_model(checkpoint, dtype="bfloat16" if bf16 else "float32", device=ds_engine.training_device())
+    model, processor = load_base_model(
+        checkpoint, dtype="bfloat16" if bf16 else "float32", device=ds_engine.training_device()
+    )
     host_after_load = host_peak_gib()
     trainable = select_trainable(model, "vision,fusion")
     hidden = model.get_input_embeddings().weight.shape[1]
-    proxy = ProxyInstruction(8, hidden, processor.tokenizer.proxy_token_id, torch.Generator().manual_seed(1)).attach(model)
+    proxy = ProxyInstruction(8, hidden, processor.tokenizer.proxy_token_id, torch.Generator().manual_seed(1)).attach(
+        model
+    )
     proxy.to(ds_engine.training_device())
     config = TrainConfig(shards="", base_model=checkpoint, out_dir="", lr=2e-5, bf16=bf16, batch_size=batch_size)
     engine = ds_engine.initialize(model, ds_engine.deepspeed_config(batch_size, 2, 1.0, bf16), config.lr)
@@ -181,7 +197,9 @@ def step_section(checkpoint: str, device: torch.device, steps: int, batch_size: 
             "model_tflops_per_second": round(work["model_flops"] / seconds / 1e12, 3),
             "mfu": None if peak is None else round(work["model_flops"] / seconds / peak, 4),
             "hfu": None if peak is None else round(work["hardware_flops"] / seconds / peak, 4),
-            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            if device.type == "cuda"
+            else None,
         }
         print(f"step [{mode}]: {json.dumps(results[mode])}", flush=True)
     base = results.get("shipped", {})
@@ -190,12 +208,19 @@ def step_section(checkpoint: str, device: torch.device, steps: int, batch_size: 
             row["speed_vs_shipped"] = round(base["step_seconds"] / row["step_seconds"], 3)
             if row["peak_gpu_memory_gib"] is not None:
                 row["memory_vs_shipped"] = round(row["peak_gpu_memory_gib"] / base["peak_gpu_memory_gib"], 3)
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
-            "batch_size": batch_size, "text_tokens_per_row": int(batch["attention_mask"].sum()) // batch_size,
-            "trainable_parameters": trainable["trainable"], "total_parameters": trainable["total"], "peak_flops": peak,
-            # Host memory of this (single-rank) process: after loading, and its peak over every step.
-            "host_peak_gib_after_load": host_after_load, "host_peak_gib": host_peak_gib()}
-    del engine, model, optimizer
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype),
+        "batch_size": batch_size,
+        "text_tokens_per_row": int(batch["attention_mask"].sum()) // batch_size,
+        "trainable_parameters": trainable["trainable"],
+        "total_parameters": trainable["total"],
+        "peak_flops": peak,
+        # Host memory of this (single-rank) process: after loading, and its peak over every step.
+        "host_peak_gib_after_load": host_after_load,
+        "host_peak_gib": host_peak_gib(),
+    }
+    engine = model = optimizer = None  # free them (one_step closes over them)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -210,13 +235,17 @@ def one_tile_tower(tower):
     first tile and to the aspect ratios of one tile (ids 0 and 1, whose rows are the same in both)."""
     from transformers.models.mllama.modeling_mllama import MllamaVisionModel
 
-    config = type(tower.config).from_dict({**tower.config.to_dict(), "max_num_tiles": 1, "supported_aspect_ratios": [[1, 1]]})
+    config = type(tower.config).from_dict(
+        {**tower.config.to_dict(), "max_num_tiles": 1, "supported_aspect_ratios": [[1, 1]]}
+    )
     small = MllamaVisionModel(config).to(device=tower.device, dtype=tower.dtype)
     state = tower.state_dict()
     hidden, patches = config.hidden_size, (config.image_size // config.patch_size) ** 2 + 1
-    for name, width in (("pre_tile_positional_embedding.embedding.weight", hidden),
-                        ("post_tile_positional_embedding.embedding.weight", hidden),
-                        ("gated_positional_embedding.tile_embedding.weight", patches * hidden)):
+    for name, width in (
+        ("pre_tile_positional_embedding.embedding.weight", hidden),
+        ("post_tile_positional_embedding.embedding.weight", hidden),
+        ("gated_positional_embedding.tile_embedding.weight", patches * hidden),
+    ):
         state[name] = state[name][: config.max_aspect_ratio_id + 1, :width]
     small.load_state_dict(state)
     return small.eval()
@@ -227,14 +256,24 @@ def tiles_section(checkpoint: str, device: torch.device, repeats: int, batch_siz
     from medift.model.loading import load_base_model
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, processor = load_base_model(checkpoint, dtype="bfloat16" if dtype == torch.bfloat16 else "float32", device=device)
+    model, processor = load_base_model(
+        checkpoint, dtype="bfloat16" if dtype == torch.bfloat16 else "float32", device=device
+    )
     tower = model.model.vision_model.eval()
     side = tower.config.image_size
-    inputs = processor.image_processor(images=[[image] for image in images(batch_size, side, seed=2)], return_tensors="pt")
-    padded = {"pixel_values": inputs["pixel_values"].to(device, dtype), "aspect_ratio_ids": inputs["aspect_ratio_ids"].to(device),
-              "aspect_ratio_mask": inputs["aspect_ratio_mask"].to(device)}
-    real = {"pixel_values": padded["pixel_values"][:, :, :1], "aspect_ratio_ids": padded["aspect_ratio_ids"],
-            "aspect_ratio_mask": padded["aspect_ratio_mask"][:, :, :1]}
+    inputs = processor.image_processor(
+        images=[[image] for image in images(batch_size, side, seed=2)], return_tensors="pt"
+    )
+    padded = {
+        "pixel_values": inputs["pixel_values"].to(device, dtype),
+        "aspect_ratio_ids": inputs["aspect_ratio_ids"].to(device),
+        "aspect_ratio_mask": inputs["aspect_ratio_mask"].to(device),
+    }
+    real = {
+        "pixel_values": padded["pixel_values"][:, :, :1],
+        "aspect_ratio_ids": padded["aspect_ratio_ids"],
+        "aspect_ratio_mask": padded["aspect_ratio_mask"][:, :, :1],
+    }
     small = one_tile_tower(tower)
 
     def timed(module, kwargs) -> tuple[float, torch.Tensor]:
@@ -290,14 +329,19 @@ def scoring_section(checkpoint: str, device: torch.device, questions: int, batch
     instructions = [mcq.build_mcq_instruction("Which attribute does the nucleus show?", o) for o in options]
     result = {}
     for batch_size in batch_sizes:
-        score_letters(model, processor, instructions[:batch_size], pictures[:batch_size], [4] * batch_size, batch_size, None)
+        score_letters(
+            model, processor, instructions[:batch_size], pictures[:batch_size], [4] * batch_size, batch_size, None
+        )
         synchronize(device)
         started = time.perf_counter()
         score_letters(model, processor, instructions, pictures, [4] * questions, batch_size, None)
         synchronize(device)
         seconds = time.perf_counter() - started
-        result[f"batch_{batch_size}"] = {"questions": questions, "seconds": round(seconds, 3),
-                                         "questions_per_second": round(questions / seconds, 2)}
+        result[f"batch_{batch_size}"] = {
+            "questions": questions,
+            "seconds": round(seconds, 3),
+            "questions_per_second": round(questions / seconds, 2),
+        }
         print(f"scoring batch {batch_size}: {json.dumps(result[f'batch_{batch_size}'])}", flush=True)
     del model
     gc.collect()
@@ -321,22 +365,34 @@ def build_once(directory: Path, sizes: dict, device: torch.device) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="auto", choices=("auto", "full", "reduced"),
-                        help="full: the 11B; reduced: reduced depth and tile size; auto: full on a GPU, reduced on a CPU.")
+    parser.add_argument(
+        "--size",
+        default="auto",
+        choices=("auto", "full", "reduced"),
+        help=("full: the 11B; reduced: reduced depth and tile size; auto: full on a GPU, reduced on a CPU."),
+    )
     for key, value in REDUCED.items():
         parser.add_argument(f"--{key}", type=int, default=None, help=f"Reduced size's {key} (default {value}).")
     parser.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda.")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"Comma-separated, of {', '.join(SECTIONS)}.")
-    parser.add_argument("--steps", type=int, default=2, help="Timed training steps per checkpointing mode (after one untimed).")
+    parser.add_argument(
+        "--steps", type=int, default=2, help="Timed training steps per checkpointing mode (after one untimed)."
+    )
     parser.add_argument("--batch_size", type=int, default=2, help="Training micro-batch (the paper: 2).")
-    parser.add_argument("--phrases", type=int, default=24, help="Attribute phrases per description (sets the text length).")
+    parser.add_argument(
+        "--phrases", type=int, default=24, help="Attribute phrases per description (sets the text length)."
+    )
     parser.add_argument("--checkpointing", default=",".join(CHECKPOINTING), help="Modes of the step section, in order.")
-    parser.add_argument("--ranks", type=int, nargs="+", default=None, help="Rank counts of the load section (CPU: 1 2; GPU: 1).")
+    parser.add_argument(
+        "--ranks", type=int, nargs="+", default=None, help="Rank counts of the load section (CPU: 1 2; GPU: 1)."
+    )
     parser.add_argument("--load_modes", nargs="+", default=list(load_memory.MODES), help="Modes of the load section.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed forwards per tiles variant.")
     parser.add_argument("--questions", type=int, default=32, help="Questions of the scoring section.")
     parser.add_argument("--checkpoint", default="", help="A local Mllama checkpoint to run on instead of building one.")
-    parser.add_argument("--work_dir", default="resources/bench/real_size", help="Where the checkpoint is built (reused).")
+    parser.add_argument(
+        "--work_dir", default="resources/bench/real_size", help="Where the checkpoint is built (reused)."
+    )
     parser.add_argument("--out", default="results/bench/real_size.json")
     args = parser.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
@@ -367,8 +423,14 @@ def main(argv: list[str] | None = None) -> int:
             ranks = args.ranks or ([1] if device.type == "cuda" else [1, 2])
             result = load_memory.run(str(checkpoint), ranks, args.load_modes)
         elif section == "step":
-            result = step_section(str(checkpoint), device, args.steps, args.batch_size, args.phrases,
-                                  [m for m in args.checkpointing.split(",") if m])
+            result = step_section(
+                str(checkpoint),
+                device,
+                args.steps,
+                args.batch_size,
+                args.phrases,
+                [m for m in args.checkpointing.split(",") if m],
+            )
         elif section == "tiles":
             result = tiles_section(str(checkpoint), device, args.repeats, args.batch_size)
         else:

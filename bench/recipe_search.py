@@ -57,9 +57,18 @@ for _proxy_lr in (1e-3, 1e-2, 3e-2, 1e-1):
 # come from the s3_baselines trials at the same model lr).
 for _lr in (1e-5, 3e-5, 1e-4):
     for _proxy_lr in (1e-3, 3e-3, 1e-2):
-        TRIALS[f"s3_lr{_lr:g}_plr{_proxy_lr:g}"] = {**VAL200, "seeds": [1, 2, 3], "methods": ["ift"],
-                                                      "train": {"lr": _lr, "proxy_lr": _proxy_lr}}
-    TRIALS[f"s3_baselines_lr{_lr:g}"] = {**VAL200, "seeds": [1, 2, 3], "methods": ["zero_shot", "caption_ft"], "train": {"lr": _lr}}
+        TRIALS[f"s3_lr{_lr:g}_plr{_proxy_lr:g}"] = {
+            **VAL200,
+            "seeds": [1, 2, 3],
+            "methods": ["ift"],
+            "train": {"lr": _lr, "proxy_lr": _proxy_lr},
+        }
+    TRIALS[f"s3_baselines_lr{_lr:g}"] = {
+        **VAL200,
+        "seeds": [1, 2, 3],
+        "methods": ["zero_shot", "caption_ft"],
+        "train": {"lr": _lr},
+    }
 
 
 def trial_config(overrides: dict) -> dict:
@@ -93,13 +102,20 @@ def training_losses(work: Path) -> dict[tuple[str, str], dict[str, float | None]
     for summary in work.glob("resources/models/*/*/seed-*/train_summary.json"):
         history = json.loads(summary.read_text()).get("history") or []
         warmup = [h for h in history if h.get("stage") == "warmup"]
-        per_job.setdefault((summary.parts[-4], summary.parts[-3]), []).append({
-            "final_loss": epoch_mean_loss(history, "main", -1),
-            "warmup_first_loss": warmup[0]["loss"] if warmup else None,
-            "warmup_last_loss": epoch_mean_loss(history, "warmup", -1),
-        })
-    return {key: {name: None if any(j[name] is None for j in jobs) else round(sum(j[name] for j in jobs) / len(jobs), 4)
-                  for name in jobs[0]} for key, jobs in per_job.items()}
+        per_job.setdefault((summary.parts[-4], summary.parts[-3]), []).append(
+            {
+                "final_loss": epoch_mean_loss(history, "main", -1),
+                "warmup_first_loss": warmup[0]["loss"] if warmup else None,
+                "warmup_last_loss": epoch_mean_loss(history, "warmup", -1),
+            }
+        )
+    return {
+        key: {
+            name: None if any(j[name] is None for j in jobs) else round(sum(j[name] for j in jobs) / len(jobs), 4)
+            for name in jobs[0]
+        }
+        for key, jobs in per_job.items()
+    }
 
 
 def run_trial(name: str, overrides: dict, root: Path) -> pd.DataFrame:
@@ -112,9 +128,24 @@ def run_trial(name: str, overrides: dict, root: Path) -> pd.DataFrame:
     env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
     started = time.time()
     subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"), "--cores", "2",
-         "--directory", str(work), f"--configfile={configfile}", "results/table1.csv", "--quiet", "rules"],
-        cwd=REPO, env=env, check=True,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "workflow" / "Snakefile"),
+            "--cores",
+            "2",
+            "--directory",
+            str(work),
+            f"--configfile={configfile}",
+            "results/table1.csv",
+            "--quiet",
+            "rules",
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
     )
     seconds = round(time.time() - started, 1)
     long = pd.read_csv(work / "results" / "table1_long.csv")
@@ -133,15 +164,26 @@ def main() -> int:
     parser.add_argument("--out", default="results/bench/recipe_search.csv")
     parser.add_argument("--root", default="resources/recipe-search")
     parser.add_argument("--base-model", default="", help="base_model.path of every trial (default: the config's)")
-    parser.add_argument("--tag", default="", help="prefix of the trial names (and work directories), e.g. the base model's name")
+    parser.add_argument(
+        "--tag", default="", help="prefix of the trial names (and work directories), e.g. the base model's name"
+    )
     args = parser.parse_args()
     unknown = [t for t in args.trials if t not in TRIALS]
     if unknown:
         parser.error(f"unknown trials {unknown}; known: {', '.join(TRIALS)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["trial", "method", "dataset", "accuracy", "format_retention", "description_accuracy", "final_loss",
-               "warmup_first_loss", "warmup_last_loss"]
+    columns = [
+        "trial",
+        "method",
+        "dataset",
+        "accuracy",
+        "format_retention",
+        "description_accuracy",
+        "final_loss",
+        "warmup_first_loss",
+        "warmup_last_loss",
+    ]
     for name in args.trials:
         overrides = TRIALS[name]
         if args.base_model:

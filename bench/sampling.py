@@ -52,5 +52,9 @@ def run_sampled(label: str, command: list[str], log: Path | None = None, env: di
             errors.close()
     if child.returncode != 0:
         raise RuntimeError(f"{label} run failed with exit code {child.returncode}" + (f" (log: {log})" if log else ""))
-    return {"output": output, "seconds": time.perf_counter() - started,
-            "peak_rss_mb": peak[0] / 2**20, "peak_pss_mb": peak[1] / 2**20}
+    return {
+        "output": output,
+        "seconds": time.perf_counter() - started,
+        "peak_rss_mb": peak[0] / 2**20,
+        "peak_pss_mb": peak[1] / 2**20,
+    }

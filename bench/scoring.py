@@ -44,7 +44,13 @@ def bench_dataset(model, processor, shards: Path, split: str, batch_size: int, m
 
     outputs, generate_s = timed(generate_answers, model, processor, instructions, images, max_new_tokens, batch_size)
     _, generate_full_s = timed(
-        generate_answers, model, processor, instructions, images, max_new_tokens, batch_size,
+        generate_answers,
+        model,
+        processor,
+        instructions,
+        images,
+        max_new_tokens,
+        batch_size,
         min_new_tokens=max_new_tokens,
     )
     scores, letter_s = timed(score_letters, model, processor, instructions, images, n_options, batch_size)
@@ -81,7 +87,9 @@ def main(argv=None) -> int:
     model, processor = load_base_model(args.model)
     results = {}
     for shards in map(Path, args.shards):
-        results[shards.name] = row = bench_dataset(model, processor, shards, args.split, args.batch_size, args.max_new_tokens)
+        results[shards.name] = row = bench_dataset(
+            model, processor, shards, args.split, args.batch_size, args.max_new_tokens
+        )
         print(
             f"{shards.name}: {row['questions']} questions; letter agrees with generate on "
             f"{row['agreement']}% of the {row['generate_parsed']} parsed; generate {row['seconds_generate']} s, "

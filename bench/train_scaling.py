@@ -43,11 +43,15 @@ class BenchConfig:
     base_model: str = field(default="models/embedded-base", metadata={"help": "Checkpoint every run trains."})
     steps: int = field(default=40, metadata={"help": "Optimizer steps per run (train.max_steps)."})
     batch: int = field(default=16, metadata={"help": "Global batch (1 rank: micro-batch; 2 ranks: half each)."})
-    workers: int = field(default=2, metadata={"help": "DataLoader workers of the runs that use them (per rank; 2 ranks: half)."})
+    workers: int = field(
+        default=2, metadata={"help": "DataLoader workers of the runs that use them (per rank; 2 ranks: half)."}
+    )
     threads: int = field(default=2, metadata={"help": "torch threads of a 1-rank job (2 ranks: half each)."})
     small_images: int = field(default=2000, metadata={"help": "Training images of every run but ift_20k."})
     large_images: int = field(default=20000, metadata={"help": "Training images of ift_20k."})
-    work_dir: str = field(default="resources/bench/training", metadata={"help": "Releases, shards and run outputs (reused)."})
+    work_dir: str = field(
+        default="resources/bench/training", metadata={"help": "Releases, shards and run outputs (reused)."}
+    )
     out: str = field(default="results/bench/training.json", metadata={"help": "JSON with every figure."})
 
 
@@ -57,23 +61,82 @@ def shards_of(config: BenchConfig, train_images: int) -> Path:
     shards = root / "shards"
     if not (shards / "manifest.json").is_file():
         write_release(root / "raw", int(train_images / TRAIN_SHARE), pool=400, seed=0)
-        run_sampled("shards", [sys.executable, "-m", "medift.prepare", "shards", "--dataset", "wbcatt",
-                               "--raw_dir", str(root / "raw"), "--out_dir", str(shards), "--report", str(root / "report.json"),
-                               "--image_size", "64", "--seed", "0", "--threads", str(config.threads)])
+        run_sampled(
+            "shards",
+            [
+                sys.executable,
+                "-m",
+                "medift.prepare",
+                "shards",
+                "--dataset",
+                "wbcatt",
+                "--raw_dir",
+                str(root / "raw"),
+                "--out_dir",
+                str(shards),
+                "--report",
+                str(root / "report.json"),
+                "--image_size",
+                "64",
+                "--seed",
+                "0",
+                "--threads",
+                str(config.threads),
+            ],
+        )
     return shards
 
 
-def train_run(config: BenchConfig, name: str, shards: Path, proxy: bool, ranks: int = 1, workers: int | None = None) -> dict:
+def train_run(
+    config: BenchConfig, name: str, shards: Path, proxy: bool, ranks: int = 1, workers: int | None = None
+) -> dict:
     out = Path(config.work_dir) / "runs" / name
     workers = config.workers if workers is None else workers
-    launcher = [sys.executable, "-m", "medift.train"] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(ranks),
-        "-m", "medift.train"]
-    command = [*launcher, "--shards", str(shards), "--base_model", config.base_model, "--out_dir", str(out),
-               "--proxy", str(proxy), "--warmup_epochs", "0", "--epochs", "1", "--max_steps", str(config.steps),
-               "--batch_size", str(config.batch // ranks), "--validate", "False", "--checkpoint_every", "0",
-               "--threads", str(max(1, config.threads // ranks)), "--data_workers", str(workers // ranks if workers else 0),
-               "--seed", "1"]
+    launcher = (
+        [sys.executable, "-m", "medift.train"]
+        if ranks == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(ranks),
+            "-m",
+            "medift.train",
+        ]
+    )
+    command = [
+        *launcher,
+        "--shards",
+        str(shards),
+        "--base_model",
+        config.base_model,
+        "--out_dir",
+        str(out),
+        "--proxy",
+        str(proxy),
+        "--warmup_epochs",
+        "0",
+        "--epochs",
+        "1",
+        "--max_steps",
+        str(config.steps),
+        "--batch_size",
+        str(config.batch // ranks),
+        "--validate",
+        "False",
+        "--checkpoint_every",
+        "0",
+        "--threads",
+        str(max(1, config.threads // ranks)),
+        "--data_workers",
+        str(workers // ranks if workers else 0),
+        "--seed",
+        "1",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     out.mkdir(parents=True, exist_ok=True)
@@ -84,11 +147,18 @@ def train_run(config: BenchConfig, name: str, shards: Path, proxy: bool, ranks: 
     step_seconds = summary["main_step_seconds"]
     wait = summary["data_wait_seconds"]
     return {
-        "run": name, "ranks": ranks, "data_workers": workers, "train_images": summary["train_images"], "steps": steps,
-        "step_seconds": step_seconds, "tokens_per_second": summary["main_tokens_per_second"],
+        "run": name,
+        "ranks": ranks,
+        "data_workers": workers,
+        "train_images": summary["train_images"],
+        "steps": steps,
+        "step_seconds": step_seconds,
+        "tokens_per_second": summary["main_tokens_per_second"],
         "tokens_per_step": summary["main_tokens_per_step"],
         "data_wait_fraction": wait / (wait + summary["main_step_seconds_total"]),
-        "job_seconds": run["seconds"], "peak_rss_mb": run["peak_rss_mb"], "peak_pss_mb": run["peak_pss_mb"],
+        "job_seconds": run["seconds"],
+        "peak_rss_mb": run["peak_rss_mb"],
+        "peak_pss_mb": run["peak_pss_mb"],
     }
 
 
@@ -98,31 +168,45 @@ def main(argv: list[str] | None = None) -> int:
     (config,) = HfArgumentParser(BenchConfig).parse_args_into_dataclasses(argv)
     started = time.perf_counter()
     small, large = shards_of(config, config.small_images), shards_of(config, config.large_images)
-    runs = {r["run"]: r for r in [
-        train_run(config, "caption_ft", small, proxy=False, workers=0),
-        train_run(config, "ift", small, proxy=True, workers=0),
-        train_run(config, "ift_2_ranks", small, proxy=True, ranks=2, workers=0),
-        train_run(config, "ift_workers", small, proxy=True),
-        train_run(config, "ift_20k", large, proxy=True),
-    ]}
+    runs = {
+        r["run"]: r
+        for r in [
+            train_run(config, "caption_ft", small, proxy=False, workers=0),
+            train_run(config, "ift", small, proxy=True, workers=0),
+            train_run(config, "ift_2_ranks", small, proxy=True, ranks=2, workers=0),
+            train_run(config, "ift_workers", small, proxy=True),
+            train_run(config, "ift_20k", large, proxy=True),
+        ]
+    }
     caption, ift = runs["caption_ft"], runs["ift"]
     figures = {
         "tokens_per_second_2_ranks_over_1": runs["ift_2_ranks"]["tokens_per_second"] / ift["tokens_per_second"],
         "proxy_overhead_per_step": ift["step_seconds"] / caption["step_seconds"] - 1,
-        "proxy_overhead_per_token": (ift["step_seconds"] / ift["tokens_per_step"]) / (caption["step_seconds"] / caption["tokens_per_step"]) - 1,
+        "proxy_overhead_per_token": (ift["step_seconds"] / ift["tokens_per_step"])
+        / (caption["step_seconds"] / caption["tokens_per_step"])
+        - 1,
         "data_wait_fraction_without_workers": ift["data_wait_fraction"],
         "data_wait_fraction_with_workers": runs["ift_workers"]["data_wait_fraction"],
         "peak_rss_ratio_20k_over_2k": runs["ift_20k"]["peak_rss_mb"] / runs["ift_workers"]["peak_rss_mb"],
         "peak_pss_ratio_20k_over_2k": runs["ift_20k"]["peak_pss_mb"] / runs["ift_workers"]["peak_pss_mb"],
     }
-    result = {"config": {**asdict(config), "cpus": len(os.sched_getaffinity(0))}, "runs": list(runs.values()),
-              "figures": figures, "seconds": time.perf_counter() - started}
+    result = {
+        "config": {**asdict(config), "cpus": len(os.sched_getaffinity(0))},
+        "runs": list(runs.values()),
+        "figures": figures,
+        "seconds": time.perf_counter() - started,
+    }
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     Path(config.out).write_text(json.dumps(result, indent=1))
-    print(f"{'run':<16}{'ranks':>6}{'workers':>8}{'images':>8}{'s/step':>8}{'tokens/s':>10}{'wait':>7}{'RSS MB':>8}{'PSS MB':>8}")
+    print(
+        f"{'run':<16}{'ranks':>6}{'workers':>8}{'images':>8}{'s/step':>8}{'tokens/s':>10}{'wait':>7}"
+        f"{'RSS MB':>8}{'PSS MB':>8}"
+    )
     for r in runs.values():
-        print(f"{r['run']:<16}{r['ranks']:>6}{r['data_workers']:>8}{r['train_images']:>8}{r['step_seconds']:>8.3f}"
-              f"{r['tokens_per_second']:>10.0f}{r['data_wait_fraction']:>7.1%}{r['peak_rss_mb']:>8.0f}{r['peak_pss_mb']:>8.0f}")
+        print(
+            f"{r['run']:<16}{r['ranks']:>6}{r['data_workers']:>8}{r['train_images']:>8}{r['step_seconds']:>8.3f}"
+            f"{r['tokens_per_second']:>10.0f}{r['data_wait_fraction']:>7.1%}{r['peak_rss_mb']:>8.0f}{r['peak_pss_mb']:>8.0f}"
+        )
     for key, value in figures.items():
         print(f"{key}: {value:.3f}")
     return 0

@@ -18,12 +18,15 @@ def accumulation_for(global_batch: int, batch_size: int, world_size: int) -> int
     """Micro-batches per optimizer step on each rank that give `global_batch`:
     global_batch / (batch_size x world_size), which must be a whole number >= 1."""
     if global_batch < 1 or batch_size < 1 or world_size < 1:
-        raise ValueError(f"global_batch {global_batch}, batch_size {batch_size} and ranks {world_size} must be at least 1")
+        raise ValueError(
+            f"global_batch {global_batch}, batch_size {batch_size} and ranks {world_size} must be at least 1"
+        )
     per_step = batch_size * world_size  # samples of one micro-step over every rank
     accumulation, rest = divmod(global_batch, per_step)
     if accumulation < 1 or rest:
         raise ValueError(
-            f"global_batch {global_batch} cannot be made of micro-batches of {batch_size} on {world_size} rank(s) in all (ranks x nodes): "
+            f"global_batch {global_batch} cannot be made of micro-batches of {batch_size} on {world_size} rank(s) "
+            "in all (ranks x nodes): "
             f"global_batch / (batch_size x ranks) = {global_batch}/{per_step} is not a whole number >= 1; "
             f"choose batch_size and ranks whose product divides {global_batch} (e.g. fewer ranks, or jobs side by side)"
         )

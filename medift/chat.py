@@ -94,7 +94,9 @@ def images_argument(images: Sequence) -> list | None:
     return [[image] for image in images]
 
 
-def model_inputs(processor, rows: Sequence[Encoded], images: Sequence, padding_side: str = "right") -> dict[str, torch.Tensor]:
+def model_inputs(
+    processor, rows: Sequence[Encoded], images: Sequence, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
     """Every tensor the model takes for a batch of rows, made by the family's own processor.
 
     Right padding for training, left for generation and scoring (prompts flush against the
@@ -119,7 +121,9 @@ def model_inputs(processor, rows: Sequence[Encoded], images: Sequence, padding_s
     return batch
 
 
-def carried_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: Sequence[Encoded], padding_side: str) -> torch.Tensor:
+def carried_labels(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: Sequence[Encoded], padding_side: str
+) -> torch.Tensor:
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     width = input_ids.shape[1]
     for r, row in enumerate(rows):

@@ -70,12 +70,17 @@ class Checkpoints:
         step_dir = self.root / pointer.read_text().strip()
         state_file = step_dir / "state.json"
         if not state_file.is_file():
-            raise FileNotFoundError(f"{pointer} names {step_dir.name}, which has no state.json (remove {self.root} to start over)")
+            raise FileNotFoundError(
+                f"{pointer} names {step_dir.name}, which has no state.json (remove {self.root} to start over)"
+            )
         saved = json.loads(state_file.read_text())["fingerprint"]
         if saved != self.fingerprint:
             changed = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
-            log.warning("checkpoint %s was written with other settings (%s differ): not resumed, starting at step 0",
-                        step_dir, ", ".join(changed))
+            log.warning(
+                "checkpoint %s was written with other settings (%s differ): not resumed, starting at step 0",
+                step_dir,
+                ", ".join(changed),
+            )
             return None
         return step_dir
 
@@ -124,8 +129,10 @@ class Checkpoints:
         if ds_engine.rank() == 0:
             (partial / "state.json").write_text(json.dumps({**state, "fingerprint": self.fingerprint}, indent=1))
             if proxy is not None:
-                save_file({"proxy": proxy.weight.detach().contiguous(), "momentum_copy": proxy.momentum_copy.contiguous()},
-                          str(partial / "proxy.safetensors"))
+                save_file(
+                    {"proxy": proxy.weight.detach().contiguous(), "momentum_copy": proxy.momentum_copy.contiguous()},
+                    str(partial / "proxy.safetensors"),
+                )
                 torch.save(proxy_optimizer.state_dict(), partial / "proxy_optimizer.pt")
             if best is not None:
                 save_file({k: v.contiguous() for k, v in best.items()}, str(partial / "best.safetensors"))
@@ -140,8 +147,12 @@ class Checkpoints:
             for old in self.root.glob("step-*"):
                 if old.name != name:
                     shutil.rmtree(old, ignore_errors=True)
-            log.info("checkpoint %s written: %d bytes in %.2f s", final, directory_bytes(final),
-                     time.perf_counter() - started)
+            log.info(
+                "checkpoint %s written: %d bytes in %.2f s",
+                final,
+                directory_bytes(final),
+                time.perf_counter() - started,
+            )
         _barrier()
         return final
 

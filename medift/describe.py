@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 class DescribeConfig:
     model: str = field(metadata={"help": "Local Hugging Face checkpoint to ask."})
     shards: str = field(metadata={"help": "Shard directory of one dataset."})
-    adapter: str = field(metadata={"help": "The dataset's adapter (wbcatt, cbis_ddsm, skincon): whose phrases are looked for."})
+    adapter: str = field(
+        metadata={"help": "The dataset's adapter (wbcatt, cbis_ddsm, skincon): whose phrases are looked for."}
+    )
     out: str = field(metadata={"help": "descriptions.csv to write (one row per image)."})
     summary: str = field(metadata={"help": "description_metrics.json to write."})
     split: str = field(default="test", metadata={"help": "Description split whose images are described."})
@@ -74,19 +76,32 @@ def phrase_found(phrase: str, text: str) -> bool:
 def describe_split(model, processor, config: DescribeConfig) -> pd.DataFrame:
     """One row per image: image_id, generated, found (JSON attribute -> 0/1)."""
     adapter = get_dataset(config.adapter)
-    reader = ShardRows(Path(config.shards), DESCRIPTIONS, config.split, ("image_id", "image", "attributes", "description"))
+    reader = ShardRows(
+        Path(config.shards), DESCRIPTIONS, config.split, ("image_id", "image", "attributes", "description")
+    )
     if len(reader) == 0:
         raise ValueError(f"{config.shards}: no {config.split} descriptions")
     rows = []
     with tqdm(total=len(reader), desc="describe", unit="image", mininterval=5) as bar:
         for frame in reader.row_groups():
             images = [decode_image(data) for data in frame["image"]]
-            generated = generate_answers(model, processor, [CAPTION_INSTRUCTION] * len(images), images,
-                                         config.max_new_tokens, config.batch_size, bar)
-            for image_id, attributes, description, text in zip(frame["image_id"], frame["attributes"], frame["description"], generated):
+            generated = generate_answers(
+                model,
+                processor,
+                [CAPTION_INSTRUCTION] * len(images),
+                images,
+                config.max_new_tokens,
+                config.batch_size,
+                bar,
+            )
+            for image_id, attributes, description, text in zip(
+                frame["image_id"], frame["attributes"], frame["description"], generated
+            ):
                 phrases = adapter.phrases(json.loads(attributes))
                 if phrases and ", ".join(phrases.values()) != description:
-                    raise ValueError(f"{config.shards}: image {image_id}: the stored description is not the adapter's phrases")
+                    raise ValueError(
+                        f"{config.shards}: image {image_id}: the stored description is not the adapter's phrases"
+                    )
                 found = {key: int(phrase_found(phrase, text)) for key, phrase in phrases.items()}
                 rows.append({"image_id": image_id, "generated": text, "found": json.dumps(found, sort_keys=True)})
     return pd.DataFrame(rows, columns=["image_id", "generated", "found"])
@@ -104,14 +119,22 @@ def summarize(descriptions: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> 
     same over that attribute's phrase alone (an image has at most one phrase each)."""
     found = found_phrases(descriptions)
     if metrics.description_accuracy(descriptions) is None:
-        return {"images": len(descriptions), "phrases": 0, "description_accuracy": None,
-                "reason": "the dataset's descriptions have no attribute phrases (free text)"}
+        return {
+            "images": len(descriptions),
+            "phrases": 0,
+            "description_accuracy": None,
+            "reason": "the dataset's descriptions have no attribute phrases (free text)",
+        }
 
     def interval(frame: pd.DataFrame) -> dict:
         scores = metrics.description_scores(frame).to_numpy()
         low, high = bootstrap_mean_ci(scores, n_boot=n_boot, seed=seed)
-        return {"n": len(scores), "accuracy": metrics.summary_percent(metrics.description_accuracy(frame)),
-                "ci_low": metrics.percent(low), "ci_high": metrics.percent(high)}
+        return {
+            "n": len(scores),
+            "accuracy": metrics.summary_percent(metrics.description_accuracy(frame)),
+            "ci_low": metrics.percent(low),
+            "ci_high": metrics.percent(high),
+        }
 
     def one_attribute(key: str) -> pd.DataFrame:
         return descriptions.assign(found=[json.dumps({key: f[key]} if key in f else {}) for f in found])
@@ -119,15 +142,25 @@ def summarize(descriptions: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> 
     keys = sorted({k for f in found for k in f})
     per_attribute = {key: interval(one_attribute(key)) for key in keys}
     overall = interval(descriptions)
-    return {"images": len(descriptions), "phrases": sum(len(f) for f in found), "description_accuracy": overall["accuracy"],
-            "ci_low": overall["ci_low"], "ci_high": overall["ci_high"], "per_attribute": per_attribute}
+    return {
+        "images": len(descriptions),
+        "phrases": sum(len(f) for f in found),
+        "description_accuracy": overall["accuracy"],
+        "ci_low": overall["ci_low"],
+        "ci_high": overall["ci_high"],
+        "per_attribute": per_attribute,
+    }
 
 
 def run(config: DescribeConfig) -> dict:
     set_torch_threads(config.threads)
     # Onto the device as the weights load: no whole copy in host memory first.
-    model, processor = load_base_model(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype,
-                                       device=resolve_device(config.device))
+    model, processor = load_base_model(
+        config.model,
+        trust_remote_code=config.trust_remote_code,
+        dtype=config.dtype,
+        device=resolve_device(config.device),
+    )
     return describe_with(model, processor, config)
 
 
@@ -137,8 +170,14 @@ def describe_with(model, processor, config: DescribeConfig) -> dict:
     descriptions = describe_split(model, processor, config)
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     descriptions.to_csv(config.out, index=False)
-    summary = {**summarize(descriptions), "split": config.split, "instruction": CAPTION_INSTRUCTION,
-               "max_new_tokens": config.max_new_tokens, "seconds": round(time.time() - started, 1), "model": config.model}
+    summary = {
+        **summarize(descriptions),
+        "split": config.split,
+        "instruction": CAPTION_INSTRUCTION,
+        "max_new_tokens": config.max_new_tokens,
+        "seconds": round(time.time() - started, 1),
+        "model": config.model,
+    }
     Path(config.summary).write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -147,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (config,) = HfArgumentParser(DescribeConfig).parse_args_into_dataclasses(argv)
     summary = run(config)
-    log.info("description accuracy %s%% over %d phrases of %d images", summary["description_accuracy"], summary["phrases"], summary["images"])
+    log.info(
+        "description accuracy %s%% over %d phrases of %d images",
+        summary["description_accuracy"],
+        summary["phrases"],
+        summary["images"],
+    )
     return 0
 
 

@@ -213,8 +213,9 @@ def zero_settings(zero_stage: int, offload: str) -> dict:
     return settings
 
 
-def deepspeed_config(batch_size: int, zero_stage: int, grad_clip: float, bf16: bool, accumulation: int = 1,
-                     offload: str = "none") -> dict:
+def deepspeed_config(
+    batch_size: int, zero_stage: int, grad_clip: float, bf16: bool, accumulation: int = 1, offload: str = "none"
+) -> dict:
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": accumulation,

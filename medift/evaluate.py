@@ -50,17 +50,85 @@ class EvaluateConfig:
     out: str = field(metadata={"help": "predictions.csv to write (one row per asked prompt: question x rotation)."})
     summary: str = field(metadata={"help": "metrics.json to write (accuracy, parse failures, timing)."})
     split: str = field(default="test", metadata={"help": "Question split to evaluate: val or test."})
-    scoring: str = field(default="generate", metadata={"help": "generate: the paper's protocol, greedy generation, then the letter after `The correct answer is` is parsed (an unparseable answer is wrong and counted). letter: the prompt is followed by that forced prefix and the prediction is the valid option letter with the highest next-token logit, one forward pass per prompt (no parse failure possible; the letters' logits are saved in letter_scores)."})
-    circular: bool = field(default=True, metadata={"help": "Also ask every rotation of each question's options (n prompts for n options); a question counts for circular_accuracy only if all rotations are right. Plain accuracy is always on the question as written (rotation 0)."})
-    max_new_tokens: int = field(default=50, metadata={"help": "Generation budget per answer (generate only; the paper: 50)."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts per forward or generate call; predictions do not depend on it (left padding, positions from the attention mask; tested per family)."})
+    scoring: str = field(
+        default="generate",
+        metadata={
+            "help": (
+                "generate: the paper's protocol, greedy generation, then the letter after `The correct answer is` is "
+                "parsed (an unparseable answer is wrong and counted). letter: the prompt is followed by that forced "
+                "prefix and the prediction is the valid option letter with the highest next-token logit, one "
+                "forward pass "
+                "per prompt (no parse failure possible; the letters' logits are saved in letter_scores)."
+            )
+        },
+    )
+    circular: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Also ask every rotation of each question's options (n prompts for n options); a question counts for "
+                "circular_accuracy only if all rotations are right. Plain accuracy is always on the question "
+                "as written "
+                "(rotation 0)."
+            )
+        },
+    )
+    max_new_tokens: int = field(
+        default=50, metadata={"help": "Generation budget per answer (generate only; the paper: 50)."}
+    )
+    batch_size: int = field(
+        default=32,
+        metadata={
+            "help": (
+                "Prompts per forward or generate call; predictions do not depend on it (left padding, "
+                "positions from the "
+                "attention mask; tested per family)."
+            )
+        },
+    )
     threads: int = field(default=1, metadata={"help": "torch intra-op threads (the rule's `threads`)."})
-    device: str = field(default="auto", metadata={"help": "Where scoring runs: auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (a named GPU that is absent is an error, not a silent CPU run; the workflow gives each evaluation job a card of its own and refuses cuda:N). metrics.json records the device."})
-    dtype: str = field(default="float32", metadata={"help": "Weights' dtype while scoring: float32, bfloat16 (a real multi-billion-parameter checkpoint on a GPU; config/paper.yaml) or float16."})
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "Where scoring runs: auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (a "
+                "named GPU "
+                "that is absent is an error, not a silent CPU run; the workflow gives each evaluation job a "
+                "card of its "
+                "own and refuses cuda:N). metrics.json records the device."
+            )
+        },
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": (
+                "Weights' dtype while scoring: float32, bfloat16 (a real multi-billion-parameter checkpoint on a GPU; "
+                "config/paper.yaml) or float16."
+            )
+        },
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint."})
-    descriptions: str = field(default="", metadata={"help": "Also measure description accuracy (medift.describe) with the same model: descriptions.csv to write. Empty: not measured."})
-    description_summary: str = field(default="", metadata={"help": "description_metrics.json to write (with --descriptions)."})
-    adapter: str = field(default="", metadata={"help": "The dataset's adapter, whose attribute phrases description accuracy looks for (with --descriptions)."})
+    descriptions: str = field(
+        default="",
+        metadata={
+            "help": (
+                "Also measure description accuracy (medift.describe) with the same model: descriptions.csv to write. "
+                "Empty: not measured."
+            )
+        },
+    )
+    description_summary: str = field(
+        default="", metadata={"help": "description_metrics.json to write (with --descriptions)."}
+    )
+    adapter: str = field(
+        default="",
+        metadata={
+            "help": (
+                "The dataset's adapter, whose attribute phrases description accuracy looks for (with --descriptions)."
+            )
+        },
+    )
     describe_max_new_tokens: int = field(default=64, metadata={"help": "Generation budget per description."})
 
     def __post_init__(self):
@@ -89,16 +157,18 @@ def asked_prompts(questions: pd.DataFrame, circular: bool) -> pd.DataFrame:
         options = list(q["options"])
         for shift in range(len(options) if circular else 1):
             rotated, answer = mcq.rotate_options(options, int(q["answer_index"]), shift)
-            rows.append({
-                "question_id": q["question_id"],
-                "rotation": shift,
-                "image_id": q["image_id"],
-                "attribute": q["attribute"],
-                "question": q["question"],
-                "options": rotated,
-                "answer_index": answer,
-                "image": q["image"],
-            })
+            rows.append(
+                {
+                    "question_id": q["question_id"],
+                    "rotation": shift,
+                    "image_id": q["image_id"],
+                    "attribute": q["attribute"],
+                    "question": q["question"],
+                    "options": rotated,
+                    "answer_index": answer,
+                    "image": q["image"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -114,9 +184,15 @@ def score_questions(model, processor, questions: pd.DataFrame, config: EvaluateC
     images = [decoded[image_id] for image_id in asked["image_id"]]
     n_options = [len(options) for options in asked["options"]]
     own_bar = progress is None
-    bar = tqdm(total=len(instructions), desc=f"evaluate ({config.scoring})", unit="q", mininterval=5) if own_bar else progress
+    bar = (
+        tqdm(total=len(instructions), desc=f"evaluate ({config.scoring})", unit="q", mininterval=5)
+        if own_bar
+        else progress
+    )
     if config.scoring == "generate":
-        outputs = generate_answers(model, processor, instructions, images, config.max_new_tokens, config.batch_size, bar)
+        outputs = generate_answers(
+            model, processor, instructions, images, config.max_new_tokens, config.batch_size, bar
+        )
         letters = [mcq.parse_answer_letter(output, n) for output, n in zip(outputs, n_options)]
         scores = [""] * len(outputs)
     else:
@@ -129,22 +205,24 @@ def score_questions(model, processor, questions: pd.DataFrame, config: EvaluateC
     rows = []
     for (_, q), prompt, output, letter, score in zip(asked.iterrows(), instructions, outputs, letters, scores):
         answer = mcq.LETTERS[int(q["answer_index"])]
-        rows.append({
-            "question_id": q["question_id"],
-            "rotation": int(q["rotation"]),
-            "image_id": q["image_id"],
-            "attribute": q["attribute"],
-            "question": q["question"],
-            "options": json.dumps(list(q["options"])),
-            "answer_index": int(q["answer_index"]),
-            "answer_letter": answer,
-            "prompt": prompt,
-            "raw_output": output,
-            "letter_scores": score,
-            "parsed_letter": letter or "",
-            "correct": int(letter == answer),
-            "parse_failed": int(letter is None),
-        })
+        rows.append(
+            {
+                "question_id": q["question_id"],
+                "rotation": int(q["rotation"]),
+                "image_id": q["image_id"],
+                "attribute": q["attribute"],
+                "question": q["question"],
+                "options": json.dumps(list(q["options"])),
+                "answer_index": int(q["answer_index"]),
+                "answer_letter": answer,
+                "prompt": prompt,
+                "raw_output": output,
+                "letter_scores": score,
+                "parsed_letter": letter or "",
+                "correct": int(letter == answer),
+                "parse_failed": int(letter is None),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -174,9 +252,11 @@ def score_split(model, processor, config: EvaluateConfig) -> pd.DataFrame:
     if len(reader) == 0:
         raise ValueError(f"{config.shards}: no {config.split} questions")
     # The prompt count for the progress bar: the options column alone is a cheap read.
-    n_prompts = sum(len(options) if config.circular else 1
-                    for frame in ShardRows(shards, QUESTIONS, config.split, ["options"], verify=False).row_groups()
-                    for options in frame["options"])
+    n_prompts = sum(
+        len(options) if config.circular else 1
+        for frame in ShardRows(shards, QUESTIONS, config.split, ["options"], verify=False).row_groups()
+        for options in frame["options"]
+    )
     parts = []
     with tqdm(total=n_prompts, desc=f"evaluate ({config.scoring})", unit="q", mininterval=5) as bar:
         for frame in reader.row_groups():
@@ -189,8 +269,9 @@ def evaluate(config: EvaluateConfig) -> dict:
     started = time.time()
     # Straight onto the scoring device in its dtype: no full CPU copy of the model first.
     device = resolve_device(config.device)
-    model, processor = load_base_model(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype,
-                                       device=device)
+    model, processor = load_base_model(
+        config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype, device=device
+    )
     if device.type == "cuda":
         # The workflow's jobs see only the card(s) medift.gpus gave them: cuda:0 is that card.
         log.info("scoring on %s (CUDA_VISIBLE_DEVICES=%s)", device, os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
@@ -213,10 +294,21 @@ def evaluate(config: EvaluateConfig) -> dict:
     if config.descriptions:
         from medift.describe import DescribeConfig, describe_with
 
-        describe_with(model, processor, DescribeConfig(
-            model=config.model, shards=config.shards, adapter=config.adapter, out=config.descriptions,
-            summary=config.description_summary, split=config.split, max_new_tokens=config.describe_max_new_tokens,
-            batch_size=config.batch_size, dtype=config.dtype))
+        describe_with(
+            model,
+            processor,
+            DescribeConfig(
+                model=config.model,
+                shards=config.shards,
+                adapter=config.adapter,
+                out=config.descriptions,
+                summary=config.description_summary,
+                split=config.split,
+                max_new_tokens=config.describe_max_new_tokens,
+                batch_size=config.batch_size,
+                dtype=config.dtype,
+            ),
+        )
     return summary
 
 
@@ -224,7 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (config,) = HfArgumentParser(EvaluateConfig).parse_args_into_dataclasses(argv)
     summary = evaluate(config)
-    log.info("accuracy %.2f%% on %d questions, %d parse failures", summary["accuracy"], summary["n"], summary["parse_failures"])
+    log.info(
+        "accuracy %.2f%% on %d questions, %d parse failures",
+        summary["accuracy"],
+        summary["n"],
+        summary["parse_failures"],
+    )
     return 0
 
 

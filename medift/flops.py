@@ -67,7 +67,9 @@ def matmul(tokens: float, d_in: int, d_out: int, input_grad: bool, weight_grad: 
     return Op(2.0 * tokens * d_in * d_out, input_grad, weight_grad)
 
 
-def attention(query_tokens: float, key_tokens: float, width: int, query_grad: bool, key_grad: bool, value_grad: bool) -> float:
+def attention(
+    query_tokens: float, key_tokens: float, width: int, query_grad: bool, key_grad: bool, value_grad: bool
+) -> float:
     """Forward + backward FLOPs of QK^T and AV for one sequence (width = heads x head_dim)."""
     product = 2.0 * query_tokens * key_tokens * width
     scores_grad = query_grad or key_grad
@@ -90,8 +92,10 @@ def step_flops(model_config, batch: dict, trainable_groups, proxy: bool = False,
     """
     family = family_of(model_config)
     if family.flops not in FORMULAS:
-        raise ValueError(f"no FLOP formula for {family.name} (model_type {model_config.model_type!r}); "
-                         "add one to medift/flops.py and name it in the family table")
+        raise ValueError(
+            f"no FLOP formula for {family.name} (model_type {model_config.model_type!r}); "
+            "add one to medift/flops.py and name it in the family table"
+        )
     groups = set(trainable_groups)
     groups |= {implied for g in list(groups) for implied in family.implies.get(g, ())}
     towers = TOWERS if recompute is True else frozenset(recompute or ())
@@ -112,11 +116,14 @@ def _mllama(config, batch: dict, groups: set, proxy: bool, recompute: frozenset,
     width = batch["attention_mask"].shape[1]
     images_per_row = mask.shape[1]
 
-    def count(tiles_of_image: list[int], tile_tokens: int, text_lengths: list[int], recomputed_towers: frozenset) -> float:
+    def count(
+        tiles_of_image: list[int], tile_tokens: int, text_lengths: list[int], recomputed_towers: frozenset
+    ) -> float:
         vision_tokens = [t * per_tile for t in tiles_of_image]  # what the projector and cross-attention see
         encoder_tokens = [t * tile_tokens for t in tiles_of_image]
-        fwd_and_bwd, recomputed = _mllama_ops(vision, text, groups, proxy, tiles_of_image, encoder_tokens, vision_tokens,
-                                              text_lengths, images_per_row)
+        fwd_and_bwd, recomputed = _mllama_ops(
+            vision, text, groups, proxy, tiles_of_image, encoder_tokens, vision_tokens, text_lengths, images_per_row
+        )
         return fwd_and_bwd + sum(recomputed[tower] for tower in recomputed_towers)
 
     model = count([int(t) for t in real_tiles], per_tile, [int(n) for n in lengths], frozenset())
@@ -130,8 +137,17 @@ def _mllama(config, batch: dict, groups: set, proxy: bool, recompute: frozenset,
     }
 
 
-def _mllama_ops(vision, text, groups: set, proxy: bool, tiles: list[int], encoder_tokens: list[int],
-                vision_tokens: list[int], text_lengths: list[int], images_per_row: int) -> tuple[float, dict]:
+def _mllama_ops(
+    vision,
+    text,
+    groups: set,
+    proxy: bool,
+    tiles: list[int],
+    encoder_tokens: list[int],
+    vision_tokens: list[int],
+    text_lengths: list[int],
+    images_per_row: int,
+) -> tuple[float, dict]:
     """(forward + backward FLOPs, per tower the forward FLOPs of its layers that run a backward:
     what checkpointing them recomputes)."""
     total, recomputed = 0.0, {"vision": 0.0, "text": 0.0}
@@ -140,10 +156,17 @@ def _mllama_ops(vision, text, groups: set, proxy: bool, tiles: list[int], encode
     trains_vision = bool(groups & {"vision", "lora_vision"})
     w_vision = "vision" in groups
     patches = sum(tiles) * (vision.image_size // vision.patch_size) ** 2
-    total += matmul(patches, vision.num_channels * vision.patch_size ** 2, d, False, w_vision).total()
+    total += matmul(patches, vision.num_channels * vision.patch_size**2, d, False, w_vision).total()
     n = sum(encoder_tokens)
-    layer = sum(op.total() for op in (matmul(n, d, 3 * d, trains_vision, w_vision), matmul(n, d, d, trains_vision, w_vision),
-                                      matmul(n, d, f, trains_vision, w_vision), matmul(n, f, d, trains_vision, w_vision)))
+    layer = sum(
+        op.total()
+        for op in (
+            matmul(n, d, 3 * d, trains_vision, w_vision),
+            matmul(n, d, d, trains_vision, w_vision),
+            matmul(n, d, f, trains_vision, w_vision),
+            matmul(n, f, d, trains_vision, w_vision),
+        )
+    )
     layer += sum(attention(t, t, d, trains_vision, trains_vision, trains_vision) for t in encoder_tokens)
     layer_forward = 2.0 * n * (4 * d * d + 2 * d * f) + sum(4.0 * t * t * d for t in encoder_tokens)
     layers = vision.num_hidden_layers + vision.num_global_layers
@@ -156,7 +179,11 @@ def _mllama_ops(vision, text, groups: set, proxy: bool, tiles: list[int], encode
     total += matmul(v, vision.vision_output_dim, text.hidden_size, trains_vision, "projector" in groups).total()
     # Decoder: self-attention layers and gated cross-attention layers, in order; `flow`: whether the
     # text stream entering a layer depends on anything trained (its gradient is then computed).
-    d, f, kv = text.hidden_size, text.intermediate_size, text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+    d, f, kv = (
+        text.hidden_size,
+        text.intermediate_size,
+        text.num_key_value_heads * (text.hidden_size // text.num_attention_heads),
+    )
     t = sum(text_lengths)
     flow = proxy or bool(groups & {"language_model", "lora"})
     cross = set(text.cross_attention_layers or [])
@@ -164,8 +191,12 @@ def _mllama_ops(vision, text, groups: set, proxy: bool, tiles: list[int], encode
         is_cross = i in cross
         weight = ("fusion" if is_cross else "language_model") in groups
         g = flow or weight or (not is_cross and "lora" in groups)
-        ops = [matmul(t, d, d, g, weight), matmul(t, d, d, g, weight),  # q, o
-               matmul(t, d, 2 * f, g, weight), matmul(t, f, d, g, weight)]  # gate+up, down
+        ops = [
+            matmul(t, d, d, g, weight),
+            matmul(t, d, d, g, weight),  # q, o
+            matmul(t, d, 2 * f, g, weight),
+            matmul(t, f, d, g, weight),
+        ]  # gate+up, down
         if is_cross:
             ops += [matmul(v, d, 2 * kv, kv_grad, weight)]  # k, v over the vision tokens
             keys = [v_row * 1.0 for v_row in _per_row(vision_tokens, images_per_row)]
@@ -208,8 +239,13 @@ class StepWork:
         self.has_formula = family_of(model_config).flops in FORMULAS
 
     def of(self, batch: dict) -> dict:
-        work = {"samples": int(batch["input_ids"].shape[0]), "text_tokens": int(batch["attention_mask"].sum()),
-                "image_tokens": None, "model_flops": None, "hardware_flops": None}
+        work = {
+            "samples": int(batch["input_ids"].shape[0]),
+            "text_tokens": int(batch["attention_mask"].sum()),
+            "image_tokens": None,
+            "model_flops": None,
+            "hardware_flops": None,
+        }
         if self.has_formula:
             flops = step_flops(self.config, batch, self.groups, self.proxy, self.recompute)
             work.update({key: flops[key] for key in ("image_tokens", "model_flops", "hardware_flops")})
@@ -233,6 +269,11 @@ def rates(work: dict, seconds: float, ranks: int, peak: float | None) -> dict:
     def utilisation(key):
         return None if work[key] is None or peak is None else work[key] / (seconds * peak * ranks)
 
-    return {"samples_per_second": per_second("samples"), "tokens_per_second": per_second("text_tokens"),
-            "image_tokens_per_second": per_second("image_tokens"), "model_tflops_per_second": None if work["model_flops"] is None
-            else work["model_flops"] / seconds / 1e12, "mfu": utilisation("model_flops"), "hfu": utilisation("hardware_flops")}
+    return {
+        "samples_per_second": per_second("samples"),
+        "tokens_per_second": per_second("text_tokens"),
+        "image_tokens_per_second": per_second("image_tokens"),
+        "model_tflops_per_second": None if work["model_flops"] is None else work["model_flops"] / seconds / 1e12,
+        "mfu": utilisation("model_flops"),
+        "hfu": utilisation("hardware_flops"),
+    }

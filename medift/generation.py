@@ -17,9 +17,13 @@ from medift import mcq
 from medift.chat import IGNORE_INDEX, encode_conversation, encode_prompt, model_inputs, render, user_message
 
 
-def prompt_batch(model, processor, instructions: Sequence[str], images: Sequence[Image.Image | None], answer_start: str = "") -> dict:
+def prompt_batch(
+    model, processor, instructions: Sequence[str], images: Sequence[Image.Image | None], answer_start: str = ""
+) -> dict:
     """Left-padded prompts (no labels: nothing to predict) on the model's device, pixels in its dtype."""
-    rows = [encode_prompt(processor, text, image is not None, answer_start) for text, image in zip(instructions, images)]
+    rows = [
+        encode_prompt(processor, text, image is not None, answer_start) for text, image in zip(instructions, images)
+    ]
     batch = model_inputs(processor, rows, list(images), padding_side="left")
     batch.pop("labels")
     return to_model(model, batch)
@@ -81,7 +85,10 @@ def forced_answer_context(processor, n_letters: int = len(mcq.LETTERS)) -> tuple
     either failing is an error, not a silently wrong score.
     """
     letters = mcq.LETTERS[:n_letters]
-    encoded = [encode_conversation(processor, ["?"], [mcq.format_answer(mcq.LETTERS.index(letter))], with_image=False) for letter in letters]
+    encoded = [
+        encode_conversation(processor, ["?"], [mcq.format_answer(mcq.LETTERS.index(letter))], with_image=False)
+        for letter in letters
+    ]
     responses = [[t for t, label in zip(e.input_ids, e.labels) if label != IGNORE_INDEX] for e in encoded]
     common = 0
     while all(len(r) > common and r[common] == responses[0][common] for r in responses):
@@ -91,7 +98,9 @@ def forced_answer_context(processor, n_letters: int = len(mcq.LETTERS)) -> tuple
         raise ValueError("the tokenizer gives two answer letters the same first token after the answer prefix")
     prompt_text = render(processor, [user_message("?", False)], True)
     n_prompt = len(encoded[0].input_ids) - len(responses[0])
-    offsets = processor.tokenizer(encoded[0].text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    offsets = processor.tokenizer(encoded[0].text, add_special_tokens=False, return_offsets_mapping=True)[
+        "offset_mapping"
+    ]
     prefix_text = encoded[0].text[len(prompt_text) : offsets[n_prompt + common][0]]
     forced = encode_prompt(processor, "?", False, prefix_text).input_ids
     if forced != encoded[0].input_ids[: n_prompt + common]:
@@ -122,14 +131,22 @@ def score_letters(
     scores: list[dict[str, float]] = []
     for start in range(0, len(instructions), batch_size):
         chunk = range(start, min(start + batch_size, len(instructions)))
-        batch = prompt_batch(model, processor, [instructions[i] for i in chunk], [images[i] for i in chunk], prefix_text)
+        batch = prompt_batch(
+            model, processor, [instructions[i] for i in chunk], [images[i] for i in chunk], prefix_text
+        )
         out = model.generate(
-            **batch, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            **batch,
+            max_new_tokens=1,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
             pad_token_id=processor.tokenizer.pad_token_id,
         )
         logits = out.logits[0].float()
         for row, i in enumerate(chunk):
-            scores.append({letter: float(logits[row, letter_ids[letter]]) for letter in mcq.option_letters(n_options[i])})
+            scores.append(
+                {letter: float(logits[row, letter_ids[letter]]) for letter in mcq.option_letters(n_options[i])}
+            )
         if progress is not None:
             progress.update(len(chunk))
     return scores

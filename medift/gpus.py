@@ -115,8 +115,10 @@ def try_take(pool: list[str], count: int, lock_dir: Path) -> tuple[list[str], li
 def take(pool: list[str], count: int, lock_dir: Path, poll_seconds: float = 1.0) -> tuple[list[str], list[int]]:
     """Wait until `count` cards of the pool are free and lock them."""
     if count > len(pool):
-        raise ValueError(f"{count} cards asked for, but the pool has {len(pool)} ({','.join(pool) or 'none'}): "
-                         "set `gpus` in the config or CUDA_VISIBLE_DEVICES, or ask for fewer ranks")
+        raise ValueError(
+            f"{count} cards asked for, but the pool has {len(pool)} ({','.join(pool) or 'none'}): "
+            "set `gpus` in the config or CUDA_VISIBLE_DEVICES, or ask for fewer ranks"
+        )
     _open_lock_dir(lock_dir)
     announced = False
     while True:
@@ -124,7 +126,11 @@ def take(pool: list[str], count: int, lock_dir: Path, poll_seconds: float = 1.0)
         if taken is not None:
             return taken
         if not announced:
-            print(f"medift.gpus: waiting for {count} free card(s) of {','.join(pool)} ({lock_dir})", file=sys.stderr, flush=True)
+            print(
+                f"medift.gpus: waiting for {count} free card(s) of {','.join(pool)} ({lock_dir})",
+                file=sys.stderr,
+                flush=True,
+            )
             announced = True
         # Jittered, so that jobs waiting for several cards do not keep taking them in lockstep.
         time.sleep(poll_seconds * random.uniform(0.5, 1.5))
@@ -147,8 +153,11 @@ def run_on_cards(count: int, command: list[str], lock_dir: Path, environ=os.envi
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medift.gpus", description=__doc__.split("\n\n")[0])
     parser.add_argument("--take", type=int, required=True, help="Cards the command needs (0: none; it runs as it is).")
-    parser.add_argument("--lock_dir", default=os.environ.get(LOCK_DIR_VARIABLE, DEFAULT_LOCK_DIR),
-                        help=f"Directory of the cards' lock files, shared by every job of the machine (${LOCK_DIR_VARIABLE}).")
+    parser.add_argument(
+        "--lock_dir",
+        default=os.environ.get(LOCK_DIR_VARIABLE, DEFAULT_LOCK_DIR),
+        help=f"Directory of the cards' lock files, shared by every job of the machine (${LOCK_DIR_VARIABLE}).",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run on the cards.")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command

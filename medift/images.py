@@ -173,9 +173,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(f"image file not found: {os.fspath(path)}") from error
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         # PIL reports truncation and corrupt data as OSError / SyntaxError / ValueError.
-        raise ImageLoadError(
-            f"cannot read image {os.fspath(path)}: {type(error).__name__}: {error}"
-        ) from error
+        raise ImageLoadError(f"cannot read image {os.fspath(path)}: {type(error).__name__}: {error}") from error
 
 
 def load_and_letterbox(path: str | os.PathLike, size: int) -> bytes:
@@ -183,8 +181,7 @@ def load_and_letterbox(path: str | os.PathLike, size: int) -> bytes:
     return encode_image(letterbox(load_image(path), size))
 
 
-def load_and_letterbox_many(paths: Sequence[str], size: int,
-                            keep_errors: bool = False) -> list[bytes | ImageLoadError]:
+def load_and_letterbox_many(paths: Sequence[str], size: int, keep_errors: bool = False) -> list[bytes | ImageLoadError]:
     """`load_and_letterbox` over a chunk of paths: the unit of work sent to a worker process.
 
     With `keep_errors`, an unreadable image gives its `ImageLoadError` in its place, so

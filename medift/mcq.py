@@ -19,10 +19,7 @@ def build_mcq_instruction(question: str, options: list[str] | tuple[str, ...]) -
     lines = [question]
     lines += [f"{letter}. {option}" for letter, option in zip(letters, options)]
     choice = " or ".join(letters)
-    lines.append(
-        "Response with only the letter of the correct choice, "
-        f'starting with "{ANSWER_PREFIX} [{choice}]".'
-    )
+    lines.append(f"Response with only the letter of the correct choice, starting with \"{ANSWER_PREFIX} [{choice}]\".")
     return "\n".join(lines)
 
 

@@ -51,8 +51,14 @@ def _as_written(frame: pd.DataFrame) -> pd.DataFrame:
 def plain_answers(correct: Sequence[bool], parse_failed: Sequence[bool]) -> pd.DataFrame:
     """A predictions frame of questions asked once each, as written (question_id 0..n-1), for
     code that holds only per-question outcomes (the base model's held-out questions)."""
-    return pd.DataFrame({"question_id": range(len(correct)), "rotation": 0,
-                         "correct": [int(c) for c in correct], "parse_failed": [int(f) for f in parse_failed]})
+    return pd.DataFrame(
+        {
+            "question_id": range(len(correct)),
+            "rotation": 0,
+            "correct": [int(c) for c in correct],
+            "parse_failed": [int(f) for f in parse_failed],
+        }
+    )
 
 
 def is_circular(predictions: Predictions) -> bool:
@@ -103,7 +109,9 @@ def format_retention(predictions: Predictions) -> float:
 def image_scores(descriptions: pd.DataFrame) -> pd.Series:
     """Per image (index image_id): the fraction of its phrases found (NaN: no phrases)."""
     found = [json.loads(f) for f in descriptions["found"]]
-    return pd.Series([np.mean(list(f.values())) if f else np.nan for f in found], index=descriptions["image_id"], dtype=float)
+    return pd.Series(
+        [np.mean(list(f.values())) if f else np.nan for f in found], index=descriptions["image_id"], dtype=float
+    )
 
 
 def description_scores(descriptions: pd.DataFrame | Sequence[pd.DataFrame]) -> pd.Series:

@@ -43,11 +43,24 @@ class ShardsConfig:
     raw_dir: str = field(metadata={"help": "Raw dataset root, as its publisher ships it."})
     out_dir: str = field(metadata={"help": "Shard directory to write."})
     report: str = field(metadata={"help": "data_report.json to write (counts per split)."})
-    image_size: int = field(default=EMBEDDED_IMAGE_SIZE, metadata={"help": "Model input size: images are letterboxed to it once (default: the embedded models')."})
+    image_size: int = field(
+        default=EMBEDDED_IMAGE_SIZE,
+        metadata={"help": "Model input size: images are letterboxed to it once (default: the embedded models')."},
+    )
     seed: int = field(default=0, metadata={"help": "Seeds splits that the release does not fix, and questions."})
-    strict: bool = field(default=False, metadata={"help": "Turn every quarantine (missing or unreadable image, duplicated id, empty description, ...) into an error."})
+    strict: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Turn every quarantine (missing or unreadable image, duplicated id, empty description, ...) into an "
+                "error."
+            )
+        },
+    )
     rows_per_shard: int = field(default=512, metadata={"help": "Rows per Parquet file."})
-    threads: int = field(default=1, metadata={"help": "Image decoding worker processes (memory stays bounded whatever the count)."})
+    threads: int = field(
+        default=1, metadata={"help": "Image decoding worker processes (memory stays bounded whatever the count)."}
+    )
 
 
 def build_texts(module, records, seed: int):
@@ -101,11 +114,15 @@ def _move_to_quarantine(result: AdapterResult, dropped: list[Quarantined]) -> Ad
 
 def quarantine_empty_descriptions(module, result: AdapterResult, strict: bool) -> AdapterResult:
     """A record whose rules give no description text cannot be trained on: quarantine it."""
-    empty = [Quarantined(r.source, r.image_id, EMPTY_DESCRIPTION)
-             for r in result.records if not module.describe(r.attributes).strip()]
+    empty = [
+        Quarantined(r.source, r.image_id, EMPTY_DESCRIPTION)
+        for r in result.records
+        if not module.describe(r.attributes).strip()
+    ]
     if empty and strict:
-        raise DataError(f"{empty[0].source}: {EMPTY_DESCRIPTION} (strict: quarantine is an error); "
-                        f"{len(empty)} such records")
+        raise DataError(
+            f"{empty[0].source}: {EMPTY_DESCRIPTION} (strict: quarantine is an error); {len(empty)} such records"
+        )
     return _move_to_quarantine(result, empty) if empty else result
 
 
@@ -115,7 +132,8 @@ def quarantine_unreadable(result: AdapterResult, unreadable) -> AdapterResult:
         return result
     log.warning("%d images unreadable or truncated; first: %s", len(unreadable), unreadable[0][1])
     return _move_to_quarantine(
-        result, [Quarantined(record.source, record.image_id, UNREADABLE_IMAGE) for record, _ in unreadable])
+        result, [Quarantined(record.source, record.image_id, UNREADABLE_IMAGE) for record, _ in unreadable]
+    )
 
 
 def _file_of(source: str) -> str:
@@ -154,9 +172,9 @@ def data_report(result: AdapterResult, questions) -> dict:
             "descriptions": len(split_records),
             "questions": sum(len(questions.get(r.image_id, [])) for r in split_records),
             "patients": len(patients[split]),
-            "questions_by_attribute": dict(sorted(Counter(
-                q.attribute for r in split_records for q in questions.get(r.image_id, [])
-            ).items())),
+            "questions_by_attribute": dict(
+                sorted(Counter(q.attribute for r in split_records for q in questions.get(r.image_id, [])).items())
+            ),
         }
     return {
         "rows_read": result.rows_read,
@@ -181,8 +199,14 @@ def prepare_shards(config: ShardsConfig) -> dict:
     descriptions, questions = build_texts(module, result.records, config.seed)
     unreadable = None if config.strict else []
     manifest = write_shards(
-        result.records, descriptions, questions, Path(config.out_dir), config.image_size,
-        rows_per_shard=config.rows_per_shard, threads=config.threads, seed=config.seed,
+        result.records,
+        descriptions,
+        questions,
+        Path(config.out_dir),
+        config.image_size,
+        rows_per_shard=config.rows_per_shard,
+        threads=config.threads,
+        seed=config.seed,
         unreadable=unreadable,
     )
     result = quarantine_unreadable(result, unreadable)
@@ -210,13 +234,27 @@ def main(argv: list[str] | None = None) -> int:
         from medift.datasets.synthetic import write_synthetic  # the synthetic releases' generators, only here
 
         (config,) = HfArgumentParser(SynthesizeConfig).parse_args_into_dataclasses(rest)
-        write_synthetic(config.dataset, Path(config.out_dir), config.seed, config.n_train, config.n_val, config.n_test, config.image_size)
+        write_synthetic(
+            config.dataset,
+            Path(config.out_dir),
+            config.seed,
+            config.n_train,
+            config.n_val,
+            config.n_test,
+            config.image_size,
+        )
         log.info("wrote synthetic %s to %s", config.dataset, config.out_dir)
     else:
         (config,) = HfArgumentParser(ShardsConfig).parse_args_into_dataclasses(rest)
         report = prepare_shards(config)
-        log.info("%s: %d rows read, %d kept, %d quarantined %s", config.dataset, report["rows_read"],
-                 report["records_kept"], report["quarantined"], report["quarantined_by_reason"])
+        log.info(
+            "%s: %d rows read, %d kept, %d quarantined %s",
+            config.dataset,
+            report["rows_read"],
+            report["records_kept"],
+            report["quarantined"],
+            report["quarantined_by_reason"],
+        )
     return 0
 
 

@@ -26,7 +26,9 @@ REFERENCE_FAN_IN = 768
 
 
 class ProxyInstruction(nn.Module):
-    def __init__(self, num_tokens: int, hidden_size: int, placeholder_id: int, generator: torch.Generator | None = None):
+    def __init__(
+        self, num_tokens: int, hidden_size: int, placeholder_id: int, generator: torch.Generator | None = None
+    ):
         super().__init__()
         bound = 1.0 / math.sqrt(REFERENCE_FAN_IN)
         init = (torch.rand(num_tokens, hidden_size, generator=generator) * 2 - 1) * bound
@@ -61,7 +63,9 @@ class ProxyInstruction(nn.Module):
         per_row = mask.sum(dim=1)
         rows = per_row > 0
         if not torch.all(per_row[rows] == self.num_tokens):
-            raise ValueError(f"each prompt must hold exactly {self.num_tokens} proxy placeholders, got {per_row.tolist()}")
+            raise ValueError(
+                f"each prompt must hold exactly {self.num_tokens} proxy placeholders, got {per_row.tolist()}"
+            )
         source = self.weight.to(output.dtype).unsqueeze(0).expand(int(rows.sum()), -1, -1)
         return output.masked_scatter(mask.unsqueeze(-1), source)
 

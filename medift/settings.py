@@ -57,15 +57,32 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 
 # TrainConfig fields a workflow job fills from its paths, wildcards and other config blocks
 # (not keys of the `train` block), and fields the workflow does not set (the CLI's own).
-TRAIN_JOB_FIELDS = ("shards", "base_model", "out_dir", "seed", "trust_remote_code", "checkpoint_dir",
-                    "tensorboard_dir", "threads")
+TRAIN_JOB_FIELDS = (
+    "shards",
+    "base_model",
+    "out_dir",
+    "seed",
+    "trust_remote_code",
+    "checkpoint_dir",
+    "tensorboard_dir",
+    "threads",
+)
 TRAIN_CLI_ONLY_FIELDS = ("max_steps", "val_batch_size")
 # Keys of the `train` block that are the workflow's own (not TrainConfig fields): the
 # launcher's ranks and nodes, the accelerator and the job's threads (schema only).
 TRAIN_WORKFLOW_KEYS = ("ranks", "nodes", "accelerator", "threads")
 # EvaluateConfig fields the workflow fills itself, and keys of the `evaluate` block of its own.
-EVALUATE_JOB_FIELDS = ("model", "shards", "out", "summary", "trust_remote_code", "threads", "descriptions",
-                       "description_summary", "adapter")
+EVALUATE_JOB_FIELDS = (
+    "model",
+    "shards",
+    "out",
+    "summary",
+    "trust_remote_code",
+    "threads",
+    "descriptions",
+    "description_summary",
+    "adapter",
+)
 EVALUATE_WORKFLOW_KEYS = ("describe", "threads")
 
 
@@ -108,8 +125,10 @@ def check_train_settings(settings) -> None:
     check_offload(settings["zero_stage"], settings["offload"])
     groups = [g.strip() for g in settings["train_modules"].split(",")]
     if any(g.startswith("lora") for g in groups) and settings["zero_stage"] == 3:
-        raise ValueError("LoRA with ZeRO-3 is not supported (adapters cannot be merged or saved from "
-                         "partitioned weights); use zero_stage 2")
+        raise ValueError(
+            "LoRA with ZeRO-3 is not supported (adapters cannot be merged or saved from "
+            "partitioned weights); use zero_stage 2"
+        )
     if settings["select"] == "best_val" and not settings["validate"]:
         raise ValueError("select best_val needs validate true (the validation accuracy chooses the epoch)")
 
@@ -184,7 +203,7 @@ def _flow(mapping: dict) -> str:
 def _json_type(item):
     name = str(item.type)
     optional = name.startswith("Optional[")
-    base = JSON_TYPES[name[len("Optional["):-1] if optional else name]
+    base = JSON_TYPES[name[len("Optional[") : -1] if optional else name]
     return [base, "null"] if optional else base
 
 
@@ -194,8 +213,12 @@ def schema_property(item, limits: dict, with_default: bool) -> dict:
     prop: dict = {"type": _json_type(item)}
     if "choices" in meta:
         prop["enum"] = list(meta["choices"]) + ([None] if isinstance(prop["type"], list) else [])
-    for key, schema_key in (("minimum", "minimum"), ("exclusive_minimum", "exclusiveMinimum"),
-                            ("maximum", "maximum"), ("pattern", "pattern")):
+    for key, schema_key in (
+        ("minimum", "minimum"),
+        ("exclusive_minimum", "exclusiveMinimum"),
+        ("maximum", "maximum"),
+        ("pattern", "pattern"),
+    ):
         if key in meta:
             prop[schema_key] = meta[key]
     if with_default:
@@ -220,6 +243,7 @@ def _markdown_value(value) -> str:
 
 def generated_tables() -> dict[str, list[str]]:
     """Rows of config/README.md's tables of the train and evaluate settings."""
+
     def rows(fields):
         table = ["| key | default | meaning |", "| --- | --- | --- |"]
         for f in fields:
@@ -232,15 +256,16 @@ def generated_tables() -> dict[str, list[str]]:
 
 def _replace_sections(text: str, sections: dict[str, list[str]], begin: str, end: str, indent: bool) -> str:
     for name, lines in sections.items():
-        pattern = re.compile(rf"^([ \t]*){re.escape(begin.format(name))}\n.*?^[ \t]*{re.escape(end.format(name))}\n",
-                             re.M | re.S)
+        pattern = re.compile(
+            rf"^([ \t]*){re.escape(begin.format(name))}\n.*?^[ \t]*{re.escape(end.format(name))}\n", re.M | re.S
+        )
         match = pattern.search(text)
         if match is None:
             raise ValueError(f"no generated section {name!r} ({begin.format(name)} ... {end.format(name)})")
         pad = match.group(1) if indent else ""
         body = "".join(f"{pad}{line}\n" for line in lines)
         replacement = f"{pad}{begin.format(name)}\n{body}{pad}{end.format(name)}\n"
-        text = text[: match.start()] + replacement + text[match.end():]
+        text = text[: match.start()] + replacement + text[match.end() :]
     return text
 
 
@@ -255,9 +280,13 @@ def generated_readme(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m medift.settings", description=(
-        "Rewrite the generated settings of workflow/schemas/config.schema.yaml and config/README.md "
-        "from medift.train.TrainConfig and medift.evaluate.EvaluateConfig."))
+    parser = argparse.ArgumentParser(
+        prog="python -m medift.settings",
+        description=(
+            "Rewrite the generated settings of workflow/schemas/config.schema.yaml and config/README.md "
+            "from medift.train.TrainConfig and medift.evaluate.EvaluateConfig."
+        ),
+    )
     parser.add_argument("--write", action="store_true", help="Rewrite the files (default: report which differ).")
     args = parser.parse_args(argv)
     stale = []

@@ -213,8 +213,9 @@ def _load_one(path: str, size: int, keep_errors: bool) -> bytes | ImageLoadError
         raise
 
 
-def letterboxed_in_order(paths: Sequence[str], size: int, threads: int,
-                         keep_errors: bool = False) -> Iterator[bytes | ImageLoadError]:
+def letterboxed_in_order(
+    paths: Sequence[str], size: int, threads: int, keep_errors: bool = False
+) -> Iterator[bytes | ImageLoadError]:
     """PNG bytes for each path, in input order, decoded by `threads` worker processes.
 
     Like `Pool.imap(..., chunksize)` but with back-pressure: at most
@@ -324,18 +325,20 @@ def write_shards(
     _remove_stale_outputs(out_dir)
 
     ordered = _ordered_records(records)
-    writers = {
-        (kind, split): _ShardWriter(out_dir, kind, split, rows_per_shard)
-        for kind in KINDS
-        for split in SPLITS
-    }
+    writers = {(kind, split): _ShardWriter(out_dir, kind, split, rows_per_shard) for kind in KINDS for split in SPLITS}
     log.info(
         "writing shards of %s: %d images, size %d, %d rows/shard, %d worker(s) -> %s",
-        dataset, len(ordered), image_size, rows_per_shard, threads, out_dir,
+        dataset,
+        len(ordered),
+        image_size,
+        rows_per_shard,
+        threads,
+        out_dir,
     )
     keep_errors = unreadable is not None
-    images = letterboxed_in_order([record.image_path for record in ordered], image_size, threads,
-                                  keep_errors=keep_errors)
+    images = letterboxed_in_order(
+        [record.image_path for record in ordered], image_size, threads, keep_errors=keep_errors
+    )
     progress = tqdm(total=len(ordered), desc=f"shards {dataset}", unit="img", file=sys.stderr)
     written = 0
     try:
@@ -345,9 +348,7 @@ def write_shards(
                 unreadable.append((record, str(image)))
                 continue
             written += 1
-            writers[DESCRIPTIONS, record.split].add(
-                _description_row(record, descriptions[record.image_id], image)
-            )
+            writers[DESCRIPTIONS, record.split].add(_description_row(record, descriptions[record.image_id], image))
             for question in questions.get(record.image_id, ()):
                 writers[QUESTIONS, record.split].add(_question_row(record, question, image))
     finally:
@@ -373,7 +374,9 @@ def write_shards(
     _write_manifest(out_dir, manifest)
     log.info(
         "wrote %d files: %d description rows, %d question rows",
-        len(files), manifest["totals"]["descriptions"]["all"], manifest["totals"]["questions"]["all"],
+        len(files),
+        manifest["totals"]["descriptions"]["all"],
+        manifest["totals"]["questions"]["all"],
     )
     return manifest
 
@@ -437,12 +440,20 @@ class ShardRows:
     row can be read in any order and a pass in file order (evaluation) decodes each row group
     once. Training shuffles within windows of row groups (`train.epoch_batches`) and caches a
     window's worth, so it too decodes each row group once per epoch. Each file's checksum and row count are checked
-    against the manifest when the reader is made (`verify=False`: the row counts only). Picklable: a DataLoader worker reopens
+    against the manifest when the reader is made (`verify=False`: the row counts only). Picklable: a DataLoader
+    worker reopens
     the files itself (open parquet handles are never shared across processes).
     """
 
-    def __init__(self, shard_dir: Path, kind: str, split: str, columns: Sequence[str], cached_groups: int = 2,
-                 verify: bool = True):
+    def __init__(
+        self,
+        shard_dir: Path,
+        kind: str,
+        split: str,
+        columns: Sequence[str],
+        cached_groups: int = 2,
+        verify: bool = True,
+    ):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         self.shard_dir, self.columns, self.cached_groups = Path(shard_dir), list(columns), cached_groups

@@ -42,9 +42,7 @@ def _check_level(level: float, n_boot: int) -> float:
     return (1.0 - level) / 2.0
 
 
-def bootstrap_ci(
-    correct: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
+def bootstrap_ci(correct: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile-bootstrap interval (lo, hi) of the accuracy, as fractions in [0, 1]."""
     outcomes = _as_outcomes(correct)
     tail = _check_level(level, n_boot)

@@ -84,7 +84,16 @@ LONG_COLUMNS = (
     "description_ci_high",
 )
 COMPARISON_COLUMNS = (
-    "method", "baseline", "dataset", "n", "seeds", "accuracy", "baseline_accuracy", "diff", "diff_ci_low", "diff_ci_high",
+    "method",
+    "baseline",
+    "dataset",
+    "n",
+    "seeds",
+    "accuracy",
+    "baseline_accuracy",
+    "diff",
+    "diff_ci_low",
+    "diff_ci_high",
 )
 ATTRIBUTE_COLUMNS = ("method", "dataset", "attribute", "n", "accuracy", "ci_low", "ci_high")
 AVERAGE = "average"
@@ -198,11 +207,13 @@ def question_scores(seed_frames: Mapping[int, pd.DataFrame], circular: bool = Fa
     fraction of seeds right, as written or, `circular`, in every rotation), and its attribute."""
     first = next(iter(seed_frames.values()))
     plain = first[first["rotation"] == 0].set_index("question_id").sort_index()
-    return pd.DataFrame({
-        "score": metrics.question_scores(list(seed_frames.values()), circular=circular),
-        "attribute": plain["attribute"],
-        "n_options": plain["n_options"],
-    })
+    return pd.DataFrame(
+        {
+            "score": metrics.question_scores(list(seed_frames.values()), circular=circular),
+            "attribute": plain["attribute"],
+            "n_options": plain["n_options"],
+        }
+    )
 
 
 # --------------------------------------------------------------------------- tables
@@ -260,8 +271,11 @@ def _long_from_frames(
             if metrics.is_circular(seeds):
                 circular = question_scores(seed_frames, circular=True)["score"].to_numpy()
                 c_low, c_high = bootstrap_mean_ci(circular, n_boot=n_boot, seed=seed)
-                row.update(circular_accuracy=metrics.percent(metrics.circular_accuracy(seeds)),
-                           circular_ci_low=metrics.percent(c_low), circular_ci_high=metrics.percent(c_high))
+                row.update(
+                    circular_accuracy=metrics.percent(metrics.circular_accuracy(seeds)),
+                    circular_ci_low=metrics.percent(c_low),
+                    circular_ci_high=metrics.percent(c_high),
+                )
             rows.append(row)
     return pd.DataFrame(rows, columns=list(LONG_COLUMNS))
 
@@ -278,13 +292,20 @@ def _comparisons_from_frames(
             scores = question_scores(frames[dataset, method])["score"]
             other = question_scores(frames[dataset, baseline])["score"].loc[scores.index]
             diff, low, high = paired_bootstrap_mean_diff(scores.to_numpy(), other.to_numpy(), n_boot=n_boot, seed=seed)
-            rows.append({
-                "method": method, "baseline": baseline, "dataset": dataset, "n": len(scores),
-                "seeds": len(frames[dataset, method]),
-                "accuracy": metrics.percent(metrics.accuracy(list(frames[dataset, method].values()))),
-                "baseline_accuracy": metrics.percent(metrics.accuracy(list(frames[dataset, baseline].values()))),
-                "diff": metrics.percent(diff), "diff_ci_low": metrics.percent(low), "diff_ci_high": metrics.percent(high),
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "baseline": baseline,
+                    "dataset": dataset,
+                    "n": len(scores),
+                    "seeds": len(frames[dataset, method]),
+                    "accuracy": metrics.percent(metrics.accuracy(list(frames[dataset, method].values()))),
+                    "baseline_accuracy": metrics.percent(metrics.accuracy(list(frames[dataset, baseline].values()))),
+                    "diff": metrics.percent(diff),
+                    "diff_ci_low": metrics.percent(low),
+                    "diff_ci_high": metrics.percent(high),
+                }
+            )
     return pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))
 
 
@@ -299,11 +320,17 @@ def _attributes_from_frames(
             for attribute, group in scores.groupby("attribute", sort=True):
                 low, high = bootstrap_mean_ci(group["score"].to_numpy(), n_boot=n_boot, seed=seed)
                 asked = [frame[frame["attribute"] == attribute] for frame in seed_frames.values()]
-                rows.append({
-                    "method": method, "dataset": dataset, "attribute": attribute, "n": len(group),
-                    "accuracy": metrics.percent(metrics.accuracy(asked)), "ci_low": metrics.percent(low),
-                    "ci_high": metrics.percent(high),
-                })
+                rows.append(
+                    {
+                        "method": method,
+                        "dataset": dataset,
+                        "attribute": attribute,
+                        "n": len(group),
+                        "accuracy": metrics.percent(metrics.accuracy(asked)),
+                        "ci_low": metrics.percent(low),
+                        "ci_high": metrics.percent(high),
+                    }
+                )
     return pd.DataFrame(rows, columns=list(ATTRIBUTE_COLUMNS))
 
 
@@ -326,7 +353,11 @@ def long_table(
 
 
 def comparison_table(
-    pred_files: PredictionFiles, pairs: Sequence[tuple[str, str]], datasets: Sequence[str], n_boot: int = 2000, seed: int = 0
+    pred_files: PredictionFiles,
+    pairs: Sequence[tuple[str, str]],
+    datasets: Sequence[str],
+    n_boot: int = 2000,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """One row per (method, baseline) pair and dataset: COMPARISON_COLUMNS (percent, 2 dp)."""
     methods = list(dict.fromkeys(m for pair in pairs for m in pair))
@@ -361,8 +392,9 @@ def _save(fig, out_png: str | Path) -> None:
     _pyplot().close(fig)
 
 
-def plot_table(table_df: pd.DataFrame, out_png: str | Path, long_df: pd.DataFrame | None = None,
-               show_chance: bool = True) -> None:
+def plot_table(
+    table_df: pd.DataFrame, out_png: str | Path, long_df: pd.DataFrame | None = None, show_chance: bool = True
+) -> None:
     """table_figure, written to out_png."""
     _save(table_figure(table_df, long_df, show_chance), out_png)
 
@@ -393,16 +425,29 @@ def table_figure(table_df: pd.DataFrame, long_df: pd.DataFrame | None = None, sh
             for j, group in enumerate(groups):
                 if (method, group) in intervals.index:
                     row = intervals.loc[(method, group)]
-                    errors[:, j] = [max(0.0, row["accuracy"] - row["ci_low"]), max(0.0, row["ci_high"] - row["accuracy"])]
+                    errors[:, j] = [
+                        max(0.0, row["accuracy"] - row["ci_low"]),
+                        max(0.0, row["ci_high"] - row["accuracy"]),
+                    ]
         bars = ax.bar(
-            x, values, bar_width, label=method, color=colours(i % 10),
-            yerr=errors if intervals is not None else None, capsize=3, error_kw={"elinewidth": 1},
+            x,
+            values,
+            bar_width,
+            label=method,
+            color=colours(i % 10),
+            yerr=errors if intervals is not None else None,
+            capsize=3,
+            error_kw={"elinewidth": 1},
         )
         if len(groups) * n_methods <= 40:  # value labels only while they stay legible
             # Inside the bar, so they never collide with the error bars above it.
             ax.bar_label(
-                bars, labels=[f"{v:.1f}" for v in values], label_type="center", fontsize=7,
-                color="white", rotation=90 if n_methods > 3 else 0,
+                bars,
+                labels=[f"{v:.1f}" for v in values],
+                label_type="center",
+                fontsize=7,
+                color="white",
+                rotation=90 if n_methods > 3 else 0,
             )
 
     if intervals is not None and show_chance and "chance" in long_df.columns:
@@ -411,8 +456,13 @@ def table_figure(table_df: pd.DataFrame, long_df: pd.DataFrame | None = None, sh
         for j, group in enumerate(groups):
             if group in chance.index:
                 ax.hlines(
-                    chance[group], positions[j] - 0.45, positions[j] + 0.45, colors="grey",
-                    linestyles="dashed", linewidth=1, label=None if labelled else "chance",
+                    chance[group],
+                    positions[j] - 0.45,
+                    positions[j] + 0.45,
+                    colors="grey",
+                    linestyles="dashed",
+                    linewidth=1,
+                    label=None if labelled else "chance",
                 )
                 labelled = True
 
@@ -468,16 +518,29 @@ class TablesArguments:
     figure: str | None = field(default=None, metadata={"help": "optional output PNG of the grouped bar chart"})
     descriptions: list[str] = field(
         default_factory=list,
-        metadata={"help": "descriptions.csv files (medift.describe), each at .../<dataset>/<method>/seed-<seed>/: "
-                          "description accuracy in the long table"},
+        metadata={
+            "help": "descriptions.csv files (medift.describe), each at .../<dataset>/<method>/seed-<seed>/: "
+            "description accuracy in the long table"
+        },
     )
-    metrics_figure: str | None = field(default=None, metadata={"help": "optional output PNG: accuracy, format retention and description accuracy per method and dataset"})
+    metrics_figure: str | None = field(
+        default=None,
+        metadata={
+            "help": "optional output PNG: accuracy, format retention and description accuracy per method and dataset"
+        },
+    )
     heatmap: str | None = field(default=None, metadata={"help": "optional output PNG of the per-attribute heat map"})
     compare: list[str] = field(
         default_factory=list,
-        metadata={"help": "method:baseline pairs (both among --methods) whose paired bootstrap difference goes in --comparisons"},
+        metadata={
+            "help": (
+                "method:baseline pairs (both among --methods) whose paired bootstrap difference goes in --comparisons"
+            )
+        },
     )
-    comparisons: str | None = field(default=None, metadata={"help": "output CSV of the paired comparisons (needed with --compare)"})
+    comparisons: str | None = field(
+        default=None, metadata={"help": "output CSV of the paired comparisons (needed with --compare)"}
+    )
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples for the intervals"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed"})
 
@@ -485,17 +548,20 @@ class TablesArguments:
 _SEED_DIR = re.compile(r"seed-(\d+)")
 
 
-def add_description_accuracy(long: pd.DataFrame, description_files: Mapping[tuple[str, str, int], Path],
-                             n_boot: int, seed: int) -> pd.DataFrame:
+def add_description_accuracy(
+    long: pd.DataFrame, description_files: Mapping[tuple[str, str, int], Path], n_boot: int, seed: int
+) -> pd.DataFrame:
     """Fill the long table's description columns: per (method, dataset), each image's found
     fraction averaged over the seeds, then the mean over images with its bootstrap interval
     (resampling images). A (method, dataset) with no descriptions file, or whose descriptions
     have no attribute phrases (free-text reports), stays empty."""
     long = long.copy()
     for index, row in long.iterrows():
-        per_seed = [pd.read_csv(path, keep_default_na=False)
-                    for (dataset, method, _), path in sorted(description_files.items())
-                    if dataset == row["dataset"] and method == row["method"]]
+        per_seed = [
+            pd.read_csv(path, keep_default_na=False)
+            for (dataset, method, _), path in sorted(description_files.items())
+            if dataset == row["dataset"] and method == row["method"]
+        ]
         if not per_seed:
             continue
         accuracy = metrics.description_accuracy(per_seed)
@@ -503,7 +569,10 @@ def add_description_accuracy(long: pd.DataFrame, description_files: Mapping[tupl
             continue
         low, high = bootstrap_mean_ci(metrics.description_scores(per_seed).to_numpy(), n_boot=n_boot, seed=seed)
         long.loc[index, ["description_accuracy", "description_ci_low", "description_ci_high"]] = [
-            metrics.percent(accuracy), metrics.percent(low), metrics.percent(high)]
+            metrics.percent(accuracy),
+            metrics.percent(low),
+            metrics.percent(high),
+        ]
     return long
 
 
@@ -515,11 +584,16 @@ def plot_metrics(long_df: pd.DataFrame, out_png: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [("accuracy", "ci_low", "ci_high", "MCQ accuracy"), ("format_retention", None, None, "format retention"),
-               ("description_accuracy", "description_ci_low", "description_ci_high", "description accuracy")]
+    metrics = [
+        ("accuracy", "ci_low", "ci_high", "MCQ accuracy"),
+        ("format_retention", None, None, "format retention"),
+        ("description_accuracy", "description_ci_low", "description_ci_high", "description accuracy"),
+    ]
     datasets = list(dict.fromkeys(long_df["dataset"]))
     methods = list(dict.fromkeys(long_df["method"]))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(max(4.5, 1.4 * len(methods) + 1.5) * len(datasets), 4.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(datasets), figsize=(max(4.5, 1.4 * len(methods) + 1.5) * len(datasets), 4.2), squeeze=False
+    )
     colours = plt.get_cmap("Set2")
     width = 0.8 / len(metrics)
     for ax, dataset in zip(axes[0], datasets):
@@ -528,10 +602,22 @@ def plot_metrics(long_df: pd.DataFrame, out_png: str | Path) -> None:
             values = pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
             errors = None
             if low is not None:
-                errors = np.vstack([values - pd.to_numeric(rows[low], errors="coerce").to_numpy(dtype=float),
-                                    pd.to_numeric(rows[high], errors="coerce").to_numpy(dtype=float) - values]).clip(min=0)
-            ax.bar(np.arange(len(methods)) - 0.4 + width * (k + 0.5), np.nan_to_num(values), width, label=label,
-                   color=colours(k), yerr=errors, capsize=3, error_kw={"elinewidth": 1})
+                errors = np.vstack(
+                    [
+                        values - pd.to_numeric(rows[low], errors="coerce").to_numpy(dtype=float),
+                        pd.to_numeric(rows[high], errors="coerce").to_numpy(dtype=float) - values,
+                    ]
+                ).clip(min=0)
+            ax.bar(
+                np.arange(len(methods)) - 0.4 + width * (k + 0.5),
+                np.nan_to_num(values),
+                width,
+                label=label,
+                color=colours(k),
+                yerr=errors,
+                capsize=3,
+                error_kw={"elinewidth": 1},
+            )
         ax.set_xticks(np.arange(len(methods)))
         ax.set_xticklabels(methods, rotation=20, ha="right")
         ax.set_ylim(0, 105)
@@ -553,7 +639,9 @@ def result_files_from_paths(paths: Sequence[str | Path], name: str) -> dict[tupl
         path = Path(raw)
         match = _SEED_DIR.fullmatch(path.parent.name)
         if len(path.parts) < 4 or match is None or path.name != name:
-            raise PredictionError(f"cannot read dataset/method/seed from {path}; expected .../<dataset>/<method>/seed-<seed>/{name}")
+            raise PredictionError(
+                f"cannot read dataset/method/seed from {path}; expected .../<dataset>/<method>/seed-<seed>/{name}"
+            )
         key = (path.parent.parent.parent.name, path.parent.parent.name, int(match.group(1)))
         if key in files:
             raise PredictionError(f"two {name} files for {key[0]}/{key[1]} seed {key[2]}: {files[key]} and {path}")
@@ -604,7 +692,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = _accuracy_from_frames(frames, args.methods, args.datasets)
     long = _long_from_frames(frames, args.methods, args.datasets, args.n_boot, args.seed)
     if args.descriptions:
-        long = add_description_accuracy(long, result_files_from_paths(args.descriptions, "descriptions.csv"), args.n_boot, args.seed)
+        long = add_description_accuracy(
+            long, result_files_from_paths(args.descriptions, "descriptions.csv"), args.n_boot, args.seed
+        )
     outputs = [args.table, args.long]
     table.to_csv(_ready(args.table), float_format="%.2f")
     long.to_csv(_ready(args.long), index=False, float_format="%.2f")

@@ -20,21 +20,37 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from medift import engine as ds_engine
+from medift import flops
 from medift.batching import resolve_accumulation
-from medift.runtime import set_torch_threads
 from medift.chat import CAPTION_INSTRUCTION, Encoded, encode_conversation, model_inputs
 from medift.checkpoints import Checkpoints
 from medift.evaluate import QUESTION_COLUMNS, EvaluateConfig, score_questions
 from medift.images import decode_image
 from medift.model.families import family_of
-from medift.model.loading import (LORA_GROUPS, known_groups, load_base_model, merge_lora, parse_groups, partitioned_loading,
-                                 save_lora_adapter, select_trainable, unwrap_lora)
-from medift.settings import (LORA_SAVE_MODES, OFFLOAD_MODES, SELECT_MODES, ZERO_STAGES, check_fields, check_train_settings,
-                             proxy_learning_rate)
+from medift.model.loading import (
+    LORA_GROUPS,
+    known_groups,
+    load_base_model,
+    merge_lora,
+    parse_groups,
+    partitioned_loading,
+    save_lora_adapter,
+    select_trainable,
+    unwrap_lora,
+)
 from medift.proxy import ProxyInstruction
+from medift.runtime import set_torch_threads
+from medift.settings import (
+    LORA_SAVE_MODES,
+    OFFLOAD_MODES,
+    SELECT_MODES,
+    ZERO_STAGES,
+    check_fields,
+    check_train_settings,
+    proxy_learning_rate,
+)
 from medift.shards import DESCRIPTIONS, QUESTIONS, ShardRows, verify_split
-from medift import engine as ds_engine
-from medift import flops
 
 log = logging.getLogger(__name__)
 
@@ -51,41 +67,246 @@ class TrainConfig:
     shards: str = field(metadata={"help": "Shard directory of one dataset (reads descriptions-train-*)."})
     base_model: str = field(metadata={"help": "Local Hugging Face checkpoint directory of the base model."})
     out_dir: str = field(metadata={"help": "Where the tuned model is saved (HF layout)."})
-    proxy: bool = field(default=True, metadata={"help": "Learnable proxy instruction (IFT); false = fixed caption instruction (caption fine-tuning)."})
+    proxy: bool = field(
+        default=True,
+        metadata={
+            "help": "Learnable proxy instruction (IFT); false = fixed caption instruction (caption fine-tuning)."
+        },
+    )
     proxy_tokens: int = field(default=8, metadata={"help": "K, the number of proxy embeddings."})
-    momentum: float = field(default=0.999, metadata={"help": "m of the proxy's momentum copy; 0 = no momentum copy (plain proxy training)."})
-    warmup_epochs: int = field(default=1, metadata={"help": "Stage-1 epochs that train the proxy alone (0 = no warm-up)."})
+    momentum: float = field(
+        default=0.999, metadata={"help": "m of the proxy's momentum copy; 0 = no momentum copy (plain proxy training)."}
+    )
+    warmup_epochs: int = field(
+        default=1, metadata={"help": "Stage-1 epochs that train the proxy alone (0 = no warm-up)."}
+    )
     epochs: int = field(default=5, metadata={"help": "Stage-2 epochs (model and proxy)."})
-    shuffle_responses: bool = field(default=True, metadata={"help": "Shuffle the description's comma-separated phrases at every load."})
-    train_modules: str = field(default="vision,fusion", metadata={"help": "Comma-separated trainable groups: vision, projector, fusion (Mllama's cross-attention layers, with the projector), language_model, lora (adapters on the language model's attention), lora_vision (on the vision tower's). medift/model/families.py names each family's modules; a group that matches nothing in the model is an error. The default is the paper's for Mllama (the embedded model's family); families without fusion layers (LLaVA-style) take vision,projector."})
+    shuffle_responses: bool = field(
+        default=True, metadata={"help": "Shuffle the description's comma-separated phrases at every load."}
+    )
+    train_modules: str = field(
+        default="vision,fusion",
+        metadata={
+            "help": (
+                "Comma-separated trainable groups: vision, projector, fusion (Mllama's cross-attention "
+                "layers, with the "
+                "projector), language_model, lora (adapters on the language model's attention), lora_vision (on the "
+                "vision tower's). medift/model/families.py names each family's modules; a group that matches "
+                "nothing in "
+                "the model is an error. The default is the paper's for Mllama (the embedded model's family); families "
+                "without fusion layers (LLaVA-style) take vision,projector."
+            )
+        },
+    )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank when `lora` or `lora_vision` is trained."})
-    lora_save: str = field(default="merged", metadata={"help": "merged: adapters folded into the saved weights (a plain checkpoint); adapter: saved as a peft adapter in lora_adapter/ beside the model (fully trained groups in the model), which PeftModel.from_pretrained loads and evaluation merges."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass (non-reentrant, so it works with a frozen vision tower or decoder); config/paper.yaml turns it on."})
-    lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate (constant) of the model, and of the proxy unless proxy_lr is set. The default was chosen with proxy_lr on the validation split for the embedded model (docs/recipe-search.md); the paper's is 2e-5. In YAML write floats with a dot (1.0e-3): 1e-3 reads as a string."})
-    proxy_lr: Optional[float] = field(default=3e-3, metadata={"help": "AdamW learning rate (constant) of the proxy in both stages; null (unset) = lr, as in the paper (config/paper.yaml). Each warm-up step moves a proxy coordinate by at most this much, so a run with far fewer steps than the reference's needs a larger one for the warm-up to move the proxy at all (docs/recipe-search.md)."})
+    lora_save: str = field(
+        default="merged",
+        metadata={
+            "help": (
+                "merged: adapters folded into the saved weights (a plain checkpoint); adapter: saved as a "
+                "peft adapter in "
+                "lora_adapter/ beside the model (fully trained groups in the model), which PeftModel.from_pretrained "
+                "loads and evaluation merges."
+            )
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Recompute activations in the backward pass (non-reentrant, so it works with a frozen vision tower or "
+                "decoder); config/paper.yaml turns it on."
+            )
+        },
+    )
+    lr: float = field(
+        default=3e-5,
+        metadata={
+            "help": (
+                "AdamW learning rate (constant) of the model, and of the proxy unless proxy_lr is set. The default was "
+                "chosen with proxy_lr on the validation split for the embedded model (docs/recipe-search.md); "
+                "the paper's "
+                "is 2e-5. In YAML write floats with a dot (1.0e-3): 1e-3 reads as a string."
+            )
+        },
+    )
+    proxy_lr: Optional[float] = field(
+        default=3e-3,
+        metadata={
+            "help": (
+                "AdamW learning rate (constant) of the proxy in both stages; null (unset) = lr, as in the paper "
+                "(config/paper.yaml). Each warm-up step moves a proxy coordinate by at most this much, so a "
+                "run with far "
+                "fewer steps than the reference's needs a larger one for the warm-up to move the proxy at all "
+                "(docs/recipe-search.md)."
+            )
+        },
+    )
     batch_size: int = field(default=16, metadata={"help": "Micro-batch size (per rank and accumulation step)."})
-    gradient_accumulation: int = field(default=1, metadata={"help": "Micro-batches per optimizer step on each rank; global batch = batch_size x gradient_accumulation x ranks (the launcher's WORLD_SIZE: the workflow's ranks x nodes). Derived when global_batch is set (leave it 1 then; another value that disagrees is refused)."})
-    global_batch: Optional[int] = field(default=None, metadata={"help": "Samples per optimizer step over every rank, the setting that keeps a run comparable from 1 GPU to 8. Set, the accumulation is derived: global_batch / (batch_size x ranks) must be a whole number >= 1, else an error before any training (medift/batching.py; the workflow checks it before any job). null (unset): batch_size x gradient_accumulation x ranks. config/paper.yaml: 2, the reference's."})
-    grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip of the model's parameters (not the proxy's)."})
-    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage: 2 partitions the optimizer state over the ranks, 3 the parameters too (gathered again when the model is saved). LoRA with ZeRO-3 is refused."})
-    offload: str = field(default="none", metadata={"help": "ZeRO offload to CPU memory: none, optimizer (stage 2 or 3: the optimizer state) or optimizer+parameters (stage 3: the parameters too); refused with another stage."})
+    gradient_accumulation: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "Micro-batches per optimizer step on each rank; global batch = batch_size x "
+                "gradient_accumulation x ranks "
+                "(the launcher's WORLD_SIZE: the workflow's ranks x nodes). Derived when global_batch is set "
+                "(leave it 1 "
+                "then; another value that disagrees is refused)."
+            )
+        },
+    )
+    global_batch: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Samples per optimizer step over every rank, the setting that keeps a run comparable from 1 GPU to 8. "
+                "Set, the accumulation is derived: global_batch / (batch_size x ranks) must be a whole number "
+                ">= 1, else "
+                "an error before any training (medift/batching.py; the workflow checks it before any job). "
+                "null (unset): "
+                "batch_size x gradient_accumulation x ranks. config/paper.yaml: 2, the reference's."
+            )
+        },
+    )
+    grad_clip: float = field(
+        default=1.0, metadata={"help": "Gradient-norm clip of the model's parameters (not the proxy's)."}
+    )
+    zero_stage: int = field(
+        default=2,
+        metadata={
+            "help": (
+                "DeepSpeed ZeRO stage: 2 partitions the optimizer state over the ranks, 3 the parameters too (gathered "
+                "again when the model is saved). LoRA with ZeRO-3 is refused."
+            )
+        },
+    )
+    offload: str = field(
+        default="none",
+        metadata={
+            "help": (
+                "ZeRO offload to CPU memory: none, optimizer (stage 2 or 3: the optimizer state) or "
+                "optimizer+parameters "
+                "(stage 3: the parameters too); refused with another stage."
+            )
+        },
+    )
     bf16: bool = field(default=False, metadata={"help": "bf16 training (GPU only); CPU runs in fp32."})
-    repeat_train: int = field(default=1, metadata={"help": "Times the training list is repeated per epoch (reference: 3 for CBIS-DDSM/SKINCON)."})
+    repeat_train: int = field(
+        default=1,
+        metadata={"help": "Times the training list is repeated per epoch (reference: 3 for CBIS-DDSM/SKINCON)."},
+    )
     seed: int = field(default=1, metadata={"help": "Seeds order, shuffling, proxy init."})
     threads: int = field(default=1, metadata={"help": "torch intra-op threads (the rule's `threads`)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint (off: only transformers' own classes)."})
-    max_steps: int = field(default=0, metadata={"help": "Stop after this many optimizer steps in all, warm-up included (0: every epoch); for benchmarks and smoke runs."})
-    validate: bool = field(default=True, metadata={"help": "After every stage-2 epoch, letter-scoring accuracy on the validation questions (the model without the proxy, as it is saved), in the log, train_summary.json (validation) and TensorBoard."})
-    select: str = field(default="last", metadata={"help": "Which epoch's model is saved: last, or best_val (the highest validation accuracy, the earliest on a tie; needs validate)."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow custom model code from the checkpoint (off: only transformers' own classes)."},
+    )
+    max_steps: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "Stop after this many optimizer steps in all, warm-up included (0: every epoch); for "
+                "benchmarks and smoke "
+                "runs."
+            )
+        },
+    )
+    validate: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "After every stage-2 epoch, letter-scoring accuracy on the validation questions (the model without the "
+                "proxy, as it is saved), in the log, train_summary.json (validation) and TensorBoard."
+            )
+        },
+    )
+    select: str = field(
+        default="last",
+        metadata={
+            "help": (
+                "Which epoch's model is saved: last, or best_val (the highest validation accuracy, the "
+                "earliest on a tie; "
+                "needs validate)."
+            )
+        },
+    )
     val_batch_size: int = field(default=32, metadata={"help": "Questions per forward pass of the validation."})
-    checkpoint_dir: str = field(default="", metadata={"help": "Directory of resumable checkpoints (outside the job's outputs; the workflow's: resources/checkpoints/); a restarted job resumes from its latest. Empty: no checkpoints (checkpoint_every and checkpoint_minutes do nothing)."})
-    checkpoint_every: int = field(default=0, metadata={"help": "Optimizer steps between checkpoints (warm-up steps count); 0: none. With checkpoint_minutes too, a checkpoint is written when either is due."})
+    checkpoint_dir: str = field(
+        default="",
+        metadata={
+            "help": (
+                "Directory of resumable checkpoints (outside the job's outputs; the workflow's: "
+                "resources/checkpoints/); "
+                "a restarted job resumes from its latest. Empty: no checkpoints (checkpoint_every and "
+                "checkpoint_minutes "
+                "do nothing)."
+            )
+        },
+    )
+    checkpoint_every: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "Optimizer steps between checkpoints (warm-up steps count); 0: none. With checkpoint_minutes too, a "
+                "checkpoint is written when either is due."
+            )
+        },
+    )
     # 30, not 30.0: the workflow's jobs of configs that leave it out keep their parameters.
-    checkpoint_minutes: float = field(default=30, metadata={"help": "Minutes of training between checkpoints, on the slowest rank's clock (every rank decides the same step); 0: none. The log gives each checkpoint's bytes and seconds (about 37 GB for Llama-3.2-11B-Vision with vision,fusion): choose it so that writing one is a small share of the interval."})
-    shuffle_window: int = field(default=16, metadata={"help": "Row groups (64 rows each) whose samples are shuffled together: row groups are shuffled, then the samples of each window of this many; the reader caches a window, so each row group is read once per epoch by each reading process (rank or data worker). A split of at most this many row groups is shuffled whole. Memory: about shuffle_window x 64 stored images per reading process. Part of the training order, so of the results."})
-    data_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank that read row groups, decode images and run the processor ahead of the step (0: in the training process)."})
-    tensorboard_dir: str = field(default="", metadata={"help": "Where TensorBoard event files go (loss, lr, gradient norm, proxy drift, throughput, MFU, peak memory, validation accuracy). Empty: none."})
-    peak_flops: float = field(default=0.0, metadata={"help": "Peak FLOP/s of one device that MFU/HFU are measured against; 0: $MEDIFT_PEAK_FLOPS, else the table of medift/flops.py for the GPU (H100/H200 bf16 989.4e12, A100 312e12); none on CPU (MFU not reported)."})
+    checkpoint_minutes: float = field(
+        default=30,
+        metadata={
+            "help": (
+                "Minutes of training between checkpoints, on the slowest rank's clock (every rank decides the "
+                "same step); "
+                "0: none. The log gives each checkpoint's bytes and seconds (about 37 GB for Llama-3.2-11B-Vision with "
+                "vision,fusion): choose it so that writing one is a small share of the interval."
+            )
+        },
+    )
+    shuffle_window: int = field(
+        default=16,
+        metadata={
+            "help": (
+                "Row groups (64 rows each) whose samples are shuffled together: row groups are shuffled, then "
+                "the samples "
+                "of each window of this many; the reader caches a window, so each row group is read once per epoch by "
+                "each reading process (rank or data worker). A split of at most this many row groups is "
+                "shuffled whole. "
+                "Memory: about shuffle_window x 64 stored images per reading process. Part of the training "
+                "order, so of "
+                "the results."
+            )
+        },
+    )
+    data_workers: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "DataLoader worker processes per rank that read row groups, decode images and run the "
+                "processor ahead of "
+                "the step (0: in the training process)."
+            )
+        },
+    )
+    tensorboard_dir: str = field(
+        default="",
+        metadata={
+            "help": (
+                "Where TensorBoard event files go (loss, lr, gradient norm, proxy drift, throughput, MFU, peak memory, "
+                "validation accuracy). Empty: none."
+            )
+        },
+    )
+    peak_flops: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Peak FLOP/s of one device that MFU/HFU are measured against; 0: $MEDIFT_PEAK_FLOPS, else the table of "
+                "medift/flops.py for the GPU (H100/H200 bf16 989.4e12, A100 312e12); none on CPU (MFU not reported)."
+            )
+        },
+    )
 
     def __post_init__(self):
         # Incompatible settings fail here, before any model is loaded.
@@ -93,8 +314,9 @@ class TrainConfig:
         check_fields(self, TRAIN_LIMITS)
         check_train_settings(asdict(self))
         # The launcher's world size is known before any process group exists (torchrun sets it).
-        self.gradient_accumulation = resolve_accumulation(self.global_batch, self.batch_size, self.gradient_accumulation,
-                                                          launcher_world_size())
+        self.gradient_accumulation = resolve_accumulation(
+            self.global_batch, self.batch_size, self.gradient_accumulation, launcher_world_size()
+        )
 
     @property
     def proxy_learning_rate(self) -> float:
@@ -137,8 +359,15 @@ def launcher_world_size() -> int:
 
 
 # Settings that change nothing a checkpoint holds: a job may resume under other values of them.
-NOT_IN_FINGERPRINT = ("threads", "checkpoint_dir", "checkpoint_every", "checkpoint_minutes", "data_workers", "tensorboard_dir",
-                      "peak_flops")
+NOT_IN_FINGERPRINT = (
+    "threads",
+    "checkpoint_dir",
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "data_workers",
+    "tensorboard_dir",
+    "peak_flops",
+)
 
 
 class DescriptionSamples(torch.utils.data.Dataset):
@@ -149,11 +378,13 @@ class DescriptionSamples(torch.utils.data.Dataset):
     DataLoader worker loads it.
     """
 
-    def __init__(self, shard_dir: str, processor, user_text: str, shuffle: bool, seed: int, window: int,
-                 verify: bool = True):
+    def __init__(
+        self, shard_dir: str, processor, user_text: str, shuffle: bool, seed: int, window: int, verify: bool = True
+    ):
         # A window of row groups stays decoded: the epoch's order reads each group once (epoch_batches).
-        self.rows = ShardRows(Path(shard_dir), DESCRIPTIONS, "train", ("image", "description"), cached_groups=window,
-                              verify=verify)
+        self.rows = ShardRows(
+            Path(shard_dir), DESCRIPTIONS, "train", ("image", "description"), cached_groups=window, verify=verify
+        )
         if len(self.rows) == 0:
             raise ValueError(f"{shard_dir}: no training descriptions")
         self.processor, self.user_text, self.shuffle, self.seed = processor, user_text, shuffle, seed
@@ -191,12 +422,15 @@ def row_group_windows(group_sizes: list[int], window: int, seed: int, epoch: int
     groups = list(range(len(group_sizes)))
     # An RNG of its own: the order RNG's draws stay those of a whole-split shuffle when one window holds every group.
     random.Random(f"{seed}:groups:{epoch}").shuffle(groups)
-    return [[i for g in sorted(groups[k : k + window]) for i in range(starts[g], starts[g + 1])]
-            for k in range(0, len(groups), window)]
+    return [
+        [i for g in sorted(groups[k : k + window]) for i in range(starts[g], starts[g + 1])]
+        for k in range(0, len(groups), window)
+    ]
 
 
-def epoch_batches(group_sizes: list[int], batch_size: int, repeat: int, seed: int, epoch: int,
-                  window: int) -> list[list[int]]:
+def epoch_batches(
+    group_sizes: list[int], batch_size: int, repeat: int, seed: int, epoch: int, window: int
+) -> list[list[int]]:
     """One epoch's sample order, cut into batches: a two-level seeded shuffle.
 
     Row groups are shuffled into windows of `window` groups, then each window's samples
@@ -222,13 +456,16 @@ def global_batches(group_sizes: list[int], config: TrainConfig, epoch: int) -> l
     rank's every micro-step a sample joins the batch before it (nothing is dropped).
     """
     parts = config.gradient_accumulation * ds_engine.world_size()
-    batches = epoch_batches(group_sizes, config.batch_size * parts, config.repeat_train, config.seed, epoch,
-                            config.shuffle_window)
+    batches = epoch_batches(
+        group_sizes, config.batch_size * parts, config.repeat_train, config.seed, epoch, config.shuffle_window
+    )
     if len(batches) > 1 and len(batches[-1]) < parts:
         tail = batches.pop()
         batches[-1] = batches[-1] + tail
     if len(batches[-1]) < parts:
-        raise ValueError(f"{sum(group_sizes)} training samples cannot fill {parts} micro-batches (ranks x gradient_accumulation)")
+        raise ValueError(
+            f"{sum(group_sizes)} training samples cannot fill {parts} micro-batches (ranks x gradient_accumulation)"
+        )
     return batches
 
 
@@ -261,15 +498,18 @@ def epoch_plan(config: TrainConfig) -> list[tuple[str, int, int]]:
     return [("warmup", e, -1 - e) for e in range(warmup)] + [("main", e, e) for e in range(config.epochs)]
 
 
-def epoch_steps(group_sizes: list[int], config: TrainConfig, plan_index: int,
-                order_epoch: int) -> list[list[list[tuple[int, int]]]]:
+def epoch_steps(
+    group_sizes: list[int], config: TrainConfig, plan_index: int, order_epoch: int
+) -> list[list[list[tuple[int, int]]]]:
     """This rank's micro-batches, step by step, of one epoch of the plan (`group_sizes`: rows of
     each row group of the split). The data position of a checkpoint is (plan index, steps
     done): both suffice to rebuild every later batch."""
     load_counts: dict[int, int] = {}
     start = plan_index * config.repeat_train
-    return [my_micro_batches(indices, count_loads(indices, load_counts, start), config)
-            for indices in global_batches(group_sizes, config, order_epoch)]
+    return [
+        my_micro_batches(indices, count_loads(indices, load_counts, start), config)
+        for indices in global_batches(group_sizes, config, order_epoch)
+    ]
 
 
 def micro_batch_loader(samples: DescriptionSamples, steps: list[list[list[tuple[int, int]]]], processor, workers: int):
@@ -341,15 +581,25 @@ class Validation:
         self.reader = ShardRows(Path(shards), QUESTIONS, "val", QUESTION_COLUMNS, verify=verify)
         if len(self.reader) == 0:
             raise ValueError(f"{shards}: no validation questions (set validate false)")
-        self.config = EvaluateConfig(model="", shards=shards, out="", summary="", split="val", scoring="letter",
-                                     circular=False, batch_size=batch_size)
+        self.config = EvaluateConfig(
+            model="",
+            shards=shards,
+            out="",
+            summary="",
+            split="val",
+            scoring="letter",
+            circular=False,
+            batch_size=batch_size,
+        )
 
     def accuracy(self, model, processor, proxy) -> float:
         if proxy is not None:
             proxy.detach()
         rank, ranks = ds_engine.rank(), ds_engine.world_size()
         correct = 0
-        with tqdm(total=-(-len(self.reader) // ranks), desc="validation", unit="q", mininterval=5, disable=rank > 0) as bar:
+        with tqdm(
+            total=-(-len(self.reader) // ranks), desc="validation", unit="q", mininterval=5, disable=rank > 0
+        ) as bar:
             for frame in self.reader.row_groups():
                 positions, counted = rank_share(len(frame), rank, ranks)
                 if not positions:  # an empty row group: no rank scores anything of it
@@ -427,8 +677,16 @@ class Run:
     def __init__(self, config: TrainConfig, samples, processor, proxy, checkpoints, validation, board):
         self.config, self.samples, self.processor, self.proxy = config, samples, processor, proxy
         self.checkpoints, self.validation, self.board = checkpoints, validation, board
-        self.state = {"plan_index": 0, "steps_done": 0, "history": [], "validation": [], "best": None,
-                      "data_wait_seconds": 0.0, "main_step_seconds": [], "main_tokens": 0}
+        self.state = {
+            "plan_index": 0,
+            "steps_done": 0,
+            "history": [],
+            "validation": [],
+            "best": None,
+            "data_wait_seconds": 0.0,
+            "main_step_seconds": [],
+            "main_tokens": 0,
+        }
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.resumed_stage: str | None = None  # the stage of the checkpoint resumed from
         self.epoch_length = 0  # steps of the current epoch
@@ -463,8 +721,18 @@ class Run:
             self.state["data_wait_seconds"] += time.perf_counter() - waited
             yield micro
 
-    def finish_step(self, plan_index: int, stage: str, epoch: int, losses, work: dict, seconds: float, extra: dict,
-                    engine=None, optimizer=None) -> None:
+    def finish_step(
+        self,
+        plan_index: int,
+        stage: str,
+        epoch: int,
+        losses,
+        work: dict,
+        seconds: float,
+        extra: dict,
+        engine=None,
+        optimizer=None,
+    ) -> None:
         """Record a step: its loss, its throughput (samples, text and image tokens, FLOPs: every
         rank's, from flops.StepWork) over rank 0's step time, MFU/HFU against the peak, peak memory;
         then a checkpoint if one is due (every rank decides alike, on the slowest rank's clock)."""
@@ -482,8 +750,9 @@ class Run:
         scalars = {f"train/{key}": value for key, value in figures.items()}
         scalars["train/peak_memory_gib"] = None if memory is None else memory / 2**30
         self.board.scalars(self.step, {f"{stage}/loss": loss, **scalars, **extra})
-        if self.checkpoints is not None and checkpoint_due(self.step, since_checkpoint, self.config.checkpoint_every,
-                                                           self.config.checkpoint_minutes):
+        if self.checkpoints is not None and checkpoint_due(
+            self.step, since_checkpoint, self.config.checkpoint_every, self.config.checkpoint_minutes
+        ):
             self.checkpoints.save(self.step, self.state, self.proxy, optimizer, engine, self.best_weights)
             self.checkpoint_clock = time.perf_counter()  # the writing is not training time
 
@@ -528,8 +797,13 @@ def run_warmup(model, run: Run, resumed: Path | None) -> None:
         if plan_index < run.state["plan_index"] or run.done:
             continue
         steps = run.steps_of(plan_index, order)
-        for micro_batches in tqdm(run.batches(steps), total=len(steps), desc=f"warm-up epoch {epoch + 1}", mininterval=5,
-                                  disable=ds_engine.rank() > 0):
+        for micro_batches in tqdm(
+            run.batches(steps),
+            total=len(steps),
+            desc=f"warm-up epoch {epoch + 1}",
+            mininterval=5,
+            disable=ds_engine.rank() > 0,
+        ):
             if run.done:
                 break
             started = time.perf_counter()
@@ -542,8 +816,16 @@ def run_warmup(model, run: Run, resumed: Path | None) -> None:
                 losses.append(loss)
             ds_engine.average_across_ranks(proxy.weight.grad)
             optimizer.step()
-            run.finish_step(plan_index, "warmup", epoch, losses, work, time.perf_counter() - started,
-                            {"warmup/lr": optimizer.param_groups[0]["lr"]}, optimizer=optimizer)
+            run.finish_step(
+                plan_index,
+                "warmup",
+                epoch,
+                losses,
+                work,
+                time.perf_counter() - started,
+                {"warmup/lr": optimizer.param_groups[0]["lr"]},
+                optimizer=optimizer,
+            )
         run.end_epoch(plan_index)
         if plan_index == plan[-1][0]:
             proxy.reset_momentum_copy()  # the warmed proxy initialises the main stage (P and P_bar)
@@ -575,8 +857,13 @@ def run_main(engine, run: Run, resumed: Path | None) -> None:
         if plan_index < run.state["plan_index"] or run.done:
             continue
         steps = run.steps_of(plan_index, order)
-        for micro_batches in tqdm(run.batches(steps), total=len(steps), desc=f"epoch {epoch + 1}/{config.epochs}",
-                                  mininterval=5, disable=ds_engine.rank() > 0):
+        for micro_batches in tqdm(
+            run.batches(steps),
+            total=len(steps),
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            mininterval=5,
+            disable=ds_engine.rank() > 0,
+        ):
             if run.done:
                 break
             started = time.perf_counter()
@@ -598,8 +885,17 @@ def run_main(engine, run: Run, resumed: Path | None) -> None:
                 extra["proxy/drift"] = float((proxy.weight.detach() - proxy.momentum_copy).norm())
                 if config.momentum > 0:
                     proxy.update_momentum_copy(config.momentum)
-            run.finish_step(plan_index, "main", epoch, losses, work, time.perf_counter() - started, extra,
-                            engine=engine, optimizer=optimizer)
+            run.finish_step(
+                plan_index,
+                "main",
+                epoch,
+                losses,
+                work,
+                time.perf_counter() - started,
+                extra,
+                engine=engine,
+                optimizer=optimizer,
+            )
         stopped_early = run.done and run.state["steps_done"] < run.epoch_length
         run.end_epoch(plan_index)
         if run.validation is not None and not stopped_early:
@@ -642,8 +938,12 @@ def throughput_summary(state: dict, peak: float | None) -> dict:
         "main_samples_per_second": rounded("samples_per_second", 3),
         "main_image_tokens_per_second": rounded("image_tokens_per_second", 1),
         "main_model_tflops_per_second": rounded("model_tflops_per_second", 4),
-        "main_model_flops_per_step": None if not work or work["model_flops"] is None else work["model_flops"] / len(state["main_step_seconds"]),
-        "main_hardware_flops_per_step": None if not work or work["hardware_flops"] is None else work["hardware_flops"] / len(state["main_step_seconds"]),
+        "main_model_flops_per_step": None
+        if not work or work["model_flops"] is None
+        else work["model_flops"] / len(state["main_step_seconds"]),
+        "main_hardware_flops_per_step": None
+        if not work or work["hardware_flops"] is None
+        else work["hardware_flops"] / len(state["main_step_seconds"]),
         "peak_flops": peak,
         "mfu": rounded("mfu", 5),
         "hfu": rounded("hfu", 5),
@@ -711,11 +1011,23 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     started = time.time()
     ds_engine.init_distributed()  # before loading: ZeRO-3 partitions the weights over the ranks as they load
-    if config.global_batch is not None and config.batch_size * config.gradient_accumulation * ds_engine.world_size() != config.global_batch:
-        raise ValueError(f"global_batch {config.global_batch} was planned for {launcher_world_size()} rank(s), "
-                         f"but the job has {ds_engine.world_size()}")
+    if (
+        config.global_batch is not None
+        and config.batch_size * config.gradient_accumulation * ds_engine.world_size() != config.global_batch
+    ):
+        raise ValueError(
+            f"global_batch {config.global_batch} was planned for {launcher_world_size()} rank(s), "
+            f"but the job has {ds_engine.world_size()}"
+        )
     ds_engine.on_rank_zero(partial(verify_training_shards, config), "shard verification")
-    ds_config = ds_engine.deepspeed_config(config.batch_size, config.zero_stage, config.grad_clip, config.bf16, config.gradient_accumulation, config.offload)
+    ds_config = ds_engine.deepspeed_config(
+        config.batch_size,
+        config.zero_stage,
+        config.grad_clip,
+        config.bf16,
+        config.gradient_accumulation,
+        config.offload,
+    )
     with partitioned_loading(ds_config):
         return train_loaded(config, ds_config, started)
 
@@ -723,21 +1035,39 @@ def train(config: TrainConfig) -> dict:
 def train_loaded(config: TrainConfig, ds_config: dict, started: float) -> dict:
     """The job once the process group is up: load (onto the training device, partitioned under
     ZeRO-3), warm up, train, save."""
-    model, processor = load_base_model(config.base_model, trust_remote_code=config.trust_remote_code,
-                                       dtype=training_dtype(config), device=ds_engine.training_device())
+    model, processor = load_base_model(
+        config.base_model,
+        trust_remote_code=config.trust_remote_code,
+        dtype=training_dtype(config),
+        device=ds_engine.training_device(),
+    )
     trainable = select_trainable(model, config.train_modules, lora_rank=config.lora_rank)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    log.info("trainable parameters per group: %s (%d of %d)", trainable["per_group"], trainable["trainable"], trainable["total"])
+    log.info(
+        "trainable parameters per group: %s (%d of %d)",
+        trainable["per_group"],
+        trainable["trainable"],
+        trainable["total"],
+    )
     # Verified above, once (rank 0); the readers still check their files' row counts.
-    samples = DescriptionSamples(config.shards, processor, user_text_for(config, processor), config.shuffle_responses, config.seed,
-                                 config.shuffle_window, verify=False)
+    samples = DescriptionSamples(
+        config.shards,
+        processor,
+        user_text_for(config, processor),
+        config.shuffle_responses,
+        config.seed,
+        config.shuffle_window,
+        verify=False,
+    )
     validation = Validation(config.shards, config.val_batch_size, verify=False) if config.validate else None
     proxy = None
     if config.proxy:
         hidden = model.get_input_embeddings().embedding_dim  # (a ZeRO-3 partition has no shape)
         generator = torch.Generator().manual_seed(config.seed)
-        proxy = ProxyInstruction(config.proxy_tokens, hidden, processor.tokenizer.proxy_token_id, generator).attach(model)
+        proxy = ProxyInstruction(config.proxy_tokens, hidden, processor.tokenizer.proxy_token_id, generator).attach(
+            model
+        )
         proxy.to(ds_engine.training_device())
     checkpoints = Checkpoints(config.checkpoint_dir, fingerprint(config)) if config.checkpoint_dir else None
     resumed = checkpoints.latest() if checkpoints is not None else None
@@ -748,15 +1078,23 @@ def train_loaded(config: TrainConfig, ds_config: dict, started: float) -> dict:
         run.best_weights = Checkpoints.load_best(resumed)
         Checkpoints.load_rng(resumed)
         run.resumed_stage = epoch_plan(config)[run.state["plan_index"]][0]
-        log.info("resuming from %s: step %d (epoch %d of the plan, %d steps into it)", resumed, run.step,
-                 run.state["plan_index"] + 1, run.state["steps_done"])
+        log.info(
+            "resuming from %s: step %d (epoch %d of the plan, %d steps into it)",
+            resumed,
+            run.step,
+            run.state["plan_index"] + 1,
+            run.state["steps_done"],
+        )
     run.board = Board(config.tensorboard_dir, run.step)
     # Throughput: the warm-up trains the proxy alone, the main stage the groups (and the proxy).
     run.warmup_work = flops.StepWork(model.config, (), True, config.gradient_checkpointing)
     run.main_work = flops.StepWork(model.config, trainable["groups"], config.proxy, config.gradient_checkpointing)
     run.peak_flops = flops.device_peak_flops(config.peak_flops)
     if not run.main_work.has_formula:
-        log.info("no FLOP formula for model_type %r in medift/flops.py: FLOPs and MFU are not reported", model.config.model_type)
+        log.info(
+            "no FLOP formula for model_type %r in medift/flops.py: FLOPs and MFU are not reported",
+            model.config.model_type,
+        )
     elif run.peak_flops is None:
         log.info("no peak FLOP/s for this device (set peak_flops or $%s): MFU/HFU are not reported", flops.PEAK_ENV)
     # The engine comes first: a ZeRO-3 model (partitioned as it loaded) runs its forwards only
@@ -772,7 +1110,11 @@ def train_loaded(config: TrainConfig, ds_config: dict, started: float) -> dict:
         raise ValueError("select best_val: no epoch was validated (max_steps stopped the training first)")
     if config.select == "best_val" and state["best"]["epoch"] != last_epoch:
         restore_trainable_weights(engine.module, run.best_weights, config.zero_stage)
-        log.info("saving epoch %d's model (best validation accuracy %.2f%%)", state["best"]["epoch"] + 1, state["best"]["accuracy"])
+        log.info(
+            "saving epoch %d's model (best validation accuracy %.2f%%)",
+            state["best"]["epoch"] + 1,
+            state["best"]["accuracy"],
+        )
     if proxy is not None:
         proxy.detach()  # the tuned model is evaluated without it
     out_dir = Path(config.out_dir)
@@ -780,7 +1122,8 @@ def train_loaded(config: TrainConfig, ds_config: dict, started: float) -> dict:
     if any(g in LORA_GROUPS for g in trainable["groups"]):
         if config.lora_save == "adapter":
             save_lora_adapter(engine.module, out_dir)
-            unwrap_lora(engine.module, merge=False)  # the model beside the adapter is its base: fully trained groups, no adapters
+            # the model beside the adapter is its base: fully trained groups, no adapters
+            unwrap_lora(engine.module, merge=False)
         else:
             merge_lora(engine.module)
     if config.gradient_checkpointing:
@@ -813,7 +1156,8 @@ def train_loaded(config: TrainConfig, ds_config: dict, started: float) -> dict:
     if proxy is not None:
         # Replicated, so identical on every rank; measured, not assumed.
         summary["proxy_max_difference_across_ranks"] = max(
-            ds_engine.max_difference_across_ranks(proxy.weight.detach()), ds_engine.max_difference_across_ranks(proxy.momentum_copy)
+            ds_engine.max_difference_across_ranks(proxy.weight.detach()),
+            ds_engine.max_difference_across_ranks(proxy.momentum_copy),
         )
     run.board.close()
     if checkpoints is not None:
@@ -823,7 +1167,10 @@ def train_loaded(config: TrainConfig, ds_config: dict, started: float) -> dict:
     if proxy is not None:
         from safetensors.torch import save_file
 
-        save_file({"proxy": proxy.weight.detach().contiguous(), "momentum_copy": proxy.momentum_copy.contiguous()}, str(out_dir / "proxy.safetensors"))
+        save_file(
+            {"proxy": proxy.weight.detach().contiguous(), "momentum_copy": proxy.momentum_copy.contiguous()},
+            str(out_dir / "proxy.safetensors"),
+        )
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

@@ -11,8 +11,16 @@ def tiny_wbcatt_shards(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny-wbcatt")
     write_synthetic("wbcatt", root / "raw", seed=3, n_train=4, n_val=2, n_test=4, image_size=64)
-    prepare_shards(ShardsConfig(dataset="wbcatt", raw_dir=str(root / "raw"), out_dir=str(root / "shards"),
-                                report=str(root / "report.json"), image_size=64, seed=3))
+    prepare_shards(
+        ShardsConfig(
+            dataset="wbcatt",
+            raw_dir=str(root / "raw"),
+            out_dir=str(root / "shards"),
+            report=str(root / "report.json"),
+            image_size=64,
+            seed=3,
+        )
+    )
     return root / "shards"
 
 

@@ -4,18 +4,23 @@ written by pydicom, and DICOM decoding in the one image pipeline."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
-import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from medift.datasets import cbis_ddsm
 from medift.images import ImageLoadError, is_dicom, load_image
-from tests.fixtures.data import real_data_missing, REAL_DATA, assert_patients_disjoint, real_cbis_layout, real_cbis_case_files
-from tests.fixtures.cbis_dicom import STUDY_FOLDER, _case_dir, _crop_pixels, _mask_pixels, real_cbis_dicom_layout, write_dicom
-
+from tests.fixtures.cbis_dicom import (
+    _case_dir,
+    _crop_pixels,
+    _mask_pixels,
+    real_cbis_dicom_layout,
+    write_dicom,
+)
+from tests.fixtures.data import (
+    assert_patients_disjoint,
+    real_cbis_layout,
+    real_data_missing,
+)
 
 # --- decoding ------------------------------------------------------------------------------------
 
@@ -70,7 +75,9 @@ def test_crop_by_folder_name_then_by_header_then_by_size(tmp_path):
     for name in ("1-1.dcm", "1-2.dcm"):
         write_dicom(case / "1.000000-ROI mask images-22222" / name, _mask_pixels(), "ROI mask images", "9.6")
     assert finder.find("Mass-Test_P_00017_LEFT_CC_1", "9.6") == (
-        None, "no single cropped image in the case's DICOM folder")
+        None,
+        "no single cropped image in the case's DICOM folder",
+    )
     assert finder.find("Mass-Test_P_00099_LEFT_CC_1", "9.7") == (None, "no DICOM folder for the case")
 
 

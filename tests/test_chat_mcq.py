@@ -41,10 +41,16 @@ def test_format_answer_round_trips_through_the_parser():
 
 
 def test_loss_is_on_responses_only(processor):
-    encoded = encode_conversation(processor, ["What is the color?", "Describe this image."],
-                                  ["The correct answer is B.", "big size, red color"], with_image=True)
+    encoded = encode_conversation(
+        processor,
+        ["What is the color?", "Describe this image."],
+        ["The correct answer is B.", "big size, red color"],
+        with_image=True,
+    )
     tok = processor.tokenizer
-    supervised = [tok.convert_ids_to_tokens(i) for i, l in zip(encoded.input_ids, encoded.labels) if l != IGNORE_INDEX]
+    supervised = [
+        tok.convert_ids_to_tokens(i) for i, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX
+    ]
     assert supervised[:6] == ["The", "correct", "answer", "is", "B.", "</s>"]  # the default: letter-dot tokens
     assert "big" in supervised and "What" not in supervised and "<image>" not in supervised
     assert encoded.input_ids.count(tok.convert_tokens_to_ids("<image>")) == 1  # the processor expands it
@@ -52,7 +58,11 @@ def test_loss_is_on_responses_only(processor):
 
     batch = model_inputs(processor, [encoded], [Image.new("RGB", (64, 64))])
     assert batch["input_ids"][0].tolist().count(tok.convert_tokens_to_ids("<image>")) == 64
-    carried = [tok.convert_ids_to_tokens(int(i)) for i, l in zip(batch["input_ids"][0], batch["labels"][0]) if l != IGNORE_INDEX]
+    carried = [
+        tok.convert_ids_to_tokens(int(i))
+        for i, label in zip(batch["input_ids"][0], batch["labels"][0])
+        if label != IGNORE_INDEX
+    ]
     assert carried == supervised
 
 
@@ -82,7 +92,7 @@ def test_left_padding_keeps_prompts_flush_right(processor):
         n = len(encoded.labels)
         assert batch["labels"][row, -n:].tolist() == encoded.labels
         response = next(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
-        assert batch["input_ids"][row, response - n:].tolist() == encoded.input_ids[response:]  # after the image
+        assert batch["input_ids"][row, response - n :].tolist() == encoded.input_ids[response:]  # after the image
 
 
 def test_letter_dot_tokens_put_the_letter_right_before_its_option():
@@ -95,7 +105,15 @@ def test_letter_dot_tokens_put_the_letter_right_before_its_option():
     assert pieces[5:11] == ["\n", "A.", "red", "\n", "B.", "light blue"]
     assert pieces[-1] == "B."  # the answer ends in the option's own token
     assert "[ A or B ]" in tokenizer.decode(tokenizer(prompt)["input_ids"])  # bare letters stay letters
-    assert tokenizer.convert_ids_to_tokens(tokenizer("USER: A.b US.")["input_ids"]) == ["USER", ":", "A", ".", "<unk>", "<unk>", "."]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("USER: A.b US.")["input_ids"]) == [
+        "USER",
+        ":",
+        "A",
+        ".",
+        "<unk>",
+        "<unk>",
+        ".",
+    ]
     decoded = tokenizer.decode(tokenizer(mcq.format_answer(2))["input_ids"])
     assert mcq.parse_answer_letter(decoded, 3) == "C"
     _, letter_ids = forced_answer_context(processor, 5)

@@ -17,8 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from medift.chat import encode_conversation, model_inputs
 from medift.flops import device_peak_flops, step_flops
 from medift.model.loading import load_base_model, select_trainable
-from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 from medift.proxy import ProxyInstruction
+from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 from medift.train import TrainConfig, disable_activation_checkpointing, enable_activation_checkpointing, train
 
 K = 4
@@ -40,11 +40,17 @@ def load(checkpoint, groups: str, checkpointing: bool, attention: str = "sdpa"):
         model.requires_grad_(False)
     if checkpointing:
         enable_activation_checkpointing(model)
-    proxy = ProxyInstruction(K, model.get_input_embeddings().weight.shape[1], processor.tokenizer.proxy_token_id,
-                             torch.Generator().manual_seed(0)).attach(model)
+    proxy = ProxyInstruction(
+        K,
+        model.get_input_embeddings().weight.shape[1],
+        processor.tokenizer.proxy_token_id,
+        torch.Generator().manual_seed(0),
+    ).attach(model)
     text = processor.tokenizer.proxy_token * K
-    rows = [encode_conversation(processor, [text], ["small round nucleus"], True),
-            encode_conversation(processor, [text], ["large cell, granular cytoplasm, two lobes"], True)]
+    rows = [
+        encode_conversation(processor, [text], ["small round nucleus"], True),
+        encode_conversation(processor, [text], ["large cell, granular cytoplasm, two lobes"], True),
+    ]
     images = [Image.new("RGB", (28, 28), (10, 200, 30)), Image.new("RGB", (56, 28), (200, 20, 30))]
     model.train()
     return model, proxy, model_inputs(processor, rows, images)
@@ -72,7 +78,12 @@ def step(model, proxy, batch) -> dict:
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     grads["proxy"] = proxy.weight.grad.clone()
-    return {"vision_bytes": saved["vision"], "recomputed": len(calls) - forward_calls, "grads": grads, "loss": loss.item()}
+    return {
+        "vision_bytes": saved["vision"],
+        "recomputed": len(calls) - forward_calls,
+        "grads": grads,
+        "loss": loss.item(),
+    }
 
 
 def test_checkpointing_recomputes_the_vision_layers_with_equal_gradients(mllama):
@@ -103,8 +114,17 @@ def test_disabling_checkpointing_restores_the_layers(mllama):
     assert step(model, proxy, batch)["recomputed"] == 0
 
 
-@pytest.mark.parametrize("groups,proxy", [("vision,fusion", False), ("vision,fusion", True), ("fusion", False),
-                                          ("language_model", False), ("vision,projector,language_model", True), ("", True)])
+@pytest.mark.parametrize(
+    "groups,proxy",
+    [
+        ("vision,fusion", False),
+        ("vision,fusion", True),
+        ("fusion", False),
+        ("language_model", False),
+        ("vision,projector,language_model", True),
+        ("", True),
+    ],
+)
 def test_hardware_flops_equal_the_flop_counter(mllama, groups, proxy):
     """Eager attention, so FlopCounterMode sees attention's matmuls (it does not count CPU SDPA). The
     formula leaves out one matmul the model runs: the vision attention mask's outer product
@@ -133,9 +153,15 @@ def test_model_flops_by_hand(mllama):
     projector = 2 * sum(tokens) * 64 * 32
     t = sum(lengths)
     self_layer = 2 * t * (2 * 32 * 32 + 3 * 32 * 64 + 2 * 32 * 32) + sum(4 * n * n * 32 for n in lengths)
-    cross_layer = 2 * t * (2 * 32 * 32 + 3 * 32 * 64) + 2 * sum(tokens) * 32 * 64 + sum(4 * n * v * 32 for n, v in zip(lengths, tokens))
+    cross_layer = (
+        2 * t * (2 * 32 * 32 + 3 * 32 * 64)
+        + 2 * sum(tokens) * 32 * 64
+        + sum(4 * n * v * 32 for n, v in zip(lengths, tokens))
+    )
     lm_head = 2 * t * 32 * vocab
-    assert counted["model_flops"] == pytest.approx(conv + 3 * vision_layer + projector + self_layer + cross_layer + lm_head, rel=1e-12)
+    assert counted["model_flops"] == pytest.approx(
+        conv + 3 * vision_layer + projector + self_layer + cross_layer + lm_head, rel=1e-12
+    )
     assert counted["image_tokens"] == 15 and counted["image_tokens_computed"] == 2 * 2 * 8
     assert counted["model_flops"] < counted["hardware_flops"]  # the padding tile and pad tokens are not useful work
 
@@ -148,10 +174,15 @@ def test_recompute_adds_the_checkpointed_forwards(mllama):
     assert recomputed["hardware_flops"] > plain["hardware_flops"]
     # Per tower: transformers' own checkpointing recomputes the decoder only; the towers' extra
     # forwards add up to medift's, which recomputes both.
-    extra = {tower: step_flops(model.config, batch, ["vision", "fusion"], proxy=True, recompute={tower})["hardware_flops"]
-             - plain["hardware_flops"] for tower in ("vision", "text")}
+    extra = {
+        tower: step_flops(model.config, batch, ["vision", "fusion"], proxy=True, recompute={tower})["hardware_flops"]
+        - plain["hardware_flops"]
+        for tower in ("vision", "text")
+    }
     assert extra["vision"] > 0 and extra["text"] > 0
-    assert extra["vision"] + extra["text"] == pytest.approx(recomputed["hardware_flops"] - plain["hardware_flops"], rel=1e-12)
+    assert extra["vision"] + extra["text"] == pytest.approx(
+        recomputed["hardware_flops"] - plain["hardware_flops"], rel=1e-12
+    )
     with pytest.raises(ValueError, match="unknown towers"):
         step_flops(model.config, batch, ["vision"], recompute={"projector"})
 
@@ -169,9 +200,20 @@ def test_device_peak(monkeypatch):
 @pytest.mark.slow
 def test_training_summary_reports_throughput_and_mfu(mllama, tiny_wbcatt_shards, tmp_path, monkeypatch):
     monkeypatch.delenv("MEDIFT_PEAK_FLOPS", raising=False)
-    config = TrainConfig(shards=str(tiny_wbcatt_shards), base_model=str(mllama), out_dir=str(tmp_path / "out"),
-                         proxy_tokens=K, train_modules="vision,fusion", warmup_epochs=1, epochs=1, batch_size=2,
-                         gradient_checkpointing=True, validate=False, peak_flops=1e12, tensorboard_dir=str(tmp_path / "tb"))
+    config = TrainConfig(
+        shards=str(tiny_wbcatt_shards),
+        base_model=str(mllama),
+        out_dir=str(tmp_path / "out"),
+        proxy_tokens=K,
+        train_modules="vision,fusion",
+        warmup_epochs=1,
+        epochs=1,
+        batch_size=2,
+        gradient_checkpointing=True,
+        validate=False,
+        peak_flops=1e12,
+        tensorboard_dir=str(tmp_path / "tb"),
+    )
     summary = json.loads(json.dumps(train(config)))
     assert summary["main_samples_per_second"] > 0 and summary["main_image_tokens_per_second"] > 0
     assert summary["main_tokens_per_second"] > 0

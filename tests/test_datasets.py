@@ -4,8 +4,6 @@ and the real annotation files (with placeholder images) when ../shared/data is p
 from __future__ import annotations
 
 import csv
-import io
-import os
 import random
 import shutil
 from collections import Counter
@@ -18,14 +16,25 @@ from PIL import Image
 from medift.datasets import DATASETS, DataError, cbis_ddsm, get_dataset, wbcatt
 from medift.datasets.synthetic import write_synthetic
 from medift.records import SPLITS, Question, Record
-from tests.fixtures.data import (real_data_missing, REAL_DATA, assert_patients_disjoint, placeholders, real_cbis_case_files, real_cbis_layout,
-                                 real_wbcatt_layout, tiny_jpeg)
+from tests.fixtures.data import (
+    assert_patients_disjoint,
+    real_cbis_layout,
+    real_data_missing,
+    real_wbcatt_layout,
+)
 
 WBCATT_EXAMPLE = {
-    "label": "Neutrophil", "cell_size": "small", "cell_shape": "round",
-    "nucleus_shape": "unsegmented-band", "nuclear_cytoplasmic_ratio": "low",
-    "chromatin_density": "densely", "cytoplasm_vacuole": "no", "cytoplasm_texture": "clear",
-    "cytoplasm_colour": "light blue", "granule_type": "small", "granule_colour": "pink",
+    "label": "Neutrophil",
+    "cell_size": "small",
+    "cell_shape": "round",
+    "nucleus_shape": "unsegmented-band",
+    "nuclear_cytoplasmic_ratio": "low",
+    "chromatin_density": "densely",
+    "cytoplasm_vacuole": "no",
+    "cytoplasm_texture": "clear",
+    "cytoplasm_colour": "light blue",
+    "granule_type": "small",
+    "granule_colour": "pink",
     "granularity": "yes",
 }
 WBCATT_EXAMPLE_TEXT = (
@@ -36,8 +45,9 @@ WBCATT_EXAMPLE_TEXT = (
 
 
 def _record(dataset: str, attributes: dict[str, str], image_id: str = "img") -> Record:
-    return Record(dataset=dataset, image_id=image_id, image_path="/x.jpg", patient_id="p",
-                  split="val", attributes=attributes)
+    return Record(
+        dataset=dataset, image_id=image_id, image_path="/x.jpg", patient_id="p", split="val", attributes=attributes
+    )
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
@@ -52,8 +62,14 @@ def test_registry_modules_share_one_api():
     assert set(DATASETS) >= {"wbcatt", "cbis_ddsm"}
     for name, module in DATASETS.items():
         assert get_dataset(name) is module
-        for attribute in ("ATTRIBUTES", "QUESTION_TEXT", "QUESTION_OPTIONS", "read_records",
-                          "describe", "make_questions"):
+        for attribute in (
+            "ATTRIBUTES",
+            "QUESTION_TEXT",
+            "QUESTION_OPTIONS",
+            "read_records",
+            "describe",
+            "make_questions",
+        ):
             assert hasattr(module, attribute), (name, attribute)
         assert set(module.QUESTION_TEXT) == set(module.ATTRIBUTES)
         for key, options in module.QUESTION_OPTIONS.items():
@@ -70,24 +86,37 @@ def test_wbcatt_description_matches_reference_example():
 
 
 def test_wbcatt_description_drops_nil_and_no():
-    attributes = dict(WBCATT_EXAMPLE, granularity="no", granule_type="nil",
-                      granule_colour="nil", cytoplasm_vacuole="yes", label="Lymphocyte")
+    attributes = dict(
+        WBCATT_EXAMPLE,
+        granularity="no",
+        granule_type="nil",
+        granule_colour="nil",
+        cytoplasm_vacuole="yes",
+        label="Lymphocyte",
+    )
     text = wbcatt.describe(attributes)
     assert "nil" not in text and "granul" not in text
     assert "cytoplasm vacuole, " in text and text.endswith(", Lymphocyte")
 
 
 def test_cbis_descriptions_follow_reference_rules():
-    mass = {"mass_shape": "irregular-architectural distortion", "mass_margins": "spiculated",
-            "abnormality_type": "mass", "pathology": "malignant"}
+    mass = {
+        "mass_shape": "irregular-architectural distortion",
+        "mass_margins": "spiculated",
+        "abnormality_type": "mass",
+        "pathology": "malignant",
+    }
     assert cbis_ddsm.describe(mass) == (
-        "irregular-architectural distortion mass shape, spiculated mass margins, mass, malignant")
-    calc = {"calc_type": "amorphous", "calc_distribution": "clustered",
-            "abnormality_type": "calcification", "pathology": "benign"}
-    assert cbis_ddsm.describe(calc) == (
-        "amorphous calc type, clustered calc distribution, calcification, benign")
-    no_distribution = {"calc_type": "pleomorphic", "abnormality_type": "calcification",
-                       "pathology": "benign"}
+        "irregular-architectural distortion mass shape, spiculated mass margins, mass, malignant"
+    )
+    calc = {
+        "calc_type": "amorphous",
+        "calc_distribution": "clustered",
+        "abnormality_type": "calcification",
+        "pathology": "benign",
+    }
+    assert cbis_ddsm.describe(calc) == ("amorphous calc type, clustered calc distribution, calcification, benign")
+    no_distribution = {"calc_type": "pleomorphic", "abnormality_type": "calcification", "pathology": "benign"}
     assert cbis_ddsm.describe(no_distribution) == "pleomorphic calc type, calcification, benign"
 
 
@@ -99,8 +128,7 @@ def test_wbcatt_options_fixed_order():
     assert wbcatt.QUESTION_OPTIONS["cytoplasm_vacuole"] == ("yes", "no")
     assert wbcatt.QUESTION_OPTIONS["granularity"] == ("yes", "no")
     assert wbcatt.QUESTION_OPTIONS["granule_type"] == ("coarse", "round", "small")
-    assert wbcatt.QUESTION_TEXT["nuclear_cytoplasmic_ratio"] == (
-        "What is the nuclear cytoplasmic ratio?")
+    assert wbcatt.QUESTION_TEXT["nuclear_cytoplasmic_ratio"] == ("What is the nuclear cytoplasmic ratio?")
 
 
 def test_wbcatt_one_question_never_on_nil_options_fixed():
@@ -123,19 +151,23 @@ def test_wbcatt_one_question_never_on_nil_options_fixed():
 
 
 def test_cbis_questions_rules():
-    mass = _record("cbis_ddsm", {"mass_shape": "irregular-architectural distortion",
-                                 "mass_margins": "spiculated", "abnormality_type": "mass",
-                                 "pathology": "malignant"})
+    mass = _record(
+        "cbis_ddsm",
+        {
+            "mass_shape": "irregular-architectural distortion",
+            "mass_margins": "spiculated",
+            "abnormality_type": "mass",
+            "pathology": "malignant",
+        },
+    )
     answers = set()
     for seed in range(50):
         questions = cbis_ddsm.make_questions(mass, random.Random(seed))
         # The compound shape is not asked; margins, type and pathology are.
-        assert [q.attribute for q in questions] == ["mass_margins", "abnormality_type",
-                                                    "pathology"]
+        assert [q.attribute for q in questions] == ["mass_margins", "abnormality_type", "pathology"]
         margin = questions[0]
         assert margin.question == "What is the mass margin?"
-        assert len(margin.options) == 5 and set(margin.options) == set(
-            cbis_ddsm.QUESTION_OPTIONS["mass_margins"])
+        assert len(margin.options) == 5 and set(margin.options) == set(cbis_ddsm.QUESTION_OPTIONS["mass_margins"])
         assert margin.options[margin.answer_index] == "spiculated"
         answers.add(margin.answer_index)
         assert questions[1].options == ("calcification", "mass")
@@ -143,8 +175,15 @@ def test_cbis_questions_rules():
         assert questions[2].options == ("benign", "malignant")
         assert questions[2].options[questions[2].answer_index] == "malignant"
     assert len(answers) > 1  # options are shuffled
-    calc = _record("cbis_ddsm", {"calc_type": "pleomorphic", "calc_distribution": "clustered",
-                                 "abnormality_type": "calcification", "pathology": "benign"})
+    calc = _record(
+        "cbis_ddsm",
+        {
+            "calc_type": "pleomorphic",
+            "calc_distribution": "clustered",
+            "abnormality_type": "calcification",
+            "pathology": "benign",
+        },
+    )
     questions = cbis_ddsm.make_questions(calc, random.Random(3))
     assert questions == cbis_ddsm.make_questions(calc, random.Random(3))
     calc_type = questions[0]
@@ -152,10 +191,8 @@ def test_cbis_questions_rules():
     assert len(set(calc_type.options)) == 5 and "pleomorphic" in calc_type.options
     assert set(calc_type.options) <= set(cbis_ddsm.QUESTION_OPTIONS["calc_type"])
     # A rare term outside the reference options, and a missing value, get no question.
-    rare = _record("cbis_ddsm", {"calc_type": "dystrophic", "abnormality_type": "calcification",
-                                 "pathology": "benign"})
-    assert [q.attribute for q in cbis_ddsm.make_questions(rare, random.Random(0))] == [
-        "abnormality_type", "pathology"]
+    rare = _record("cbis_ddsm", {"calc_type": "dystrophic", "abnormality_type": "calcification", "pathology": "benign"})
+    assert [q.attribute for q in cbis_ddsm.make_questions(rare, random.Random(0))] == ["abnormality_type", "pathology"]
 
 
 # --- synthetic round trips -----------------------------------------------------------
@@ -199,8 +236,7 @@ def test_synthetic_cbis_round_trip(synthetic_cbis):
     assert b'.dcm\n"\r\n' in mass_bytes  # quoted trailing newline in the last column
     assert b'.dcm\n",' in calc_bytes  # ... and in the cropped-image column
     dicom_info = pd.read_csv(csv_dir / "dicom_info.csv", dtype=str)
-    assert set(dicom_info["SeriesDescription"]) == {
-        "full mammogram images", "cropped images", "ROI mask images"}
+    assert set(dicom_info["SeriesDescription"]) == {"full mammogram images", "cropped images", "ROI mask images"}
 
     result = cbis_ddsm.read_records(synthetic_cbis, seed=0)
     assert result.rows_read == 76 and not result.quarantined
@@ -209,8 +245,7 @@ def test_synthetic_cbis_round_trip(synthetic_cbis):
     assert_patients_disjoint(result.records)
     for record in result.records:
         assert Path(record.image_path).is_file() and "\n" not in record.image_id
-        assert record.image_id.split("_")[0] in ("Mass-Training", "Calc-Training",
-                                                 "Mass-Test", "Calc-Test")
+        assert record.image_id.split("_")[0] in ("Mass-Training", "Calc-Training", "Mass-Test", "Calc-Test")
         assert cbis_ddsm.describe(record.attributes)
     # The validation patients are 10 % of the training patients, by the seed.
     train_patients = {r.patient_id for r in result.records if r.split in ("train", "val")}
@@ -223,8 +258,7 @@ def test_synthetic_cbis_round_trip(synthetic_cbis):
 @pytest.mark.parametrize("name", ["wbcatt", "cbis_ddsm", "skincon", "mimic_cxr"])
 def test_synthetic_is_deterministic(name, tmp_path):
     for run in ("a", "b"):
-        write_synthetic(name, tmp_path / run, seed=11, n_train=8, n_val=3, n_test=4,
-                        image_size=48)
+        write_synthetic(name, tmp_path / run, seed=11, n_train=8, n_val=3, n_test=4, image_size=48)
     first, second = _tree_bytes(tmp_path / "a"), _tree_bytes(tmp_path / "b")
     assert first == second and len(first) > 10
     write_synthetic(name, tmp_path / "c", seed=12, n_train=8, n_val=3, n_test=4, image_size=48)
@@ -257,8 +291,10 @@ def test_sampled_attributes_fit_the_rules(name):
     for _ in range(200):
         attributes = sampler(rng)
         for key, value in attributes.items():
-            assert set(value.split("-")) <= set(module.ATTRIBUTES[key]) or (
-                value in module.ATTRIBUTES[key]), (key, value)
+            assert set(value.split("-")) <= set(module.ATTRIBUTES[key]) or (value in module.ATTRIBUTES[key]), (
+                key,
+                value,
+            )
         assert module.describe(attributes)
         for question in module.make_questions(_record(name, attributes), rng):
             assert question.options[question.answer_index] == attributes[question.attribute]
@@ -293,8 +329,7 @@ def _rewrite_csv(path: Path, edit, line_end: str = "\n") -> None:
 def test_wbcatt_missing_column(synthetic_wbcatt, tmp_path):
     root = _copy_tree(synthetic_wbcatt, tmp_path / "raw")
     column = wbcatt.CSV_HEADER.index("cell_shape")
-    _rewrite_csv(root / "pbc_attr_v1_val.csv",
-                 lambda rows: [row[:column] + row[column + 1:] for row in rows])
+    _rewrite_csv(root / "pbc_attr_v1_val.csv", lambda rows: [row[:column] + row[column + 1 :] for row in rows])
     with pytest.raises(ValueError, match=r"pbc_attr_v1_val\.csv.*'cell_shape'"):
         wbcatt.read_records(root, seed=0)
 
@@ -327,8 +362,7 @@ def test_wbcatt_missing_image_and_duplicate_id_quarantined(synthetic_wbcatt, tmp
     val_first = [r for r in records if r.split == "val"][0]
     result = wbcatt.read_records(root, seed=0)
     assert result.rows_read == 53 and len(result.records) == 51
-    assert sorted(q.reason for q in result.quarantined) == ["duplicated image id",
-                                                           "image file missing"]
+    assert sorted(q.reason for q in result.quarantined) == ["duplicated image id", "image file missing"]
     assert {q.image_id for q in result.quarantined} == {records[0].image_id, val_first.image_id}
     with pytest.raises(DataError, match="image file missing"):
         wbcatt.read_records(root, seed=0, strict=True)
@@ -344,8 +378,11 @@ def test_wbcatt_requires_test_file(synthetic_wbcatt, tmp_path):
 def test_cbis_missing_column(synthetic_cbis, tmp_path):
     root = _copy_tree(synthetic_cbis, tmp_path / "raw")
     column = cbis_ddsm.CALC_HEADER.index("calc distribution")
-    _rewrite_csv(root / "csv" / "calc_case_description_test_set.csv",
-                 lambda rows: [row[:column] + row[column + 1:] for row in rows], "\r\n")
+    _rewrite_csv(
+        root / "csv" / "calc_case_description_test_set.csv",
+        lambda rows: [row[:column] + row[column + 1 :] for row in rows],
+        "\r\n",
+    )
     expected = r"calc_case_description_test_set\.csv.*'calc distribution'"
     with pytest.raises(ValueError, match=expected):
         cbis_ddsm.read_records(root, seed=0)
@@ -388,13 +425,15 @@ def test_cbis_missing_image_unlisted_crop_and_duplicate(synthetic_cbis, tmp_path
     dicom_info = pd.read_csv(root / "csv" / "dicom_info.csv", dtype=str, keep_default_na=False)
     dicom_info = dicom_info[dicom_info["PatientID"] != unlisted.image_id]
     dicom_info.to_csv(root / "csv" / "dicom_info.csv", index=False)
-    _rewrite_csv(root / "csv" / "mass_case_description_test_set.csv",
-                 lambda rows: rows + [rows[1]], "\r\n")
+    _rewrite_csv(root / "csv" / "mass_case_description_test_set.csv", lambda rows: rows + [rows[1]], "\r\n")
     result = cbis_ddsm.read_records(root, seed=0)
     assert result.rows_read == 77 and len(result.records) == 74
     reasons = Counter(q.reason for q in result.quarantined)
-    assert reasons == {"image file missing": 1, "duplicated image id": 1,
-                       "no cropped image for the case in csv/dicom_info.csv": 1}
+    assert reasons == {
+        "image file missing": 1,
+        "duplicated image id": 1,
+        "no cropped image for the case in csv/dicom_info.csv": 1,
+    }
 
 
 def test_cbis_train_rows_of_test_patients_quarantined(synthetic_cbis, tmp_path):
@@ -414,8 +453,7 @@ def test_cbis_train_rows_of_test_patients_quarantined(synthetic_cbis, tmp_path):
     for name in ("mass_case_description_train_set.csv", "calc_case_description_train_set.csv"):
         _rewrite_csv(root / "csv" / name, edit, "\r\n")
     again = cbis_ddsm.read_records(root, seed=0)
-    assert [q.reason for q in again.quarantined] == [
-        "patient also in the official test files"] * moved
+    assert [q.reason for q in again.quarantined] == ["patient also in the official test files"] * moved
     assert_patients_disjoint(again.records)
 
 
@@ -453,7 +491,8 @@ def test_real_cbis_files(tmp_path):
     assert set(Counter(r.split for r in records)) == {"train", "val"}
     first = next(r for r in records if r.image_id == "Mass-Training_P_00001_LEFT_CC_1")
     assert cbis_ddsm.describe(first.attributes) == (
-        "irregular-architectural distortion mass shape, spiculated mass margins, mass, malignant")
+        "irregular-architectural distortion mass shape, spiculated mass margins, mass, malignant"
+    )
     rng = random.Random(0)
     asked = Counter()
     for record in records:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pandas as pd
-import pytest
 
 from medift.datasets import cbis_ddsm, mimic_cxr, skincon, wbcatt
 from medift.describe import DescribeConfig, phrase_found, run, summarize
@@ -20,9 +18,20 @@ def test_a_phrase_counts_only_as_whole_words_case_and_spacing_aside():
 
 
 def test_the_adapters_phrases_make_their_descriptions():
-    cell = {"cell_size": "big", "cell_shape": "round", "nucleus_shape": "segmented-bilobed", "nuclear_cytoplasmic_ratio": "low",
-            "chromatin_density": "densely", "cytoplasm_vacuole": "no", "cytoplasm_texture": "clear", "cytoplasm_colour": "light blue",
-            "granule_type": "small", "granule_colour": "pink", "granularity": "yes", "label": "Neutrophil"}
+    cell = {
+        "cell_size": "big",
+        "cell_shape": "round",
+        "nucleus_shape": "segmented-bilobed",
+        "nuclear_cytoplasmic_ratio": "low",
+        "chromatin_density": "densely",
+        "cytoplasm_vacuole": "no",
+        "cytoplasm_texture": "clear",
+        "cytoplasm_colour": "light blue",
+        "granule_type": "small",
+        "granule_colour": "pink",
+        "granularity": "yes",
+        "label": "Neutrophil",
+    }
     found = wbcatt.phrases(cell)
     assert wbcatt.describe(cell) == ", ".join(found.values())
     assert "cytoplasm_vacuole" not in found and found["granularity"] == "granularity" and found["label"] == "Neutrophil"
@@ -33,8 +42,13 @@ def test_the_adapters_phrases_make_their_descriptions():
 
 
 def test_summary_weighs_every_image_the_same_and_reports_each_attribute():
-    frame = pd.DataFrame({"image_id": ["a", "b"], "generated": ["", ""],
-                          "found": [json.dumps({"x": 1, "y": 1, "z": 0, "w": 0}), json.dumps({"x": 0})]})
+    frame = pd.DataFrame(
+        {
+            "image_id": ["a", "b"],
+            "generated": ["", ""],
+            "found": [json.dumps({"x": 1, "y": 1, "z": 0, "w": 0}), json.dumps({"x": 0})],
+        }
+    )
     summary = summarize(frame, n_boot=200)
     assert summary["description_accuracy"] == 25.0  # (2/4 + 0/1) / 2, not 2/5
     assert summary["phrases"] == 5 and summary["per_attribute"]["x"]["accuracy"] == 50.0
@@ -44,12 +58,20 @@ def test_summary_weighs_every_image_the_same_and_reports_each_attribute():
 
 
 def test_a_tiny_checkpoint_describes_every_test_image(tmp_path, tiny_wbcatt_shards):
-    from medift.testing.tiny_checkpoints import build_tiny_checkpoint
     from medift.shards import load_descriptions
+    from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 
     checkpoint = build_tiny_checkpoint("qwen2_vl", tmp_path / "qwen2_vl")
-    summary = run(DescribeConfig(model=str(checkpoint), shards=str(tiny_wbcatt_shards), adapter="wbcatt",
-                                 out=str(tmp_path / "descriptions.csv"), summary=str(tmp_path / "metrics.json"), max_new_tokens=8))
+    summary = run(
+        DescribeConfig(
+            model=str(checkpoint),
+            shards=str(tiny_wbcatt_shards),
+            adapter="wbcatt",
+            out=str(tmp_path / "descriptions.csv"),
+            summary=str(tmp_path / "metrics.json"),
+            max_new_tokens=8,
+        )
+    )
     written = pd.read_csv(tmp_path / "descriptions.csv", keep_default_na=False)
     reference = load_descriptions(tiny_wbcatt_shards, "test")
     assert list(written["image_id"]) == list(reference["image_id"])  # every image, in order: nothing dropped

@@ -14,11 +14,23 @@ from safetensors import safe_open
 
 from medift.chat import collate
 from medift.embedded.mllama import (
-    HISTORY_FILE, ConversationSampler, DistillConfig, build_processor, build_student, describe_batch, distill,
-    distill_settings, fit_projector, language_stage, matched_depths, paired_batches, sampler_config, text_after_image,
+    HISTORY_FILE,
+    ConversationSampler,
+    DistillConfig,
+    build_processor,
+    build_student,
+    describe_batch,
+    distill,
+    distill_settings,
+    fit_projector,
+    language_stage,
+    matched_depths,
+    paired_batches,
+    sampler_config,
+    text_after_image,
 )
-from medift.model.loading import load_base_model, select_trainable
 from medift.embedded.pretrain import general_mcq_accuracy, held_out_questions
+from medift.model.loading import load_base_model, select_trainable
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "embedded-mllama"
@@ -91,12 +103,17 @@ class TestShippedModel:
         # The distillation it started from had the same settings (the language stage's aside).
         assert distill_settings(recorded["first_stage"]["config"]) == distill_settings(recorded["config"])
 
+    @pytest.mark.slow
     def test_the_first_distillation_steps_reproduce_the_shipped_losses(self, tmp_path):
         recorded = history()
-        config = DistillConfig(**{
-            **recorded["config"], "teacher": str(TEACHER), "out_dir": str(tmp_path / "out"),
-            "first_stage_dir": str(tmp_path / "first"),
-        })
+        config = DistillConfig(
+            **{
+                **recorded["config"],
+                "teacher": str(TEACHER),
+                "out_dir": str(tmp_path / "out"),
+                "first_stage_dir": str(tmp_path / "first"),
+            }
+        )
         rerun = distill(config, stop_after=2)
         # fp32 sums whose order depends on the CPU's BLAS kernels: another x86-64 machine measured
         # the fit error 6.7e-7 (relative) from the recorded one. The losses are stored rounded to
@@ -105,6 +122,7 @@ class TestShippedModel:
             assert ours == pytest.approx(shipped, abs=2e-5)
         assert rerun["projector_fit_error"] == pytest.approx(recorded["first_stage"]["projector_fit_error"], rel=1e-5)
 
+    @pytest.mark.slow
     def test_the_language_stage_trains_the_text_layers_only(self, tmp_path):
         """From the shipped model (the distilled one is not shipped): two steps move every text
         layer and no cross-attention, vision or projector weight."""

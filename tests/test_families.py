@@ -23,11 +23,11 @@ from PIL import Image
 
 from medift import mcq
 from medift.chat import IGNORE_INDEX, encode_conversation, model_inputs
+from medift.embedded.pretrain import held_out_questions
 from medift.evaluate import EvaluateConfig, score_questions
 from medift.images import encode_image
 from medift.model.families import FAMILIES, native_image_size
 from medift.model.loading import ADAPTER_DIR, load_base_model, parameter_groups, select_trainable
-from medift.embedded.pretrain import held_out_questions
 from medift.testing.tiny_checkpoints import build_tiny_checkpoint, family_names
 from medift.train import TrainConfig, train
 
@@ -83,7 +83,10 @@ def test_training_sequence_decodes_as_the_family_template(family, checkpoints):
     assert image_positions and max(image_positions) < proxy[0] < supervised[0]
     # The labels are the response and the template's end of turn, nothing of the prompt.
     target = tokenizer.decode(ids[supervised])
-    assert target.strip().startswith(response) and tokenizer.decode(ids[supervised], skip_special_tokens=True).strip() == response
+    assert (
+        target.strip().startswith(response)
+        and tokenizer.decode(ids[supervised], skip_special_tokens=True).strip() == response
+    )
     out = model(**batch)  # the model checks image tokens against image features
     assert torch.isfinite(out.loss)
 
@@ -129,15 +132,31 @@ def _changed_groups(base_dir: Path, tuned_dir: Path) -> tuple[set, set]:
     return changed, unchanged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,zero_stage", [("caption_ft", 3), ("ift", 2)])
 @pytest.mark.parametrize("family", ALL)
-def test_one_training_run_changes_exactly_the_configured_groups(family, method, zero_stage, checkpoints, shards, tmp_path):
+def test_one_training_run_changes_exactly_the_configured_groups(
+    family, method, zero_stage, checkpoints, shards, tmp_path
+):
     groups = groups_for(family)
     out = tmp_path / "tuned"
-    summary = train(TrainConfig(shards=str(shards), base_model=str(checkpoints[family]), out_dir=str(out),
-                                proxy=method == "ift", proxy_tokens=K, epochs=1, warmup_epochs=1, batch_size=4,
-                                lr=1e-2, zero_stage=zero_stage, train_modules=groups, seed=1,
-                                gradient_checkpointing=method == "ift"))
+    summary = train(
+        TrainConfig(
+            shards=str(shards),
+            base_model=str(checkpoints[family]),
+            out_dir=str(out),
+            proxy=method == "ift",
+            proxy_tokens=K,
+            epochs=1,
+            warmup_epochs=1,
+            batch_size=4,
+            lr=1e-2,
+            zero_stage=zero_stage,
+            train_modules=groups,
+            seed=1,
+            gradient_checkpointing=method == "ift",
+        )
+    )
     assert summary["steps"] == (2 if method == "ift" else 1)
     # One rank's rendezvous leaves no launcher variables behind for the processes this one starts.
     assert not {"WORLD_SIZE", "RANK", "MASTER_PORT"} & set(os.environ)
@@ -153,6 +172,7 @@ def test_one_training_run_changes_exactly_the_configured_groups(family, method, 
     assert summary["trainable_parameters"]["per_group"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("proxy_lr", [None, 3e-2])
 def test_the_warm_up_moves_the_proxy_at_proxy_lr_and_defaults_to_lr(proxy_lr, checkpoints, shards, tmp_path):
     from safetensors.torch import load_file
@@ -161,12 +181,29 @@ def test_the_warm_up_moves_the_proxy_at_proxy_lr_and_defaults_to_lr(proxy_lr, ch
 
     lr, seed = 1e-4, 3
     out = tmp_path / "tuned"
-    train(TrainConfig(shards=str(shards), base_model=str(checkpoints["mllama"]), out_dir=str(out), proxy=True,
-                      proxy_tokens=K, epochs=1, warmup_epochs=1, batch_size=4, lr=lr, proxy_lr=proxy_lr,
-                      train_modules="vision,fusion", seed=seed, max_steps=1, validate=False))
+    train(
+        TrainConfig(
+            shards=str(shards),
+            base_model=str(checkpoints["mllama"]),
+            out_dir=str(out),
+            proxy=True,
+            proxy_tokens=K,
+            epochs=1,
+            warmup_epochs=1,
+            batch_size=4,
+            lr=lr,
+            proxy_lr=proxy_lr,
+            train_modules="vision,fusion",
+            seed=seed,
+            max_steps=1,
+            validate=False,
+        )
+    )
     model, processor = load_base_model(str(checkpoints["mllama"]))
     hidden = model.get_input_embeddings().weight.shape[1]
-    initial = ProxyInstruction(K, hidden, processor.tokenizer.proxy_token_id, torch.Generator().manual_seed(seed)).weight
+    initial = ProxyInstruction(
+        K, hidden, processor.tokenizer.proxy_token_id, torch.Generator().manual_seed(seed)
+    ).weight
     moved = (load_file(str(out / "proxy.safetensors"))["proxy"] - initial.detach()).abs()
     # AdamW's first step moves a coordinate by lr * g / (|g| + eps): lr wherever |g| >> eps.
     expected = lr if proxy_lr is None else proxy_lr
@@ -179,6 +216,7 @@ def test_a_non_positive_proxy_lr_fails_before_any_model_is_loaded():
         TrainConfig(shards="missing", base_model="missing", out_dir="missing", proxy_lr=0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ALL)
 def test_lora_saved_merged_or_as_a_peft_adapter_gives_the_same_model(family, checkpoints, shards, tmp_path):
     from peft import PeftModel
@@ -187,9 +225,21 @@ def test_lora_saved_merged_or_as_a_peft_adapter_gives_the_same_model(family, che
     outputs = {}
     for mode in ("merged", "adapter"):
         out = tmp_path / mode
-        train(TrainConfig(shards=str(shards), base_model=str(checkpoints[family]), out_dir=str(out), proxy=False,
-                          epochs=1, warmup_epochs=0, batch_size=4, lr=1e-2, train_modules="projector,lora",
-                          lora_save=mode, seed=1))
+        train(
+            TrainConfig(
+                shards=str(shards),
+                base_model=str(checkpoints[family]),
+                out_dir=str(out),
+                proxy=False,
+                epochs=1,
+                warmup_epochs=0,
+                batch_size=4,
+                lr=1e-2,
+                train_modules="projector,lora",
+                lora_save=mode,
+                seed=1,
+            )
+        )
         outputs[mode] = out
     assert not (outputs["merged"] / ADAPTER_DIR).exists()
     # The adapter loads with peft on the saved model (which holds the trained projector) ...
@@ -237,9 +287,17 @@ def mcq_frame(n: int, seed: int) -> pd.DataFrame:
     rows = []
     for i, (instruction, picture, n_options, answer, _) in enumerate(held_out_questions(n, seed, 64)):
         lines = instruction.split("\n")
-        rows.append({"question_id": f"q{i}", "image_id": f"img{i}", "attribute": lines[0], "question": lines[0],
-                     "options": [line.split(". ", 1)[1] for line in lines[1 : 1 + n_options]],
-                     "answer_index": answer, "image": encode_image(picture)})
+        rows.append(
+            {
+                "question_id": f"q{i}",
+                "image_id": f"img{i}",
+                "attribute": lines[0],
+                "question": lines[0],
+                "options": [line.split(". ", 1)[1] for line in lines[1 : 1 + n_options]],
+                "answer_index": answer,
+                "image": encode_image(picture),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -255,8 +313,15 @@ def answer_in_format(model, processor, questions: pd.DataFrame, steps: int = 60)
     rows = list(questions.itertuples())
     for _ in range(steps):
         chosen = rng.sample(rows, 4)
-        encoded = [encode_conversation(processor, [mcq.build_mcq_instruction(q.question, list(q.options))],
-                                       [mcq.format_answer(q.answer_index)], with_image=True) for q in chosen]
+        encoded = [
+            encode_conversation(
+                processor,
+                [mcq.build_mcq_instruction(q.question, list(q.options))],
+                [mcq.format_answer(q.answer_index)],
+                with_image=True,
+            )
+            for q in chosen
+        ]
         loss = model(**model_inputs(processor, encoded, [decode_image(q.image) for q in chosen])).loss
         optimizer.zero_grad()
         loss.backward()
@@ -272,8 +337,16 @@ def test_generate_and_letter_scoring_are_batch_invariant_and_agree(family, check
     letters = {}
     for scoring in ("generate", "letter"):
         for batch_size in (1, 8):
-            config = EvaluateConfig(model="", shards="", out="", summary="", scoring=scoring, batch_size=batch_size,
-                                    max_new_tokens=12, circular=False)
+            config = EvaluateConfig(
+                model="",
+                shards="",
+                out="",
+                summary="",
+                scoring=scoring,
+                batch_size=batch_size,
+                max_new_tokens=12,
+                circular=False,
+            )
             letters[scoring, batch_size] = list(score_questions(model, processor, questions, config)["parsed_letter"])
     assert letters["generate", 1] == letters["generate", 8]
     assert letters["letter", 1] == letters["letter", 8]

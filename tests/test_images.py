@@ -80,9 +80,7 @@ def test_load_and_letterbox_reads_jpeg_and_png(tmp_path):
 
 def test_truncated_image_raises_error_naming_the_file(tmp_path):
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
-        buffer, format="JPEG"
-    )
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG")
     path = tmp_path / "cut_off.jpg"
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     with pytest.raises(ImageLoadError, match="cut_off.jpg"):

@@ -77,8 +77,19 @@ def test_two_rank_zero3_load_holds_half_the_parameters_per_rank(tmp_path):
 def _dry_run_resources(workdir: Path, overrides: dict | None = None) -> dict[str, dict]:
     """mem_mb and runtime of train_model and evaluate_model from a Snakemake dry run."""
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
-    args = [sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--directory", str(workdir), "-s",
-            str(ROOT / "workflow/Snakefile"), "results/table1.csv"]
+    args = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-n",
+        "--cores",
+        "2",
+        "--directory",
+        str(workdir),
+        "-s",
+        str(ROOT / "workflow/Snakefile"),
+        "results/table1.csv",
+    ]
     if overrides:
         overlay = workdir / "overlay.json"
         overlay.write_text(json.dumps(overrides))
@@ -126,7 +137,9 @@ def test_job_resources_follow_the_model_size(tmp_path):
     # 2.8 M parameters on the CPU: the per-rank overhead (1.5 GB) x 1.25, start-up (10 min) x 1.5.
     assert embedded["train_model"] == {"mem_mb": 1938, "runtime": 16}
     checkpoint = _fake_11b_checkpoint(tmp_path / "llama-11b")
-    on_gpus = _dry_run_resources(workdir, {"base_model": {"path": str(checkpoint)}, "train": {"accelerator": "cuda", "ranks": 8}})
+    on_gpus = _dry_run_resources(
+        workdir, {"base_model": {"path": str(checkpoint)}, "train": {"accelerator": "cuda", "ranks": 8}}
+    )
     # 10.67 B: the checkpoint's pages once (21.3 GB) + 8 x 4 GB, x 1.25; read at 100 MB/s.
     assert on_gpus["train_model"]["mem_mb"] == pytest.approx(1.25 * (2 * 10.67e9 + 8 * 4e9) / 1e6, rel=0.01)
     assert on_gpus["train_model"]["runtime"] == pytest.approx(1.5 * (600 + 2 * 10.67e9 / 100e6) / 60, abs=1)

@@ -13,8 +13,16 @@ from medift import metrics
 
 def _predictions(patterns: list[str]) -> pd.DataFrame:
     """One question per pattern, one letter per rotation: c right, w wrong letter, f unparseable."""
-    rows = [{"question_id": f"q{i}", "rotation": rotation, "correct": int(letter == "c"), "parse_failed": int(letter == "f")}
-            for i, pattern in enumerate(patterns) for rotation, letter in enumerate(pattern)]
+    rows = [
+        {
+            "question_id": f"q{i}",
+            "rotation": rotation,
+            "correct": int(letter == "c"),
+            "parse_failed": int(letter == "f"),
+        }
+        for i, pattern in enumerate(patterns)
+        for rotation, letter in enumerate(pattern)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -61,8 +69,9 @@ def test_questions_asked_once_have_no_circular_accuracy():
 
 
 def _descriptions(found: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame({"image_id": [f"img{i}" for i in range(len(found))], "generated": "",
-                         "found": [json.dumps(f) for f in found]})
+    return pd.DataFrame(
+        {"image_id": [f"img{i}" for i in range(len(found))], "generated": "", "found": [json.dumps(f) for f in found]}
+    )
 
 
 def test_description_accuracy_by_hand():
@@ -88,15 +97,33 @@ def test_evaluation_and_tables_report_the_same_hand_counted_metrics(tmp_path):
     from medift.tables import long_table, read_predictions
     from tests.fixtures.predictions import _write_predictions
 
-    files = {("d", "m", seed): _write_predictions(tmp_path / f"d/m/seed-{seed}/predictions.csv", patterns, n_options=4)
-             for seed, patterns in ((1, SEED_1), (2, SEED_2))}
+    files = {
+        ("d", "m", seed): _write_predictions(tmp_path / f"d/m/seed-{seed}/predictions.csv", patterns, n_options=4)
+        for seed, patterns in ((1, SEED_1), (2, SEED_2))
+    }
     summary = summarize(read_predictions(files["d", "m", 1]))
-    assert summary == {"n": 4, "accuracy": 50.0, "parse_failures": 1, "format_retention": 75.0, "prompts_asked": 16,
-                       "circular_accuracy": 25.0}
+    assert summary == {
+        "n": 4,
+        "accuracy": 50.0,
+        "parse_failures": 1,
+        "format_retention": 75.0,
+        "prompts_asked": 16,
+        "circular_accuracy": 25.0,
+    }
     row = long_table({("d", "m", 1): files["d", "m", 1]}, ["m"], ["d"], n_boot=200).iloc[0]
-    assert (row["accuracy"], row["circular_accuracy"], row["parse_failures"], row["format_retention"]) == (50.0, 25.0, 1, 75.0)
+    assert (row["accuracy"], row["circular_accuracy"], row["parse_failures"], row["format_retention"]) == (
+        50.0,
+        25.0,
+        1,
+        75.0,
+    )
     both = long_table(files, ["m"], ["d"], n_boot=200).iloc[0]
-    assert (both["accuracy"], both["circular_accuracy"], both["parse_failures"], both["format_retention"]) == (62.5, 37.5, 1, 87.5)
+    assert (both["accuracy"], both["circular_accuracy"], both["parse_failures"], both["format_retention"]) == (
+        62.5,
+        37.5,
+        1,
+        87.5,
+    )
     assert both["seed_std"] == 17.68  # sample std of 50 and 75: 25 / sqrt(2)
 
 
@@ -108,15 +135,21 @@ def test_base_model_report_by_hand(tmp_path, monkeypatch):
     # the fixed option order.
     items = [(f"question {i}", None, 4, 0, fixed) for i, fixed in enumerate([True, True, False, False, False])]
     parsed = ["A", None, "B", "A", None]
-    monkeypatch.setattr(pretrain, "answer_held_out", lambda model, processor, items, max_new_tokens=50:
-                        (parsed, [p == "A" for p in parsed]))
+    monkeypatch.setattr(
+        pretrain,
+        "answer_held_out",
+        lambda model, processor, items, max_new_tokens=50: (parsed, [p == "A" for p in parsed]),
+    )
     monkeypatch.setattr(base_model, "load_base_model", lambda path: (None, None))
     monkeypatch.setattr(base_model, "held_out_questions", lambda n, seed, image_size: items)
     out = tmp_path / "base_model.json"
     base_model.evaluate_base(base_model.BaseEvalConfig(model="m", out=str(out)))
     # Fractions, 4 decimals: right 2 of 5; fixed order 1 of 2, shuffled 1 of 3; 2 unparseable.
     assert json.loads(out.read_text()) == {
-        "general_mcq_accuracy": 0.4, "n": 5, "parse_failures": 2,
+        "general_mcq_accuracy": 0.4,
+        "n": 5,
+        "parse_failures": 2,
         "by_option_format": {"fixed_order": {"n": 2, "accuracy": 0.5}, "shuffled": {"n": 3, "accuracy": 0.3333}},
-        "format_retention": 0.6, "model": "m",
+        "format_retention": 0.6,
+        "model": "m",
     }

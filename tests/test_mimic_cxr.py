@@ -64,9 +64,14 @@ def test_header_spellings_are_normalised():
 
 
 def test_questions_one_per_definite_finding_yes_no():
-    record = Record("mimic_cxr", "d1", "/x", "10000001", "test", {
-        "cardiomegaly": "yes", "pneumothorax": "no", "edema": "uncertain", "no_finding": "yes",
-        "report": "text"})
+    record = Record(
+        "mimic_cxr",
+        "d1",
+        "/x",
+        "10000001",
+        "test",
+        {"cardiomegaly": "yes", "pneumothorax": "no", "edema": "uncertain", "no_finding": "yes", "report": "text"},
+    )
     questions = mimic_cxr.make_questions(record, random.Random(0))
     assert [(q.attribute, q.question, q.options, q.answer_index) for q in questions] == [
         ("cardiomegaly", "Is there cardiomegaly?", ("yes", "no"), 0),
@@ -90,8 +95,14 @@ def _gz_csv(path: Path, header, rows, gz=True) -> None:
 
 # (subject, study, [(dicom_id, view)], labels {column: cell}, split, report or None)
 STUDIES = [
-    ("10000001", "50000001", [("b-lat", "LATERAL"), ("c-ap", "AP"), ("d-pa", "PA"), ("a-pa", "PA")],
-     {"Cardiomegaly": "1.0", "Pneumothorax": "0.0"}, "train", REPORT),
+    (
+        "10000001",
+        "50000001",
+        [("b-lat", "LATERAL"), ("c-ap", "AP"), ("d-pa", "PA"), ("a-pa", "PA")],
+        {"Cardiomegaly": "1.0", "Pneumothorax": "0.0"},
+        "train",
+        REPORT,
+    ),
     ("10000001", "50000002", [("e-ap", "AP")], {"Edema": "-1.0"}, "train", REPORT),
     ("10000002", "50000003", [("f-lat", "LATERAL"), ("g-ll", "LL")], {"No Finding": "1.0"}, "test", REPORT),
     ("10000003", "50000004", [("h-ap", "AP"), ("i-none", "")], {"No Finding": "1.0"}, "validate", REPORT),
@@ -129,8 +140,11 @@ def test_view_rule_labels_splits_and_counts(tmp_path):
     assert by_study["s50000004"].image_id == "h-ap" and by_study["s50000004"].split == "val"
     first = by_study["s50000001"]
     assert first.patient_id == "10000001" and first.split == "train"
-    assert first.attributes == {"cardiomegaly": "yes", "pneumothorax": "no",
-                                "report": "Cardiomegaly and small left effusion."}
+    assert first.attributes == {
+        "cardiomegaly": "yes",
+        "pneumothorax": "no",
+        "report": "Cardiomegaly and small left effusion.",
+    }
     assert by_study["s50000002"].attributes["edema"] == "uncertain"
     assert result.rows_read == 7 and len(result.records) == 4
     assert result.exclusion_summary() == {"no PA or AP image in the study": 1}
@@ -180,8 +194,7 @@ def test_missing_and_duplicated_images_are_quarantined(tmp_path):
     (root / mimic_cxr.study_folder("10000001", "50000002") / "e-ap.jpg").unlink()
     result = mimic_cxr.read_records(root, seed=0)
     # The third label row repeats study 50000001 under another subject.
-    assert result.quarantine_summary() == {"image file missing": 1,
-                                           "subject_id differs between labels and metadata": 1}
+    assert result.quarantine_summary() == {"image file missing": 1, "subject_id differs between labels and metadata": 1}
 
 
 # --- the synthetic release -------------------------------------------------------------------------

@@ -55,7 +55,6 @@ def test_paper_config_dry_run(tmp_path):
 
 
 def test_paper_config_placeholders_stop_the_run(tmp_path):
-    result = snakemake("-n", f"--configfile={PAPER_CONFIG}", "results/table1.csv",
-                       workdir=tmp_path, check=False)
+    result = snakemake("-n", f"--configfile={PAPER_CONFIG}", "results/table1.csv", workdir=tmp_path, check=False)
     assert result.returncode != 0
     assert "Llama-3.2-11B-Vision-Instruct" in result.stdout + result.stderr

@@ -39,7 +39,11 @@ class Jobs:
         self.root, self.stop = root, root / "stop"
         root.mkdir()
         self.lock_dir = root / "locks"
-        self.env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", gpus.COUNT_VARIABLE)}
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", gpus.COUNT_VARIABLE)
+        }
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), self.env.get("PYTHONPATH")) if p)
         if pool_size is not None:
             self.env[gpus.COUNT_VARIABLE] = str(pool_size)
@@ -51,8 +55,20 @@ class Jobs:
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, take: int = 1) -> subprocess.Popen:
-        command = [sys.executable, "-m", "medift.gpus", "--take", str(take), "--lock_dir", str(self.lock_dir), "--",
-                   sys.executable, str(self.root / "holder.py"), str(self.root / f"{name}.cards"), str(self.stop)]
+        command = [
+            sys.executable,
+            "-m",
+            "medift.gpus",
+            "--take",
+            str(take),
+            "--lock_dir",
+            str(self.lock_dir),
+            "--",
+            sys.executable,
+            str(self.root / "holder.py"),
+            str(self.root / f"{name}.cards"),
+            str(self.stop),
+        ]
         self.processes[name] = subprocess.Popen(command, env=self.env, stderr=subprocess.PIPE, text=True)
         return self.processes[name]
 
@@ -88,6 +104,7 @@ def jobs(tmp_path):
                 process.kill()
 
 
+@pytest.mark.slow
 def test_eight_jobs_get_eight_cards_a_ninth_waits_and_a_crashed_job_frees_its_card(jobs):
     run = jobs(pool_size=8)
     for index in range(8):
@@ -169,7 +186,12 @@ def test_train_config_derives_the_accumulation_from_its_launcher_ranks(monkeypat
     with pytest.raises(ValueError, match="global_batch 2 cannot be made of micro-batches of 2 on 8 rank"):
         TrainConfig(shards="x", base_model="y", out_dir="z", batch_size=2, global_batch=2)
     monkeypatch.delenv("WORLD_SIZE")
-    assert TrainConfig(shards="x", base_model="y", out_dir="z", batch_size=2, gradient_accumulation=3).gradient_accumulation == 3
+    assert (
+        TrainConfig(
+            shards="x", base_model="y", out_dir="z", batch_size=2, gradient_accumulation=3
+        ).gradient_accumulation
+        == 3
+    )
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 8, 33])

@@ -18,15 +18,21 @@ from medift.images import ImageLoadError
 from medift.prepare import ShardsConfig, prepare_shards
 from medift.records import SPLITS, Record
 from medift.shards import load_descriptions, load_questions, read_manifest
-from tests.fixtures.data import real_data_missing, REAL_DATA, placeholders, real_cbis_layout, real_wbcatt_layout
+from tests.fixtures.data import placeholders, real_cbis_layout, real_data_missing, real_wbcatt_layout
 
 SIZES = dict(n_train=24, n_val=6, n_test=8, image_size=32)
 
 
 def _prepare(raw: Path, out: Path, dataset: str, **overrides) -> dict:
-    config = ShardsConfig(dataset=dataset, raw_dir=str(raw), out_dir=str(out / "shards"),
-                          report=str(out / "data_report.json"), image_size=16, seed=0,
-                          **overrides)
+    config = ShardsConfig(
+        dataset=dataset,
+        raw_dir=str(raw),
+        out_dir=str(out / "shards"),
+        report=str(out / "data_report.json"),
+        image_size=16,
+        seed=0,
+        **overrides,
+    )
     return prepare_shards(config)
 
 
@@ -82,7 +88,11 @@ def test_unreadable_image_is_quarantined_or_an_error_when_strict(tmp_path):
     assert report["records_kept"] == 37 and report["splits"]["test"]["records"] == 7
     assert_report_consistent(report, tmp_path / "out" / "shards")
     assert report["files"]["pbc_attr_v1_test.csv"] == {
-        "rows_read": 8, "kept": 7, "quarantined": {"image unreadable or truncated": 1}, "excluded": {}}
+        "rows_read": 8,
+        "kept": 7,
+        "quarantined": {"image unreadable or truncated": 1},
+        "excluded": {},
+    }
     with pytest.raises(ImageLoadError, match=cut.name):
         _prepare(tmp_path / "raw", tmp_path / "strict", "wbcatt", strict=True)
 
@@ -97,8 +107,11 @@ def _fake_adapter(records: list[Record]) -> SimpleNamespace:
             sink.accept(record)
         return sink.result()
 
-    return SimpleNamespace(read_records=read_records, describe=lambda a: a.get("text", ""),
-                           make_questions=lambda record, rng, observed=None: [])
+    return SimpleNamespace(
+        read_records=read_records,
+        describe=lambda a: a.get("text", ""),
+        make_questions=lambda record, rng, observed=None: [],
+    )
 
 
 def _image(tmp_path: Path, name: str) -> str:
@@ -107,8 +120,18 @@ def _image(tmp_path: Path, name: str) -> str:
 
 
 def test_empty_description_is_quarantined_or_an_error_when_strict(tmp_path, monkeypatch):
-    records = [Record("fake", f"i{k}", _image(tmp_path, f"i{k}.jpg"), f"p{k}", "train",
-                      {"text": "a, b" if k else "  "}, f"fake.csv:{k + 1}") for k in range(3)]
+    records = [
+        Record(
+            "fake",
+            f"i{k}",
+            _image(tmp_path, f"i{k}.jpg"),
+            f"p{k}",
+            "train",
+            {"text": "a, b" if k else "  "},
+            f"fake.csv:{k + 1}",
+        )
+        for k in range(3)
+    ]
     monkeypatch.setitem(DATASETS, "fake", _fake_adapter(records))
     report = _prepare(tmp_path, tmp_path / "out", "fake")
     assert report["quarantined_by_reason"] == {"empty description": 1} and report["records_kept"] == 2
@@ -118,8 +141,10 @@ def test_empty_description_is_quarantined_or_an_error_when_strict(tmp_path, monk
 
 
 def test_patient_in_two_splits_is_an_error_before_decoding(tmp_path, monkeypatch):
-    records = [Record("fake", f"i{k}", str(tmp_path / "absent.jpg"), "p1", split, {"text": "a"}, f"fake.csv:{k}")
-               for k, split in enumerate(("train", "test"))]
+    records = [
+        Record("fake", f"i{k}", str(tmp_path / "absent.jpg"), "p1", split, {"text": "a"}, f"fake.csv:{k}")
+        for k, split in enumerate(("train", "test"))
+    ]
     monkeypatch.setitem(DATASETS, "fake", _fake_adapter(records))
     monkeypatch.setattr(RowSink, "accept", lambda self, record: self.records.append(record))
     with pytest.raises(ValueError, match="patients in two splits"):
@@ -162,13 +187,18 @@ def test_real_annotation_files_through_shards(name, tmp_path):
     assert_report_consistent(report, tmp_path / "out" / "shards")
     rows, kept, excluded, per_split, questions = EXPECTED[name]
     assert (report["rows_read"], report["records_kept"], report["quarantined"], report["excluded"]) == (
-        rows, kept, 0, excluded)
+        rows,
+        kept,
+        0,
+        excluded,
+    )
     if per_split:
         assert {s: v["records"] for s, v in report["splits"].items()} == per_split
         assert {s: v["questions"] for s, v in report["splits"].items()} == questions
     if adapter == "cbis_ddsm":
         splits = report["splits"]
         assert splits["test"]["records"] == 0 and splits["val"]["patients"] == int(
-            (splits["train"]["patients"] + splits["val"]["patients"]) * cbis_ddsm.VAL_FRACTION)
+            (splits["train"]["patients"] + splits["val"]["patients"]) * cbis_ddsm.VAL_FRACTION
+        )
         assert report["files"]["mass_case_description_train_set.csv"]["rows_read"] == 1318
         assert report["files"]["calc_case_description_train_set.csv"]["rows_read"] == 1546

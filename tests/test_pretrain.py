@@ -1,10 +1,9 @@
 """The shipped base model is what the pipeline's pre-training rule produces."""
 
 import logging
-from pathlib import Path
-
 import random
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,18 +25,18 @@ from medift.embedded.pretrain import (
     initial_model,
     lookup_sequence,
     mixed_phase_config,
-    value_words_loss,
     option_flags,
-    random_options,
-    text_reads_image_loss,
-    value_token_ids,
     option_values,
     parse_curriculum,
     pretrain,
+    random_options,
     read_history,
     recipe_stages,
     run_stages,
     stage_differences,
+    text_reads_image_loss,
+    value_token_ids,
+    value_words_loss,
 )
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "embedded-base"
@@ -48,6 +47,7 @@ def short_run(**fields) -> PretrainConfig:
     return PretrainConfig(**{"binding_steps": 0, "two_option_steps": 0, "eval_every": 0, "threads": 1, **fields})
 
 
+@pytest.mark.slow
 def test_pretraining_is_deterministic_on_cpu():
     config = short_run(text_steps=2, mixed_steps=2, batch_size=4, eval_questions=4)
     first = pretrain(config, EmbeddedModelConfig(), stop_after=4)["history"]
@@ -56,11 +56,22 @@ def test_pretraining_is_deterministic_on_cpu():
     assert first[-1]["aux_loss"] > 0  # the mixed phase (images) was reached
 
 
+@pytest.mark.slow
 def test_optional_binding_phases_are_deterministic_and_reach_the_mixed_phase():
     config = short_run(
-        lookup_curriculum="2:1,5:1", lookup_batch_size=4, lookup_fraction=0.5, option_flag_weight=0.0,
-        binding_steps=2, binding_batch_size=4, binding_hops=1,
-        text_steps=1, mixed_steps=2, batch_size=4, eval_questions=4, eval_every=3, threads=1,
+        lookup_curriculum="2:1,5:1",
+        lookup_batch_size=4,
+        lookup_fraction=0.5,
+        option_flag_weight=0.0,
+        binding_steps=2,
+        binding_batch_size=4,
+        binding_hops=1,
+        text_steps=1,
+        mixed_steps=2,
+        batch_size=4,
+        eval_questions=4,
+        eval_every=3,
+        threads=1,
     )
     model_config = EmbeddedModelConfig(letter_dot_tokens=True)
     first = pretrain(config, model_config, stop_after=6)["history"]
@@ -122,6 +133,7 @@ def test_binding_questions_are_answerable_from_their_context(hops):
                 assert chosen in instructions[0].split("\n")[0]
 
 
+@pytest.mark.slow
 def test_a_run_can_start_from_an_earlier_runs_saved_model(tmp_path):
     model_config = EmbeddedModelConfig(letter_dot_tokens=True)
     earlier = short_run(out_dir=str(tmp_path / "earlier"), text_steps=1, mixed_steps=0, batch_size=2, eval_questions=2)
@@ -136,6 +148,7 @@ def test_a_run_can_start_from_an_earlier_runs_saved_model(tmp_path):
         initial_model(replace(earlier, init_from=earlier.out_dir), EmbeddedModelConfig(letter_dot_tokens=False))
 
 
+@pytest.mark.slow
 def test_tied_embeddings_stay_tied_through_save_and_init_from(tmp_path):
     model_config = EmbeddedModelConfig(letter_dot_tokens=True, tie_word_embeddings=True)
     earlier = short_run(out_dir=str(tmp_path / "tied"), text_steps=1, mixed_steps=0, batch_size=2, eval_questions=2)
@@ -158,7 +171,13 @@ def test_binding_rows_mixed_into_later_batches():
 
 def test_image_hints_state_the_answer_and_fade_out():
     config = PretrainConfig(image_hint_start=0.8, image_hint_steps=100)
-    assert [image_hint_probability(s, config) for s in (-1, 0, 50, 99, 100)] == [0.0, 0.8, 0.4, pytest.approx(0.008), 0.0]
+    assert [image_hint_probability(s, config) for s in (-1, 0, 50, 99, 100)] == [
+        0.0,
+        0.8,
+        0.4,
+        pytest.approx(0.008),
+        0.0,
+    ]
     rng = random.Random(5)
     hinted = 0
     for _ in range(300):
@@ -233,9 +252,15 @@ def test_option_probe_targets_mark_the_answer_among_each_questions_options():
     with pytest.raises(ValueError, match="lookup_fraction"):
         PretrainConfig(option_flag_weight=1.0, lookup_fraction=0.1)
     with pytest.raises(ValueError, match="letter_dot_tokens"):
-        pretrain(short_run(option_flag_weight=1.0, text_steps=1, mixed_steps=0, eval_questions=2), EmbeddedModelConfig(letter_dot_tokens=False), stop_after=1)
+        pretrain(
+            short_run(option_flag_weight=1.0, text_steps=1, mixed_steps=0, eval_questions=2),
+            EmbeddedModelConfig(letter_dot_tokens=False),
+            stop_after=1,
+        )
     with pytest.raises(ValueError, match="option_flag_layer 5"):
-        pretrain(short_run(option_flag_layer=5, text_steps=1, mixed_steps=0, eval_questions=2), model_config, stop_after=1)
+        pretrain(
+            short_run(option_flag_layer=5, text_steps=1, mixed_steps=0, eval_questions=2), model_config, stop_after=1
+        )
 
 
 def option_flags_by_loop(input_ids, labels, letter_ids):
@@ -308,21 +333,28 @@ def test_value_words_loss_classifies_every_image_token_by_the_value_embeddings()
     processor = build_processor(model_config)
     model = build_model(model_config, processor, seed=0)
     value_ids = value_token_ids(processor.tokenizer)
-    assert [processor.tokenizer.convert_ids_to_tokens(ids) for ids in value_ids] == [list(v) for v in general.ATTRIBUTES.values()]
+    assert [processor.tokenizer.convert_ids_to_tokens(ids) for ids in value_ids] == [
+        list(v) for v in general.ATTRIBUTES.values()
+    ]
     embeddings = model.get_input_embeddings().weight.detach()
     targets = torch.tensor([[0, 1, 2, 0, 1], [1, 0, 0, 2, 0]])
     tokens = torch.randn(2, 3, 32)
-    expected = sum(
-        torch.nn.functional.cross_entropy(
-            (tokens @ embeddings[ids].T).flatten(0, 1), targets[:, k].repeat_interleave(3)
+    expected = (
+        sum(
+            torch.nn.functional.cross_entropy(
+                (tokens @ embeddings[ids].T).flatten(0, 1), targets[:, k].repeat_interleave(3)
+            )
+            for k, ids in enumerate(value_ids)
         )
-        for k, ids in enumerate(value_ids)
-    ) / 5
+        / 5
+    )
     assert torch.allclose(value_words_loss(model, tokens, targets, value_ids), expected)
     # Tokens that are the sum of their values' embeddings score lower than for other values.
     words = torch.stack([sum(embeddings[value_ids[k][row[k]]] for k in range(5)) for row in targets.tolist()])
     words = 10 * words.unsqueeze(1).expand(-1, 3, -1)
-    assert value_words_loss(model, words, targets, value_ids) < value_words_loss(model, words, (targets + 1) % 2, value_ids)
+    assert value_words_loss(model, words, targets, value_ids) < value_words_loss(
+        model, words, (targets + 1) % 2, value_ids
+    )
 
 
 def test_text_reads_image_loss_covers_the_text_after_each_image_only():
@@ -333,7 +365,9 @@ def test_text_reads_image_loss_covers_the_text_after_each_image_only():
     encoded = [
         encode_conversation(processor, ["What is the size?"], ["big"], with_image=True),
         encode_conversation(processor, ["Describe this image."], ["big size, red color"], with_image=False),
-        encode_conversation(processor, ["Describe this image."], ["small size, blue color, circle shape"], with_image=True),
+        encode_conversation(
+            processor, ["Describe this image."], ["small size, blue color, circle shape"], with_image=True
+        ),
     ]
     rng = random.Random(0)
     image = general.render(general.sample_attributes(rng), rng)
@@ -356,10 +390,16 @@ def test_text_reads_image_loss_covers_the_text_after_each_image_only():
     assert torch.allclose(got, expected / 5)
 
 
+@pytest.mark.slow
 def test_bridge_losses_train_deterministically():
     config = short_run(
-        text_steps=1, mixed_steps=2, batch_size=4, eval_questions=4,
-        option_flag_weight=1.0, text_reads_image_weight=1.0, image_options_most=2,
+        text_steps=1,
+        mixed_steps=2,
+        batch_size=4,
+        eval_questions=4,
+        option_flag_weight=1.0,
+        text_reads_image_weight=1.0,
+        image_options_most=2,
     )
     model_config = EmbeddedModelConfig(letter_dot_tokens=True)
     first = pretrain(config, model_config, stop_after=3)["history"]
@@ -379,6 +419,7 @@ def shipped_stages() -> list[dict]:
     return [*shipped.get("earlier_stages", []), shipped]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHIPPED / "pretrain_history.json").exists(), reason="no shipped base model")
 def test_shipped_weights_come_from_this_pretraining_code():
     """The first stage starts from code, so its first steps can be re-run and compared."""
@@ -415,14 +456,25 @@ ADDED_SINCE_SHIPPED_RUN: dict = {}  # setting -> the value the shipped run had i
 def test_recipe_refines_from_the_first_stage():
     first, refine = recipe_stages(RecipeConfig(out_dir="final", first_stage_dir="first", seed=3, threads=1))
     assert asdict(first) == asdict(PretrainConfig(out_dir="first", seed=3, threads=1))
-    assert asdict(refine) == asdict(PretrainConfig(
-        out_dir="final", init_from="first", seed=3, threads=1, binding_steps=0, text_steps=0,
-        mixed_steps=1500, two_option_steps=0, lr=1e-3, warmup_steps=30,
-    ))
+    assert asdict(refine) == asdict(
+        PretrainConfig(
+            out_dir="final",
+            init_from="first",
+            seed=3,
+            threads=1,
+            binding_steps=0,
+            text_steps=0,
+            mixed_steps=1500,
+            two_option_steps=0,
+            lr=1e-3,
+            warmup_steps=30,
+        )
+    )
     (only,) = recipe_stages(RecipeConfig(out_dir="final", refine_steps=0))
     assert only.out_dir == "final" and not only.init_from
 
 
+@pytest.mark.slow
 def test_run_stages_records_earlier_stages_and_reuses_only_a_matching_first_stage(tmp_path, monkeypatch, caplog):
     tiny = dict(mixed_steps=1, batch_size=4, eval_questions=4)
     first = short_run(out_dir=str(tmp_path / "first"), **tiny)
@@ -439,7 +491,11 @@ def test_run_stages_records_earlier_stages_and_reuses_only_a_matching_first_stag
 
     ran = []
     real = module.pretrain
-    monkeypatch.setattr(module, "pretrain", lambda config, model_config, **kw: ran.append(config.out_dir) or real(config, model_config, **kw))
+    monkeypatch.setattr(
+        module,
+        "pretrain",
+        lambda config, model_config, **kw: ran.append(config.out_dir) or real(config, model_config, **kw),
+    )
     run_stages([first, second], model_config, reuse_first=True)
     assert ran == [second.out_dir]
     # Another thread count computes the same stage; other settings do not.

@@ -7,8 +7,8 @@ from PIL import Image
 
 from medift.chat import encode_conversation, model_inputs
 from medift.model.loading import load_base_model, select_trainable
-from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 from medift.proxy import ProxyInstruction
+from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 
 BUILDERS = ("llava", "mllama")
 
@@ -22,7 +22,9 @@ def checkpoints(tmp_path_factory):
 def training_batch(processor, k: int) -> dict:
     """Two training rows as train.py makes them: image, k proxy placeholders, a description."""
     user = processor.tokenizer.proxy_token * k
-    rows = [encode_conversation(processor, [user], [text], with_image=True) for text in ("a round cell", "a big red cell")]
+    rows = [
+        encode_conversation(processor, [user], [text], with_image=True) for text in ("a round cell", "a big red cell")
+    ]
     images = [Image.new("RGB", (32, 32), (200, 40, 40)), Image.new("RGB", (40, 24), (20, 90, 200))]
     return model_inputs(processor, rows, images, padding_side="right")
 
@@ -115,7 +117,13 @@ def test_attaching_twice_is_an_error(make):
 def test_unknown_or_empty_module_group_is_an_error(make):
     with pytest.raises(ValueError, match="unknown"):
         select_trainable(make("llava")[0], ["decoder"])
-    with pytest.raises(ValueError, match="matches no parameter of LlavaForConditionalGeneration .*top-level modules: lm_head, model.language_model, model.multi_modal_projector, model.vision_tower"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            "matches no parameter of LlavaForConditionalGeneration .*top-level modules: lm_head, "
+            "model.language_model, model.multi_modal_projector, model.vision_tower"
+        ),
+    ):
         select_trainable(make("llava")[0], ["fusion"])
 
 

@@ -32,22 +32,58 @@ def setup(tmp_path_factory, tiny_wbcatt_shards):
     return root, tiny_wbcatt_shards, build_tiny_checkpoint("llava", root / "llava")
 
 
-def run_training(setup, name: str, ranks: int, strict: bool = False, environment: dict | None = None,
-                 **settings) -> dict:
+def run_training(
+    setup, name: str, ranks: int, strict: bool = False, environment: dict | None = None, **settings
+) -> dict:
     """Train on `ranks` ranks; `strict`: through tests/fixtures/strict_collectives.py (its docstring says why)."""
     root, shards, checkpoint = setup
     out = root / name
-    args = ["--shards", str(shards), "--base_model", str(checkpoint), "--out_dir", str(out),
-            "--proxy", "True", "--proxy_tokens", "4", "--epochs", "2", "--warmup_epochs", "1", "--lr", "1e-3", "--seed", "3"]
+    args = [
+        "--shards",
+        str(shards),
+        "--base_model",
+        str(checkpoint),
+        "--out_dir",
+        str(out),
+        "--proxy",
+        "True",
+        "--proxy_tokens",
+        "4",
+        "--epochs",
+        "2",
+        "--warmup_epochs",
+        "1",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "3",
+    ]
     for key, value in settings.items():
         args += [f"--{key}", str(value)]
     program = [STRICT_LAUNCHER] if strict else ["-m", "medift.train"]
-    launcher = [sys.executable, *program] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(ranks),
-        *program]
+    launcher = (
+        [sys.executable, *program]
+        if ranks == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(ranks),
+            *program,
+        ]
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
-    result = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=300,
-                            env={**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", **(environment or {})})
+    result = subprocess.run(
+        [*launcher, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", **(environment or {})},
+    )
     assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
     return json.loads((out / "train_summary.json").read_text()) | {"out": out, "log": result.stderr + result.stdout}
 
@@ -89,7 +125,7 @@ def test_zero_stages_and_offload_give_the_same_weights(setup, stage, offload):
 
 
 def test_impossible_offload_fails_before_training():
-    with pytest.raises(ValueError, match="offload optimizer\+parameters needs zero_stage 3"):
+    with pytest.raises(ValueError, match=r"offload optimizer\+parameters needs zero_stage 3"):
         TrainConfig(shards="x", base_model="y", out_dir="z", zero_stage=2, offload="optimizer+parameters")
     with pytest.raises(ValueError, match="offload optimizer needs zero_stage 2 or 3"):
         TrainConfig(shards="x", base_model="y", out_dir="z", zero_stage=1, offload="optimizer")
@@ -100,13 +136,24 @@ def test_global_batches_do_not_depend_on_the_rank_count(monkeypatch, ranks, accu
     """Same seed and global batch: the same global batches, every sample on exactly one rank's
     micro-batch, and the same load count (so the same shuffled description) wherever it lands."""
     groups = [3, 3, 3, 1]  # 10 samples in row groups; windows of 2 groups
-    config = TrainConfig(shards="x", base_model="y", out_dir="z", batch_size=4 // (ranks * accumulation),
-                         gradient_accumulation=accumulation, repeat_train=2, seed=5, shuffle_window=2)
+    config = TrainConfig(
+        shards="x",
+        base_model="y",
+        out_dir="z",
+        batch_size=4 // (ranks * accumulation),
+        gradient_accumulation=accumulation,
+        repeat_train=2,
+        seed=5,
+        shuffle_window=2,
+    )
     monkeypatch.setattr(engine, "world_size", lambda: ranks)
     batches = global_batches(groups, config, epoch=0)
     monkeypatch.setattr(engine, "world_size", lambda: 1)
-    reference = global_batches(groups, TrainConfig(shards="x", base_model="y", out_dir="z", batch_size=4,
-                                                   repeat_train=2, seed=5, shuffle_window=2), epoch=0)
+    reference = global_batches(
+        groups,
+        TrainConfig(shards="x", base_model="y", out_dir="z", batch_size=4, repeat_train=2, seed=5, shuffle_window=2),
+        epoch=0,
+    )
     assert batches == reference  # 20 samples: 4 + 4 + 4 + 4 + 4
     monkeypatch.setattr(engine, "world_size", lambda: ranks)
     counts_seen, loads = [], {}
@@ -140,12 +187,26 @@ def test_collectives_use_the_backends_device_and_ranks_agree_on_checkpoints(setu
     checkpointing alone would block in the checkpoint's barrier until the timeout). And rank 0
     alone hashes the shard files."""
     root = setup[0]
-    run = run_training(setup, "strict", 2, strict=True, environment={"STRICT_CLOCK_SKEW": "10000"}, batch_size=1,
-                       epochs=1, checkpoint_dir=root / "strict-checkpoints", checkpoint_minutes=1)
-    ranks = dict((int(r), (int(n), int(h))) for r, n, h in
-                 re.findall(r"strict collectives: rank (\d) checked (\d+) medift collectives, hashed (\d+) shard files", run["log"]))
+    run = run_training(
+        setup,
+        "strict",
+        2,
+        strict=True,
+        environment={"STRICT_CLOCK_SKEW": "10000"},
+        batch_size=1,
+        epochs=1,
+        checkpoint_dir=root / "strict-checkpoints",
+        checkpoint_minutes=1,
+    )
+    ranks = dict(
+        (int(r), (int(n), int(h)))
+        for r, n, h in re.findall(
+            r"strict collectives: rank (\d) checked (\d+) medift collectives, hashed (\d+) shard files", run["log"]
+        )
+    )
     assert sorted(ranks) == [0, 1], run["log"][-3000:]
-    assert min(n for n, _ in ranks.values()) >= 2 * len(run["history"]), ranks  # each step: its figures, the proxy's gradient
+    # each step: its figures, the proxy's gradient
+    assert min(n for n, _ in ranks.values()) >= 2 * len(run["history"]), ranks
     # The shards are verified once, on rank 0: its training descriptions and validation questions.
     assert ranks[0][1] == 2 and ranks[1][1] == 0, ranks
     written = re.findall(r"checkpoint \S+step-(\d+) written: (\d+) bytes in ([\d.]+) s", run["log"])
@@ -160,10 +221,16 @@ def test_checkpoints_fall_due_by_steps_or_by_minutes():
     assert not checkpoint_due(3, 1e9, every=0, minutes=0)
 
 
+@pytest.mark.slow
 def test_the_strict_checker_refuses_a_cpu_tensor_and_passes_the_helpers():
     """The checker of the two-rank test can fail: the pre-fix all-reduce of a CPU tensor is refused."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
-    result = subprocess.run([sys.executable, STRICT_LAUNCHER, "--self-test"], capture_output=True, text=True, timeout=300,
-                            env={**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, STRICT_LAUNCHER, "--self-test"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "3 helper calls passed; the pre-fix all-reduce was refused" in result.stdout

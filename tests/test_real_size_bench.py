@@ -20,10 +20,32 @@ def test_the_real_size_benchmark_runs_every_section_on_a_tiny_mllama(tmp_path):
     checkpoint = build_tiny_checkpoint("mllama", tmp_path / "mllama")
     out = tmp_path / "real_size.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "real_size.py"), "--checkpoint", str(checkpoint), "--device", "cpu",
-         "--steps", "1", "--questions", "8", "--repeats", "1", "--ranks", "1", "2", "--load_modes", "fp32_full",
-         "bf16_zero3", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "real_size.py"),
+            "--checkpoint",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--questions",
+            "8",
+            "--repeats",
+            "1",
+            "--ranks",
+            "1",
+            "2",
+            "--load_modes",
+            "fp32_full",
+            "bf16_zero3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     sections = json.loads(out.read_text())["sections"]

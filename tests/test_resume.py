@@ -23,13 +23,54 @@ def checkpoint(tmp_path_factory):
 
 
 def command(shards, base, out, checkpoints, ranks: int, *extra: str) -> list[str]:
-    launcher = [sys.executable, "-m", "medift.train"] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(ranks),
-        "-m", "medift.train"]
-    return [*launcher, "--shards", str(shards), "--base_model", str(base), "--out_dir", str(out),
-            "--proxy_tokens", "4", "--warmup_epochs", "1", "--epochs", "2", "--batch_size", str(2 // ranks),
-            "--lr", "1e-3", "--seed", "4", "--select", "best_val", "--train_modules", "vision,projector",
-            "--checkpoint_dir", str(checkpoints), "--checkpoint_every", "1", "--tensorboard_dir", str(out) + "-events", *extra]
+    launcher = (
+        [sys.executable, "-m", "medift.train"]
+        if ranks == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(ranks),
+            "-m",
+            "medift.train",
+        ]
+    )
+    return [
+        *launcher,
+        "--shards",
+        str(shards),
+        "--base_model",
+        str(base),
+        "--out_dir",
+        str(out),
+        "--proxy_tokens",
+        "4",
+        "--warmup_epochs",
+        "1",
+        "--epochs",
+        "2",
+        "--batch_size",
+        str(2 // ranks),
+        "--lr",
+        "1e-3",
+        "--seed",
+        "4",
+        "--select",
+        "best_val",
+        "--train_modules",
+        "vision,projector",
+        "--checkpoint_dir",
+        str(checkpoints),
+        "--checkpoint_every",
+        "1",
+        "--tensorboard_dir",
+        str(out) + "-events",
+        *extra,
+    ]
 
 
 def environment() -> dict:
@@ -50,8 +91,9 @@ def kill_tree(pid: int) -> None:
 def run_until_checkpoint(cmd: list[str], step: int) -> str:
     """Start training and SIGKILL it (every rank) as soon as it logs checkpoint `step` (it may
     have written the next one by the time the signal lands: the caller reads `latest`)."""
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment(),
-                               start_new_session=True)
+    process = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment(), start_new_session=True
+    )
     seen = []
     for line in process.stdout:
         seen.append(line)
@@ -86,10 +128,10 @@ def test_a_killed_job_resumes_to_the_uninterrupted_result(tmp_path, tiny_wbcatt_
     # The interrupted run also decodes its images in 2 DataLoader workers: that must change nothing.
     cmd = command(tiny_wbcatt_shards, checkpoint, resumed, tmp_path / "ck-resumed", ranks, "--data_workers", "2")
     latest = tmp_path / "ck-resumed" / "latest"
-    run_until_checkpoint(cmd, 1)   # killed in the warm-up (steps 1 and 2)
+    run_until_checkpoint(cmd, 1)  # killed in the warm-up (steps 1 and 2)
     first = int(latest.read_text().split("-")[1])
     assert first in (1, 2)
-    log = run_until_checkpoint(cmd, 4)   # resumed there, killed again in the main stage (steps 3-6)
+    log = run_until_checkpoint(cmd, 4)  # resumed there, killed again in the main stage (steps 3-6)
     assert f"resuming from {latest.parent}/step-{first:06d}: step {first} " in log
     second = int(latest.read_text().split("-")[1])
     assert second in (4, 5)
@@ -108,8 +150,15 @@ def test_a_killed_job_resumes_to_the_uninterrupted_result(tmp_path, tiny_wbcatt_
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
     # TensorBoard: every scalar, once per step; the resumed job's events after its checkpoint replace the killed runs'.
     sa, sb = scalars(straight.parent / "straight-events"), scalars(resumed.parent / "resumed-events")
-    assert {"warmup/loss", "main/loss", "train/lr", "train/grad_norm", "proxy/drift", "train/tokens_per_second",
-            "validation/accuracy"} <= set(sa)
+    assert {
+        "warmup/loss",
+        "main/loss",
+        "train/lr",
+        "train/grad_norm",
+        "proxy/drift",
+        "train/tokens_per_second",
+        "validation/accuracy",
+    } <= set(sa)
     assert [s for s, _ in sa["main/loss"]] == [3, 4, 5, 6]
     for tag in ("warmup/loss", "main/loss", "proxy/drift", "validation/accuracy", "train/grad_norm"):
         assert sb[tag] == sa[tag], tag
@@ -118,7 +167,9 @@ def test_a_killed_job_resumes_to_the_uninterrupted_result(tmp_path, tiny_wbcatt_
 
 
 @pytest.mark.slow
-def test_best_val_saves_the_best_epoch_and_validation_matches_evaluation(tmp_path, tiny_wbcatt_shards, checkpoint, monkeypatch):
+def test_best_val_saves_the_best_epoch_and_validation_matches_evaluation(
+    tmp_path, tiny_wbcatt_shards, checkpoint, monkeypatch
+):
     """select best_val: with the first of 2 epochs validated best, the saved weights are those
     of a 1-epoch run. And the per-epoch validation accuracy is the evaluation's accuracy on
     the validation split (letter scoring) of the saved model."""
@@ -127,22 +178,45 @@ def test_best_val_saves_the_best_epoch_and_validation_matches_evaluation(tmp_pat
     from medift.train import TrainConfig, train
 
     def config(out: str, **settings) -> TrainConfig:
-        return TrainConfig(shards=str(tiny_wbcatt_shards), base_model=str(checkpoint), out_dir=str(tmp_path / out),
-                           proxy_tokens=4, warmup_epochs=1, lr=1e-3, batch_size=2, seed=4, train_modules="vision,projector",
-                           **settings)
+        return TrainConfig(
+            shards=str(tiny_wbcatt_shards),
+            base_model=str(checkpoint),
+            out_dir=str(tmp_path / out),
+            proxy_tokens=4,
+            warmup_epochs=1,
+            lr=1e-3,
+            batch_size=2,
+            seed=4,
+            train_modules="vision,projector",
+            **settings,
+        )
 
     one = train(config("one-epoch", epochs=1))
-    metrics = evaluate(EvaluateConfig(model=str(tmp_path / "one-epoch"), shards=str(tiny_wbcatt_shards), split="val",
-                                      scoring="letter", circular=False, out=str(tmp_path / "val.csv"), summary=str(tmp_path / "val.json")))
+    metrics = evaluate(
+        EvaluateConfig(
+            model=str(tmp_path / "one-epoch"),
+            shards=str(tiny_wbcatt_shards),
+            split="val",
+            scoring="letter",
+            circular=False,
+            out=str(tmp_path / "val.csv"),
+            summary=str(tmp_path / "val.json"),
+        )
+    )
     assert [v["accuracy"] for v in one["validation"]] == [metrics["accuracy"]]
 
     measured = iter([50.0, 10.0])  # epoch 1 best, epoch 2 worse
     monkeypatch.setattr(train_module.Validation, "accuracy", lambda self, model, processor, proxy: next(measured))
     best = train(config("best", epochs=2, select="best_val"))
     assert best["selected_epoch"] == 0 and [v["accuracy"] for v in best["validation"]] == [50.0, 10.0]
-    saved, reference = load_file(str(tmp_path / "best" / "model.safetensors")), load_file(str(tmp_path / "one-epoch" / "model.safetensors"))
+    saved, reference = (
+        load_file(str(tmp_path / "best" / "model.safetensors")),
+        load_file(str(tmp_path / "one-epoch" / "model.safetensors")),
+    )
     assert all(torch.equal(saved[k], reference[k]) for k in reference)
     monkeypatch.undo()
     last = train(config("last", epochs=2))
-    assert not all(torch.equal(load_file(str(tmp_path / "last" / "model.safetensors"))[k], reference[k]) for k in reference)
+    assert not all(
+        torch.equal(load_file(str(tmp_path / "last" / "model.safetensors"))[k], reference[k]) for k in reference
+    )
     assert last["selected_epoch"] == 1

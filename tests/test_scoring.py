@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from medift import mcq
+from medift.embedded.llava import EmbeddedModelConfig, build_processor
+from medift.embedded.pretrain import held_out_questions
 from medift.evaluate import EvaluateConfig, asked_prompts, score_questions, summarize
 from medift.generation import best_letter, forced_answer_context, score_letters
 from medift.images import encode_image
-from medift.embedded.llava import EmbeddedModelConfig, build_processor
 from medift.model.loading import load_base_model
-from medift.embedded.pretrain import held_out_questions
 
 SHIPPED_MODEL = "models/embedded-base"
 
@@ -29,7 +29,9 @@ def test_forced_prefix_is_the_trained_response_prefix(processor):
     prefix, letter_ids = forced_answer_context(processor, 5)
     assert prefix.strip() == mcq.ANSWER_PREFIX
     merged = "A." in processor.tokenizer.get_vocab()
-    assert [processor.tokenizer.convert_ids_to_tokens(letter_ids[l]) for l in "ABCDE"] == [l + "." * merged for l in "ABCDE"]
+    assert [processor.tokenizer.convert_ids_to_tokens(letter_ids[letter]) for letter in "ABCDE"] == [
+        letter + "." * merged for letter in "ABCDE"
+    ]
 
 
 def test_known_logits_give_the_known_letter_restricted_to_valid_letters():
@@ -41,8 +43,10 @@ def test_known_logits_give_the_known_letter_restricted_to_valid_letters():
     for letter, value in {"E": 9e4, "B": 5e4, "A": 1e4}.items():
         shift[letter_ids[letter]] = value
     handle = model.lm_head.register_forward_hook(lambda module, inputs, output: output + shift)
-    instructions = [mcq.build_mcq_instruction("What is the size?", ["big", "small", "tiny"]),
-                    mcq.build_mcq_instruction("What is the color?", ["red", "green", "blue", "yellow", "purple"])]
+    instructions = [
+        mcq.build_mcq_instruction("What is the size?", ["big", "small", "tiny"]),
+        mcq.build_mcq_instruction("What is the color?", ["red", "green", "blue", "yellow", "purple"]),
+    ]
     image = Image.new("RGB", (64, 64))
     try:
         scores = score_letters(model, processor, instructions, [image, None], [3, 5], batch_size=2)
@@ -71,11 +75,17 @@ def _questions_frame(n: int = 20, seed: int = 7) -> pd.DataFrame:
     rows = []
     for i, (instruction, image, n_options, answer, _) in enumerate(held_out_questions(n, seed, 64)):
         lines = instruction.split("\n")
-        rows.append({
-            "question_id": f"q{i}", "image_id": f"img{i}", "attribute": lines[0], "question": lines[0],
-            "options": [line.split(". ", 1)[1] for line in lines[1 : 1 + n_options]],
-            "answer_index": answer, "image": encode_image(image),
-        })
+        rows.append(
+            {
+                "question_id": f"q{i}",
+                "image_id": f"img{i}",
+                "attribute": lines[0],
+                "question": lines[0],
+                "options": [line.split(". ", 1)[1] for line in lines[1 : 1 + n_options]],
+                "answer_index": answer,
+                "image": encode_image(image),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -101,24 +111,43 @@ def test_predictions_do_not_depend_on_the_batch_size(shipped, scoring):
     questions = _questions_frame(20)
     letters = {}
     for batch_size in (1, 16):
-        config = EvaluateConfig(model="", shards="", out="", summary="", scoring=scoring, batch_size=batch_size,
-                                max_new_tokens=12, circular=False)
+        config = EvaluateConfig(
+            model="",
+            shards="",
+            out="",
+            summary="",
+            scoring=scoring,
+            batch_size=batch_size,
+            max_new_tokens=12,
+            circular=False,
+        )
         frame = score_questions(model, processor, questions, config)
         letters[batch_size] = list(frame["parsed_letter"])
     assert letters[1] == letters[16]
-    assert sum(l != "" for l in letters[1]) == 20  # the shipped model follows the format
+    assert sum(parsed != "" for parsed in letters[1]) == 20  # the shipped model follows the format
 
 
 def test_letter_scoring_agrees_with_generation_and_circular_summary(shipped):
     model, processor = shipped
     questions = _questions_frame(12)
-    generated = score_questions(model, processor, questions, EvaluateConfig(
-        model="", shards="", out="", summary="", scoring="generate", circular=True, max_new_tokens=12))
-    scored = score_questions(model, processor, questions, EvaluateConfig(
-        model="", shards="", out="", summary="", scoring="letter", circular=True))
+    generated = score_questions(
+        model,
+        processor,
+        questions,
+        EvaluateConfig(model="", shards="", out="", summary="", scoring="generate", circular=True, max_new_tokens=12),
+    )
+    scored = score_questions(
+        model,
+        processor,
+        questions,
+        EvaluateConfig(model="", shards="", out="", summary="", scoring="letter", circular=True),
+    )
     assert list(generated["parsed_letter"]) == list(scored["parsed_letter"])
     assert scored["raw_output"].eq("").all() and scored["parse_failed"].eq(0).all()
-    assert all(set(json.loads(s)) == set(mcq.LETTERS[: len(json.loads(o))]) for s, o in zip(scored["letter_scores"], scored["options"]))
+    assert all(
+        set(json.loads(s)) == set(mcq.LETTERS[: len(json.loads(o))])
+        for s, o in zip(scored["letter_scores"], scored["options"])
+    )
     # The metrics' values are checked on hand-counted predictions (tests/test_metrics.py);
     # here what a real circular run's summary must satisfy.
     summary = summarize(scored)

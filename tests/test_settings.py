@@ -45,7 +45,10 @@ def test_schema_defaults_types_and_help_are_the_dataclasses():
     evaluate = schema["properties"]["evaluate"]["properties"]
     assert list(evaluate) == [f.name for f in evaluate_fields] + list(settings.EVALUATE_WORKFLOW_KEYS)
     for item in evaluate_fields:
-        assert evaluate[item.name]["default"] == item.default and evaluate[item.name]["description"] == item.metadata["help"]
+        assert (
+            evaluate[item.name]["default"] == item.default
+            and evaluate[item.name]["description"] == item.metadata["help"]
+        )
 
 
 def test_the_shipped_config_sets_the_defaults_where_it_names_a_setting():
@@ -61,12 +64,15 @@ def test_the_shipped_config_sets_the_defaults_where_it_names_a_setting():
             assert value == evaluate_defaults[key], key
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (dict(zero_stage=1, offload="optimizer"), "offload optimizer needs zero_stage 2 or 3, not 1"),
-    (dict(zero_stage=2, offload="optimizer+parameters"), "offload optimizer+parameters needs zero_stage 3, not 2"),
-    (dict(zero_stage=3, train_modules="vision,lora"), "LoRA with ZeRO-3 is not supported"),
-    (dict(select="best_val", validate=False), "select best_val needs validate true"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(zero_stage=1, offload="optimizer"), "offload optimizer needs zero_stage 2 or 3, not 1"),
+        (dict(zero_stage=2, offload="optimizer+parameters"), "offload optimizer+parameters needs zero_stage 3, not 2"),
+        (dict(zero_stage=3, train_modules="vision,lora"), "LoRA with ZeRO-3 is not supported"),
+        (dict(select="best_val", validate=False), "select best_val needs validate true"),
+    ],
+)
 def test_the_cli_and_the_workflow_share_the_checks_across_settings(tmp_path, change, message):
     defaults = {f.name: f.default for f in settings.train_setting_fields()[0]}
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -75,14 +81,17 @@ def test_the_cli_and_the_workflow_share_the_checks_across_settings(tmp_path, cha
         TrainConfig(shards="x", base_model="y", out_dir="z", **change)
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (dict(epochs=0), "epochs must be at least 1, got 0"),
-    (dict(lr=0.0), "lr must be positive"),
-    (dict(momentum=1.5), "momentum must be at most 1"),
-    (dict(lora_save="both"), "lora_save must be one of ('merged', 'adapter')"),
-    (dict(data_workers=-1), "data_workers cannot be negative"),
-    (dict(train_modules="vision,decoder"), "unknown train_modules"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(epochs=0), "epochs must be at least 1, got 0"),
+        (dict(lr=0.0), "lr must be positive"),
+        (dict(momentum=1.5), "momentum must be at most 1"),
+        (dict(lora_save="both"), "lora_save must be one of ('merged', 'adapter')"),
+        (dict(data_workers=-1), "data_workers cannot be negative"),
+        (dict(train_modules="vision,decoder"), "unknown train_modules"),
+    ],
+)
 def test_each_setting_has_one_limit(change, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig(shards="x", base_model="y", out_dir="z", **change)
@@ -109,9 +118,14 @@ def test_the_workflow_shares_the_embedded_facts_and_the_cpu_count():
 
     common = (REPO / "workflow" / "rules" / "common.smk").read_text()
     assert "EMBEDDED_DATASETS = SETTINGS.EMBEDDED_DATASETS" in common
-    assert "EMBEDDED_IMAGE_SIZE = SETTINGS.EMBEDDED_IMAGE_SIZE" in common and "CPU_SLOTS = SETTINGS.available_cpus()" in common
+    assert (
+        "EMBEDDED_IMAGE_SIZE = SETTINGS.EMBEDDED_IMAGE_SIZE" in common
+        and "CPU_SLOTS = SETTINGS.available_cpus()" in common
+    )
     assert EMBEDDED_DATASETS is settings.EMBEDDED_DATASETS
-    assert EmbeddedModelConfig().image_size == ShardsConfig("x", "y", "z", "r").image_size == settings.EMBEDDED_IMAGE_SIZE
+    assert (
+        EmbeddedModelConfig().image_size == ShardsConfig("x", "y", "z", "r").image_size == settings.EMBEDDED_IMAGE_SIZE
+    )
     assert not re.search(r"sched_getaffinity|cpu_count|= 64\b", common)
 
 
@@ -138,8 +152,9 @@ def _expected_train_settings(config: dict, dataset: str, method: str) -> dict:
 
 def _dry_run_commands(tmp_path, config: dict) -> str:
     configfile = write_config(tmp_path / "config.yaml", config)
-    result = snakemake("-n", "-p", f"--configfile={configfile}", "results/table1.csv", "results/table2.csv",
-                       workdir=tmp_path / "work")
+    result = snakemake(
+        "-n", "-p", f"--configfile={configfile}", "results/table1.csv", "results/table2.csv", workdir=tmp_path / "work"
+    )
     return result.stdout + result.stderr
 
 
@@ -186,7 +201,8 @@ def test_every_train_setting_but_threads_is_a_job_parameter():
     rule = (REPO / "workflow" / "rules" / "train.smk").read_text()
     assert "settings=get_train_params," in rule and "args=lambda wildcards, input: get_train_args(wildcards)" in rule
     assert "params.settings[" not in rule.split("shell:")[1].replace("params.settings[accelerator]", "").replace(
-        "params.settings[ranks]", "")
+        "params.settings[ranks]", ""
+    )
     common = (REPO / "workflow" / "rules" / "common.smk").read_text()
     assert 'if k != "threads"' in common
     evaluate = (REPO / "workflow" / "rules" / "evaluate.smk").read_text()
@@ -195,8 +211,15 @@ def test_every_train_setting_but_threads_is_a_job_parameter():
 
 def test_each_path_template_is_spelled_once():
     rules = {path.name: path.read_text() for path in (REPO / "workflow" / "rules").glob("*.smk")}
-    for template in ("resources/shards/{dataset}", "resources/models/{dataset}", "results/{dataset}/{method}",
-                     "resources/raw/{dataset}", "resources/checkpoints/", "logs/tensorboard/", "results/{table}.csv"):
+    for template in (
+        "resources/shards/{dataset}",
+        "resources/models/{dataset}",
+        "results/{dataset}/{method}",
+        "resources/raw/{dataset}",
+        "resources/checkpoints/",
+        "logs/tensorboard/",
+        "results/{table}.csv",
+    ):
         spelled = sum(text.count(template) for text in rules.values())
         assert spelled == 1, (template, spelled)
     assert ".replace(" not in rules["common.smk"]
@@ -204,6 +227,8 @@ def test_each_path_template_is_spelled_once():
 
 
 def test_to_arguments_quotes_for_the_shell():
-    assert settings.to_arguments({"a": "x y", "b": True, "c": None, "d": 3e-05}, ["a", "b", "c", "d"]) == \
-        "--a 'x y' --b True --c None --d 3e-05"
+    assert (
+        settings.to_arguments({"a": "x y", "b": True, "c": None, "d": 3e-05}, ["a", "b", "c", "d"])
+        == "--a 'x y' --b True --c None --d 3e-05"
+    )
     assert dataclasses.is_dataclass(TrainConfig)

@@ -11,7 +11,15 @@ from PIL import Image
 
 from medift.images import ImageLoadError, decode_image, load_and_letterbox
 from medift.records import Question, Record
-from medift.shards import ShardError, ShardRows, load_descriptions, load_questions, read_manifest, verify_split, write_shards
+from medift.shards import (
+    ShardError,
+    ShardRows,
+    load_descriptions,
+    load_questions,
+    read_manifest,
+    verify_split,
+    write_shards,
+)
 
 IMAGE_SIZE = 24
 
@@ -31,9 +39,7 @@ def _make_dataset(tmp_path: Path, n: int = 10, splits=("train", "train", "train"
         shape = (10 + 3 * i, 20 + i % 7, 3)
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path, format=fmt)
         attributes = {"size": "big" if i % 3 else "small", "colour": "blue"}
-        records.append(
-            Record("toy", image_id, str(path), f"patient{i // 2}", split, attributes, f"toy.csv:{i + 1}")
-        )
+        records.append(Record("toy", image_id, str(path), f"patient{i // 2}", split, attributes, f"toy.csv:{i + 1}"))
         descriptions[image_id] = f"{attributes['size']} size, blue colour"
         if split != "train":
             questions[image_id] = [
@@ -54,7 +60,11 @@ def test_round_trip_rows_in_equal_rows_out(tmp_path):
 
     assert manifest == read_manifest(out)
     assert manifest["config"] == {
-        "image_size": IMAGE_SIZE, "rows_per_shard": 4, "seed": 7, "image_format": "png", "letterbox_fill": [0, 0, 0],
+        "image_size": IMAGE_SIZE,
+        "rows_per_shard": 4,
+        "seed": 7,
+        "image_format": "png",
+        "letterbox_fill": [0, 0, 0],
     }
     by_id = {record.image_id: record for record in records}
     seen = []
@@ -78,11 +88,17 @@ def test_round_trip_rows_in_equal_rows_out(tmp_path):
     assert load_questions(out, "train").empty
     for split in ("val", "test"):
         frame = load_questions(out, split)
-        expected = [q for r in sorted(records, key=lambda r: r.image_id) if r.split == split for q in questions[r.image_id]]
+        expected = [
+            q for r in sorted(records, key=lambda r: r.image_id) if r.split == split for q in questions[r.image_id]
+        ]
         assert len(frame) == len(expected) == manifest["totals"]["questions"][split]
         for row, question in zip(frame.itertuples(), expected):
             assert row.question_id == f"{question.image_id}:{question.attribute}"
-            assert (row.image_id, row.attribute, row.question) == (question.image_id, question.attribute, question.question)
+            assert (row.image_id, row.attribute, row.question) == (
+                question.image_id,
+                question.attribute,
+                question.question,
+            )
             assert row.options == list(question.options)
             assert row.answer_index == question.answer_index
             assert row.image == load_and_letterbox(by_id[row.image_id].image_path, IMAGE_SIZE)

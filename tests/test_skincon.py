@@ -3,7 +3,6 @@ seeded 80/10/10 split, bad input, and the real Fitzpatrick17k metadata."""
 
 from __future__ import annotations
 
-import csv
 import random
 import shutil
 from collections import Counter
@@ -17,16 +16,28 @@ from medift.datasets.common import observed_values, split_by_image
 from medift.datasets.synthetic import write_synthetic
 from medift.datasets.synthetic.skincon import sample_concepts
 from medift.records import Record
-from tests.fixtures.data import real_data_missing, REAL_DATA, assert_patients_disjoint, placeholders
-from tests.fixtures.skincon import HEADER, REAL_FITZPATRICK, _row, _write, real_skincon_layout
+from tests.fixtures.data import assert_patients_disjoint, placeholders, real_data_missing
+from tests.fixtures.skincon import HEADER, _row, _write, real_skincon_layout
 
 
 def _fitzpatrick_release(root: Path, rows, md5s, images=True) -> Path:
     """Annotations + fitzpatrick17k/ metadata (+ placeholder images) under `root`."""
     _write(root / "annotations_fitzpatrick17k.csv", rows)
-    _write(root / "fitzpatrick17k" / "fitzpatrick17k.csv", [[m, "2", "2", "x", "y", "z", "", "", ""] for m in md5s],
-           header=["md5hash", "fitzpatrick_scale", "fitzpatrick_centaur", "label", "nine_partition_label",
-                   "three_partition_label", "qc", "url", "url_alphanum"])
+    _write(
+        root / "fitzpatrick17k" / "fitzpatrick17k.csv",
+        [[m, "2", "2", "x", "y", "z", "", "", ""] for m in md5s],
+        header=[
+            "md5hash",
+            "fitzpatrick_scale",
+            "fitzpatrick_centaur",
+            "label",
+            "nine_partition_label",
+            "three_partition_label",
+            "qc",
+            "url",
+            "url_alphanum",
+        ],
+    )
     if images:
         placeholders(root, dict.fromkeys(f"fitzpatrick17k/{row[1]}" for row in rows))
     return root
@@ -41,7 +52,8 @@ def test_description_is_present_concepts_lowercased_in_column_order():
     # Examples from the reference's option list (InstFree tools/eval_utils.py).
     assert skincon.combination(["Abscess", "Erythema"]) == "abscess, erythema"
     assert skincon.combination(["Nodule", "Crust", "Dome-shaped", "Erythema", "Umbilicated"]) == (
-        "nodule, crust, dome-shaped, erythema, umbilicated")
+        "nodule, crust, dome-shaped, erythema, umbilicated"
+    )
     attributes = {skincon.KEY: skincon.combination(present)}
     assert skincon.describe(attributes) == "papule, scale, brown(hyperpigmentation), erythema"
     assert len(skincon.CONCEPTS) == 48 and len(set(skincon.ATTRIBUTES[skincon.KEY])) == 48
@@ -84,8 +96,10 @@ def test_split_is_seeded_80_10_10_by_image_like_the_reference():
 
 def test_index_column_is_never_a_concept_and_flagged_rows_are_counted(tmp_path):
     md5s = [f"{k:032x}" for k in range(1, 21)]
-    rows = [_row(k, f"{m}.jpg", present=["Papule"] if k % 2 else ["Plaque", "Scale"], flagged=k in (3, 7))
-            for k, m in enumerate(md5s, start=1)]  # index 1 in row 1: the reference's bug
+    rows = [
+        _row(k, f"{m}.jpg", present=["Papule"] if k % 2 else ["Plaque", "Scale"], flagged=k in (3, 7))
+        for k, m in enumerate(md5s, start=1)
+    ]  # index 1 in row 1: the reference's bug
     root = _fitzpatrick_release(tmp_path, rows, md5s)
     result = skincon.read_records(root, seed=0)
     assert result.rows_read == 20 and len(result.records) == 18 and not result.quarantined
@@ -123,18 +137,19 @@ def test_bad_input_names_file_row_and_column(tmp_path):
     assert "'Scale'" in str(error.value)
 
     column = HEADER.index("Erythema")
-    missing = [r[:column] + r[column + 1:] for r in [_row(0, f"{md5s[0]}.jpg")]]
+    missing = [r[:column] + r[column + 1 :] for r in [_row(0, f"{md5s[0]}.jpg")]]
     root = _fitzpatrick_release(tmp_path / "column", missing, md5s, images=False)
     (root / "annotations_fitzpatrick17k.csv").write_text(
-        ",".join(h for h in HEADER if h != "Erythema") + "\n" + ",".join(missing[0]) + "\n")
+        ",".join(h for h in HEADER if h != "Erythema") + "\n" + ",".join(missing[0]) + "\n"
+    )
     with pytest.raises(ValueError, match=r"annotations_fitzpatrick17k\.csv.*'Erythema'"):
         skincon.read_records(root, seed=0)
 
     extra = tmp_path / "extra"
-    _fitzpatrick_release(extra, [_row(0, f"{md5s[0]}.jpg", ["Papule"]) + ["1"]], md5s,
-                         images=False)
+    _fitzpatrick_release(extra, [_row(0, f"{md5s[0]}.jpg", ["Papule"]) + ["1"]], md5s, images=False)
     (extra / "annotations_fitzpatrick17k.csv").write_text(
-        ",".join(HEADER + ["Sparkle"]) + "\n" + ",".join(_row(0, f"{md5s[0]}.jpg", ["Papule"]) + ["1"]) + "\n")
+        ",".join(HEADER + ["Sparkle"]) + "\n" + ",".join(_row(0, f"{md5s[0]}.jpg", ["Papule"]) + ["1"]) + "\n"
+    )
     with pytest.raises(DataError, match="unknown columns.*Sparkle"):
         skincon.read_records(extra, seed=0)
 
@@ -149,8 +164,10 @@ def test_unknown_image_missing_image_and_duplicate_are_quarantined(tmp_path):
     result = skincon.read_records(root, seed=0)
     assert result.rows_read == 12 and len(result.records) == 9
     assert result.quarantine_summary() == {
-        "ImageID not in fitzpatrick17k/fitzpatrick17k.csv": 1, "duplicated image id": 1,
-        "image file missing": 1}
+        "ImageID not in fitzpatrick17k/fitzpatrick17k.csv": 1,
+        "duplicated image id": 1,
+        "image file missing": 1,
+    }
 
 
 def test_missing_fitzpatrick_annotations_is_an_error(tmp_path):
@@ -195,8 +212,10 @@ def test_sampled_concepts_have_structure():
 # --- the real Fitzpatrick17k metadata ---------------------------------------------------------
 
 
-@pytest.mark.skipif(bool(real_data_missing("fitzpatrick17k/fitzpatrick17k.csv")),
-                    reason=real_data_missing("fitzpatrick17k/fitzpatrick17k.csv"))
+@pytest.mark.skipif(
+    bool(real_data_missing("fitzpatrick17k/fitzpatrick17k.csv")),
+    reason=real_data_missing("fitzpatrick17k/fitzpatrick17k.csv"),
+)
 def test_real_fitzpatrick17k_metadata_join(tmp_path):
     root = real_skincon_layout(tmp_path)
     result = skincon.read_records(root, seed=0)

@@ -14,8 +14,8 @@ slurmd slurm-client munge); without them it is skipped, unless MEDIFT_REQUIRE_SL
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import re
 import shutil
 import signal
@@ -27,8 +27,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.fixtures.workflow import EMBEDDED_BASE, REPO, copy_embedded_models, embedded_base_available, rule_counts, dry_run_jobs, snakemake, \
-    tiny_config, write_config
+from tests.fixtures.workflow import (
+    EMBEDDED_BASE,
+    REPO,
+    copy_embedded_models,
+    dry_run_jobs,
+    embedded_base_available,
+    rule_counts,
+    snakemake,
+    tiny_config,
+    write_config,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -46,7 +55,10 @@ def _require_slurm() -> None:
     missing = [name for name in PROGRAMS if _which(name) is None]
     reason = None
     if missing:
-        reason = f"SLURM is not installed ({', '.join(missing)} not found; apt-get install slurmctld slurmd slurm-client munge)"
+        reason = (
+            f"SLURM is not installed ({', '.join(missing)} not found; "
+            "apt-get install slurmctld slurmd slurm-client munge)"
+        )
     elif os.geteuid() != 0:
         reason = "starting a SLURM cluster (munged, slurmctld, slurmd) needs root"
     if reason is None:
@@ -91,36 +103,38 @@ def _slurm_conf(root: Path, hostname: str) -> str:
     # A little below what slurmd measures, or the node is drained for "low RealMemory".
     node_line = re.sub(r"RealMemory=\d+", f"RealMemory={memory - 512}", node_line)
     node_line = re.sub(r"^NodeName=\S+", f"NodeName={hostname}", node_line)
-    return "\n".join([
-        "ClusterName=medift-test",
-        f"SlurmctldHost={hostname}",
-        f"SlurmctldPort={_free_port()}",
-        f"SlurmdPort={_free_port()}",
-        "SlurmUser=root",
-        "SlurmdUser=root",
-        "AuthType=auth/munge",
-        "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
-        "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_Core_Memory",
-        "DefMemPerCPU=1000",
-        "AccountingStorageType=accounting_storage/none",
-        "JobAcctGatherType=jobacct_gather/none",
-        "JobCompType=jobcomp/filetxt",
-        f"JobCompLoc={root}/jobcomp.txt",
-        f"StateSaveLocation={root}/state",
-        f"SlurmdSpoolDir={root}/spool",
-        f"SlurmctldPidFile={root}/slurmctld.pid",
-        f"SlurmdPidFile={root}/slurmd.pid",
-        f"SlurmctldLogFile={root}/slurmctld.log",
-        f"SlurmdLogFile={root}/slurmd.log",
-        "ReturnToService=2",
-        "SchedulerType=sched/backfill",
-        "MinJobAge=600",  # finished jobs stay in squeue (the status checks) for 10 minutes
-        f"{node_line} State=UNKNOWN",
-        f"PartitionName=debug Nodes={hostname} Default=YES MaxTime=INFINITE State=UP",
-        "",
-    ])
+    return "\n".join(
+        [
+            "ClusterName=medift-test",
+            f"SlurmctldHost={hostname}",
+            f"SlurmctldPort={_free_port()}",
+            f"SlurmdPort={_free_port()}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core_Memory",
+            "DefMemPerCPU=1000",
+            "AccountingStorageType=accounting_storage/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "JobCompType=jobcomp/filetxt",
+            f"JobCompLoc={root}/jobcomp.txt",
+            f"StateSaveLocation={root}/state",
+            f"SlurmdSpoolDir={root}/spool",
+            f"SlurmctldPidFile={root}/slurmctld.pid",
+            f"SlurmdPidFile={root}/slurmd.pid",
+            f"SlurmctldLogFile={root}/slurmctld.log",
+            f"SlurmdLogFile={root}/slurmd.log",
+            "ReturnToService=2",
+            "SchedulerType=sched/backfill",
+            "MinJobAge=600",  # finished jobs stay in squeue (the status checks) for 10 minutes
+            f"{node_line} State=UNKNOWN",
+            f"PartitionName=debug Nodes={hostname} Default=YES MaxTime=INFINITE State=UP",
+            "",
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +161,13 @@ def slurm_cluster(tmp_path_factory, request):
         for directory in ("/run/munge", "/var/log/munge", "/var/lib/munge"):
             os.makedirs(directory, exist_ok=True)
             shutil.chown(directory, "munge", "munge")
-        munged = subprocess.Popen([_which("munged"), "--foreground"], user="munge", group="munge",
-                                  stdout=open(root / "munged.out", "w"), stderr=subprocess.STDOUT)
+        munged = subprocess.Popen(
+            [_which("munged"), "--foreground"],
+            user="munge",
+            group="munge",
+            stdout=open(root / "munged.out", "w"),
+            stderr=subprocess.STDOUT,
+        )
         request.addfinalizer(lambda: _stop(munged, "munged"))
         for _ in range(50):
             if _munge_works():
@@ -159,13 +178,16 @@ def slurm_cluster(tmp_path_factory, request):
 
     daemons = {}
     for name in ("slurmctld", "slurmd"):
-        process = subprocess.Popen([_which(name), "-D"], env=env, stdout=open(root / f"{name}.out", "w"),
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [_which(name), "-D"], env=env, stdout=open(root / f"{name}.out", "w"), stderr=subprocess.STDOUT
+        )
         daemons[name] = process
         request.addfinalizer(lambda process=process, name=name: _stop(process, name))
 
     def logs() -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(root.glob("*.log")) + sorted(root.glob("*.out")))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(root.glob("*.log")) + sorted(root.glob("*.out"))
+        )
 
     deadline = time.monotonic() + 60
     state = ""
@@ -211,17 +233,30 @@ def test_table1_through_the_slurm_profile_equals_the_local_run(slurm_cluster, tm
 
     started = time.monotonic()
     result = snakemake(
-        "results/table1.csv", f"--configfile={configfile}",
-        "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"),
+        "results/table1.csv",
+        f"--configfile={configfile}",
+        "--workflow-profile",
+        str(REPO / "workflow" / "profiles" / "slurm"),
         # No slurmdbd here: job states from squeue (see the profile's comments).
-        "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
-        "--slurm-keep-successful-logs", "--retries", "0",
+        "--slurm-status-command",
+        "squeue",
+        "--slurm-init-seconds-before-status-checks",
+        "5",
+        "--slurm-keep-successful-logs",
+        "--retries",
+        "0",
         # The test node has 2 CPUs, ~23 GB and no GPU: CPU training, small memory requests
         # (these replace the profile's default-resources and set-resources, GPUs included).
-        "--config", "train={accelerator: cpu}",
-        "--default-resources", "mem_mb=1000", "runtime=10",
-        "--set-resources", "train_model:mem_mb=3000", "evaluate_model:mem_mb=2000",
-        workdir=tmp_path / "slurm", timeout=900,
+        "--config",
+        "train={accelerator: cpu}",
+        "--default-resources",
+        "mem_mb=1000",
+        "runtime=10",
+        "--set-resources",
+        "train_model:mem_mb=3000",
+        "evaluate_model:mem_mb=2000",
+        workdir=tmp_path / "slurm",
+        timeout=900,
     )
     timings["slurm"] = time.monotonic() - started
     output = result.stdout + result.stderr
@@ -231,8 +266,10 @@ def test_table1_through_the_slurm_profile_equals_the_local_run(slurm_cluster, tm
     assert expected == {"synthesize_raw_data": 2, "make_shards": 2, "train_model": 4, "evaluate_model": 6}
     # "Job 13 has been submitted with SLURM jobid 10 (log: .../slurm_logs/rule_train_model/wbcatt_ift_1/10.log)."
     submitted = dict(
-        (job_id, (rule, wildcards)) for job_id, rule, wildcards in
-        re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_(\w+?)/(\S+)/\d+\.log\)", output)
+        (job_id, (rule, wildcards))
+        for job_id, rule, wildcards in re.findall(
+            r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_(\w+?)/(\S+)/\d+\.log\)", output
+        )
     )
     sbatched = {}
     for rule, _ in submitted.values():
@@ -256,5 +293,7 @@ def test_table1_through_the_slurm_profile_equals_the_local_run(slurm_cluster, tm
         local = pd.read_csv(tmp_path / "local" / "results" / name)
         slurm = pd.read_csv(tmp_path / "slurm" / "results" / name)
         pd.testing.assert_frame_equal(slurm, local, check_exact=True)
-    print(f"cluster start {slurm_cluster['start_s']:.1f} s, local run {timings['local']:.1f} s, "
-          f"SLURM run {timings['slurm']:.1f} s, {len(submitted)} sbatch jobs: {sbatched}")
+    print(
+        f"cluster start {slurm_cluster['start_s']:.1f} s, local run {timings['local']:.1f} s, "
+        f"SLURM run {timings['slurm']:.1f} s, {len(submitted)} sbatch jobs: {sbatched}"
+    )

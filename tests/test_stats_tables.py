@@ -9,25 +9,24 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medift.mcq import LETTERS
 from medift.stats import bootstrap_ci, bootstrap_mean_ci, paired_bootstrap_diff, paired_bootstrap_mean_diff
 from medift.tables import (
     COMPARISON_COLUMNS,
     PredictionError,
     accuracy_table,
     attribute_table,
+    attributes_figure,
     comparison_table,
     long_table,
     main,
     parse_comparisons,
-    attributes_figure,
     plot_attributes,
     plot_table,
-    table_figure,
     prediction_files_from_paths,
     read_predictions,
+    table_figure,
 )
-from tests.fixtures.predictions import _question_rows, _write_predictions
+from tests.fixtures.predictions import _write_predictions
 
 # ----------------------------------------------------------------------------- stats
 
@@ -122,8 +121,12 @@ def predictions(tmp_path) -> dict[tuple[str, str, int], Path]:
     return {
         ("wbcatt", "base", 1): _write_predictions(root / "wbcatt/base/seed-1/predictions.csv", list("cwcf")),
         ("wbcatt", "ift", 1): _write_predictions(root / "wbcatt/ift/seed-1/predictions.csv", list("cccw")),
-        ("skincon", "base", 1): _write_predictions(root / "skincon/base/seed-1/predictions.csv", list("cff"), n_options=5),
-        ("skincon", "ift", 1): _write_predictions(root / "skincon/ift/seed-1/predictions.csv", list("ccc"), n_options=5),
+        ("skincon", "base", 1): _write_predictions(
+            root / "skincon/base/seed-1/predictions.csv", list("cff"), n_options=5
+        ),
+        ("skincon", "ift", 1): _write_predictions(
+            root / "skincon/ift/seed-1/predictions.csv", list("ccc"), n_options=5
+        ),
     }
 
 
@@ -139,9 +142,23 @@ def test_accuracy_table_values(predictions):
 def test_long_table_values(predictions):
     long = long_table(predictions, ["base", "ift"], ["wbcatt", "skincon"])
     assert list(long.columns) == [
-        "method", "dataset", "n", "seeds", "accuracy", "ci_low", "ci_high", "seed_std",
-        "parse_failures", "format_retention", "chance", "circular_accuracy", "circular_ci_low",
-        "circular_ci_high", "description_accuracy", "description_ci_low", "description_ci_high",
+        "method",
+        "dataset",
+        "n",
+        "seeds",
+        "accuracy",
+        "ci_low",
+        "ci_high",
+        "seed_std",
+        "parse_failures",
+        "format_retention",
+        "chance",
+        "circular_accuracy",
+        "circular_ci_low",
+        "circular_ci_high",
+        "description_accuracy",
+        "description_ci_low",
+        "description_ci_high",
     ]
     assert long["description_accuracy"].isna().all()  # no descriptions given
     row = long.set_index(["method", "dataset"]).loc[("base", "skincon")]
@@ -220,7 +237,11 @@ def test_paired_differences_against_several_baselines(tmp_path):
     table = comparison_table(files, [("ift", "base"), ("ift", "other")], ["d"])
     assert list(table.columns) == list(COMPARISON_COLUMNS)
     rows = table.set_index("baseline")
-    assert (rows.loc["base", "diff"], rows.loc["base", "accuracy"], rows.loc["base", "baseline_accuracy"]) == (40.0, 80.0, 40.0)
+    assert (rows.loc["base", "diff"], rows.loc["base", "accuracy"], rows.loc["base", "baseline_accuracy"]) == (
+        40.0,
+        80.0,
+        40.0,
+    )
     assert 0 < rows.loc["base", "diff_ci_low"] < 40.0 < rows.loc["base", "diff_ci_high"]
     # The same answers: a difference of exactly 0 in every resample.
     assert rows.loc["other", ["diff", "diff_ci_low", "diff_ci_high"]].tolist() == [0.0, 0.0, 0.0]
@@ -238,7 +259,9 @@ def test_comparisons_are_checked_against_the_methods():
 
 def test_attribute_table_and_heatmap(tmp_path):
     files = {
-        ("d", "m", 1): _write_predictions(tmp_path / "d/m/seed-1/predictions.csv", list("cwcc"), attributes=("size", "shape")),
+        ("d", "m", 1): _write_predictions(
+            tmp_path / "d/m/seed-1/predictions.csv", list("cwcc"), attributes=("size", "shape")
+        ),
     }
     table = attribute_table(files, ["m"], ["d"]).set_index("attribute")
     assert table.loc["size", "accuracy"] == 100.0 and table.loc["shape", "accuracy"] == 50.0
@@ -273,8 +296,12 @@ def test_table_figure_draws_every_cell_its_interval_and_the_chance_lines(predict
         assert spans == expected
     # Chance: 1/3 on wbcatt (3 options), 1/5 on skincon (5 options), once in the legend.
     error_lines = {id(c.errorbar.lines[2][0]) for c in bars.values()}
-    chance = [seg[0][1] for collection in ax.collections if id(collection) not in error_lines
-              for seg in collection.get_segments()]
+    chance = [
+        seg[0][1]
+        for collection in ax.collections
+        if id(collection) not in error_lines
+        for seg in collection.get_segments()
+    ]
     assert sorted(round(y, 2) for y in chance) == [20.0, 33.33]
     assert ax.get_legend_handles_labels()[1] == ["chance", "base", "ift"]
     out = tmp_path / "fig" / "table1.png"
@@ -287,10 +314,30 @@ def test_table_figure_draws_every_cell_its_interval_and_the_chance_lines(predict
 def test_cli_end_to_end(predictions, tmp_path, capsys):
     table_csv, long_csv, figure = tmp_path / "out/table1.csv", tmp_path / "out/long.csv", tmp_path / "out/t1.png"
     attributes, heatmap = tmp_path / "out/attr.csv", tmp_path / "out/attr.png"
-    argv = ["--predictions", *map(str, predictions.values()), "--methods", "base", "ift",
-            "--datasets", "wbcatt", "skincon", "--table", str(table_csv), "--long", str(long_csv),
-            "--figure", str(figure), "--attributes", str(attributes), "--heatmap", str(heatmap),
-            "--compare", "ift:base", "--comparisons", str(tmp_path / "out/comparisons.csv")]
+    argv = [
+        "--predictions",
+        *map(str, predictions.values()),
+        "--methods",
+        "base",
+        "ift",
+        "--datasets",
+        "wbcatt",
+        "skincon",
+        "--table",
+        str(table_csv),
+        "--long",
+        str(long_csv),
+        "--figure",
+        str(figure),
+        "--attributes",
+        str(attributes),
+        "--heatmap",
+        str(heatmap),
+        "--compare",
+        "ift:base",
+        "--comparisons",
+        str(tmp_path / "out/comparisons.csv"),
+    ]
     assert main(argv) == 0
     table = pd.read_csv(table_csv, index_col="method")
     assert table.loc["ift", "average"] == 87.5 and table.loc["base", "skincon"] == 33.33
@@ -303,7 +350,7 @@ def test_cli_end_to_end(predictions, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
     with pytest.raises(PredictionError, match="wbcatt/other"):
-        main(argv[:argv.index("--datasets")] + ["other"] + argv[argv.index("--datasets"):])
+        main(argv[: argv.index("--datasets")] + ["other"] + argv[argv.index("--datasets") :])
 
 
 def test_description_accuracy_averages_each_image_over_the_seeds(predictions, tmp_path):
@@ -314,10 +361,16 @@ def test_description_accuracy_averages_each_image_over_the_seeds(predictions, tm
     for seed, found in ((1, [{"a": 1, "b": 1}, {"a": 0}]), (2, [{"a": 1, "b": 0}, {"a": 0}])):
         path = tmp_path / "wbcatt" / "ift" / f"seed-{seed}" / "descriptions.csv"
         path.parent.mkdir(parents=True)
-        pd.DataFrame({"image_id": ["x", "y"], "generated": ["", ""], "found": [json.dumps(f) for f in found]}).to_csv(path, index=False)
+        pd.DataFrame({"image_id": ["x", "y"], "generated": ["", ""], "found": [json.dumps(f) for f in found]}).to_csv(
+            path, index=False
+        )
         files["wbcatt", "ift", seed] = path
     filled = add_description_accuracy(long, files, n_boot=200, seed=0).set_index(["method", "dataset"])
     # image x: 1.0 and 0.5 over the seeds -> 0.75; image y: 0 -> mean 37.5 %.
     assert filled.loc[("ift", "wbcatt"), "description_accuracy"] == 37.5
-    assert filled.loc[("ift", "wbcatt"), "description_ci_low"] <= 37.5 <= filled.loc[("ift", "wbcatt"), "description_ci_high"]
+    assert (
+        filled.loc[("ift", "wbcatt"), "description_ci_low"]
+        <= 37.5
+        <= filled.loc[("ift", "wbcatt"), "description_ci_high"]
+    )
     assert filled.drop(index=("ift", "wbcatt"))["description_accuracy"].isna().all()

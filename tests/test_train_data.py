@@ -3,7 +3,6 @@ import random
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
@@ -107,8 +106,9 @@ def many_row_groups(tmp_path, monkeypatch) -> Path:
     return tmp_path / "shards"
 
 
-def reads_per_group(shard_dir: Path, config: TrainConfig, cache: int, ranks: int, epochs: int,
-                    monkeypatch) -> list[collections.Counter]:
+def reads_per_group(
+    shard_dir: Path, config: TrainConfig, cache: int, ranks: int, epochs: int, monkeypatch
+) -> list[collections.Counter]:
     """(rank, file, row group) -> times decoded in each epoch, every rank reading its own
     micro-batches through a reader that caches `cache` row groups."""
     decoded = collections.Counter()

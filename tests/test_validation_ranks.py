@@ -47,13 +47,22 @@ engine.shutdown()
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from medift.datasets.synthetic import write_synthetic
-    from medift.testing.tiny_checkpoints import build_tiny_checkpoint
     from medift.prepare import ShardsConfig, prepare_shards
+    from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("validation-ranks")
     write_synthetic("wbcatt", root / "raw", seed=3, n_train=4, n_val=15, n_test=2, image_size=64)
-    prepare_shards(ShardsConfig(dataset="wbcatt", raw_dir=str(root / "raw"), out_dir=str(root / "shards"),
-                                report=str(root / "report.json"), image_size=64, seed=3, rows_per_shard=4))
+    prepare_shards(
+        ShardsConfig(
+            dataset="wbcatt",
+            raw_dir=str(root / "raw"),
+            out_dir=str(root / "shards"),
+            report=str(root / "report.json"),
+            image_size=64,
+            seed=3,
+            rows_per_shard=4,
+        )
+    )
     (root / "validate.py").write_text(SCRIPT)
     return root, build_tiny_checkpoint("mllama", root / "mllama"), root / "shards"
 
@@ -61,13 +70,29 @@ def setup(tmp_path_factory):
 def run_validation(setup, ranks: int) -> list[dict]:
     root, checkpoint, shards = setup
     out = root / f"ranks{ranks}"
-    launcher = [sys.executable] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(ranks)]
+    launcher = (
+        [sys.executable]
+        if ranks == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(ranks),
+        ]
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    result = subprocess.run([*launcher, str(root / "validate.py"), str(checkpoint), str(shards), str(out)],
-                            capture_output=True, text=True, timeout=600,
-                            env={**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [*launcher, str(root / "validate.py"), str(checkpoint), str(shards), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads(Path(f"{out}-rank{rank}.json").read_text()) for rank in range(ranks)]
 

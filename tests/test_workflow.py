@@ -13,7 +13,6 @@ import copy
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -21,12 +20,28 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from medift.tables import PREDICTION_COLUMNS
-
-from tests.fixtures.workflow import (REPO, SNAKEFILE, DEFAULT_CONFIG, EMBEDDED_BASE, EMBEDDED_LLAVA, DATASETS, TABLE1, TABLE2, TRAINED, DATA_TARGETS, workflow_env, snakemake, dry_run_jobs, rule_counts, dry_run, default_config, tiny_config, write_config, embedded_base_available, copy_embedded_models)
-
+from tests.fixtures.workflow import (
+    DATA_TARGETS,
+    DATASETS,
+    DEFAULT_CONFIG,
+    REPO,
+    SNAKEFILE,
+    TABLE1,
+    TABLE2,
+    TRAINED,
+    copy_embedded_models,
+    default_config,
+    dry_run,
+    dry_run_jobs,
+    embedded_base_available,
+    rule_counts,
+    snakemake,
+    tiny_config,
+    workflow_env,
+    write_config,
+)
 
 # --------------------------------------------------------------------------- static checks
 
@@ -39,10 +54,22 @@ def test_lint_is_clean():
 @pytest.mark.parametrize(
     ("target", "expected"),
     [
-        ("results/table1.csv", {"synthesize_raw_data": 2, "make_shards": 2, "train_model": 4,
-                                "evaluate_model": 6, "make_table": 1}),
-        ("all", {"synthesize_raw_data": 2, "make_shards": 2, "train_model": 10,
-                 "evaluate_model": 12, "make_table": 2, "evaluate_base_model": 1, "all": 1}),
+        (
+            "results/table1.csv",
+            {"synthesize_raw_data": 2, "make_shards": 2, "train_model": 4, "evaluate_model": 6, "make_table": 1},
+        ),
+        (
+            "all",
+            {
+                "synthesize_raw_data": 2,
+                "make_shards": 2,
+                "train_model": 10,
+                "evaluate_model": 12,
+                "make_table": 2,
+                "evaluate_base_model": 1,
+                "all": 1,
+            },
+        ),
     ],
 )
 def test_dry_run_default_config(tmp_path, target, expected):
@@ -81,8 +108,9 @@ def test_the_embedded_models_are_rebuilt_only_when_forced(tmp_path, forced, expe
     jobs = dry_run("results/base_model.json", workdir=tmp_path, configfile=DEFAULT_CONFIG)
     assert [rule for rule, _ in jobs] == ["evaluate_base_model"]
     # (the target first: --forcerun takes every argument after it)
-    result = snakemake("-n", f"--configfile={DEFAULT_CONFIG}", "results/base_model.json", "--forcerun", *forced,
-                       workdir=tmp_path)
+    result = snakemake(
+        "-n", f"--configfile={DEFAULT_CONFIG}", "results/base_model.json", "--forcerun", *forced, workdir=tmp_path
+    )
     assert [rule for rule, _ in dry_run_jobs(result.stdout + result.stderr)] == expected
 
 
@@ -110,22 +138,46 @@ def test_real_checkpoint_settings_are_checked_before_any_job(tmp_path):
     assert result.returncode != 0 and "model_type 'bert' is not a known VLM family" in result.stdout + result.stderr
     lora = copy.deepcopy(default_config())
     lora["methods"]["ift"].update(train_modules="vision,lora", zero_stage=3)
-    result = snakemake("-n", f"--configfile={write_config(tmp_path / 'lora.yaml', lora)}", "all",
-                       workdir=tmp_path / "work", check=False)
-    assert result.returncode != 0 and "methods.ift on wbcatt: LoRA with ZeRO-3 is not supported" in result.stdout + result.stderr
+    result = snakemake(
+        "-n",
+        f"--configfile={write_config(tmp_path / 'lora.yaml', lora)}",
+        "all",
+        workdir=tmp_path / "work",
+        check=False,
+    )
+    assert (
+        result.returncode != 0
+        and "methods.ift on wbcatt: LoRA with ZeRO-3 is not supported" in result.stdout + result.stderr
+    )
 
 
 def test_several_ranks_start_through_torchrun_with_their_threads(tmp_path):
     config = copy.deepcopy(default_config())
     config["methods"]["ift"].update(ranks=2, gradient_accumulation=2)
-    result = snakemake("-n", "-p", f"--configfile={write_config(tmp_path / 'config.yaml', config)}", "results/table1.csv",
-                       workdir=tmp_path / "work")
+    result = snakemake(
+        "-n",
+        "-p",
+        f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
+        "results/table1.csv",
+        workdir=tmp_path / "work",
+    )
     output = result.stdout + result.stderr
-    ift = [block for block in output.split("\n\n") if "seed-1/model.safetensors" in block and "medift.train" in block
-           and "/ift/" in block]
-    assert ift and all("torch.distributed.run --standalone --nnodes 1 --nproc_per_node 2 -m medift.train" in b for b in ift)
-    assert all("--gradient_accumulation 2" in b and "--threads $(( (2 + 2 - 1) / 2 ))" in b and "threads: 2" in b for b in ift)
-    caption = [block for block in output.split("\n\n") if "/caption_ft/seed-1/model.safetensors" in block and "medift.train" in block]
+    ift = [
+        block
+        for block in output.split("\n\n")
+        if "seed-1/model.safetensors" in block and "medift.train" in block and "/ift/" in block
+    ]
+    assert ift and all(
+        "torch.distributed.run --standalone --nnodes 1 --nproc_per_node 2 -m medift.train" in b for b in ift
+    )
+    assert all(
+        "--gradient_accumulation 2" in b and "--threads $(( (2 + 2 - 1) / 2 ))" in b and "threads: 2" in b for b in ift
+    )
+    caption = [
+        block
+        for block in output.split("\n\n")
+        if "/caption_ft/seed-1/model.safetensors" in block and "medift.train" in block
+    ]
     assert caption and all("HF_HUB_OFFLINE=1 python -m medift.train" in b for b in caption)
 
 
@@ -134,8 +186,9 @@ def _job_blocks(output: str, rule: str) -> list[tuple[dict[str, str], str]]:
     jobs = []
     for block in output.split("\n\n"):
         if re.search(rf"^(?:local)?rule {rule}:$", block, re.M):
-            resources = dict(item.split("=", 1) for item in
-                             re.search(r"^\s+resources: (.*)$", block, re.M).group(1).split(", "))
+            resources = dict(
+                item.split("=", 1) for item in re.search(r"^\s+resources: (.*)$", block, re.M).group(1).split(", ")
+            )
             jobs.append((resources, re.search(r"^Shell command: (.*)$", block, re.M).group(1)))
     return jobs
 
@@ -149,8 +202,13 @@ def test_local_gpu_jobs_take_cards_of_their_own(tmp_path):
     config["train"].update(accelerator="cuda")
     config["methods"]["ift"].update(ranks=2, global_batch=32)  # 16 x 2 ranks: accumulation 1
     config["evaluate"]["device"] = "cuda"
-    result = snakemake("-n", "-p", f"--configfile={write_config(tmp_path / 'config.yaml', config)}", "results/table1.csv",
-                       workdir=tmp_path / "work")
+    result = snakemake(
+        "-n",
+        "-p",
+        f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
+        "results/table1.csv",
+        workdir=tmp_path / "work",
+    )
     output = result.stdout + result.stderr
     train, evaluate = _job_blocks(output, "train_model"), _job_blocks(output, "evaluate_model")
     assert len(train) == 4 and len(evaluate) == 6
@@ -166,19 +224,32 @@ def test_local_gpu_jobs_take_cards_of_their_own(tmp_path):
     for device, cards in (("cpu", "0"), ("auto", "0")):  # auto: this machine has no card
         config = copy.deepcopy(default_config())
         config["evaluate"]["device"] = device
-        result = snakemake("-n", "-p", f"--configfile={write_config(tmp_path / f'{device}.yaml', config)}",
-                           "results/table1.csv", workdir=tmp_path / "work")
+        result = snakemake(
+            "-n",
+            "-p",
+            f"--configfile={write_config(tmp_path / f'{device}.yaml', config)}",
+            "results/table1.csv",
+            workdir=tmp_path / "work",
+        )
         output = result.stdout + result.stderr
         assert all(r["gpu"] == "0" and "python -m medift.gpus" not in s for r, s in _job_blocks(output, "train_model"))
-        assert all(r["gpu"] == cards and f"medift.gpus --take {cards} --" in s for r, s in _job_blocks(output, "evaluate_model"))
+        assert all(
+            r["gpu"] == cards and f"medift.gpus --take {cards} --" in s
+            for r, s in _job_blocks(output, "evaluate_model")
+        )
 
 
 def test_global_batch_derives_the_accumulation(tmp_path):
     config = copy.deepcopy(default_config())
     config["train"].update(batch_size=4, global_batch=32)
     config["methods"]["ift"].update(ranks=2)
-    result = snakemake("-n", "-p", f"--configfile={write_config(tmp_path / 'config.yaml', config)}", "results/table1.csv",
-                       workdir=tmp_path / "work")
+    result = snakemake(
+        "-n",
+        "-p",
+        f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
+        "results/table1.csv",
+        workdir=tmp_path / "work",
+    )
     for _, shell in _job_blocks(result.stdout + result.stderr, "train_model"):
         accumulation = 4 if "/ift/" in shell else 8  # 32 / (4 x 2 ranks), 32 / (4 x 1 rank)
         assert f"--batch_size 4 --gradient_accumulation {accumulation} --global_batch 32 " in shell
@@ -189,10 +260,22 @@ def test_the_proxy_learns_at_the_model_lr_unless_its_own_is_set(tmp_path):
     config["train"].update(lr=3.0e-5, proxy_lr=None)
     config["methods"]["ift_no_momentum"]["proxy_lr"] = 2.0e-3
     config["methods"]["caption_ft"]["proxy_lr"] = 5.0e-3  # no proxy: a job parameter that changes nothing
-    result = snakemake("-n", "-p", "results/table1.csv", "results/table2.csv",
-                       f"--configfile={write_config(tmp_path / 'config.yaml', config)}", workdir=tmp_path / "work")
-    blocks = [b for b in (result.stdout + result.stderr).split("\n\n") if "medift.train" in b and "seed-1/model.safetensors" in b]
-    of = {method: [b for b in blocks if f"/{method}/seed-1/" in b] for method in ("ift", "ift_no_momentum", "caption_ft")}
+    result = snakemake(
+        "-n",
+        "-p",
+        "results/table1.csv",
+        "results/table2.csv",
+        f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
+        workdir=tmp_path / "work",
+    )
+    blocks = [
+        b
+        for b in (result.stdout + result.stderr).split("\n\n")
+        if "medift.train" in b and "seed-1/model.safetensors" in b
+    ]
+    of = {
+        method: [b for b in blocks if f"/{method}/seed-1/" in b] for method in ("ift", "ift_no_momentum", "caption_ft")
+    }
     assert all(of.values())
     assert all("--lr 3e-05 --proxy_lr 3e-05" in b for b in of["ift"] + of["caption_ft"])
     assert all("--lr 3e-05 --proxy_lr 0.002" in b for b in of["ift_no_momentum"])
@@ -207,22 +290,36 @@ def test_the_proxy_learns_at_the_model_lr_unless_its_own_is_set(tmp_path):
         (lambda c: c["train"].update(proxy_lr=0.0), "proxy_lr"),
         (lambda c: c["datasets"].update(mnist={"source": "synthetic"}), "adapter"),
         (lambda c: c["datasets"].update(skincon={"source": "synthetic"}), "needs a real checkpoint"),
-        (lambda c: c["train"].update(offload="optimizer+parameters"), "offload optimizer+parameters needs zero_stage 3"),
+        (
+            lambda c: c["train"].update(offload="optimizer+parameters"),
+            "offload optimizer+parameters needs zero_stage 3",
+        ),
         (lambda c: c["methods"]["ift"].update(nodes=2), "every training job spans one node or every job several"),
         # The paper's global batch of 2 cannot come from micro-batches of 2 on 8 ranks.
-        (lambda c: c["train"].update(batch_size=2, global_batch=2, ranks=8),
-         "global_batch 2 cannot be made of micro-batches of 2 on 8 rank(s) in all"),
-        (lambda c: c["train"].update(global_batch=64, gradient_accumulation=3), "gradient_accumulation 3 contradicts global_batch 64"),
-        (lambda c: c["evaluate"].update(device="cuda:1"), "evaluate.device cuda:1: the workflow gives each evaluation job a card"),
-        (lambda c: c.update(gpus=2) or c["train"].update(accelerator="cuda", ranks=4),
-         "needs 4 GPU card(s), but this machine has 2 (0,1)"),
+        (
+            lambda c: c["train"].update(batch_size=2, global_batch=2, ranks=8),
+            "global_batch 2 cannot be made of micro-batches of 2 on 8 rank(s) in all",
+        ),
+        (
+            lambda c: c["train"].update(global_batch=64, gradient_accumulation=3),
+            "gradient_accumulation 3 contradicts global_batch 64",
+        ),
+        (
+            lambda c: c["evaluate"].update(device="cuda:1"),
+            "evaluate.device cuda:1: the workflow gives each evaluation job a card",
+        ),
+        (
+            lambda c: c.update(gpus=2) or c["train"].update(accelerator="cuda", ranks=4),
+            "needs 4 GPU card(s), but this machine has 2 (0,1)",
+        ),
     ],
 )
 def test_invalid_config_is_rejected(tmp_path, change, message):
     config = copy.deepcopy(default_config())
     change(config)
-    result = snakemake("-n", f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
-                       workdir=tmp_path, check=False)
+    result = snakemake(
+        "-n", f"--configfile={write_config(tmp_path / 'config.yaml', config)}", workdir=tmp_path, check=False
+    )
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
 
@@ -231,8 +328,12 @@ def test_several_nodes_need_the_slurm_executor(tmp_path):
     """train.nodes > 1 fails locally once the DAG is built, before any job runs."""
     config = copy.deepcopy(default_config())
     config["train"]["nodes"] = 2
-    result = snakemake(f"--configfile={write_config(tmp_path / 'config.yaml', config)}", "results/table1.csv",
-                       workdir=tmp_path / "work", check=False)
+    result = snakemake(
+        f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
+        "results/table1.csv",
+        workdir=tmp_path / "work",
+        check=False,
+    )
     assert result.returncode != 0
     assert "train.nodes 2: training on several nodes needs the SLURM executor" in result.stdout + result.stderr
     assert not (tmp_path / "work" / "resources").exists()
@@ -244,13 +345,23 @@ def _slurm_train_jobs(tmp_path, train: dict) -> list[tuple[dict[str, object], st
     tmp_path.mkdir(exist_ok=True)
     config = copy.deepcopy(default_config())
     config["train"].update(train)
-    result = snakemake("-n", "-p", "results/table1.csv", f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
-                       "--executor", "slurm", "--jobs", "10", workdir=tmp_path / "work")
+    result = snakemake(
+        "-n",
+        "-p",
+        "results/table1.csv",
+        f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
+        "--executor",
+        "slurm",
+        "--jobs",
+        "10",
+        workdir=tmp_path / "work",
+    )
     jobs = []
     for block in (result.stdout + result.stderr).split("\n\n"):
         if "rule train_model:" in block:
-            resources = dict(item.split("=", 1) for item in
-                             re.search(r"^\s+resources: (.*)$", block, re.M).group(1).split(", "))
+            resources = dict(
+                item.split("=", 1) for item in re.search(r"^\s+resources: (.*)$", block, re.M).group(1).split(", ")
+            )
             jobs.append((resources, re.search(r"^Shell command: (.*)$", block, re.M).group(1)))
     assert len(jobs) == 4
     return jobs
@@ -290,8 +401,15 @@ def test_slurm_training_jobs_ask_for_their_gpus_and_nodes(tmp_path):
 
 def test_slurm_profile_gives_each_evaluation_a_gpu(tmp_path):
     pytest.importorskip("snakemake_executor_plugin_slurm")
-    result = snakemake("-n", "-p", "results/table1.csv", f"--configfile={DEFAULT_CONFIG}",
-                       "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"), workdir=tmp_path / "work")
+    result = snakemake(
+        "-n",
+        "-p",
+        "results/table1.csv",
+        f"--configfile={DEFAULT_CONFIG}",
+        "--workflow-profile",
+        str(REPO / "workflow" / "profiles" / "slurm"),
+        workdir=tmp_path / "work",
+    )
     jobs = _job_blocks(result.stdout + result.stderr, "evaluate_model")
     assert len(jobs) == 6
     for resources, shell in jobs:
@@ -302,7 +420,9 @@ def test_slurm_profile_gives_each_evaluation_a_gpu(tmp_path):
 
 def test_slurm_training_on_several_nodes_starts_one_torchrun_per_node(tmp_path):
     # global batch 64 = micro-batches of 4 x 4 ranks x 2 nodes x accumulation 2
-    jobs = _slurm_train_jobs(tmp_path, {"nodes": 2, "ranks": 4, "accelerator": "cuda", "batch_size": 4, "global_batch": 64})
+    jobs = _slurm_train_jobs(
+        tmp_path, {"nodes": 2, "ranks": 4, "accelerator": "cuda", "batch_size": 4, "global_batch": 64}
+    )
     for resources, shell in jobs:
         assert "--gradient_accumulation 2 --global_batch 64 " in shell
         assert "medift.gpus" not in shell  # SLURM assigns each node's cards
@@ -314,7 +434,8 @@ def test_slurm_training_on_several_nodes_starts_one_torchrun_per_node(tmp_path):
             "srun --nodes 2 --ntasks 2 --ntasks-per-node 1 --cpus-per-task 2 bash -c 'python -m torch.distributed.run"
             " --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint"
             " \"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1):$((29500 + SLURM_JOB_ID % 10000))\""
-            " --rdzv_id \"$SLURM_JOB_ID\" -m medift.train \"$@\"' medift.train")
+            " --rdzv_id \"$SLURM_JOB_ID\" -m medift.train \"$@\"' medift.train"
+        )
 
     # The launcher's quoting, run by bash with stand-ins for srun, scontrol and python.
     resources, shell = jobs[0]
@@ -329,17 +450,35 @@ def test_slurm_training_on_several_nodes_starts_one_torchrun_per_node(tmp_path):
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     command = shell.split(" > logs/")[0]
-    result = subprocess.run(["bash", "-c", command], env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"),
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        ["bash", "-c", command],
+        env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     args = result.stdout.splitlines()
-    assert args[:12] == ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "4",
-                         "--rdzv_backend", "c10d", "--rdzv_endpoint", "gpu07:29623", "--rdzv_id", "123"]
+    assert args[:12] == [
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "4",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "gpu07:29623",
+        "--rdzv_id",
+        "123",
+    ]
     assert args[12:16] == ["-m", "medift.train", "--shards", "resources/shards/" + args[15].split("/")[-1]]
 
 
 # --------------------------------------------------------------------------- real runs
 
 
+@pytest.mark.slow
 def test_changing_one_dataset_reruns_only_that_dataset(tmp_path):
     work = tmp_path / "work"
     config = tiny_config()
@@ -371,8 +510,7 @@ def test_end_to_end_tables(tmp_path):
     copy_embedded_models(work)
     config = tiny_config()
     configfile = write_config(tmp_path / "config.yaml", config)
-    snakemake(f"--configfile={configfile}", "results/table1.csv", "results/table2.csv",
-              workdir=work, timeout=900)
+    snakemake(f"--configfile={configfile}", "results/table1.csv", "results/table2.csv", workdir=work, timeout=900)
 
     results = work / "results"
     for name, methods in (("table1", TABLE1), ("table2", TABLE2)):
@@ -412,10 +550,20 @@ def test_end_to_end_tables(tmp_path):
                 metrics = json.loads((results / dataset / method / f"seed-{seed}" / "metrics.json").read_text())
                 assert metrics["n"] == (predictions["rotation"] == 0).sum()
                 assert metrics["prompts_asked"] == len(predictions)
-                described = pd.read_csv(results / dataset / method / f"seed-{seed}" / "descriptions.csv", keep_default_na=False)
-                assert len(described) == json.loads((results / dataset / method / f"seed-{seed}" / "description_metrics.json").read_text())["images"] > 0
+                described = pd.read_csv(
+                    results / dataset / method / f"seed-{seed}" / "descriptions.csv", keep_default_na=False
+                )
+                assert (
+                    len(described)
+                    == json.loads(
+                        (results / dataset / method / f"seed-{seed}" / "description_metrics.json").read_text()
+                    )["images"]
+                    > 0
+                )
         summaries = {
-            method: json.loads((work / "resources/models" / dataset / method / "seed-2" / "train_summary.json").read_text())["config"]
+            method: json.loads(
+                (work / "resources/models" / dataset / method / "seed-2" / "train_summary.json").read_text()
+            )["config"]
             for method in TRAINED
         }
         assert all(s["seed"] == 2 for s in summaries.values())
@@ -425,11 +573,16 @@ def test_end_to_end_tables(tmp_path):
         assert summaries["ift_no_warmup"]["warmup_epochs"] == 0 and summaries["ift"]["warmup_epochs"] == 1
         assert all(s["epochs"] == 1 and s["batch_size"] == 4 for s in summaries.values())
         train_defaults = default_config()["train"]
-        assert all((s["lr"], s["proxy_lr"]) == (train_defaults["lr"], train_defaults["proxy_lr"])
-                   for s in summaries.values() if s["proxy"])
+        assert all(
+            (s["lr"], s["proxy_lr"]) == (train_defaults["lr"], train_defaults["proxy_lr"])
+            for s in summaries.values()
+            if s["proxy"]
+        )
         assert summaries["caption_ft"]["proxy_lr"] == train_defaults["lr"]  # no proxy: no proxy_lr of its own
         for method in TRAINED:
-            summary = json.loads((work / "resources/models" / dataset / method / "seed-1" / "train_summary.json").read_text())
+            summary = json.loads(
+                (work / "resources/models" / dataset / method / "seed-1" / "train_summary.json").read_text()
+            )
             # One validation per epoch where the shards have validation questions (the tiny CBIS-DDSM has none).
             assert len(summary["validation"]) == (1 if dataset == "wbcatt" else 0)
             assert list((work / "logs/tensorboard" / dataset / method / "seed-1").glob("events.out.tfevents.*"))
@@ -440,8 +593,12 @@ def test_end_to_end_tables(tmp_path):
     expected_logs = (
         [logs / rule / f"{d}.log" for rule in ("synthesize_raw_data", "make_shards") for d in DATASETS]
         + [logs / "train_model" / d / m / f"seed-{s}.log" for d in DATASETS for m in TRAINED for s in (1, 2)]
-        + [logs / "evaluate_model" / d / m / f"seed-{s}.log" for d in DATASETS for m in TABLE1 + TABLE2[1:]
-           for s in seeds[m]]
+        + [
+            logs / "evaluate_model" / d / m / f"seed-{s}.log"
+            for d in DATASETS
+            for m in TABLE1 + TABLE2[1:]
+            for s in seeds[m]
+        ]
         + [logs / "make_table" / f"{t}.log" for t in ("table1", "table2")]
     )
     missing = [str(p.relative_to(work)) for p in expected_logs if not p.is_file() or p.stat().st_size == 0]
@@ -463,8 +620,14 @@ def test_end_to_end_tables(tmp_path):
     # The Snakemake report holds every table and figure with its caption.
     config["datasets"]["cbis_ddsm"]["train"]["repeat_train"] = 1
     write_config(configfile, config)
-    snakemake(f"--configfile={configfile}", "--report", "results/report.html",
-              "results/table1.csv", "results/table2.csv", workdir=work)
+    snakemake(
+        f"--configfile={configfile}",
+        "--report",
+        "results/report.html",
+        "results/table1.csv",
+        "results/table2.csv",
+        workdir=work,
+    )
     html = (results / "report.html").read_text(errors="replace")
     assert "table1_attributes.png" in html and "table2_long.csv" in html
 
@@ -516,9 +679,22 @@ def test_a_killed_training_job_resumes_under_rerun_incomplete(tmp_path):
     configfile = write_config(tmp_path / "config.yaml", config)
     target = "resources/models/wbcatt/ift/seed-1/model.safetensors"
     latest = work / "resources/checkpoints/wbcatt/ift/seed-1/latest"
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--cores", "2",
-               "--directory", str(work), f"--configfile={configfile}", target]
-    process = subprocess.Popen(command, cwd=REPO, env=workflow_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(SNAKEFILE),
+        "--cores",
+        "2",
+        "--directory",
+        str(work),
+        f"--configfile={configfile}",
+        target,
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=workflow_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 600
         while not latest.is_file() and process.poll() is None and time.time() < deadline:
@@ -536,7 +712,10 @@ def test_a_killed_training_job_resumes_under_rerun_incomplete(tmp_path):
     snakemake("--rerun-incomplete", f"--configfile={configfile}", target, workdir=work, timeout=600)
     summary = json.loads((work / "resources/models/wbcatt/ift/seed-1/train_summary.json").read_text())
     assert summary["resumed_at_step"] >= killed_at and summary["steps"] == 18
-    assert "resuming from resources/checkpoints/wbcatt/ift/seed-1/step-" in (work / "logs/train_model/wbcatt/ift/seed-1.log").read_text()
+    assert (
+        "resuming from resources/checkpoints/wbcatt/ift/seed-1/step-"
+        in (work / "logs/train_model/wbcatt/ift/seed-1.log").read_text()
+    )
     assert not latest.parent.exists()
 
 

@@ -73,14 +73,36 @@ CROPPED_SERIES = "cropped images"
 JPEG_PREFIX = "CBIS-DDSM/"  # dicom_info.csv's image_path starts with it; the folder does not
 
 MASS_HEADER = (
-    "patient_id", "breast_density", "left or right breast", "image view", "abnormality id",
-    "abnormality type", "mass shape", "mass margins", "assessment", "pathology", "subtlety",
-    "image file path", "cropped image file path", "ROI mask file path",
+    "patient_id",
+    "breast_density",
+    "left or right breast",
+    "image view",
+    "abnormality id",
+    "abnormality type",
+    "mass shape",
+    "mass margins",
+    "assessment",
+    "pathology",
+    "subtlety",
+    "image file path",
+    "cropped image file path",
+    "ROI mask file path",
 )
 CALC_HEADER = (
-    "patient_id", "breast density", "left or right breast", "image view", "abnormality id",
-    "abnormality type", "calc type", "calc distribution", "assessment", "pathology",
-    "subtlety", "image file path", "cropped image file path", "ROI mask file path",
+    "patient_id",
+    "breast density",
+    "left or right breast",
+    "image view",
+    "abnormality id",
+    "abnormality type",
+    "calc type",
+    "calc distribution",
+    "assessment",
+    "pathology",
+    "subtlety",
+    "image file path",
+    "cropped image file path",
+    "ROI mask file path",
 )
 DICOM_INFO_COLUMNS = ("image_path", "PatientID", "SeriesDescription", "SeriesInstanceUID")
 CROPPED_PATH_COLUMN = "cropped image file path"
@@ -89,14 +111,31 @@ RAW_PATHOLOGIES = ("MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK")
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "mass_shape": (
-        "architectural distortion", "asymmetric breast tissue", "focal asymmetric density",
-        "irregular", "lobulated", "lymph node", "oval", "round",
+        "architectural distortion",
+        "asymmetric breast tissue",
+        "focal asymmetric density",
+        "irregular",
+        "lobulated",
+        "lymph node",
+        "oval",
+        "round",
     ),
     "mass_margins": ("circumscribed", "ill defined", "microlobulated", "obscured", "spiculated"),
     "calc_type": (
-        "amorphous", "coarse", "dystrophic", "eggshell", "fine linear branching",
-        "large rodlike", "lucent center", "lucent centered", "milk of calcium", "pleomorphic",
-        "punctate", "round and regular", "skin", "vascular",
+        "amorphous",
+        "coarse",
+        "dystrophic",
+        "eggshell",
+        "fine linear branching",
+        "large rodlike",
+        "lucent center",
+        "lucent centered",
+        "milk of calcium",
+        "pleomorphic",
+        "punctate",
+        "round and regular",
+        "skin",
+        "vascular",
     ),
     "calc_distribution": ("clustered", "diffusely scattered", "linear", "regional", "segmental"),
     "abnormality_type": ("calcification", "mass"),
@@ -107,8 +146,15 @@ QUESTION_OPTIONS: dict[str, tuple[str, ...]] = {
     "mass_shape": ATTRIBUTES["mass_shape"],
     "mass_margins": ATTRIBUTES["mass_margins"],
     "calc_type": (
-        "amorphous", "coarse", "eggshell", "fine linear branching", "lucent center",
-        "pleomorphic", "punctate", "round and regular", "vascular",
+        "amorphous",
+        "coarse",
+        "eggshell",
+        "fine linear branching",
+        "lucent center",
+        "pleomorphic",
+        "punctate",
+        "round and regular",
+        "vascular",
     ),
     "calc_distribution": ATTRIBUTES["calc_distribution"],
     "abnormality_type": ATTRIBUTES["abnormality_type"],
@@ -128,8 +174,7 @@ QUESTION_TEXT: dict[str, str] = {
 LESION_KEYS = ("mass_shape", "mass_margins", "calc_type", "calc_distribution")
 BARE_VALUE_KEYS = ("abnormality_type", "pathology")
 # Keys with distractor questions, by abnormality type; the others have fixed options.
-DISTRACTOR_KEYS = {"mass": ("mass_shape", "mass_margins"),
-                   "calcification": ("calc_type", "calc_distribution")}
+DISTRACTOR_KEYS = {"mass": ("mass_shape", "mass_margins"), "calcification": ("calc_type", "calc_distribution")}
 MAX_DISTRACTORS = 4
 
 
@@ -145,14 +190,34 @@ class CaseFile:
 
 
 CASE_FILES = (
-    CaseFile("mass", "train", "mass_case_description_train_set.csv", MASS_HEADER,
-             {"mass_shape": "mass shape", "mass_margins": "mass margins"}),
-    CaseFile("calcification", "train", "calc_case_description_train_set.csv", CALC_HEADER,
-             {"calc_type": "calc type", "calc_distribution": "calc distribution"}),
-    CaseFile("mass", "test", "mass_case_description_test_set.csv", MASS_HEADER,
-             {"mass_shape": "mass shape", "mass_margins": "mass margins"}),
-    CaseFile("calcification", "test", "calc_case_description_test_set.csv", CALC_HEADER,
-             {"calc_type": "calc type", "calc_distribution": "calc distribution"}),
+    CaseFile(
+        "mass",
+        "train",
+        "mass_case_description_train_set.csv",
+        MASS_HEADER,
+        {"mass_shape": "mass shape", "mass_margins": "mass margins"},
+    ),
+    CaseFile(
+        "calcification",
+        "train",
+        "calc_case_description_train_set.csv",
+        CALC_HEADER,
+        {"calc_type": "calc type", "calc_distribution": "calc distribution"},
+    ),
+    CaseFile(
+        "mass",
+        "test",
+        "mass_case_description_test_set.csv",
+        MASS_HEADER,
+        {"mass_shape": "mass shape", "mass_margins": "mass margins"},
+    ),
+    CaseFile(
+        "calcification",
+        "test",
+        "calc_case_description_test_set.csv",
+        CALC_HEADER,
+        {"calc_type": "calc type", "calc_distribution": "calc distribution"},
+    ),
 )
 
 
@@ -208,8 +273,7 @@ def make_questions(record: Record, rng: random.Random, observed=None) -> list[Qu
 # --- reading -------------------------------------------------------------------------
 
 
-def _normalise_lesion_value(raw: str, key: str, csv_path: Path, data_row: int,
-                            column: str) -> str | None:
+def _normalise_lesion_value(raw: str, key: str, csv_path: Path, data_row: int, column: str) -> str | None:
     """`IRREGULAR-ARCHITECTURAL_DISTORTION` -> `irregular-architectural distortion`."""
     if raw in MISSING:
         return None
@@ -244,19 +308,17 @@ def _cropped_image_index(raw_dir: Path) -> dict[str, list[tuple[str, str]]]:
     frame = read_csv_checked(raw_dir / CSV_DIR / DICOM_INFO, DICOM_INFO_COLUMNS)
     frame = frame[frame["SeriesDescription"] == CROPPED_SERIES]
     index: dict[str, list[tuple[str, str]]] = {}
-    for case, image_path, series in zip(frame["PatientID"], frame["image_path"],
-                                        frame["SeriesInstanceUID"]):
+    for case, image_path, series in zip(frame["PatientID"], frame["image_path"], frame["SeriesInstanceUID"]):
         index.setdefault(case, []).append((image_path, series))
     return index
 
 
 def _resolve_jpeg(raw_dir: Path, image_path: str) -> str:
-    relative = image_path[len(JPEG_PREFIX):] if image_path.startswith(JPEG_PREFIX) else image_path
+    relative = image_path[len(JPEG_PREFIX) :] if image_path.startswith(JPEG_PREFIX) else image_path
     return str((raw_dir / relative).resolve())
 
 
-def _find_cropped_image(index: dict[str, list[tuple[str, str]]], case: str,
-                        series: str) -> tuple[str | None, str]:
+def _find_cropped_image(index: dict[str, list[tuple[str, str]]], case: str, series: str) -> tuple[str | None, str]:
     """(jpeg path or None, reason when None)."""
     candidates = index.get(case, [])
     if len(candidates) > 1:
@@ -314,9 +376,14 @@ def _crop_by_headers(files: list[Path], series: str) -> Path | None:
             header = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, KeyError, AttributeError):
             continue  # an unreadable file cannot be the crop; the others may settle it
-        headers.append((path, str(header.get("SeriesDescription", "")),
-                        str(header.get("SeriesInstanceUID", "")),
-                        int(header.get("Rows", 0)) * int(header.get("Columns", 0))))
+        headers.append(
+            (
+                path,
+                str(header.get("SeriesDescription", "")),
+                str(header.get("SeriesInstanceUID", "")),
+                int(header.get("Rows", 0)) * int(header.get("Columns", 0)),
+            )
+        )
     cropped = [h for h in headers if h[1] == CROPPED_SERIES]
     if len(cropped) > 1:
         cropped = [h for h in cropped if h[2] == series]
@@ -343,16 +410,19 @@ def _read_case_files(raw_dir: Path) -> list[tuple[CaseFile, Path, pd.DataFrame]]
     tables = []
     for case_file in CASE_FILES:
         csv_path = raw_dir / CSV_DIR / case_file.file_name
-        required = ("patient_id", "abnormality type", "pathology", CROPPED_PATH_COLUMN,
-                    *case_file.lesion_columns.values())
+        required = (
+            "patient_id",
+            "abnormality type",
+            "pathology",
+            CROPPED_PATH_COLUMN,
+            *case_file.lesion_columns.values(),
+        )
         tables.append((case_file, csv_path, read_csv_checked(csv_path, required)))
     return tables
 
 
-def _attributes_of(row: dict[str, str], case_file: CaseFile, csv_path: Path,
-                   data_row: int) -> dict[str, str]:
-    check_vocabulary(row["abnormality type"], (case_file.abnormality,), csv_path, data_row,
-                     "abnormality type")
+def _attributes_of(row: dict[str, str], case_file: CaseFile, csv_path: Path, data_row: int) -> dict[str, str]:
+    check_vocabulary(row["abnormality type"], (case_file.abnormality,), csv_path, data_row, "abnormality type")
     attributes: dict[str, str] = {}
     for key, column in case_file.lesion_columns.items():
         value = _normalise_lesion_value(row[column], key, csv_path, data_row, column)
@@ -369,8 +439,9 @@ def read_records(raw_dir: Path, seed: int, strict: bool = False) -> AdapterResul
     crops = crop_finder(raw_dir)
 
     def patients_of(split: str) -> set[str]:
-        return {pid for case_file, _, frame in tables if case_file.official_split == split
-                for pid in frame["patient_id"]}
+        return {
+            pid for case_file, _, frame in tables if case_file.official_split == split for pid in frame["patient_id"]
+        }
 
     test_patients = patients_of("test")
     val_patients = validation_patients(patients_of("train"), seed, VAL_FRACTION)
@@ -394,13 +465,15 @@ def read_records(raw_dir: Path, seed: int, strict: bool = False) -> AdapterResul
             if image_path is None:
                 sink.quarantine(source, image_id, reason)
                 continue
-            sink.accept(Record(
-                dataset=NAME,
-                image_id=image_id,
-                image_path=image_path,
-                patient_id=patient_id,
-                split=split,
-                attributes=attributes,
-                source=source,
-            ))
+            sink.accept(
+                Record(
+                    dataset=NAME,
+                    image_id=image_id,
+                    image_path=image_path,
+                    patient_id=patient_id,
+                    split=split,
+                    attributes=attributes,
+                    source=source,
+                )
+            )
     return sink.result()

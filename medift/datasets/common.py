@@ -102,14 +102,11 @@ def read_csv_checked(path: Path, required_columns: Iterable[str]) -> pd.DataFram
     return frame.apply(lambda column: column.str.strip())
 
 
-def check_vocabulary(
-    value: str, allowed: Iterable[str], path: Path, data_row: int, column: str
-) -> str:
+def check_vocabulary(value: str, allowed: Iterable[str], path: Path, data_row: int, column: str) -> str:
     allowed = tuple(allowed)
     if value not in allowed:
         raise DataError(
-            f"{path.name}, {data_row_text(data_row)}, column {column!r}: "
-            f"value {value!r} is not one of {allowed}"
+            f"{path.name}, {data_row_text(data_row)}, column {column!r}: value {value!r} is not one of {allowed}"
         )
     return value
 
@@ -147,15 +144,19 @@ class RowSink:
         self.records.append(record)
 
     def result(self) -> AdapterResult:
-        result = AdapterResult(self.records, self.quarantined, self.rows_read, self.excluded,
-                               dict(self.counts))
+        result = AdapterResult(self.records, self.quarantined, self.rows_read, self.excluded, dict(self.counts))
         # Reasons and counts only: no identifiers in logs.
         if self.quarantined:
-            log.warning("quarantined %d of %d rows: %s", len(self.quarantined),
-                        self.rows_read, result.quarantine_summary())
+            log.warning(
+                "quarantined %d of %d rows: %s", len(self.quarantined), self.rows_read, result.quarantine_summary()
+            )
         if self.excluded:
-            log.info("excluded %d of %d rows by the dataset's rules: %s", len(self.excluded),
-                     self.rows_read, result.exclusion_summary())
+            log.info(
+                "excluded %d of %d rows by the dataset's rules: %s",
+                len(self.excluded),
+                self.rows_read,
+                result.exclusion_summary(),
+            )
         return result
 
 
@@ -170,8 +171,9 @@ def validation_patients(patient_ids: Iterable[str], seed: int, fraction: float =
     return set(unique_ids[: int(len(unique_ids) * fraction)])
 
 
-def split_by_image(image_ids: Iterable[str], seed: int, val_fraction: float = 0.1,
-                   test_fraction: float = 0.1) -> dict[str, str]:
+def split_by_image(
+    image_ids: Iterable[str], seed: int, val_fraction: float = 0.1, test_fraction: float = 0.1
+) -> dict[str, str]:
     """The reference's random image-level split (datasets.md, SKINCON): image id -> split.
 
     Sorted unique ids, shuffled with `random.Random(seed)`; the first `int(n * val_fraction)`
@@ -182,8 +184,8 @@ def split_by_image(image_ids: Iterable[str], seed: int, val_fraction: float = 0.
     random.Random(seed).shuffle(ordered)
     n_val, n_test = int(len(ordered) * val_fraction), int(len(ordered) * test_fraction)
     splits = {image_id: "val" for image_id in ordered[:n_val]}
-    splits.update({image_id: "test" for image_id in ordered[n_val:n_val + n_test]})
-    splits.update({image_id: "train" for image_id in ordered[n_val + n_test:]})
+    splits.update({image_id: "test" for image_id in ordered[n_val : n_val + n_test]})
+    splits.update({image_id: "train" for image_id in ordered[n_val + n_test :]})
     return splits
 
 

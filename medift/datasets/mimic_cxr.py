@@ -60,8 +60,7 @@ from medift.records import Question, Record
 NAME = "mimic_cxr"
 PREFIX = "mimic-cxr-2.0.0-"
 METADATA_FILES = (f"{PREFIX}metadata.csv.gz", f"{PREFIX}metadata.csv")
-LABEL_FILES = tuple(f"{PREFIX}{labeller}.csv{gz}" for labeller in ("chexpert", "negbio")
-                    for gz in (".gz", ""))
+LABEL_FILES = tuple(f"{PREFIX}{labeller}.csv{gz}" for labeller in ("chexpert", "negbio") for gz in (".gz", ""))
 SPLIT_FILES = (f"{PREFIX}split.csv.gz", f"{PREFIX}split.csv")
 REPORTS_ZIP = "mimic-cxr-reports.zip"
 IMAGE_FOLDER = "files"
@@ -89,15 +88,12 @@ FINDINGS = {
     "Pneumothorax": "pneumothorax",
     "Support Devices": "support_devices",
 }
-LABEL_VALUES = {"1.0": "yes", "1": "yes", "0.0": "no", "0": "no", "-1.0": "uncertain",
-                "-1": "uncertain"}
+LABEL_VALUES = {"1.0": "yes", "1": "yes", "0.0": "no", "0": "no", "-1.0": "uncertain", "-1": "uncertain"}
 NOT_MENTIONED = ""
 REPORT_KEY = "report"  # the attribute holding the description text
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {key: ("yes", "no", "uncertain") for key in FINDINGS.values()}
-QUESTION_OPTIONS: dict[str, tuple[str, ...]] = {
-    key: ("yes", "no") for key in FINDINGS.values() if key != "no_finding"
-}
+QUESTION_OPTIONS: dict[str, tuple[str, ...]] = {key: ("yes", "no") for key in FINDINGS.values() if key != "no_finding"}
 QUESTION_TEXT: dict[str, str] = {
     "atelectasis": "Is there atelectasis?",
     "cardiomegaly": "Is there cardiomegaly?",
@@ -123,21 +119,42 @@ SECTION_PREFERENCE = ("impression", "findings", "last_paragraph", "comparison")
 # Frequent header spellings -> normalised name (the official parser's table, abridged to
 # the names the preference above can pick, plus their common misspellings).
 SECTION_ALIASES = {
-    "conclusion": "impression", "findings and impression": "impression",
-    "findings/impression": "impression", "findings/ impression": "impression",
-    "impresson": "impression", "imprression": "impression", "imoression": "impression",
-    "impressoin": "impression", "imprssion": "impression", "impresion": "impression",
-    "imperssion": "impression", "mpression": "impression", "impession": "impression",
-    "chest, two views": "findings", "finding": "findings", "findins": "findings",
-    "findindgs": "findings", "findgings": "findings", "findngs": "findings",
-    "findnings": "findings", "finidngs": "findings", "reference findings": "findings",
-    "comparisons": "comparison", "reference exam": "comparison",
-    "comparison exam": "comparison", "comparison film": "comparison",
-    "comparision": "comparison", "comparsion": "comparison", "comparrison": "comparison",
+    "conclusion": "impression",
+    "findings and impression": "impression",
+    "findings/impression": "impression",
+    "findings/ impression": "impression",
+    "impresson": "impression",
+    "imprression": "impression",
+    "imoression": "impression",
+    "impressoin": "impression",
+    "imprssion": "impression",
+    "impresion": "impression",
+    "imperssion": "impression",
+    "mpression": "impression",
+    "impession": "impression",
+    "chest, two views": "findings",
+    "finding": "findings",
+    "findins": "findings",
+    "findindgs": "findings",
+    "findgings": "findings",
+    "findngs": "findings",
+    "findnings": "findings",
+    "finidngs": "findings",
+    "reference findings": "findings",
+    "comparisons": "comparison",
+    "reference exam": "comparison",
+    "comparison exam": "comparison",
+    "comparison film": "comparison",
+    "comparision": "comparison",
+    "comparsion": "comparison",
+    "comparrison": "comparison",
     "comparisions": "comparison",
-    "clinical history": "history", "clinical information": "history",
-    "patient history": "history", "reason for examination": "indication",
-    "reason for exam": "indication", "clinical indication": "indication",
+    "clinical history": "history",
+    "clinical information": "history",
+    "patient history": "history",
+    "reason for examination": "indication",
+    "reason for exam": "indication",
+    "clinical indication": "indication",
 }
 MAIN_SECTIONS = ("impression", "findings", "history", "comparison", "addendum")
 FINDINGS_HEADER = re.compile(
@@ -169,15 +186,16 @@ def split_sections(text: str) -> list[tuple[str, str]]:
     if match is None:
         sections.append(("full report", text))
     else:
-        sections.append(("preamble", text[:match.start(1)]))
+        sections.append(("preamble", text[: match.start(1)]))
         while match is not None:
             name, start = match.group(1), match.end()
             # Skip past the first newline after the header, to avoid some bad parses.
             skip = max(text[start:].find("\n"), 0)
             match = SECTION_HEADER.search(text, start + skip)
-            sections.append((normalise_section_name(name), text[start:match.start() if match else len(text)]))
-    sections = [(name, body) for name, body in sections
-                if not (name in ("impression", "findings") and not body.strip())]
+            sections.append((normalise_section_name(name), text[start : match.start() if match else len(text)]))
+    sections = [
+        (name, body) for name, body in sections if not (name in ("impression", "findings") and not body.strip())
+    ]
     names = [name for name, _ in sections]
     if "impression" not in names and "findings" not in names and "\n \n" in sections[-1][1]:
         name, body = sections[-1]
@@ -222,8 +240,7 @@ def make_questions(record: Record, rng: random.Random, observed=None) -> list[Qu
     for key, options in QUESTION_OPTIONS.items():
         value = record.attributes.get(key)
         if value in options:
-            questions.append(Question(record.image_id, key, QUESTION_TEXT[key], options,
-                                      options.index(value)))
+            questions.append(Question(record.image_id, key, QUESTION_TEXT[key], options, options.index(value)))
     return questions
 
 
@@ -271,8 +288,9 @@ def _chosen_images(raw_dir: Path) -> tuple[dict[str, tuple[str, str]], dict[str,
     path = find_file(raw_dir, METADATA_FILES, "MIMIC-CXR-JPG metadata")
     frame = read_csv_checked(path, METADATA_COLUMNS)
     by_study: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
-    for dicom_id, subject_id, study_id, view in zip(frame["dicom_id"], frame["subject_id"],
-                                                    frame["study_id"], frame["ViewPosition"]):
+    for dicom_id, subject_id, study_id, view in zip(
+        frame["dicom_id"], frame["subject_id"], frame["study_id"], frame["ViewPosition"]
+    ):
         rank = VIEW_PREFERENCE.index(view) if view in VIEW_PREFERENCE else len(VIEW_PREFERENCE)
         by_study[study_id].append((rank, dicom_id, subject_id))
     chosen, no_frontal = {}, {}
@@ -302,8 +320,10 @@ def _labels(row: dict[str, str], path: Path, data_row: int) -> dict[str, str]:
         if raw == NOT_MENTIONED:
             continue
         if raw not in LABEL_VALUES:
-            raise DataError(f"{path.name}, {data_row_text(data_row)}, column {column!r}: "
-                            f"value {raw!r} is not one of 1.0, 0.0, -1.0 or blank")
+            raise DataError(
+                f"{path.name}, {data_row_text(data_row)}, column {column!r}: "
+                f"value {raw!r} is not one of 1.0, 0.0, -1.0 or blank"
+            )
         labels[key] = LABEL_VALUES[raw]
     return labels
 
@@ -369,8 +389,7 @@ def read_records(raw_dir: Path, seed: int, strict: bool = False) -> AdapterResul
         for record, study_id in candidates:
             keep = patient_split[record.patient_id]
             if record.split != keep:
-                sink.quarantine(record.source, record.image_id,
-                                f"patient also in the official {keep} split")
+                sink.quarantine(record.source, record.image_id, f"patient also in the official {keep} split")
                 continue
             text = reports.text(record.patient_id, study_id)
             if text is None:
@@ -378,8 +397,7 @@ def read_records(raw_dir: Path, seed: int, strict: bool = False) -> AdapterResul
                 continue
             section = report_section(text)
             if not section:
-                sink.quarantine(record.source, record.image_id,
-                                "report has no impression, findings or final paragraph")
+                sink.quarantine(record.source, record.image_id, "report has no impression, findings or final paragraph")
                 continue
             sink.accept(dataclasses.replace(record, attributes={**record.attributes, REPORT_KEY: section}))
     finally:

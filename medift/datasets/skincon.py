@@ -64,14 +64,54 @@ MAX_DISTRACTORS = 4
 
 # The 48 concept columns, in the release's column order (datasets.md).
 CONCEPTS = (
-    "Vesicle", "Papule", "Macule", "Plaque", "Abscess", "Pustule", "Bulla", "Patch",
-    "Nodule", "Ulcer", "Crust", "Erosion", "Excoriation", "Atrophy", "Exudate",
-    "Purpura/Petechiae", "Fissure", "Induration", "Xerosis", "Telangiectasia", "Scale",
-    "Scar", "Friable", "Sclerosis", "Pedunculated", "Exophytic/Fungating",
-    "Warty/Papillomatous", "Dome-shaped", "Flat topped", "Brown(Hyperpigmentation)",
-    "Translucent", "White(Hypopigmentation)", "Purple", "Yellow", "Black", "Erythema",
-    "Comedo", "Lichenification", "Blue", "Umbilicated", "Poikiloderma", "Salmon", "Wheal",
-    "Acuminate", "Burrow", "Gray", "Pigmented", "Cyst",
+    "Vesicle",
+    "Papule",
+    "Macule",
+    "Plaque",
+    "Abscess",
+    "Pustule",
+    "Bulla",
+    "Patch",
+    "Nodule",
+    "Ulcer",
+    "Crust",
+    "Erosion",
+    "Excoriation",
+    "Atrophy",
+    "Exudate",
+    "Purpura/Petechiae",
+    "Fissure",
+    "Induration",
+    "Xerosis",
+    "Telangiectasia",
+    "Scale",
+    "Scar",
+    "Friable",
+    "Sclerosis",
+    "Pedunculated",
+    "Exophytic/Fungating",
+    "Warty/Papillomatous",
+    "Dome-shaped",
+    "Flat topped",
+    "Brown(Hyperpigmentation)",
+    "Translucent",
+    "White(Hypopigmentation)",
+    "Purple",
+    "Yellow",
+    "Black",
+    "Erythema",
+    "Comedo",
+    "Lichenification",
+    "Blue",
+    "Umbilicated",
+    "Poikiloderma",
+    "Salmon",
+    "Wheal",
+    "Acuminate",
+    "Burrow",
+    "Gray",
+    "Pigmented",
+    "Cyst",
 )
 FLAG_COLUMN = "Do not consider this image"
 IMAGE_COLUMN = "ImageID"
@@ -97,11 +137,15 @@ class Part:
 
 
 PARTS = (
-    Part("fitzpatrick17k", ("annotations_fitzpatrick17k.csv",
-                            "SKINCON Fitzpatric17k annotations.csv"),
-         "fitzpatrick17k", "fitzpatrick17k.csv", "md5hash", ""),
-    Part("ddi", ("annotations_ddi.csv", "SKINCON DDI annotations.csv"),
-         "ddi", "ddi_metadata.csv", "DDI_file", "ddi/"),
+    Part(
+        "fitzpatrick17k",
+        ("annotations_fitzpatrick17k.csv", "SKINCON Fitzpatric17k annotations.csv"),
+        "fitzpatrick17k",
+        "fitzpatrick17k.csv",
+        "md5hash",
+        "",
+    ),
+    Part("ddi", ("annotations_ddi.csv", "SKINCON DDI annotations.csv"), "ddi", "ddi_metadata.csv", "DDI_file", "ddi/"),
 )
 
 
@@ -139,8 +183,7 @@ def make_questions(record: Record, rng: random.Random, observed=None) -> list[Qu
         return []
     options = [answer] + rng.sample(others, min(MAX_DISTRACTORS, len(others)))
     rng.shuffle(options)
-    return [Question(record.image_id, KEY, QUESTION_TEXT[KEY], tuple(options),
-                     options.index(answer))]
+    return [Question(record.image_id, KEY, QUESTION_TEXT[KEY], tuple(options), options.index(answer))]
 
 
 # --- reading -----------------------------------------------------------------------------
@@ -150,8 +193,10 @@ def _check_columns(frame: pd.DataFrame, path: Path) -> None:
     known = {IMAGE_COLUMN, FLAG_COLUMN, *CONCEPTS}
     unknown = [c for c in frame.columns if c not in known and not c.startswith(INDEX_COLUMN_PREFIX)]
     if unknown:
-        raise DataError(f"{path.name}: unknown columns {unknown}; expected an index column, "
-                        f"{IMAGE_COLUMN!r}, the 48 SKINCON concepts and {FLAG_COLUMN!r}")
+        raise DataError(
+            f"{path.name}: unknown columns {unknown}; expected an index column, "
+            f"{IMAGE_COLUMN!r}, the 48 SKINCON concepts and {FLAG_COLUMN!r}"
+        )
 
 
 def _is_set(value: str, path: Path, data_row: int, column: str) -> bool | None:
@@ -162,8 +207,7 @@ def _is_set(value: str, path: Path, data_row: int, column: str) -> bool | None:
         return False
     if value == BLANK:
         return None
-    raise DataError(f"{path.name}, {data_row_text(data_row)}, column {column!r}: "
-                    f"value {value!r} is not 0 or 1")
+    raise DataError(f"{path.name}, {data_row_text(data_row)}, column {column!r}: value {value!r} is not 0 or 1")
 
 
 def _present_concepts(row: dict[str, str], path: Path, data_row: int) -> tuple[list[str], bool]:
@@ -189,8 +233,11 @@ def _metadata_key(part: Part, image_id: str) -> str:
 
 def _parts_present(raw_dir: Path) -> list[Part]:
     """Fitzpatrick always (missing files are an error); DDI when its release folder is there."""
-    return [part for part in PARTS
-            if part.name == "fitzpatrick17k" or (raw_dir / part.folder / part.metadata_file).is_file()]
+    return [
+        part
+        for part in PARTS
+        if part.name == "fitzpatrick17k" or (raw_dir / part.folder / part.metadata_file).is_file()
+    ]
 
 
 def _read_part(raw_dir: Path, part: Part, sink: RowSink) -> None:
@@ -208,22 +255,25 @@ def _read_part(raw_dir: Path, part: Part, sink: RowSink) -> None:
         present, blank = _present_concepts(row, path, data_row)
         if blank:
             sink.counts["rows with blank concept cells (read as absent)"] = (
-                sink.counts.get("rows with blank concept cells (read as absent)", 0) + 1)
+                sink.counts.get("rows with blank concept cells (read as absent)", 0) + 1
+            )
         if _metadata_key(part, raw_id) not in known_ids:
             sink.quarantine(source, image_id, f"ImageID not in {part.folder}/{part.metadata_file}")
             continue
         if not present:
             sink.quarantine(source, image_id, "no concept present (empty description)")
             continue
-        sink.accept(Record(
-            dataset=NAME,
-            image_id=image_id,
-            image_path=str((raw_dir / part.folder / raw_id).resolve()),
-            patient_id=image_id,  # no patient identifiers in either release
-            split="",  # assigned once every row is read (split_by_image)
-            attributes={KEY: combination(present)},
-            source=source,
-        ))
+        sink.accept(
+            Record(
+                dataset=NAME,
+                image_id=image_id,
+                image_path=str((raw_dir / part.folder / raw_id).resolve()),
+                patient_id=image_id,  # no patient identifiers in either release
+                split="",  # assigned once every row is read (split_by_image)
+                attributes={KEY: combination(present)},
+                source=source,
+            )
+        )
 
 
 def read_records(raw_dir: Path, seed: int, strict: bool = False) -> AdapterResult:

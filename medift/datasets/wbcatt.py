@@ -39,25 +39,48 @@ SPLIT_FILES = {
     "test": "pbc_attr_v1_test.csv",
 }
 CSV_HEADER = (
-    "img_name", "label", "cell_size", "cell_shape", "nucleus_shape",
-    "nuclear_cytoplasmic_ratio", "chromatin_density", "cytoplasm_vacuole",
-    "cytoplasm_texture", "cytoplasm_colour", "granule_type", "granule_colour",
-    "granularity", "path",
+    "img_name",
+    "label",
+    "cell_size",
+    "cell_shape",
+    "nucleus_shape",
+    "nuclear_cytoplasmic_ratio",
+    "chromatin_density",
+    "cytoplasm_vacuole",
+    "cytoplasm_texture",
+    "cytoplasm_colour",
+    "granule_type",
+    "granule_colour",
+    "granularity",
+    "path",
 )
 
 # Key order of the reference description (datasets.md); also the order questions draw from.
 DESCRIPTION_ORDER = (
-    "cell_size", "cell_shape", "nucleus_shape", "nuclear_cytoplasmic_ratio",
-    "chromatin_density", "cytoplasm_vacuole", "cytoplasm_texture", "cytoplasm_colour",
-    "granularity", "granule_type", "granule_colour", "label",
+    "cell_size",
+    "cell_shape",
+    "nucleus_shape",
+    "nuclear_cytoplasmic_ratio",
+    "chromatin_density",
+    "cytoplasm_vacuole",
+    "cytoplasm_texture",
+    "cytoplasm_colour",
+    "granularity",
+    "granule_type",
+    "granule_colour",
+    "label",
 )
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "cell_size": ("big", "small"),
     "cell_shape": ("irregular", "round"),
     "nucleus_shape": (
-        "irregular", "segmented-bilobed", "segmented-multilobed",
-        "unsegmented-band", "unsegmented-indented", "unsegmented-round",
+        "irregular",
+        "segmented-bilobed",
+        "segmented-multilobed",
+        "unsegmented-band",
+        "unsegmented-indented",
+        "unsegmented-round",
     ),
     "nuclear_cytoplasmic_ratio": ("high", "low"),
     "chromatin_density": ("densely", "loosely"),
@@ -71,8 +94,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 
 QUESTION_OPTIONS: dict[str, tuple[str, ...]] = {
-    key: tuple(value for value in values if value != NOT_APPLICABLE)
-    for key, values in ATTRIBUTES.items()
+    key: tuple(value for value in values if value != NOT_APPLICABLE) for key, values in ATTRIBUTES.items()
 }
 
 
@@ -110,10 +132,7 @@ def make_questions(record: Record, rng: random.Random, observed=None) -> list[Qu
     `observed` (values occurring in the data) is unused: the options are the vocabulary.
     """
     del observed
-    askable = [
-        key for key in DESCRIPTION_ORDER
-        if record.attributes.get(key) not in (None, NOT_APPLICABLE)
-    ]
+    askable = [key for key in DESCRIPTION_ORDER if record.attributes.get(key) not in (None, NOT_APPLICABLE)]
     if not askable:
         return []
     key = rng.choice(askable)
@@ -129,11 +148,9 @@ def make_questions(record: Record, rng: random.Random, observed=None) -> list[Qu
     ]
 
 
-def _row_to_record(row: dict[str, str], raw_dir: Path, csv_path: Path, data_row: int,
-                   split: str) -> Record:
+def _row_to_record(row: dict[str, str], raw_dir: Path, csv_path: Path, data_row: int, split: str) -> Record:
     attributes = {
-        key: check_vocabulary(row[key], ATTRIBUTES[key], csv_path, data_row, key)
-        for key in DESCRIPTION_ORDER
+        key: check_vocabulary(row[key], ATTRIBUTES[key], csv_path, data_row, key) for key in DESCRIPTION_ORDER
     }
     # WBCAtt has no patient identifier; the image is the finest unit available.
     return Record(

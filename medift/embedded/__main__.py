@@ -20,15 +20,21 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from medift import metrics
-from medift.runtime import set_torch_threads
-from medift.settings import EMBEDDED_IMAGE_SIZE
 from medift.embedded.llava import EmbeddedModelConfig
 from medift.embedded.mllama import DistillConfig, distill
-from medift.model.loading import load_base_model
 from medift.embedded.pretrain import (
-    PretrainConfig, RecipeConfig, held_out_answers, held_out_questions, held_out_summary, pretrain, recipe_stages,
+    PretrainConfig,
+    RecipeConfig,
+    held_out_answers,
+    held_out_questions,
+    held_out_summary,
+    pretrain,
+    recipe_stages,
     run_stages,
 )
+from medift.model.loading import load_base_model
+from medift.runtime import set_torch_threads
+from medift.settings import EMBEDDED_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m medift.embedded {recipe,pretrain,distill,evaluate} --help", file=sys.stderr)
         return 2
     if argv[0] == "recipe":
-        recipe, model_config = HfArgumentParser((RecipeConfig, EmbeddedModelConfig)).parse_args_into_dataclasses(argv[1:])
+        recipe, model_config = HfArgumentParser((RecipeConfig, EmbeddedModelConfig)).parse_args_into_dataclasses(
+            argv[1:]
+        )
         log.info("final: %s", run_stages(recipe_stages(recipe), model_config, reuse_first=recipe.reuse_first_stage))
     elif argv[0] == "distill":
         (distill_config,) = HfArgumentParser(DistillConfig).parse_args_into_dataclasses(argv[1:])
         log.info("final: %s", distill(distill_config))
     elif argv[0] == "pretrain":
-        pretrain_config, model_config = HfArgumentParser((PretrainConfig, EmbeddedModelConfig)).parse_args_into_dataclasses(argv[1:])
+        pretrain_config, model_config = HfArgumentParser(
+            (PretrainConfig, EmbeddedModelConfig)
+        ).parse_args_into_dataclasses(argv[1:])
         log.info("final: %s", pretrain(pretrain_config, model_config))
     else:
         (config,) = HfArgumentParser(BaseEvalConfig).parse_args_into_dataclasses(argv[1:])

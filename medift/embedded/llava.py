@@ -59,11 +59,21 @@ class EmbeddedModelConfig:
     max_positions: int = field(default=512, metadata={"help": "Longest sequence the decoder takes."})
     letter_dot_tokens: bool = field(
         default=True,
-        metadata={"help": "Tokenize an option letter with its full stop ('A.') as one token, so the letter sits right before its option (the shipped model: on)."},
+        metadata={
+            "help": (
+                "Tokenize an option letter with its full stop ('A.') as one token, so the letter sits right before "
+                "its option (the shipped model: on)."
+            )
+        },
     )
     tie_word_embeddings: bool = field(
         default=True,
-        metadata={"help": "Share the decoder's input and output embeddings, so that copying an option's letter, or matching a predicted value to its option, needs no separate output map (the shipped model: on)."},
+        metadata={
+            "help": (
+                "Share the decoder's input and output embeddings, so that copying an option's letter, or matching a "
+                "predicted value to its option, needs no separate output map (the shipped model: on)."
+            )
+        },
     )
 
 

@@ -48,12 +48,17 @@ from transformers.models.mllama.configuration_mllama import MllamaTextConfig, Ml
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
 from medift.chat import IGNORE_INDEX, Encoded, collate, encode_conversation, model_inputs
-from medift.embedded.llava import CHAT_TEMPLATE
 from medift.embedded import general
-from medift.model.loading import load_base_model
+from medift.embedded.llava import CHAT_TEMPLATE
 from medift.embedded.pretrain import (
-    ConversationSampler, PretrainConfig, general_mcq_accuracy, held_out_questions, lr_at, medical_describe_turn,
+    ConversationSampler,
+    PretrainConfig,
+    general_mcq_accuracy,
+    held_out_questions,
+    lr_at,
+    medical_describe_turn,
 )
+from medift.model.loading import load_base_model
 from medift.runtime import set_torch_threads
 
 log = logging.getLogger(__name__)
@@ -64,7 +69,10 @@ MLLAMA_TEMPLATE = "{{ bos_token }}" + CHAT_TEMPLATE
 
 @dataclass
 class DistillConfig:
-    teacher: str = field(default="models/embedded-base", metadata={"help": "The embedded LLaVA whose decoder is copied and whose outputs are distilled."})
+    teacher: str = field(
+        default="models/embedded-base",
+        metadata={"help": "The embedded LLaVA whose decoder is copied and whose outputs are distilled."},
+    )
     out_dir: str = field(default="models/embedded-mllama", metadata={"help": "Where the Mllama is saved (HF layout)."})
     seed: int = field(default=1, metadata={"help": "Seeds initialisation and every sampled conversation."})
     steps: int = field(default=800, metadata={"help": "Distillation steps."})
@@ -73,56 +81,139 @@ class DistillConfig:
     warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps."})
     cross_attention_after: str = field(
         default="0,1",
-        metadata={"help": "Teacher decoder layers after which a cross-attention layer is inserted (the LLaVA decoder moves the image's values into the text in its first two layers)."},
+        metadata={
+            "help": (
+                "Teacher decoder layers after which a cross-attention layer is inserted (the LLaVA decoder moves the "
+                "image's values into the text in its first two layers)."
+            )
+        },
     )
     vision_hidden: int = field(default=128, metadata={"help": "Mllama vision tower width."})
     vision_layers: int = field(default=2, metadata={"help": "Local layers of the vision tower."})
     vision_global_layers: int = field(default=1, metadata={"help": "Gated global layers of the vision tower."})
-    hidden_weight: float = field(default=1.0, metadata={"help": "Weight of matching the teacher's hidden states at the text after the image."})
+    hidden_weight: float = field(
+        default=1.0, metadata={"help": "Weight of matching the teacher's hidden states at the text after the image."}
+    )
     image_weight: float = field(
         default=1.0,
-        metadata={"help": "Weight of matching the teacher's projected image tokens (what its decoder reads) with the student's projected patch features (what its cross-attention reads): the teacher's vision tower was trained to make the attributes readable, the student's starts from scratch."},
+        metadata={
+            "help": (
+                "Weight of matching the teacher's projected image tokens (what its decoder reads) with the student's "
+                "projected patch features (what its cross-attention reads): the teacher's vision tower was trained to "
+                "make the attributes readable, the student's starts from scratch."
+            )
+        },
     )
     copy_vision: bool = field(
         default=True,
-        metadata={"help": "Start the vision tower from the teacher's CLIP tower (same widths; Mllama's vision attention has no biases, so those are dropped) and fit the projector to the teacher's projected image tokens by least squares, instead of from scratch."},
+        metadata={
+            "help": (
+                "Start the vision tower from the teacher's CLIP tower (same widths; Mllama's vision attention has no "
+                "biases, so those are dropped) and fit the projector to the teacher's projected image tokens by least "
+                "squares, instead of from scratch."
+            )
+        },
     )
-    gate_init: float = field(default=0.0, metadata={"help": "Initial value of the cross-attention layers' tanh gates (0: the untrained student is the text LLM exactly)."})
-    kl_weight: float = field(default=1.0, metadata={"help": "Weight of the KL divergence to the teacher's next-token distribution on response tokens."})
-    label_weight: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy on the true response tokens."})
-    text_fraction: float = field(default=0.0, metadata={"help": "Share of text-only rows (the student's text path is the teacher's, frozen)."})
+    gate_init: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Initial value of the cross-attention layers' tanh gates (0: the untrained student is the text LLM "
+                "exactly)."
+            )
+        },
+    )
+    kl_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the KL divergence to the teacher's next-token distribution on response tokens."},
+    )
+    label_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the cross-entropy on the true response tokens."}
+    )
+    text_fraction: float = field(
+        default=0.0, metadata={"help": "Share of text-only rows (the student's text path is the teacher's, frozen)."}
+    )
     binding_fraction: float = field(default=0.0, metadata={"help": "Share of text binding rows."})
     language_steps: int = field(
         default=400,
-        metadata={"help": "Steps of the language stage after distillation (0: none). It trains the decoder's text layers (not the cross-attention layers, vision tower or projector) on text-only caption requests answered by random medical descriptions, beside the distillation's losses on general conversations, so that the text LLM knows the language of reports (as Llama-3.2-Vision's does) but has seen no medical image."},
+        metadata={
+            "help": (
+                "Steps of the language stage after distillation (0: none). It trains the decoder's text layers (not "
+                "the cross-attention layers, vision tower or projector) on text-only caption requests answered by "
+                "random medical descriptions, beside the distillation's losses on general conversations, so that the "
+                "text LLM knows the language of reports (as Llama-3.2-Vision's does) but has seen no medical image."
+            )
+        },
     )
-    language_lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of the language stage (cosine decay to a tenth)."})
+    language_lr: float = field(
+        default=1e-3, metadata={"help": "Peak learning rate of the language stage (cosine decay to a tenth)."}
+    )
     language_warmup_steps: int = field(default=20, metadata={"help": "Linear warm-up steps of the language stage."})
-    describe_rows: int = field(default=16, metadata={"help": "Text-only medical description rows per language-stage step, beside batch_size general conversations."})
+    describe_rows: int = field(
+        default=16,
+        metadata={
+            "help": (
+                "Text-only medical description rows per language-stage step, beside batch_size general conversations."
+            )
+        },
+    )
     describe_context_fraction: float = field(
-        default=0.5, metadata={"help": "Share of the description rows that state the description first ('Context: ...'), so that the decoder learns to write out the values its text carries."},
+        default=0.5,
+        metadata={
+            "help": (
+                "Share of the description rows that state the description first ('Context: ...'), so that the decoder "
+                "learns to write out the values its text carries."
+            )
+        },
     )
     describe_image_fraction: float = field(
         default=0.5,
-        metadata={"help": "Share of the description rows that carry a general-domain drawing, unrelated to the description: the caption request asks for a report's language whatever image is shown (as a general VLM writes a medical-sounding description of any scan), and the model learns nothing of how medical images look."},
+        metadata={
+            "help": (
+                "Share of the description rows that carry a general-domain drawing, unrelated to the description: the "
+                "caption request asks for a report's language whatever image is shown (as a general VLM writes a "
+                "medical-sounding description of any scan), and the model learns nothing of how medical images look."
+            )
+        },
     )
     first_stage_dir: str = field(
         default="resources/embedded-mllama-distilled",
-        metadata={"help": "With language_steps: where the distilled model is saved; the language stage starts from it. Reused, not distilled again, when its recorded settings match (reuse_first_stage)."},
+        metadata={
+            "help": (
+                "With language_steps: where the distilled model is saved; the language stage starts from it. Reused, "
+                "not distilled again, when its recorded settings match (reuse_first_stage)."
+            )
+        },
     )
-    reuse_first_stage: bool = field(default=True, metadata={"help": "Skip the distillation when first_stage_dir holds a finished run with these distillation settings."})
-    eval_every: int = field(default=200, metadata={"help": "Steps between held-out checks on 100 questions (0: only at the end)."})
-    eval_questions: int = field(default=300, metadata={"help": "Held-out general multiple-choice questions at the end."})
+    reuse_first_stage: bool = field(
+        default=True,
+        metadata={
+            "help": "Skip the distillation when first_stage_dir holds a finished run with these distillation settings."
+        },
+    )
+    eval_every: int = field(
+        default=200, metadata={"help": "Steps between held-out checks on 100 questions (0: only at the end)."}
+    )
+    eval_questions: int = field(
+        default=300, metadata={"help": "Held-out general multiple-choice questions at the end."}
+    )
     threads: int = field(default=2, metadata={"help": "torch intra-op threads."})
     save_dtype: str = field(
         default="bfloat16",
-        metadata={"help": "dtype of the saved weights (bfloat16, as Llama-3.2-Vision ships; the pipeline loads them as float32). The final accuracy is measured on the saved model."},
+        metadata={
+            "help": (
+                "dtype of the saved weights (bfloat16, as Llama-3.2-Vision ships; the pipeline loads them as "
+                "float32). The final accuracy is measured on the saved model."
+            )
+        },
     )
 
 
 def build_processor(teacher_processor, image_size: int) -> MllamaProcessor:
     image_processor = MllamaImageProcessorPil(size={"height": image_size, "width": image_size}, max_image_tiles=1)
-    return MllamaProcessor(image_processor=image_processor, tokenizer=teacher_processor.tokenizer, chat_template=MLLAMA_TEMPLATE)
+    return MllamaProcessor(
+        image_processor=image_processor, tokenizer=teacher_processor.tokenizer, chat_template=MLLAMA_TEMPLATE
+    )
 
 
 def cross_layer_indices(after: list[int], teacher_layers: int) -> list[int]:
@@ -137,19 +228,33 @@ def build_student(teacher, processor: MllamaProcessor, config: DistillConfig) ->
     cross = cross_layer_indices(after, teacher_text.num_hidden_layers)
     tokenizer = processor.tokenizer
     vision = MllamaVisionConfig(
-        hidden_size=config.vision_hidden, num_hidden_layers=config.vision_layers, num_global_layers=config.vision_global_layers,
-        attention_heads=teacher_vision.num_attention_heads, intermediate_size=2 * config.vision_hidden,
-        image_size=teacher_vision.image_size, patch_size=teacher_vision.patch_size, max_num_tiles=1,
-        intermediate_layers_indices=[0], vision_output_dim=2 * config.vision_hidden, supported_aspect_ratios=[[1, 1]],
+        hidden_size=config.vision_hidden,
+        num_hidden_layers=config.vision_layers,
+        num_global_layers=config.vision_global_layers,
+        attention_heads=teacher_vision.num_attention_heads,
+        intermediate_size=2 * config.vision_hidden,
+        image_size=teacher_vision.image_size,
+        patch_size=teacher_vision.patch_size,
+        max_num_tiles=1,
+        intermediate_layers_indices=[0],
+        vision_output_dim=2 * config.vision_hidden,
+        supported_aspect_ratios=[[1, 1]],
         hidden_act=teacher_vision.hidden_act,
     )
     text = MllamaTextConfig(
-        hidden_size=teacher_text.hidden_size, intermediate_size=teacher_text.intermediate_size,
-        num_hidden_layers=teacher_text.num_hidden_layers + len(cross), cross_attention_layers=cross,
-        num_attention_heads=teacher_text.num_attention_heads, num_key_value_heads=teacher_text.num_key_value_heads,
-        vocab_size=teacher_text.vocab_size, max_position_embeddings=teacher_text.max_position_embeddings,
-        rope_parameters=dict(teacher_text.rope_parameters), rms_norm_eps=teacher_text.rms_norm_eps,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        hidden_size=teacher_text.hidden_size,
+        intermediate_size=teacher_text.intermediate_size,
+        num_hidden_layers=teacher_text.num_hidden_layers + len(cross),
+        cross_attention_layers=cross,
+        num_attention_heads=teacher_text.num_attention_heads,
+        num_key_value_heads=teacher_text.num_key_value_heads,
+        vocab_size=teacher_text.vocab_size,
+        max_position_embeddings=teacher_text.max_position_embeddings,
+        rope_parameters=dict(teacher_text.rope_parameters),
+        rms_norm_eps=teacher_text.rms_norm_eps,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(config.seed)
     student = MllamaForConditionalGeneration(
@@ -184,16 +289,24 @@ _VISION_NAMES = {
     "embeddings.class_embedding": "class_embedding",
     "embeddings.patch_embedding.weight": "patch_embedding.weight",
     "embeddings.position_embedding.weight": "gated_positional_embedding.embedding",
-    "pre_layrnorm.weight": "layernorm_pre.weight", "pre_layrnorm.bias": "layernorm_pre.bias",
-    "post_layernorm.weight": "layernorm_post.weight", "post_layernorm.bias": "layernorm_post.bias",
+    "pre_layrnorm.weight": "layernorm_pre.weight",
+    "pre_layrnorm.bias": "layernorm_pre.bias",
+    "post_layernorm.weight": "layernorm_post.weight",
+    "post_layernorm.bias": "layernorm_post.bias",
 }
 _VISION_LAYER_NAMES = {
-    "self_attn.q_proj.weight": "self_attn.q_proj.weight", "self_attn.k_proj.weight": "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight": "self_attn.v_proj.weight", "self_attn.out_proj.weight": "self_attn.o_proj.weight",
-    "layer_norm1.weight": "input_layernorm.weight", "layer_norm1.bias": "input_layernorm.bias",
-    "layer_norm2.weight": "post_attention_layernorm.weight", "layer_norm2.bias": "post_attention_layernorm.bias",
-    "mlp.fc1.weight": "mlp.fc1.weight", "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.weight": "mlp.fc2.weight", "mlp.fc2.bias": "mlp.fc2.bias",
+    "self_attn.q_proj.weight": "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight": "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight": "self_attn.v_proj.weight",
+    "self_attn.out_proj.weight": "self_attn.o_proj.weight",
+    "layer_norm1.weight": "input_layernorm.weight",
+    "layer_norm1.bias": "input_layernorm.bias",
+    "layer_norm2.weight": "post_attention_layernorm.weight",
+    "layer_norm2.bias": "post_attention_layernorm.bias",
+    "mlp.fc1.weight": "mlp.fc1.weight",
+    "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.weight": "mlp.fc2.weight",
+    "mlp.fc2.bias": "mlp.fc2.bias",
 }
 
 
@@ -233,7 +346,9 @@ def fit_projector(student, teacher, pairs_of_batches: list[tuple[dict, dict]]) -
     finally:
         hook.remove()
     design, target = torch.cat(inputs[:-1]).double(), torch.cat(targets[:-1]).double()
-    solution = torch.linalg.solve(design.T @ design + 1e-3 * torch.eye(design.shape[1], dtype=design.dtype), design.T @ target).float()
+    solution = torch.linalg.solve(
+        design.T @ design + 1e-3 * torch.eye(design.shape[1], dtype=design.dtype), design.T @ target
+    ).float()
     projector = student.model.multi_modal_projector
     projector.weight.copy_(solution[:-1].T)
     projector.bias.copy_(solution[-1])
@@ -291,8 +406,12 @@ def distill_loss(student, teacher, s_batch: dict, t_batch: dict, image_id: int, 
     s_text = text_after_image(s_batch["input_ids"], s_batch["attention_mask"], image_id)
     t_text = text_after_image(t_batch["input_ids"], t_batch["attention_mask"], image_id)
     # Relative squared error: the residual stream's scale grows with depth.
-    hidden = sum(relative_error(s_out.hidden_states[s][s_text], t_out.hidden_states[t][t_text]) for s, t in pairs) / len(pairs)
-    total = config.kl_weight * kl + config.label_weight * ce + config.hidden_weight * hidden + config.image_weight * image
+    hidden = sum(
+        relative_error(s_out.hidden_states[s][s_text], t_out.hidden_states[t][t_text]) for s, t in pairs
+    ) / len(pairs)
+    total = (
+        config.kl_weight * kl + config.label_weight * ce + config.hidden_weight * hidden + config.image_weight * image
+    )
     return {"loss": total, "kl": kl.detach(), "ce": ce.detach(), "hidden": hidden.detach(), "image": image.detach()}
 
 
@@ -314,8 +433,12 @@ def paired_batches(sampler: ConversationSampler, s_processor) -> tuple[dict, dic
 
 def sampler_config(config: DistillConfig) -> PretrainConfig:
     return PretrainConfig(
-        seed=config.seed, batch_size=config.batch_size, text_fraction=config.text_fraction,
-        binding_fraction=config.binding_fraction, two_option_steps=0, option_flag_weight=0.0,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        text_fraction=config.text_fraction,
+        binding_fraction=config.binding_fraction,
+        two_option_steps=0,
+        option_flag_weight=0.0,
     )
 
 
@@ -324,8 +447,17 @@ def sampler_config(config: DistillConfig) -> PretrainConfig:
 # bytes as the shipped one): a finished distillation whose recorded settings differ from the
 # run's in these alone is reused.
 NOT_DISTILL_SETTINGS = (
-    "out_dir", "threads", "eval_every", "first_stage_dir", "reuse_first_stage", "language_steps", "language_lr",
-    "language_warmup_steps", "describe_rows", "describe_context_fraction", "describe_image_fraction",
+    "out_dir",
+    "threads",
+    "eval_every",
+    "first_stage_dir",
+    "reuse_first_stage",
+    "language_steps",
+    "language_lr",
+    "language_warmup_steps",
+    "describe_rows",
+    "describe_context_fraction",
+    "describe_image_fraction",
 )
 
 
@@ -362,8 +494,16 @@ def distill(config: DistillConfig, stop_after: int | None = None) -> dict:
         return distill_stage(config, config.first_stage_dir if config.language_steps else config.out_dir, stop_after)
     history = Path(config.first_stage_dir) / HISTORY_FILE
     recorded = json.loads(history.read_text()) if history.exists() else None
-    if config.reuse_first_stage and recorded and distill_settings(recorded["config"]) == distill_settings(asdict(config)):
-        log.info("reusing the distilled model in %s (its settings are this run's): %s", config.first_stage_dir, recorded["final"])
+    if (
+        config.reuse_first_stage
+        and recorded
+        and distill_settings(recorded["config"]) == distill_settings(asdict(config))
+    ):
+        log.info(
+            "reusing the distilled model in %s (its settings are this run's): %s",
+            config.first_stage_dir,
+            recorded["final"],
+        )
     else:
         distill_stage(config, config.first_stage_dir, stop_after)
     return language_stage(config)
@@ -376,10 +516,15 @@ def distill_stage(config: DistillConfig, out_dir: str, stop_after: int | None = 
     student = build_student(teacher, s_processor, config)
     cross = student.config.text_config.cross_attention_layers
     trainable = train_only(
-        student, ("model.vision_model.", "model.multi_modal_projector.", *(f"model.language_model.layers.{i}." for i in cross))
+        student,
+        ("model.vision_model.", "model.multi_modal_projector.", *(f"model.language_model.layers.{i}." for i in cross)),
     )
-    log.info("student: %d parameters, %d trained (vision, projector, cross-attention layers %s)",
-             sum(p.numel() for p in student.parameters()), sum(p.numel() for p in trainable), cross)
+    log.info(
+        "student: %d parameters, %d trained (vision, projector, cross-attention layers %s)",
+        sum(p.numel() for p in student.parameters()),
+        sum(p.numel() for p in trainable),
+        cross,
+    )
     pairs = matched_depths(cross, teacher.config.text_config.num_hidden_layers)
     sampling = sampler_config(config)
     projector_fit = None
@@ -398,18 +543,31 @@ def distill_stage(config: DistillConfig, out_dir: str, stop_after: int | None = 
         return losses | {"total": losses["loss"]}
 
     started = time.time()
-    history, checks = train_steps(student, trainable, optimizer, step_loss, config.steps, config, "distil", s_processor, held_out, stop_after)
+    history, checks = train_steps(
+        student, trainable, optimizer, step_loss, config.steps, config, "distil", s_processor, held_out, stop_after
+    )
     if stop_after is not None:
         return {"losses": history, "projector_fit_error": projector_fit}
     seconds = round(time.time() - started, 1)
     final, _ = save_and_measure(student, s_processor, out_dir, config, held_out, seconds)
-    (Path(out_dir) / HISTORY_FILE).write_text(json.dumps(
-        {"config": asdict(config), "final": final, "projector_fit_error": projector_fit, "checks": checks, "losses": history}, indent=0
-    ))
+    (Path(out_dir) / HISTORY_FILE).write_text(
+        json.dumps(
+            {
+                "config": asdict(config),
+                "final": final,
+                "projector_fit_error": projector_fit,
+                "checks": checks,
+                "losses": history,
+            },
+            indent=0,
+        )
+    )
     return final
 
 
-def train_steps(student, trainable, optimizer, step_loss, steps: int, schedule, name: str, processor, held_out, stop_after) -> tuple[list, list]:
+def train_steps(
+    student, trainable, optimizer, step_loss, steps: int, schedule, name: str, processor, held_out, stop_after
+) -> tuple[list, list]:
     """The training loop of both stages: `step_loss()` samples a batch and returns its losses
     with the one to minimise as `total`; the learning rate follows `schedule`'s warm-up and
     cosine decay (pretrain.lr_at). Returns each step's losses (without `total`) and the
@@ -443,7 +601,9 @@ def held_out_check(student, processor, questions, step: int) -> dict:
     return check
 
 
-def save_and_measure(student, processor, out_dir: str, config: DistillConfig, held_out, seconds: float) -> tuple[dict, object]:
+def save_and_measure(
+    student, processor, out_dir: str, config: DistillConfig, held_out, seconds: float
+) -> tuple[dict, object]:
     """Save in `save_dtype`; the accuracy is measured on the model as every later job loads it
     (float32 from the saved weights)."""
     out = Path(out_dir)
@@ -487,17 +647,26 @@ def language_stage(config: DistillConfig, stop_after: int | None = None) -> dict
     trainable = train_only(
         student, ("model.language_model.", "lm_head."), tuple(f"model.language_model.layers.{i}." for i in cross)
     )
-    log.info("language stage: %d parameters trained (text layers; cross-attention layers %s frozen)",
-             sum(p.numel() for p in trainable), cross)
+    log.info(
+        "language stage: %d parameters trained (text layers; cross-attention layers %s frozen)",
+        sum(p.numel() for p in trainable),
+        cross,
+    )
     pairs = matched_depths(cross, teacher.config.text_config.num_hidden_layers)
     stage = replace(config, lr=config.language_lr, warmup_steps=config.language_warmup_steps)
     optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=0.0)
-    sampler = ConversationSampler(t_processor, sampler_config(config), random.Random(f"language-{config.seed}"), image_size)
+    sampler = ConversationSampler(
+        t_processor, sampler_config(config), random.Random(f"language-{config.seed}"), image_size
+    )
     describe_rng = random.Random(f"describe-{config.seed}")
     image_id = t_processor.tokenizer.image_token_id
     held_out = held_out_questions(config.eval_questions, config.seed, image_size)
     held_out_describe = describe_batch(
-        random.Random(f"held-out-describe-{config.seed}"), t_processor, s_processor, replace(config, describe_rows=200), image_size
+        random.Random(f"held-out-describe-{config.seed}"),
+        t_processor,
+        s_processor,
+        replace(config, describe_rows=200),
+        image_size,
     )
 
     with torch.no_grad():  # the distilled model's, before any step
@@ -511,26 +680,49 @@ def language_stage(config: DistillConfig, stop_after: int | None = None) -> dict
 
     started = time.time()
     history, checks = train_steps(
-        student, trainable, optimizer, step_loss, config.language_steps, stage, "language", s_processor, held_out, stop_after
+        student,
+        trainable,
+        optimizer,
+        step_loss,
+        config.language_steps,
+        stage,
+        "language",
+        s_processor,
+        held_out,
+        stop_after,
     )
     if stop_after is not None:
         return {"losses": history, "model": student}
     seconds = round(time.time() - started, 1)
     # The processor as the distillation saved it (loading set its training-time padding side).
-    final, saved = save_and_measure(student, build_processor(t_processor, image_size), config.out_dir, config, held_out, seconds)
+    final, saved = save_and_measure(
+        student, build_processor(t_processor, image_size), config.out_dir, config, held_out, seconds
+    )
     with torch.no_grad():
         final["held_out_describe_loss"] = round(float(saved(**held_out_describe).loss), 4)
-    log.info("held-out medical description loss: %.4f before the stage, %.4f after", before, final["held_out_describe_loss"])
+    log.info(
+        "held-out medical description loss: %.4f before the stage, %.4f after", before, final["held_out_describe_loss"]
+    )
     first_stage = json.loads((Path(config.first_stage_dir) / HISTORY_FILE).read_text())
-    (Path(config.out_dir) / HISTORY_FILE).write_text(json.dumps(
-        {"config": asdict(config), "final": final, "held_out_describe_loss_before": before, "checks": checks,
-         "losses": history, "first_stage": first_stage}, indent=0
-    ))
+    (Path(config.out_dir) / HISTORY_FILE).write_text(
+        json.dumps(
+            {
+                "config": asdict(config),
+                "final": final,
+                "held_out_describe_loss_before": before,
+                "checks": checks,
+                "losses": history,
+                "first_stage": first_stage,
+            },
+            indent=0,
+        )
+    )
     return final
 
 
 if __name__ == "__main__":
     import sys
+
     from transformers import HfArgumentParser
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

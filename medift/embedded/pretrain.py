@@ -51,15 +51,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from medift.runtime import resolve_device, set_torch_threads
 from medift import mcq, metrics
 from medift.chat import CAPTION_INSTRUCTION, IGNORE_INDEX, Encoded, collate, encode_conversation, model_inputs
 from medift.datasets import DATASETS
-from medift.generation import forced_answer_context, generate_answers
 from medift.embedded import general
-from medift.model.loading import load_base_model
 from medift.embedded.llava import CONTEXT_PREFIX, EMBEDDED_DATASETS, EmbeddedModelConfig, build_model, build_processor
+from medift.generation import forced_answer_context, generate_answers
+from medift.model.loading import load_base_model
 from medift.records import Record
+from medift.runtime import resolve_device, set_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -73,26 +73,49 @@ class PretrainConfig:
     out_dir: str = field(default="resources/base_model", metadata={"help": "Where the model is saved (HF layout)."})
     init_from: str = field(
         default="",
-        metadata={"help": "Start from this saved embedded model (an earlier run's out_dir) instead of a fresh one; its tokenizer must match letter_dot_tokens (empty: fresh)."},
+        metadata={
+            "help": (
+                "Start from this saved embedded model (an earlier run's out_dir) instead of a fresh one; its "
+                "tokenizer must match letter_dot_tokens (empty: fresh)."
+            )
+        },
     )
     seed: int = field(default=1, metadata={"help": "Seeds initialisation and every sampled example."})
     lookup_curriculum: str = field(
         default="",
-        metadata={"help": "Option-lookup phase first: PAIRS:STEPS,... stages of dense letter-lookup sequences (empty: none)."},
+        metadata={
+            "help": "Option-lookup phase first: PAIRS:STEPS,... stages of dense letter-lookup sequences (empty: none)."
+        },
     )
     lookup_batch_size: int = field(default=64, metadata={"help": "Sequences per step in the lookup phase."})
     lookup_fraction: float = field(
-        default=0.0, metadata={"help": "Share of lookup sequences (5 pairs) in later phases' batches, so the binding circuit stays in use."}
+        default=0.0,
+        metadata={
+            "help": "Share of lookup sequences (5 pairs) in later phases' batches, so the binding circuit stays in use."
+        },
     )
-    binding_steps: int = field(default=2500, metadata={"help": "Steps of the option-binding phase (text only, before the text phase)."})
+    binding_steps: int = field(
+        default=2500, metadata={"help": "Steps of the option-binding phase (text only, before the text phase)."}
+    )
     binding_options: str = field(
         default="2,3,4,5",
         metadata={"help": "Most options per question in each equal-length stage of the binding phase."},
     )
-    binding_hops: int = field(default=1, metadata={"help": "Binding phase: 1 states the asked value right before each question, 2 the whole description once."})
+    binding_hops: int = field(
+        default=1,
+        metadata={
+            "help": "Binding phase: 1 states the asked value right before each question, 2 the whole description once."
+        },
+    )
     binding_batch_size: int = field(default=64, metadata={"help": "Conversations per step in the binding phase."})
     binding_fraction: float = field(
-        default=0.2, metadata={"help": "Share of binding conversations (binding_hops, most options) in later phases' batches, so the binding circuit stays in use."}
+        default=0.2,
+        metadata={
+            "help": (
+                "Share of binding conversations (binding_hops, most options) in later phases' batches, so the binding "
+                "circuit stays in use."
+            )
+        },
     )
     text_steps: int = field(default=0, metadata={"help": "Steps of the text-only phase."})
     mixed_steps: int = field(default=4000, metadata={"help": "Steps of the mixed image+text phase."})
@@ -102,47 +125,115 @@ class PretrainConfig:
     aux_weight: float = field(default=1.0, metadata={"help": "Weight of the vision tower's attribute heads."})
     aux_features: str = field(
         default="image_tokens",
-        metadata={"help": "What the attribute heads read: 'cls', the vision tower's pooled CLS output, or 'image_tokens' (the default), the mean of the projected image tokens, which are what the decoder sees (LLaVA's default strategy drops the CLS token), or 'image_words': every projected image token is classified by the decoder's own embeddings of each attribute's values (no separate heads), so the image reads to the decoder like the words of its description."},
+        metadata={
+            "help": (
+                "What the attribute heads read: 'cls', the vision tower's pooled CLS output, or 'image_tokens' (the "
+                "default), the mean of the projected image tokens, which are what the decoder sees (LLaVA's default "
+                "strategy drops the CLS token), or 'image_words': every projected image token is classified by the "
+                "decoder's own embeddings of each attribute's values (no separate heads), so the image reads to the "
+                "decoder like the words of its description."
+            )
+        },
     )
     option_flag_weight: float = field(
         default=1.0,
-        metadata={"help": "Weight of a probe on the decoder's hidden state at every option's value token that says whether it is the right option (letter-dot tokens only; 0: off); one linear probe per value (OptionProbe). It asks the decoder to mark, where each option is read, whether the image (or the stated context) shows it, so that the answer only has to find the marked option and say the letter before it."},
+        metadata={
+            "help": (
+                "Weight of a probe on the decoder's hidden state at every option's value token that says whether it "
+                "is the right option (letter-dot tokens only; 0: off); one linear probe per value (OptionProbe). It "
+                "asks the decoder to mark, where each option is read, whether the image (or the stated context) shows "
+                "it, so that the answer only has to find the marked option and say the letter before it."
+            )
+        },
     )
     option_flag_layer: int = field(
         default=3, metadata={"help": "Decoder layer whose output the option probe reads (0: the embeddings)."}
     )
     text_reads_image_weight: float = field(
         default=1.0,
-        metadata={"help": "Weight of a loss that asks every text token after an image to carry the image's attribute values by decoder layer `text_reads_image_layer`, read by the value words' own embeddings (0: off). Without it the value reaches the text only at the last layer, too late for an option to be matched against it."},
+        metadata={
+            "help": (
+                "Weight of a loss that asks every text token after an image to carry the image's attribute values by "
+                "decoder layer `text_reads_image_layer`, read by the value words' own embeddings (0: off). Without it "
+                "the value reaches the text only at the last layer, too late for an option to be matched against it."
+            )
+        },
     )
     text_reads_image_layer: int = field(
-        default=1, metadata={"help": "Decoder layer whose output carries the image's values at every text token (0: the embeddings)."}
+        default=1,
+        metadata={
+            "help": "Decoder layer whose output carries the image's values at every text token (0: the embeddings)."
+        },
     )
     image_hint_start: float = field(
         default=0.0,
-        metadata={"help": "Share of image multiple-choice turns that state the asked value first ('Context: red') at the start of the mixed phase; it falls linearly to 0 over image_hint_steps, so a binding circuit that works from a stated value is led to take the value from the image."},
+        metadata={
+            "help": (
+                "Share of image multiple-choice turns that state the asked value first ('Context: red') at the start "
+                "of the mixed phase; it falls linearly to 0 over image_hint_steps, so a binding circuit that works "
+                "from a stated value is led to take the value from the image."
+            )
+        },
     )
-    image_hint_steps: int = field(default=0, metadata={"help": "Mixed-phase steps over which image_hint_start falls to 0."})
+    image_hint_steps: int = field(
+        default=0, metadata={"help": "Mixed-phase steps over which image_hint_start falls to 0."}
+    )
     value_turn_fraction: float = field(
         default=0.2,
-        metadata={"help": "Share of image turns that ask an attribute with no options and are answered by its value alone ('What is the color?' -> 'red'): the value the binding circuit must match, read from the image."},
+        metadata={
+            "help": (
+                "Share of image turns that ask an attribute with no options and are answered by its value alone "
+                "('What is the color?' -> 'red'): the value the binding circuit must match, read from the image."
+            )
+        },
     )
     image_options_most: int = field(
         default=5,
-        metadata={"help": "Most options of a shuffled image multiple-choice turn, two-value attributes shuffled too (0: 2-5 options, two-value attributes always in fixed order)."},
+        metadata={
+            "help": (
+                "Most options of a shuffled image multiple-choice turn, two-value attributes shuffled too (0: 2-5 "
+                "options, two-value attributes always in fixed order)."
+            )
+        },
     )
     two_option_steps: int = field(
         default=2000,
-        metadata={"help": "Steps at the start of the mixed phase whose multiple-choice turns all have two shuffled options, two-value attributes too (as fixed_order_fraction 0, image_options_most 2), before the configured mix (0: none). Two options in either order are the easiest binding on an image; with the full mix from the start a small decoder answers fixed-order questions by memorised letters instead."},
+        metadata={
+            "help": (
+                "Steps at the start of the mixed phase whose multiple-choice turns all have two shuffled options, "
+                "two-value attributes too (as fixed_order_fraction 0, image_options_most 2), before the configured "
+                "mix (0: none). Two options in either order are the easiest binding on an image; with the full mix "
+                "from the start a small decoder answers fixed-order questions by memorised letters instead."
+            )
+        },
     )
     text_fraction: float = field(default=0.1, metadata={"help": "Share of text-only conversations in phase 2."})
-    medical_text_fraction: float = field(default=0.5, metadata={"help": "Share of text-only conversations using medical vocabularies."})
-    fixed_order_fraction: float = field(default=0.3, metadata={"help": "Share of general multiple-choice turns whose options are the full vocabulary in fixed order (the rest: shuffled subsets)."})
+    medical_text_fraction: float = field(
+        default=0.5, metadata={"help": "Share of text-only conversations using medical vocabularies."}
+    )
+    fixed_order_fraction: float = field(
+        default=0.3,
+        metadata={
+            "help": (
+                "Share of general multiple-choice turns whose options are the full vocabulary in fixed order "
+                "(the rest: "
+                "shuffled subsets)."
+            )
+        },
+    )
     max_turns: int = field(default=3, metadata={"help": "Most question turns per image conversation."})
     eval_questions: int = field(default=300, metadata={"help": "Held-out general multiple-choice questions."})
     eval_every: int = field(default=250, metadata={"help": "Steps between held-out checks (0: only at the end)."})
     threads: int = field(default=2, metadata={"help": "torch intra-op threads."})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto. CUDA runs use deterministic kernels but do not reproduce CPU runs bit for bit."})
+    device: str = field(
+        default="cpu",
+        metadata={
+            "help": (
+                "cpu, cuda, cuda:N or auto. CUDA runs use deterministic kernels but do not reproduce CPU runs bit for "
+                "bit."
+            )
+        },
+    )
 
     def __post_init__(self):
         # Checked here, not at the first image step, which can come an hour into a run.
@@ -154,7 +245,9 @@ class PretrainConfig:
             raise ValueError(f"two_option_steps {self.two_option_steps} exceeds mixed_steps {self.mixed_steps}")
         if self.option_flag_weight and self.lookup_fraction:
             # Lookup rows list options and then ask several of them: no one answer per option group.
-            raise ValueError("option_flag_weight needs lookup_fraction 0: lookup rows have no single answer per option list")
+            raise ValueError(
+                "option_flag_weight needs lookup_fraction 0: lookup rows have no single answer per option list"
+            )
 
 
 # ---------------------------------------------------------------- conversations
@@ -256,10 +349,14 @@ def general_text_turn(rng: random.Random, fixed_fraction: float) -> tuple[str, s
 def option_values() -> list[str]:
     """Every attribute value the model will see as an option (each one token), in a fixed order."""
     vocabularies = [general.ATTRIBUTES] + [DATASETS[name].ATTRIBUTES for name in sorted(EMBEDDED_DATASETS)]
-    return list(dict.fromkeys(value for vocabulary in vocabularies for values in vocabulary.values() for value in values))
+    return list(
+        dict.fromkeys(value for vocabulary in vocabularies for values in vocabulary.values() for value in values)
+    )
 
 
-def lookup_sequence(rng: random.Random, vocab: dict[str, int], values: list[str], pairs: int) -> tuple[list[int], list[int]]:
+def lookup_sequence(
+    rng: random.Random, vocab: dict[str, int], values: list[str], pairs: int
+) -> tuple[list[int], list[int]]:
     """`A. v1 \n B. v2 ...` then every `v : <letter>` in random order; only the letters are predicted.
 
     The dense form of option binding (find the option, say the letter before it): every
@@ -359,18 +456,23 @@ class ConversationSampler:
             instruction, response = general_text_turn(self.rng, config.fixed_order_fraction)
         return encode_conversation(self.processor, [instruction], [response], with_image=False)
 
-    def image_conversation(self, config: PretrainConfig, hint_probability: float = 0.0) -> tuple[Encoded, object, dict[str, str]]:
+    def image_conversation(
+        self, config: PretrainConfig, hint_probability: float = 0.0
+    ) -> tuple[Encoded, object, dict[str, str]]:
         attributes = general.sample_attributes(self.rng)
         image = general.render(attributes, self.rng, self.image_size)
         turns = [
             general_turn(
-                attributes, self.rng, config.fixed_order_fraction, hint_probability, config.value_turn_fraction, config.image_options_most
+                attributes,
+                self.rng,
+                config.fixed_order_fraction,
+                hint_probability,
+                config.value_turn_fraction,
+                config.image_options_most,
             )
             for _ in range(self.rng.randint(1, config.max_turns))
         ]
-        encoded = encode_conversation(
-            self.processor, [t[0] for t in turns], [t[1] for t in turns], with_image=True
-        )
+        encoded = encode_conversation(self.processor, [t[0] for t in turns], [t[1] for t in turns], with_image=True)
         return encoded, image, attributes
 
     def lookup_batch(self, pairs: int) -> dict:
@@ -412,7 +514,9 @@ class ConversationSampler:
             if config.lookup_fraction and self.rng.random() < config.lookup_fraction:
                 ids, labels = lookup_sequence(self.rng, vocab, self.values, 5)
                 # Its text is its tokens (each a whole piece); model_inputs checks that it re-tokenizes to `ids`.
-                encoded.append(Encoded(ids, labels, has_image=False, text=" ".join(tokenizer.convert_ids_to_tokens(ids))))
+                encoded.append(
+                    Encoded(ids, labels, has_image=False, text=" ".join(tokenizer.convert_ids_to_tokens(ids)))
+                )
             elif config.binding_fraction and self.rng.random() < config.binding_fraction:
                 encoded.append(self.binding_encoded(int(config.binding_options.split(",")[-1])))
             elif text_only or self.rng.random() < config.text_fraction:
@@ -484,7 +588,9 @@ def aux_features(model, pixel_values: torch.Tensor, output, which: str) -> torch
     raise ValueError(f"aux_features {which!r}: expected one of {AUX_FEATURES}")
 
 
-def option_flags(input_ids: torch.Tensor, labels: torch.Tensor, letter_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def option_flags(
+    input_ids: torch.Tensor, labels: torch.Tensor, letter_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, positions, targets) of every option's value token in the prompts, and whether it is the answer.
 
     An option line is a letter-dot token in a prompt (label ignored) followed by its value
@@ -534,7 +640,12 @@ def value_words_loss(
 
 
 def text_reads_image_loss(
-    model, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, value_ids: list[list[int]]
+    model,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    targets: torch.Tensor,
+    value_ids: list[list[int]],
 ) -> torch.Tensor:
     """`value_words_loss` at every text token after the image, in the rows that have one.
 
@@ -580,7 +691,9 @@ def held_out_questions(n: int, seed: int, image_size: int):
         key = rng.choice(list(general.ATTRIBUTES))
         options, answer = random_options(general.ATTRIBUTES[key], attributes[key], rng)
         fixed = options == list(general.ATTRIBUTES[key])
-        items.append((mcq.build_mcq_instruction(general.QUESTION_TEXT[key], options), image, len(options), answer, fixed))
+        items.append(
+            (mcq.build_mcq_instruction(general.QUESTION_TEXT[key], options), image, len(options), answer, fixed)
+        )
     return items
 
 
@@ -667,7 +780,9 @@ def initial_model(config: PretrainConfig, model_config: EmbeddedModelConfig):
         )
     size = model.config.vision_config.image_size
     if size != model_config.image_size:
-        raise ValueError(f"init_from {config.init_from}: image size {size}, this run asks for {model_config.image_size}")
+        raise ValueError(
+            f"init_from {config.init_from}: image size {size}, this run asks for {model_config.image_size}"
+        )
     tied = model.lm_head.weight is model.get_input_embeddings().weight
     if tied != model_config.tie_word_embeddings:
         raise ValueError(
@@ -677,9 +792,10 @@ def initial_model(config: PretrainConfig, model_config: EmbeddedModelConfig):
     return model, processor
 
 
-
 def pretrain(
-    config: PretrainConfig, model_config: EmbeddedModelConfig, stop_after: int | None = None,
+    config: PretrainConfig,
+    model_config: EmbeddedModelConfig,
+    stop_after: int | None = None,
     earlier_stages: list[dict] | None = None,
 ) -> dict:
     """Pre-train and save; with `stop_after`, return the first steps' history unsaved (tests).
@@ -703,7 +819,9 @@ def pretrain(
     params = list(model.parameters())
     heads = None  # 'image_words' classifies with the decoder's own embeddings: no heads
     if config.aux_features != "image_words":
-        heads = AttributeHeads(model_config.text_hidden if config.aux_features == "image_tokens" else model_config.vision_hidden)
+        heads = AttributeHeads(
+            model_config.text_hidden if config.aux_features == "image_tokens" else model_config.vision_hidden
+        )
         heads.to(device)
         params += list(heads.parameters())
     value_ids = value_token_ids(processor.tokenizer)
@@ -737,7 +855,9 @@ def pretrain(
             batch = sampler.binding_batch(binding_stage(step - lookup_steps, config))
         else:
             mixed_step = step - lookup_steps - config.binding_steps - config.text_steps
-            batch = sampler.batch(mixed_step < 0, image_hint_probability(mixed_step, config), mixed_phase_config(mixed_step, config))
+            batch = sampler.batch(
+                mixed_step < 0, image_hint_probability(mixed_step, config), mixed_phase_config(mixed_step, config)
+            )
         batch = {key: value.to(device) for key, value in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, config)
@@ -754,8 +874,12 @@ def pretrain(
                 aux = heads.loss(features, aux_targets)
             if config.text_reads_image_weight:
                 reads = text_reads_image_loss(
-                    model, out.hidden_states[config.text_reads_image_layer], batch["input_ids"],
-                    batch["attention_mask"], aux_targets, value_ids,
+                    model,
+                    out.hidden_states[config.text_reads_image_layer],
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    aux_targets,
+                    value_ids,
                 )
                 loss = loss + config.text_reads_image_weight * reads
             loss = loss + config.aux_weight * aux
@@ -764,7 +888,9 @@ def pretrain(
             rows, positions, targets = option_flags(batch["input_ids"], batch["labels"], letter_dot_ids)
             if len(rows):
                 hidden = out.hidden_states[config.option_flag_layer][rows, positions]
-                flag = F.binary_cross_entropy_with_logits(flag_probe(hidden, batch["input_ids"][rows, positions]), targets)
+                flag = F.binary_cross_entropy_with_logits(
+                    flag_probe(hidden, batch["input_ids"][rows, positions]), targets
+                )
                 loss = loss + config.option_flag_weight * flag
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -784,7 +910,14 @@ def pretrain(
         history.append(record)
         if stop_after is not None and len(history) >= stop_after:
             return {"history": history}
-        bar.set_postfix({name: f"{record[f'{name}_loss']:.3f}" for name in ("lm", "aux", "flag", "reads") if f"{name}_loss" in record}, refresh=False)
+        bar.set_postfix(
+            {
+                name: f"{record[f'{name}_loss']:.3f}"
+                for name in ("lm", "aux", "flag", "reads")
+                if f"{name}_loss" in record
+            },
+            refresh=False,
+        )
     final = general_mcq_accuracy(model, processor, held_out)
     final["train_seconds"] = round(time.time() - started, 1)
     final["device"] = str(device)
@@ -815,16 +948,33 @@ class RecipeConfig:
     has decayed the learning rate to a tenth; a single longer run is unmeasured.
     """
 
-    out_dir: str = field(default="resources/base_model", metadata={"help": "Where the final model is saved (HF layout)."})
+    out_dir: str = field(
+        default="resources/base_model", metadata={"help": "Where the final model is saved (HF layout)."}
+    )
     first_stage_dir: str = field(
         default="resources/base_model_first_stage",
-        metadata={"help": "Where the first stage's model is saved; the refining stage starts from it. Reused, not retrained, when its recorded settings match this recipe's (reuse_first_stage)."},
+        metadata={
+            "help": (
+                "Where the first stage's model is saved; the refining stage starts from it. Reused, not retrained, "
+                "when its recorded settings match this recipe's (reuse_first_stage)."
+            )
+        },
     )
     reuse_first_stage: bool = field(
-        default=True, metadata={"help": "Skip the first stage when first_stage_dir holds a finished run with this recipe's first-stage settings (thread count aside)."}
+        default=True,
+        metadata={
+            "help": (
+                "Skip the first stage when first_stage_dir holds a finished run with this recipe's first-stage "
+                "settings (thread count aside)."
+            )
+        },
     )
-    refine_steps: int = field(default=1500, metadata={"help": "Mixed-phase steps of the refining stage (0: no refining stage)."})
-    refine_lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of the refining stage (cosine decay to a tenth)."})
+    refine_steps: int = field(
+        default=1500, metadata={"help": "Mixed-phase steps of the refining stage (0: no refining stage)."}
+    )
+    refine_lr: float = field(
+        default=1e-3, metadata={"help": "Peak learning rate of the refining stage (cosine decay to a tenth)."}
+    )
     refine_warmup_steps: int = field(default=30, metadata={"help": "Linear warm-up steps of the refining stage."})
     seed: int = field(default=1, metadata={"help": "Seed of both stages."})
     threads: int = field(default=2, metadata={"help": "torch intra-op threads."})
@@ -842,9 +992,15 @@ def recipe_stages(recipe: RecipeConfig) -> list[PretrainConfig]:
         return [PretrainConfig(out_dir=recipe.out_dir, **shared)]
     first = PretrainConfig(out_dir=recipe.first_stage_dir, **shared)
     refine = PretrainConfig(
-        out_dir=recipe.out_dir, init_from=recipe.first_stage_dir, binding_steps=0, text_steps=0,
-        mixed_steps=recipe.refine_steps, two_option_steps=0, lr=recipe.refine_lr,
-        warmup_steps=recipe.refine_warmup_steps, **shared,
+        out_dir=recipe.out_dir,
+        init_from=recipe.first_stage_dir,
+        binding_steps=0,
+        text_steps=0,
+        mixed_steps=recipe.refine_steps,
+        two_option_steps=0,
+        lr=recipe.refine_lr,
+        warmup_steps=recipe.refine_warmup_steps,
+        **shared,
     )
     return [first, refine]
 
@@ -855,7 +1011,9 @@ def stage_differences(recorded: dict, config: PretrainConfig, model_config: Embe
     wanted |= asdict(model_config)
     saved = {key: value for key, value in recorded["config"].items() if key not in NOT_RECIPE_SETTINGS}
     saved |= recorded["model_config"]
-    return sorted(key for key in wanted.keys() | saved.keys() if wanted.get(key, "(absent)") != saved.get(key, "(absent)"))
+    return sorted(
+        key for key in wanted.keys() | saved.keys() if wanted.get(key, "(absent)") != saved.get(key, "(absent)")
+    )
 
 
 def read_history(out_dir: str | Path) -> dict:
@@ -885,8 +1043,12 @@ def run_stages(stages: list[PretrainConfig], model_config: EmbeddedModelConfig, 
     for index, config in enumerate(stages[:-1]):
         recorded = finished_stage(config, model_config) if reuse_first and index == 0 else None
         if recorded is not None:
-            log.info("stage 1 of %d: reusing %s (its recorded settings are this recipe's): %s",
-                     len(stages), config.out_dir, recorded["final"])
+            log.info(
+                "stage 1 of %d: reusing %s (its recorded settings are this recipe's): %s",
+                len(stages),
+                config.out_dir,
+                recorded["final"],
+            )
         else:
             log.info("stage %d of %d: %s", index + 1, len(stages), config.out_dir)
             pretrain(config, model_config)

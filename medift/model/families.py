@@ -49,57 +49,114 @@ def _add(model_types: tuple[str, ...], family: Family) -> None:
         FAMILIES[model_type] = family
 
 
-_add(("llava",), Family(
-    "LLaVA-1.5",
-    {"projector": r"(^|\.)multi_modal_projector\.", "vision": r"(^|\.)vision_tower\.", "language_model": _lm("language_model")},
-    {"language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}", "vision": rf"(^|\.)vision_tower\..*{SELF_ATTN_QV}"},
-))
-_add(("llava_next",), Family(
-    "LLaVA-NeXT",
-    # image_newline (the learned row separator of the anyres grid) is part of the projection.
-    {"projector": r"(^|\.)(multi_modal_projector\.|image_newline$)", "vision": r"(^|\.)vision_tower\.",
-     "language_model": _lm("language_model")},
-    {"language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}", "vision": rf"(^|\.)vision_tower\..*{SELF_ATTN_QV}"},
-))
-_add(("mllama",), Family(
-    "Mllama (Llama-3.2-Vision)",
-    # fusion: the whole cross-attention decoder layers (attention, gates, their MLP and norms:
-    # the layers Llama 3.2 Vision's adapter training adds); which decoder layers they are is
-    # in each model's config. Training fusion trains the projector too, as the reference
-    # (torchtune's fusion parameters) counts the projection head among them.
-    {"projector": r"(^|\.)multi_modal_projector\.",
-     "fusion": r"(^|\.)language_model\.layers\.({cross_attention_layers})\.",
-     "vision": r"(^|\.)vision_model\.", "language_model": _lm("language_model")},
-    {"language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}", "vision": rf"(^|\.)vision_model\..*{SELF_ATTN_QV}"},
-    implies={"fusion": ("projector",)},
-    # The vision encoder's layers (local and gated global) are plain nn.Modules in transformers;
-    # only the decoder's layers checkpoint themselves.
-    plain_layers=("MllamaVisionEncoderLayer",),
-    # The processor pads every image to max_image_tiles; aspect_ratio_mask marks the real ones.
-    tile_mask="aspect_ratio_mask",
-    flops="mllama",
-))
-_add(("qwen2_vl", "qwen2_5_vl"), Family(
-    "Qwen2-VL / Qwen2.5-VL",
-    {"projector": r"(^|\.)visual\.merger\.", "vision": r"(^|\.)visual\.", "language_model": _lm("language_model")},
-    # (3-D M-RoPE positions: the model derives them in generate; none are passed.)
-    {"language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}", "vision": r"(^|\.)visual\.blocks\.\d+\.attn\.qkv$"},
-))
-_add(("idefics3", "smolvlm"), Family(
-    "Idefics3 / SmolVLM",
-    {"projector": r"(^|\.)connector\.", "vision": r"(^|\.)vision_model\.", "language_model": _lm("text_model")},
-    {"language_model": rf"(^|\.)text_model\..*{SELF_ATTN_QV}", "vision": rf"(^|\.)vision_model\..*{SELF_ATTN_QV}"},
-))
-_add(("gemma3",), Family(
-    "Gemma 3",
-    {"projector": r"(^|\.)multi_modal_projector\.", "vision": r"(^|\.)vision_tower\.", "language_model": _lm("language_model")},
-    {"language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}", "vision": rf"(^|\.)vision_tower\..*{SELF_ATTN_QV}"},
-))
-_add(("internvl",), Family(
-    "InternVL (transformers-native)",
-    {"projector": r"(^|\.)multi_modal_projector\.", "vision": r"(^|\.)vision_tower\.", "language_model": _lm("language_model")},
-    {"language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}", "vision": r"(^|\.)vision_tower\..*attention\.(q_proj|v_proj)$"},
-))
+_add(
+    ("llava",),
+    Family(
+        "LLaVA-1.5",
+        {
+            "projector": r"(^|\.)multi_modal_projector\.",
+            "vision": r"(^|\.)vision_tower\.",
+            "language_model": _lm("language_model"),
+        },
+        {
+            "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
+            "vision": rf"(^|\.)vision_tower\..*{SELF_ATTN_QV}",
+        },
+    ),
+)
+_add(
+    ("llava_next",),
+    Family(
+        "LLaVA-NeXT",
+        # image_newline (the learned row separator of the anyres grid) is part of the projection.
+        {
+            "projector": r"(^|\.)(multi_modal_projector\.|image_newline$)",
+            "vision": r"(^|\.)vision_tower\.",
+            "language_model": _lm("language_model"),
+        },
+        {
+            "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
+            "vision": rf"(^|\.)vision_tower\..*{SELF_ATTN_QV}",
+        },
+    ),
+)
+_add(
+    ("mllama",),
+    Family(
+        "Mllama (Llama-3.2-Vision)",
+        # fusion: the whole cross-attention decoder layers (attention, gates, their MLP and norms:
+        # the layers Llama 3.2 Vision's adapter training adds); which decoder layers they are is
+        # in each model's config. Training fusion trains the projector too, as the reference
+        # (torchtune's fusion parameters) counts the projection head among them.
+        {
+            "projector": r"(^|\.)multi_modal_projector\.",
+            "fusion": r"(^|\.)language_model\.layers\.({cross_attention_layers})\.",
+            "vision": r"(^|\.)vision_model\.",
+            "language_model": _lm("language_model"),
+        },
+        {
+            "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
+            "vision": rf"(^|\.)vision_model\..*{SELF_ATTN_QV}",
+        },
+        implies={"fusion": ("projector",)},
+        # The vision encoder's layers (local and gated global) are plain nn.Modules in transformers;
+        # only the decoder's layers checkpoint themselves.
+        plain_layers=("MllamaVisionEncoderLayer",),
+        # The processor pads every image to max_image_tiles; aspect_ratio_mask marks the real ones.
+        tile_mask="aspect_ratio_mask",
+        flops="mllama",
+    ),
+)
+_add(
+    ("qwen2_vl", "qwen2_5_vl"),
+    Family(
+        "Qwen2-VL / Qwen2.5-VL",
+        {"projector": r"(^|\.)visual\.merger\.", "vision": r"(^|\.)visual\.", "language_model": _lm("language_model")},
+        # (3-D M-RoPE positions: the model derives them in generate; none are passed.)
+        {
+            "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
+            "vision": r"(^|\.)visual\.blocks\.\d+\.attn\.qkv$",
+        },
+    ),
+)
+_add(
+    ("idefics3", "smolvlm"),
+    Family(
+        "Idefics3 / SmolVLM",
+        {"projector": r"(^|\.)connector\.", "vision": r"(^|\.)vision_model\.", "language_model": _lm("text_model")},
+        {"language_model": rf"(^|\.)text_model\..*{SELF_ATTN_QV}", "vision": rf"(^|\.)vision_model\..*{SELF_ATTN_QV}"},
+    ),
+)
+_add(
+    ("gemma3",),
+    Family(
+        "Gemma 3",
+        {
+            "projector": r"(^|\.)multi_modal_projector\.",
+            "vision": r"(^|\.)vision_tower\.",
+            "language_model": _lm("language_model"),
+        },
+        {
+            "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
+            "vision": rf"(^|\.)vision_tower\..*{SELF_ATTN_QV}",
+        },
+    ),
+)
+_add(
+    ("internvl",),
+    Family(
+        "InternVL (transformers-native)",
+        {
+            "projector": r"(^|\.)multi_modal_projector\.",
+            "vision": r"(^|\.)vision_tower\.",
+            "language_model": _lm("language_model"),
+        },
+        {
+            "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
+            "vision": r"(^|\.)vision_tower\..*attention\.(q_proj|v_proj)$",
+        },
+    ),
+)
 
 
 def family_of(config) -> Family:
@@ -118,7 +175,10 @@ def group_patterns(config) -> dict[str, re.Pattern]:
     family = family_of(config)
     text = getattr(config, "text_config", config)
     layers = "|".join(str(i) for i in getattr(text, "cross_attention_layers", None) or []) or "NONE"
-    return {group: re.compile(pattern.replace("{cross_attention_layers}", layers)) for group, pattern in family.groups.items()}
+    return {
+        group: re.compile(pattern.replace("{cross_attention_layers}", layers))
+        for group, pattern in family.groups.items()
+    }
 
 
 def group_of_parameter(name: str, patterns: dict[str, re.Pattern]) -> str | None:
@@ -145,7 +205,9 @@ def native_image_size(checkpoint: str | Path) -> int:
     candidates = [Path(checkpoint) / name for name in ("preprocessor_config.json", "processor_config.json")]
     path = next((c for c in candidates if c.is_file() and _image_settings(c)), None)
     if path is None:
-        raise FileNotFoundError(f"{checkpoint}: no image processor settings (preprocessor_config.json); set image_size in the config")
+        raise FileNotFoundError(
+            f"{checkpoint}: no image processor settings (preprocessor_config.json); set image_size in the config"
+        )
     settings = _image_settings(path)
     size, patch, merge = settings.get("size") or {}, settings.get("patch_size"), settings.get("merge_size")
     if patch and merge and isinstance(size, dict) and {"shortest_edge", "longest_edge"} <= set(size):
@@ -156,7 +218,9 @@ def native_image_size(checkpoint: str | Path) -> int:
         side = _side(settings.get(key))
         if side:
             return side
-    raise ValueError(f"{path}: cannot tell the image size (no crop_size/size/max_image_size); set image_size in the config")
+    raise ValueError(
+        f"{path}: cannot tell the image size (no crop_size/size/max_image_size); set image_size in the config"
+    )
 
 
 QWEN_MAX_SIDE = 448

@@ -25,7 +25,9 @@ ADAPTER_DIR = "lora_adapter"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_base_model(path: str, trust_remote_code: bool = False, dtype: str = "float32", device: str | torch.device = "cpu"):
+def load_base_model(
+    path: str, trust_remote_code: bool = False, dtype: str = "float32", device: str | torch.device = "cpu"
+):
     """Model and processor from a local directory, offline, weights via safetensors.
 
     The weights are read in `dtype` straight onto `device` (device_map): a rank's host memory
@@ -48,7 +50,11 @@ def load_base_model(path: str, trust_remote_code: bool = False, dtype: str = "fl
     # ZeRO-3 places every partition itself; transformers refuses a device_map with it.
     placement = {} if is_partitioned_loading() else {"device_map": {"": str(device)}}
     model = AutoModelForImageTextToText.from_pretrained(
-        path, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=DTYPES[dtype],
+        path,
+        local_files_only=True,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        dtype=DTYPES[dtype],
         **placement,
     )
     if (directory / ADAPTER_DIR / "adapter_config.json").is_file():
@@ -108,7 +114,10 @@ def ensure_proxy_token(model, processor) -> None:
     must exist in the embedding table.
     """
     tokenizer = processor.tokenizer
-    if getattr(tokenizer, "proxy_token", None) and tokenizer.convert_tokens_to_ids(tokenizer.proxy_token) != tokenizer.unk_token_id:
+    if (
+        getattr(tokenizer, "proxy_token", None)
+        and tokenizer.convert_tokens_to_ids(tokenizer.proxy_token) != tokenizer.unk_token_id
+    ):
         return
     tokenizer.add_special_tokens({"additional_special_tokens": [PROXY_TOKEN]})
     tokenizer.proxy_token = PROXY_TOKEN
@@ -145,7 +154,9 @@ def parameter_groups(model) -> dict[str, str | None]:
 
 
 def top_level_modules(model) -> str:
-    names = sorted({".".join(n.split(".")[:2]) if n.startswith("model.") else n.split(".")[0] for n, _ in model.named_parameters()})
+    names = sorted(
+        {".".join(n.split(".")[:2]) if n.startswith("model.") else n.split(".")[0] for n, _ in model.named_parameters()}
+    )
     return ", ".join(names)
 
 
@@ -253,7 +264,10 @@ def save_lora_adapter(model, out_dir: Path) -> Path:
     adapter_dir = Path(out_dir) / ADAPTER_DIR
     adapter_dir.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(model, adapter_name="default")
-    save_file({f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()}, str(adapter_dir / "adapter_model.safetensors"))
+    save_file(
+        {f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()},
+        str(adapter_dir / "adapter_model.safetensors"),
+    )
     config.base_model_name_or_path = str(Path(out_dir).resolve())
     config.save_pretrained(str(adapter_dir))
     return adapter_dir

@@ -109,7 +109,11 @@ def load_processor(path: str | Path, **kwargs) -> ProcessorMixin:
     config_file = Path(path) / "processor_config.json"
     name = json.loads(config_file.read_text()).get("processor_class") if config_file.is_file() else None
     if name in IMAGE_ONLY_PROCESSORS and importlib.util.find_spec("torchvision") is None:
-        log.info("%s: loading %s without its video processor (torchvision is not installed; medift uses images only)", path, name)
+        log.info(
+            "%s: loading %s without its video processor (torchvision is not installed; medift uses images only)",
+            path,
+            name,
+        )
         processor = IMAGE_ONLY_PROCESSORS[name].from_pretrained(path, **kwargs)
     else:
         processor = AutoProcessor.from_pretrained(path, **kwargs)

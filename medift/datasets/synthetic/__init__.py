@@ -25,8 +25,9 @@ WRITERS: dict[str, Callable[..., None]] = {
 }
 
 
-def write_synthetic(name: str, out_dir: Path, seed: int, n_train: int, n_val: int,
-                    n_test: int, image_size: int = 96) -> None:
+def write_synthetic(
+    name: str, out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_size: int = 96
+) -> None:
     """Write a synthetic `name` release under `out_dir`; the same seed gives the same bytes.
 
     For CBIS-DDSM, whose release has no validation split, the training files get

@@ -20,14 +20,19 @@ def disc(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, fill: int | tu
     draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
 
 
-def ring(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, fill: int | tuple,
-         width: int) -> None:
+def ring(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, fill: int | tuple, width: int) -> None:
     draw.ellipse((x - r, y - r, x + r, y + r), outline=fill, width=max(1, width))
 
 
-def wobbly_outline(cx: float, cy: float, radius: float,
-                   harmonics: list[tuple[float, int, float]], points: int = 120,
-                   squash: float = 1.0, rotation: float = 0.0) -> list[tuple[float, float]]:
+def wobbly_outline(
+    cx: float,
+    cy: float,
+    radius: float,
+    harmonics: list[tuple[float, int, float]],
+    points: int = 120,
+    squash: float = 1.0,
+    rotation: float = 0.0,
+) -> list[tuple[float, float]]:
     """Closed outline with radius `radius * (1 + sum a*sin(k*t + phase))`.
 
     `squash` < 1 flattens it into an ellipse-like outline, turned by `rotation`.
@@ -42,23 +47,20 @@ def wobbly_outline(cx: float, cy: float, radius: float,
     return outline
 
 
-def ragged_polygon(rng: random.Random, x: float, y: float, r: float, corners: int = 7,
-                   low: float = 0.55, high: float = 1.3) -> list[tuple[float, float]]:
+def ragged_polygon(
+    rng: random.Random, x: float, y: float, r: float, corners: int = 7, low: float = 0.55, high: float = 1.3
+) -> list[tuple[float, float]]:
     offset = rng.uniform(0, 2 * math.pi)
-    return [along(x, y, r * rng.uniform(low, high), offset + 2 * math.pi * k / corners)
-            for k in range(corners)]
+    return [along(x, y, r * rng.uniform(low, high), offset + 2 * math.pi * k / corners) for k in range(corners)]
 
 
-def blocky_noise(np_rng: np.random.Generator, height: int, width: int, cell: int,
-                 amplitude: float) -> np.ndarray:
+def blocky_noise(np_rng: np.random.Generator, height: int, width: int, cell: int, amplitude: float) -> np.ndarray:
     """Uniform noise in [-amplitude, amplitude] made of `cell`-pixel squares, float32."""
-    coarse = np_rng.uniform(-amplitude, amplitude,
-                            size=(math.ceil(height / cell), math.ceil(width / cell)))
+    coarse = np_rng.uniform(-amplitude, amplitude, size=(math.ceil(height / cell), math.ceil(width / cell)))
     return np.kron(coarse, np.ones((cell, cell), dtype=np.float32))[:height, :width]
 
 
-def smooth_noise(np_rng: np.random.Generator, height: int, width: int, grid: int,
-                 amplitude: float) -> np.ndarray:
+def smooth_noise(np_rng: np.random.Generator, height: int, width: int, grid: int, amplitude: float) -> np.ndarray:
     """Low-frequency noise: a `grid`-cell random field upsampled smoothly, float32."""
     coarse = np_rng.uniform(-amplitude, amplitude, size=(grid, grid)).astype(np.float32)
     image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
@@ -83,8 +85,9 @@ def shrink(mask: np.ndarray, radius: int) -> np.ndarray:
     return 255 - grow(255 - mask, radius)
 
 
-def free_points(rng: random.Random, allowed: np.ndarray, count: int, margin: int,
-                tries: int = 400) -> list[tuple[int, int]]:
+def free_points(
+    rng: random.Random, allowed: np.ndarray, count: int, margin: int, tries: int = 400
+) -> list[tuple[int, int]]:
     """Up to `count` random pixels where `allowed` holds, `margin` away from the border."""
     height, width = allowed.shape
     points: list[tuple[int, int]] = []

@@ -52,9 +52,18 @@ WITH_LATERAL = 0.7
 TWO_FRONTALS = 0.1
 PA_SHARE = 0.6
 METADATA_HEADER = (
-    "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
-    "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
-    "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning",
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
 )
 LABEL_HEADER = ("subject_id", "study_id", *mimic_cxr.FINDINGS)
 SPLIT_HEADER = mimic_cxr.SPLIT_COLUMNS
@@ -62,12 +71,18 @@ VIEW_MEANING = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "
 
 # key -> (positive, uncertain, negative mention) rates.
 RATES = {
-    "atelectasis": (0.18, 0.05, 0.02), "cardiomegaly": (0.18, 0.03, 0.08),
-    "consolidation": (0.05, 0.02, 0.1), "edema": (0.1, 0.05, 0.1),
-    "enlarged_cardiomediastinum": (0.03, 0.04, 0.05), "fracture": (0.02, 0.005, 0.01),
-    "lung_lesion": (0.03, 0.01, 0.0), "lung_opacity": (0.2, 0.02, 0.03),
-    "pleural_effusion": (0.22, 0.03, 0.25), "pleural_other": (0.01, 0.005, 0.0),
-    "pneumonia": (0.06, 0.08, 0.08), "pneumothorax": (0.04, 0.01, 0.3),
+    "atelectasis": (0.18, 0.05, 0.02),
+    "cardiomegaly": (0.18, 0.03, 0.08),
+    "consolidation": (0.05, 0.02, 0.1),
+    "edema": (0.1, 0.05, 0.1),
+    "enlarged_cardiomediastinum": (0.03, 0.04, 0.05),
+    "fracture": (0.02, 0.005, 0.01),
+    "lung_lesion": (0.03, 0.01, 0.0),
+    "lung_opacity": (0.2, 0.02, 0.03),
+    "pleural_effusion": (0.22, 0.03, 0.25),
+    "pleural_other": (0.01, 0.005, 0.0),
+    "pneumonia": (0.06, 0.08, 0.08),
+    "pneumothorax": (0.04, 0.01, 0.3),
     "support_devices": (0.25, 0.0, 0.0),
 }
 LABEL_CELLS = {"yes": "1.0", "no": "0.0", "uncertain": "-1.0"}
@@ -90,13 +105,19 @@ POSITIVE = {
 }
 UNCERTAIN = {key: "Possible " + text[0].lower() + text[1:] for key, text in POSITIVE.items()}
 NEGATIVE = {
-    "atelectasis": "No atelectasis.", "cardiomegaly": "Heart size is normal.",
-    "consolidation": "No focal consolidation.", "edema": "No pulmonary edema.",
+    "atelectasis": "No atelectasis.",
+    "cardiomegaly": "Heart size is normal.",
+    "consolidation": "No focal consolidation.",
+    "edema": "No pulmonary edema.",
     "enlarged_cardiomediastinum": "The mediastinum is not widened.",
-    "fracture": "No displaced fracture.", "lung_lesion": "No lung nodule.",
-    "lung_opacity": "Lungs are clear.", "pleural_effusion": "No pleural effusion.",
-    "pleural_other": "No pleural thickening.", "pneumonia": "No evidence of pneumonia.",
-    "pneumothorax": "No pneumothorax.", "support_devices": "No lines or tubes.",
+    "fracture": "No displaced fracture.",
+    "lung_lesion": "No lung nodule.",
+    "lung_opacity": "Lungs are clear.",
+    "pleural_effusion": "No pleural effusion.",
+    "pleural_other": "No pleural thickening.",
+    "pneumonia": "No evidence of pneumonia.",
+    "pneumothorax": "No pneumothorax.",
+    "support_devices": "No lines or tubes.",
 }
 
 
@@ -133,17 +154,18 @@ def report_text(labels: dict[str, str], rng: random.Random) -> str:
     findings = " ".join(sentences) or "Lungs are clear."
     positives = [POSITIVE[k].format(side=side) for k, v in labels.items() if v == "yes" and k in POSITIVE]
     impression = " ".join(positives[:2]) or "No acute cardiopulmonary process."
-    head = (" " * 33 + "FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n"
-            " INDICATION:  ___ year old with cough, evaluate for pneumonia.\n \n"
-            " COMPARISON:  ___\n \n")
+    head = (
+        " " * 33 + "FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n"
+        " INDICATION:  ___ year old with cough, evaluate for pneumonia.\n \n"
+        " COMPARISON:  ___\n \n"
+    )
     layout = rng.random()
     if layout < 0.7:
         return head + f" FINDINGS: \n \n {findings}\n \n IMPRESSION: \n \n {impression}\n"
     if layout < 0.85:
         return head + f" FINDINGS: \n \n {findings}\n"
     # Neither header: the reader falls back to the last paragraph.
-    return (" " * 33 + "FINAL REPORT\n INDICATION:  ___ with cough.\n \n"
-            f" {findings}\n \n {impression}\n")
+    return " " * 33 + f"FINAL REPORT\n INDICATION:  ___ with cough.\n \n {findings}\n \n {impression}\n"
 
 
 def sample_attributes(rng: random.Random) -> dict[str, str]:
@@ -202,8 +224,13 @@ def render_frontal(labels: dict[str, str], view: str, size: int, seed: int) -> I
     if pneumothorax:
         canvas -= _blob(s, (lx0 * s, 0.1 * s, lx1 * s, 0.35 * s), 45.0 * pneumothorax, s * 0.004)
         ring = Image.new("F", (s, s), 0.0)
-        ImageDraw.Draw(ring).arc((lx0 * s + 0.03 * s, 0.16 * s, lx1 * s - 0.03 * s, 0.5 * s), 180, 360,
-                                 fill=70.0 * pneumothorax, width=max(1, s // 150))
+        ImageDraw.Draw(ring).arc(
+            (lx0 * s + 0.03 * s, 0.16 * s, lx1 * s - 0.03 * s, 0.5 * s),
+            180,
+            360,
+            fill=70.0 * pneumothorax,
+            width=max(1, s // 150),
+        )
         canvas += np.asarray(ring)
     for key, value, box, blur in (
         ("consolidation", 95.0, (0.3, 0.55, 0.42, 0.72), 0.012),
@@ -274,8 +301,7 @@ def _views(rng: random.Random) -> list[str]:
     return views
 
 
-def write_synthetic(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int,
-                    image_size: int = 96) -> None:
+def write_synthetic(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_size: int = 96) -> None:
     out_dir = Path(out_dir)
     rng = random.Random(seed)
     metadata, labels_rows, split_rows = [], [], []
@@ -296,8 +322,10 @@ def write_synthetic(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: 
                 folder = out_dir / mimic_cxr.study_folder(subject_id, study_id)
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder.parent / f"s{study_id}.txt").write_text(report_text(labels, rng), encoding="utf-8")
-                labels_rows.append([subject_id, study_id] + [
-                    LABEL_CELLS.get(labels.get(key, ""), "") for key in mimic_cxr.FINDINGS.values()])
+                labels_rows.append(
+                    [subject_id, study_id]
+                    + [LABEL_CELLS.get(labels.get(key, ""), "") for key in mimic_cxr.FINDINGS.values()]
+                )
                 for view in views:
                     dicom_id = _dicom_id(rng)
                     image_seed = rng.getrandbits(63)
@@ -306,9 +334,22 @@ def write_synthetic(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: 
                     else:
                         image = render_lateral(labels, image_size, image_seed)
                     save_jpeg(image, folder / f"{dicom_id}.jpg")
-                    metadata.append([dicom_id, subject_id, study_id, "CHEST (PA AND LAT)", view,
-                                     str(image_size), str(image_size), "21800506", "213014.531",
-                                     "CHEST (PA AND LAT)", VIEW_MEANING.get(view, ""), "Erect"])
+                    metadata.append(
+                        [
+                            dicom_id,
+                            subject_id,
+                            study_id,
+                            "CHEST (PA AND LAT)",
+                            view,
+                            str(image_size),
+                            str(image_size),
+                            "21800506",
+                            "213014.531",
+                            "CHEST (PA AND LAT)",
+                            VIEW_MEANING.get(view, ""),
+                            "Erect",
+                        ]
+                    )
                     split_rows.append([dicom_id, study_id, subject_id, split])
     _write_gzip_csv(out_dir / mimic_cxr.METADATA_FILES[0], METADATA_HEADER, metadata)
     _write_gzip_csv(out_dir / mimic_cxr.LABEL_FILES[0], LABEL_HEADER, labels_rows)

@@ -41,45 +41,112 @@ from medift.datasets.synthetic.drawing import along, disc, ragged_polygon, save_
 SUPERSAMPLE = 2
 DDI_SHARE = 0.15
 FLAGGED_SHARE = 0.125
-SKIN_TONES = ((246, 222, 200), (234, 198, 168), (210, 166, 128), (176, 128, 92),
-              (130, 88, 60), (88, 58, 40))
-FITZPATRICK_HEADER = ("md5hash", "fitzpatrick_scale", "fitzpatrick_centaur", "label",
-                      "nine_partition_label", "three_partition_label", "qc", "url", "url_alphanum")
+SKIN_TONES = ((246, 222, 200), (234, 198, 168), (210, 166, 128), (176, 128, 92), (130, 88, 60), (88, 58, 40))
+FITZPATRICK_HEADER = (
+    "md5hash",
+    "fitzpatrick_scale",
+    "fitzpatrick_centaur",
+    "label",
+    "nine_partition_label",
+    "three_partition_label",
+    "qc",
+    "url",
+    "url_alphanum",
+)
 DDI_HEADER = ("", "DDI_ID", "DDI_file", "skin_tone", "malignant", "disease")
-DISEASES = ("psoriasis", "basal cell carcinoma", "acne vulgaris", "lichen planus",
-            "melanoma", "seborrheic keratosis", "folliculitis", "eczema")
+DISEASES = (
+    "psoriasis",
+    "basal cell carcinoma",
+    "acne vulgaris",
+    "lichen planus",
+    "melanoma",
+    "seborrheic keratosis",
+    "folliculitis",
+    "eczema",
+)
 
 # Primary morphology and its share; (lesion radius as a share of the image, lesion count).
-PRIMARY = {"Papule": 0.24, "Plaque": 0.18, "Nodule": 0.12, "Macule": 0.08, "Patch": 0.07,
-           "Vesicle": 0.04, "Bulla": 0.04, "Pustule": 0.05, "Abscess": 0.02, "Cyst": 0.03,
-           "Wheal": 0.03, "Ulcer": 0.04, "Comedo": 0.03, "Burrow": 0.03}
-LAYOUT = {"Papule": (0.07, 5), "Plaque": (0.3, 1), "Nodule": (0.22, 1), "Macule": (0.09, 3),
-          "Patch": (0.32, 1), "Vesicle": (0.05, 7), "Bulla": (0.22, 1), "Pustule": (0.045, 7),
-          "Abscess": (0.24, 1), "Cyst": (0.2, 1), "Wheal": (0.26, 1), "Ulcer": (0.24, 1),
-          "Comedo": (0.03, 9), "Burrow": (0.25, 1)}
+PRIMARY = {
+    "Papule": 0.24,
+    "Plaque": 0.18,
+    "Nodule": 0.12,
+    "Macule": 0.08,
+    "Patch": 0.07,
+    "Vesicle": 0.04,
+    "Bulla": 0.04,
+    "Pustule": 0.05,
+    "Abscess": 0.02,
+    "Cyst": 0.03,
+    "Wheal": 0.03,
+    "Ulcer": 0.04,
+    "Comedo": 0.03,
+    "Burrow": 0.03,
+}
+LAYOUT = {
+    "Papule": (0.07, 5),
+    "Plaque": (0.3, 1),
+    "Nodule": (0.22, 1),
+    "Macule": (0.09, 3),
+    "Patch": (0.32, 1),
+    "Vesicle": (0.05, 7),
+    "Bulla": (0.22, 1),
+    "Pustule": (0.045, 7),
+    "Abscess": (0.24, 1),
+    "Cyst": (0.2, 1),
+    "Wheal": (0.26, 1),
+    "Ulcer": (0.24, 1),
+    "Comedo": (0.03, 9),
+    "Burrow": (0.25, 1),
+}
 # Secondary concepts: base rate, and extra rate given a primary morphology.
 SECONDARY = {
     "Erythema": (0.45, {"Abscess": 0.5, "Pustule": 0.3, "Wheal": 0.4}),
     "Brown(Hyperpigmentation)": (0.22, {"Macule": 0.4, "Patch": 0.3}),
-    "Scale": (0.15, {"Plaque": 0.45}), "Crust": (0.12, {"Ulcer": 0.4}),
-    "Yellow": (0.06, {"Pustule": 0.9, "Abscess": 0.5}), "Black": (0.04, {"Comedo": 0.95}),
-    "White(Hypopigmentation)": (0.07, {}), "Purple": (0.04, {}), "Pigmented": (0.04, {}),
-    "Erosion": (0.06, {"Bulla": 0.3}), "Exudate": (0.04, {"Ulcer": 0.3}),
-    "Dome-shaped": (0.06, {"Nodule": 0.35, "Cyst": 0.5}), "Flat topped": (0.04, {"Papule": 0.15}),
-    "Telangiectasia": (0.04, {"Nodule": 0.2}), "Umbilicated": (0.02, {"Papule": 0.08}),
-    "Translucent": (0.02, {"Vesicle": 0.6, "Bulla": 0.4}), "Excoriation": (0.03, {}),
-    "Fissure": (0.02, {}), "Xerosis": (0.02, {"Plaque": 0.1}), "Lichenification": (0.02, {"Plaque": 0.1}),
-    "Atrophy": (0.02, {}), "Scar": (0.03, {}), "Friable": (0.02, {"Nodule": 0.15}),
-    "Pedunculated": (0.01, {"Nodule": 0.08}), "Exophytic/Fungating": (0.02, {"Nodule": 0.12}),
+    "Scale": (0.15, {"Plaque": 0.45}),
+    "Crust": (0.12, {"Ulcer": 0.4}),
+    "Yellow": (0.06, {"Pustule": 0.9, "Abscess": 0.5}),
+    "Black": (0.04, {"Comedo": 0.95}),
+    "White(Hypopigmentation)": (0.07, {}),
+    "Purple": (0.04, {}),
+    "Pigmented": (0.04, {}),
+    "Erosion": (0.06, {"Bulla": 0.3}),
+    "Exudate": (0.04, {"Ulcer": 0.3}),
+    "Dome-shaped": (0.06, {"Nodule": 0.35, "Cyst": 0.5}),
+    "Flat topped": (0.04, {"Papule": 0.15}),
+    "Telangiectasia": (0.04, {"Nodule": 0.2}),
+    "Umbilicated": (0.02, {"Papule": 0.08}),
+    "Translucent": (0.02, {"Vesicle": 0.6, "Bulla": 0.4}),
+    "Excoriation": (0.03, {}),
+    "Fissure": (0.02, {}),
+    "Xerosis": (0.02, {"Plaque": 0.1}),
+    "Lichenification": (0.02, {"Plaque": 0.1}),
+    "Atrophy": (0.02, {}),
+    "Scar": (0.03, {}),
+    "Friable": (0.02, {"Nodule": 0.15}),
+    "Pedunculated": (0.01, {"Nodule": 0.08}),
+    "Exophytic/Fungating": (0.02, {"Nodule": 0.12}),
     "Warty/Papillomatous": (0.02, {"Papule": 0.05, "Plaque": 0.05}),
-    "Purpura/Petechiae": (0.02, {}), "Induration": (0.02, {}), "Sclerosis": (0.01, {}),
-    "Blue": (0.01, {}), "Gray": (0.01, {}), "Salmon": (0.01, {"Plaque": 0.05}),
-    "Poikiloderma": (0.01, {}), "Acuminate": (0.01, {"Papule": 0.04}),
+    "Purpura/Petechiae": (0.02, {}),
+    "Induration": (0.02, {}),
+    "Sclerosis": (0.01, {}),
+    "Blue": (0.01, {}),
+    "Gray": (0.01, {}),
+    "Salmon": (0.01, {"Plaque": 0.05}),
+    "Poikiloderma": (0.01, {}),
+    "Acuminate": (0.01, {"Papule": 0.04}),
 }
-COLOURS = {"Erythema": (205, 60, 55), "Brown(Hyperpigmentation)": (112, 66, 34),
-           "Yellow": (226, 198, 74), "Black": (22, 18, 18), "White(Hypopigmentation)": (246, 242, 236),
-           "Purple": (118, 56, 128), "Blue": (60, 84, 160), "Gray": (128, 128, 132),
-           "Salmon": (238, 142, 118), "Pigmented": (70, 42, 30)}
+COLOURS = {
+    "Erythema": (205, 60, 55),
+    "Brown(Hyperpigmentation)": (112, 66, 34),
+    "Yellow": (226, 198, 74),
+    "Black": (22, 18, 18),
+    "White(Hypopigmentation)": (246, 242, 236),
+    "Purple": (118, 56, 128),
+    "Blue": (60, 84, 160),
+    "Gray": (128, 128, 132),
+    "Salmon": (238, 142, 118),
+    "Pigmented": (70, 42, 30),
+}
 
 
 # --- sampling ------------------------------------------------------------------------
@@ -113,8 +180,9 @@ def _lesion_colour(concepts: list[str], skin: tuple[int, int, int]) -> np.ndarra
 def _centres(rng: random.Random, size: int, radius: float, count: int) -> list[tuple[float, float]]:
     if count == 1:
         return [(size * rng.uniform(0.42, 0.58), size * rng.uniform(0.42, 0.58))]
-    return [(rng.uniform(radius + 2, size - radius - 2), rng.uniform(radius + 2, size - radius - 2))
-            for _ in range(count)]
+    return [
+        (rng.uniform(radius + 2, size - radius - 2), rng.uniform(radius + 2, size - radius - 2)) for _ in range(count)
+    ]
 
 
 def _lesion_mask(rng: random.Random, size: int, primary: str, centres, radius: float) -> Image.Image:
@@ -133,8 +201,9 @@ def _lesion_mask(rng: random.Random, size: int, primary: str, centres, radius: f
     return mask.filter(ImageFilter.GaussianBlur(max(1.0, blur)))
 
 
-def _marks(draw: ImageDraw.ImageDraw, rng: random.Random, concepts: list[str], centres,
-           radius: float, size: int) -> None:
+def _marks(
+    draw: ImageDraw.ImageDraw, rng: random.Random, concepts: list[str], centres, radius: float, size: int
+) -> None:
     """Surface and shape concepts as marks on and around the lesions."""
     line = max(1, int(size / 90))
     for x, y in centres:
@@ -146,7 +215,13 @@ def _marks(draw: ImageDraw.ImageDraw, rng: random.Random, concepts: list[str], c
         if "Crust" in concepts:
             draw.polygon(ragged_polygon(rng, x + r * 0.2, y - r * 0.1, r * 0.45), fill=(150, 100, 40))
         if "Ulcer" in concepts or "Erosion" in concepts:
-            disc(draw, x, y, r * (0.5 if "Ulcer" in concepts else 0.35), (120, 24, 30) if "Ulcer" in concepts else (228, 120, 120))
+            disc(
+                draw,
+                x,
+                y,
+                r * (0.5 if "Ulcer" in concepts else 0.35),
+                (120, 24, 30) if "Ulcer" in concepts else (228, 120, 120),
+            )
         if "Exudate" in concepts:
             disc(draw, x - r * 0.2, y + r * 0.2, r * 0.22, (240, 222, 120))
         if "Umbilicated" in concepts:
@@ -202,8 +277,13 @@ def render_skin(concepts: list[str], size: int, seed: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     if primary in ("Vesicle", "Bulla", "Cyst", "Nodule", "Pustule", "Abscess"):
         for x, y in centres:  # a raised lesion catches the light on its rim
-            draw.arc((x - radius, y - radius, x + radius, y + radius), 200, 290,
-                     fill=(255, 255, 250), width=max(1, int(radius * 0.12)))
+            draw.arc(
+                (x - radius, y - radius, x + radius, y + radius),
+                200,
+                290,
+                fill=(255, 255, 250),
+                width=max(1, int(radius * 0.12)),
+            )
     if primary == "Abscess":
         disc(draw, *centres[0], radius * 0.35, (236, 210, 90))
     _marks(draw, rng, concepts, centres, radius, big)
@@ -217,8 +297,9 @@ def _md5(rng: random.Random) -> str:
     return hashlib.md5(rng.getrandbits(64).to_bytes(8, "big")).hexdigest()
 
 
-def _annotation_row(index: int, image_id: str, concepts: list[str], flagged: bool,
-                    blank_when_flagged: bool) -> list[str]:
+def _annotation_row(
+    index: int, image_id: str, concepts: list[str], flagged: bool, blank_when_flagged: bool
+) -> list[str]:
     """One annotation row; `blank_when_flagged` writes a flagged row's concepts as NaN."""
     floats = blank_when_flagged  # pandas writes a column with NaN as floats
     one, zero = ("1.0", "0.0") if floats else ("1", "0")
@@ -237,8 +318,7 @@ def _write_csv(path: Path, header, rows) -> None:
         writer.writerows(rows)
 
 
-def write_synthetic(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int,
-                    image_size: int = 96) -> None:
+def write_synthetic(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_size: int = 96) -> None:
     out_dir = Path(out_dir)
     rng = random.Random(seed)
     n_described = n_train + n_val + n_test
@@ -256,14 +336,31 @@ def write_synthetic(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: 
             if part_name == "fitzpatrick17k":
                 md5 = _md5(rng)
                 file_name = f"{md5}.jpg"
-                metadata.append([md5, str(rng.randint(1, 6)), str(rng.randint(1, 6)),
-                                 rng.choice(DISEASES), "inflammatory", "non-neoplastic", "",
-                                 f"https://example.org/{md5}.jpg", f"httpsexampleorg{md5}jpg.jpg"])
+                metadata.append(
+                    [
+                        md5,
+                        str(rng.randint(1, 6)),
+                        str(rng.randint(1, 6)),
+                        rng.choice(DISEASES),
+                        "inflammatory",
+                        "non-neoplastic",
+                        "",
+                        f"https://example.org/{md5}.jpg",
+                        f"httpsexampleorg{md5}jpg.jpg",
+                    ]
+                )
             else:
                 file_name = f"{index + 1:06d}.png"
-                metadata.append([str(index), str(index + 1), file_name,
-                                 str(rng.choice((12, 34, 56))), str(rng.random() < 0.3),
-                                 rng.choice(DISEASES)])
+                metadata.append(
+                    [
+                        str(index),
+                        str(index + 1),
+                        file_name,
+                        str(rng.choice((12, 34, 56))),
+                        str(rng.random() < 0.3),
+                        rng.choice(DISEASES),
+                    ]
+                )
             image = render_skin(concepts, image_size, rng.getrandbits(63))
             image_path = out_dir / part.folder / file_name
             image_path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,8 +368,9 @@ def write_synthetic(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: 
                 image.save(image_path, format="PNG", compress_level=6)
             else:
                 save_jpeg(image, image_path)
-            annotations.append(_annotation_row(index, file_name, concepts, flagged,
-                                               blank_when_flagged=part_name == "ddi"))
+            annotations.append(
+                _annotation_row(index, file_name, concepts, flagged, blank_when_flagged=part_name == "ddi")
+            )
         _write_csv(out_dir / part.annotation_files[0], annotation_header, annotations)
         header = FITZPATRICK_HEADER if part_name == "fitzpatrick17k" else DDI_HEADER
         _write_csv(out_dir / part.folder / part.metadata_file, header, metadata)

@@ -49,8 +49,7 @@ SUPERSAMPLE = 2  # draw at twice the size, then downsample: smooth edges at smal
 IMAGE_ROOT = "PBC_dataset_normal_DIB"
 UNIFORM_MIX = 0.1  # share of draws from the uniform distribution, per attribute
 
-LABEL_WEIGHTS = {"Basophil": 0.18, "Eosinophil": 0.2, "Lymphocyte": 0.18,
-                 "Monocyte": 0.18, "Neutrophil": 0.26}
+LABEL_WEIGHTS = {"Basophil": 0.18, "Eosinophil": 0.2, "Lymphocyte": 0.18, "Monocyte": 0.18, "Neutrophil": 0.26}
 IMAGE_PREFIX = {"Basophil": "BA", "Eosinophil": "EO", "Lymphocyte": "LY", "Monocyte": "MO"}
 
 # P(value | label), shaped after the real training file (rounded, simplified).
@@ -58,8 +57,12 @@ CLASS_TABLES: dict[str, dict[str, dict[str, float]]] = {
     "Basophil": {
         "cell_size": {"big": 0.3, "small": 0.7},
         "cell_shape": {"round": 0.85, "irregular": 0.15},
-        "nucleus_shape": {"irregular": 0.4, "segmented-bilobed": 0.3,
-                          "segmented-multilobed": 0.2, "unsegmented-band": 0.1},
+        "nucleus_shape": {
+            "irregular": 0.4,
+            "segmented-bilobed": 0.3,
+            "segmented-multilobed": 0.2,
+            "unsegmented-band": 0.1,
+        },
         "nuclear_cytoplasmic_ratio": {"low": 0.95, "high": 0.05},
         "chromatin_density": {"densely": 0.95, "loosely": 0.05},
         "cytoplasm_vacuole": {"no": 0.95, "yes": 0.05},
@@ -72,8 +75,7 @@ CLASS_TABLES: dict[str, dict[str, dict[str, float]]] = {
     "Eosinophil": {
         "cell_size": {"big": 0.65, "small": 0.35},
         "cell_shape": {"round": 0.9, "irregular": 0.1},
-        "nucleus_shape": {"segmented-bilobed": 0.7, "segmented-multilobed": 0.18,
-                          "unsegmented-band": 0.12},
+        "nucleus_shape": {"segmented-bilobed": 0.7, "segmented-multilobed": 0.18, "unsegmented-band": 0.12},
         "nuclear_cytoplasmic_ratio": {"low": 1.0},
         "chromatin_density": {"densely": 0.97, "loosely": 0.03},
         "cytoplasm_vacuole": {"no": 0.97, "yes": 0.03},
@@ -86,8 +88,7 @@ CLASS_TABLES: dict[str, dict[str, dict[str, float]]] = {
     "Lymphocyte": {
         "cell_size": {"small": 0.95, "big": 0.05},
         "cell_shape": {"round": 0.7, "irregular": 0.3},
-        "nucleus_shape": {"unsegmented-round": 0.78, "unsegmented-indented": 0.18,
-                          "irregular": 0.04},
+        "nucleus_shape": {"unsegmented-round": 0.78, "unsegmented-indented": 0.18, "irregular": 0.04},
         "nuclear_cytoplasmic_ratio": {"high": 0.9, "low": 0.1},
         "chromatin_density": {"densely": 0.95, "loosely": 0.05},
         "cytoplasm_vacuole": {"no": 0.97, "yes": 0.03},
@@ -101,8 +102,7 @@ CLASS_TABLES: dict[str, dict[str, dict[str, float]]] = {
     "Monocyte": {
         "cell_size": {"big": 0.85, "small": 0.15},
         "cell_shape": {"irregular": 0.55, "round": 0.45},
-        "nucleus_shape": {"unsegmented-indented": 0.7, "irregular": 0.2,
-                          "unsegmented-round": 0.1},
+        "nucleus_shape": {"unsegmented-indented": 0.7, "irregular": 0.2, "unsegmented-round": 0.1},
         "nuclear_cytoplasmic_ratio": {"low": 0.9, "high": 0.1},
         "chromatin_density": {"loosely": 0.6, "densely": 0.4},
         "cytoplasm_vacuole": {"no": 0.55, "yes": 0.45},
@@ -115,8 +115,7 @@ CLASS_TABLES: dict[str, dict[str, dict[str, float]]] = {
     "Neutrophil": {
         "cell_size": {"big": 0.6, "small": 0.4},
         "cell_shape": {"round": 0.8, "irregular": 0.2},
-        "nucleus_shape": {"unsegmented-band": 0.5, "segmented-multilobed": 0.3,
-                          "segmented-bilobed": 0.2},
+        "nucleus_shape": {"unsegmented-band": 0.5, "segmented-multilobed": 0.3, "segmented-bilobed": 0.2},
         "nuclear_cytoplasmic_ratio": {"low": 1.0},
         "chromatin_density": {"densely": 0.97, "loosely": 0.03},
         "cytoplasm_vacuole": {"no": 0.95, "yes": 0.05},
@@ -129,8 +128,7 @@ CLASS_TABLES: dict[str, dict[str, dict[str, float]]] = {
 }
 
 BACKGROUND = (238, 228, 232)
-CYTOPLASM_COLOURS = {"blue": (50, 90, 215), "light blue": (180, 212, 246),
-                     "purple blue": (112, 96, 212)}
+CYTOPLASM_COLOURS = {"blue": (50, 90, 215), "light blue": (180, 212, 246), "purple blue": (112, 96, 212)}
 NUCLEUS_COLOURS = {"densely": (72, 14, 92), "loosely": (190, 122, 192)}
 GRANULE_COLOURS = {"pink": (246, 128, 186), "purple": (84, 18, 104), "red": (222, 40, 40)}
 VACUOLE_COLOUR = (252, 252, 252)
@@ -138,8 +136,7 @@ VACUOLE_COLOUR = (252, 252, 252)
 CELL_RADIUS = {"big": 0.40, "small": 0.27}
 NUCLEUS_EXTENT = {"high": 0.72, "low": 0.45}
 # (radius as a share of the image width, count, ragged?) per granule type.
-GRANULE_STYLE = {"small": (0.011, 45, False), "round": (0.024, 16, False),
-                 "coarse": (0.034, 11, True)}
+GRANULE_STYLE = {"small": (0.011, 45, False), "round": (0.024, 16, False), "coarse": (0.034, 11, True)}
 
 
 # --- sampling ----------------------------------------------------------------------
@@ -170,20 +167,20 @@ def sample_attributes(rng: random.Random) -> dict[str, str]:
 # --- drawing -----------------------------------------------------------------------
 
 
-def _cell_mask(size: int, cx: float, cy: float, radius: float, shape: str,
-               rng: random.Random) -> Image.Image:
+def _cell_mask(size: int, cx: float, cy: float, radius: float, shape: str, rng: random.Random) -> Image.Image:
     mask = Image.new("L", (size, size), 0)
     if shape == "round":
         harmonics = [(0.015, 5, rng.uniform(0, 6.3))]
     else:
-        harmonics = [(rng.uniform(0.11, 0.15), rng.choice((3, 4, 5)), rng.uniform(0, 6.3)),
-                     (rng.uniform(0.05, 0.07), rng.choice((6, 7)), rng.uniform(0, 6.3))]
+        harmonics = [
+            (rng.uniform(0.11, 0.15), rng.choice((3, 4, 5)), rng.uniform(0, 6.3)),
+            (rng.uniform(0.05, 0.07), rng.choice((6, 7)), rng.uniform(0, 6.3)),
+        ]
     ImageDraw.Draw(mask).polygon(wobbly_outline(cx, cy, radius, harmonics), fill=255)
     return mask
 
 
-def _nucleus_mask(size: int, cx: float, cy: float, extent: float, shape: str,
-                  rng: random.Random) -> Image.Image:
+def _nucleus_mask(size: int, cx: float, cy: float, extent: float, shape: str, rng: random.Random) -> Image.Image:
     """A nucleus of the given shape fitting in a circle of radius about `extent`."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
@@ -199,8 +196,7 @@ def _nucleus_mask(size: int, cx: float, cy: float, extent: float, shape: str,
     elif shape == "segmented-multilobed":
         count = rng.choice((3, 4))
         step = math.radians(75 if count == 3 else 62)
-        lobes = [along(cx, cy, 0.58 * extent, theta + (i - (count - 1) / 2) * step)
-                 for i in range(count)]
+        lobes = [along(cx, cy, 0.58 * extent, theta + (i - (count - 1) / 2) * step) for i in range(count)]
         draw.line(lobes, fill=255, width=bridge)
         for x, y in lobes:
             disc(draw, x, y, 0.34 * extent, 255)
@@ -216,14 +212,15 @@ def _nucleus_mask(size: int, cx: float, cy: float, extent: float, shape: str,
             disc(draw, *along(cx, cy, radius, a), half_width, 255)
     elif shape == "unsegmented-indented":
         # A bean: an ellipse with a round bite out of one long side.
-        draw.polygon(wobbly_outline(cx, cy, 0.88 * extent, [], squash=0.8, rotation=theta),
-                     fill=255)
+        draw.polygon(wobbly_outline(cx, cy, 0.88 * extent, [], squash=0.8, rotation=theta), fill=255)
         disc(draw, *along(cx, cy, 0.78 * extent, theta + math.pi / 2), 0.42 * extent, 0)
     elif shape == "irregular":
-        harmonics = [(rng.uniform(0.18, 0.24), 2, rng.uniform(0, 6.3)),
-                     (rng.uniform(0.12, 0.16), 3, rng.uniform(0, 6.3)),
-                     (rng.uniform(0.07, 0.1), 5, rng.uniform(0, 6.3)),
-                     (rng.uniform(0.04, 0.06), 8, rng.uniform(0, 6.3))]
+        harmonics = [
+            (rng.uniform(0.18, 0.24), 2, rng.uniform(0, 6.3)),
+            (rng.uniform(0.12, 0.16), 3, rng.uniform(0, 6.3)),
+            (rng.uniform(0.07, 0.1), 5, rng.uniform(0, 6.3)),
+            (rng.uniform(0.04, 0.06), 8, rng.uniform(0, 6.3)),
+        ]
         draw.polygon(wobbly_outline(cx, cy, 0.74 * extent, harmonics), fill=255)
     else:
         raise ValueError(f"unknown nucleus shape {shape!r}")
@@ -309,8 +306,7 @@ def _image_name(label: str, nucleus_shape: str, number: int) -> str:
     return f"{prefix}_{number}.jpg"
 
 
-def write_synthetic(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int,
-                    image_size: int = 96) -> None:
+def write_synthetic(out_dir: Path, seed: int, n_train: int, n_val: int, n_test: int, image_size: int = 96) -> None:
     out_dir = Path(out_dir)
     rng = random.Random(seed)
     number = 100000

@@ -90,24 +90,49 @@ def build_mllama(seed: int = 0):
     28 px tiles of 14 px patches, up to 2 tiles per image (aspect ratios 1x1, 1x2, 2x1).
     """
     tokenizer = build_bpe_tokenizer(
-        ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
-         "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"],
-        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>",
+        [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|finetune_right_pad_id|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eom_id|>",
+            "<|eot_id|>",
+            "<|python_tag|>",
+            "<|image|>",
+        ],
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
         extra_special_tokens={"image_token": "<|image|>"},
     )
     tile, patch, max_tiles = 28, 14, 2
     image_processor = MllamaImageProcessorPil(size={"height": tile, "width": tile}, max_image_tiles=max_tiles)
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=MLLAMA_TEMPLATE)
     vision = MllamaVisionConfig(
-        hidden_size=HIDDEN, num_hidden_layers=2, num_global_layers=1, attention_heads=HEADS,
-        intermediate_size=2 * HIDDEN, image_size=tile, patch_size=patch, max_num_tiles=max_tiles,
-        intermediate_layers_indices=[0], vision_output_dim=2 * HIDDEN,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=HEADS,
+        intermediate_size=2 * HIDDEN,
+        image_size=tile,
+        patch_size=patch,
+        max_num_tiles=max_tiles,
+        intermediate_layers_indices=[0],
+        vision_output_dim=2 * HIDDEN,
         supported_aspect_ratios=[list(ratio) for ratio in get_all_supported_aspect_ratios(max_tiles)],
     )
     text = MllamaTextConfig(
-        hidden_size=HIDDEN, num_hidden_layers=2, cross_attention_layers=[1], num_attention_heads=HEADS,
-        num_key_value_heads=HEADS, intermediate_size=2 * HIDDEN, vocab_size=len(tokenizer),
-        max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        cross_attention_layers=[1],
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        intermediate_size=2 * HIDDEN,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.image_token_id)
@@ -132,7 +157,8 @@ LLAVA_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
     "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% elif part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endif %}"
+    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% elif part['type'] == 'text' %}{{ part['text'] + ' ' "
+    "}}{% endif %}"
     "{% endfor %}"
     "{% else %}{{ 'ASSISTANT: ' }}"
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
@@ -160,23 +186,39 @@ LLAVA_NEXT_TEMPLATE = (
 
 def _llava_tokenizer():
     return build_bpe_tokenizer(
-        LLAVA_SPECIAL_TOKENS, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        LLAVA_SPECIAL_TOKENS,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
     )
 
 
 def _clip_vision(image_size: int, patch_size: int) -> CLIPVisionConfig:
     return CLIPVisionConfig(
-        hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
-        image_size=image_size, patch_size=patch_size, projection_dim=HIDDEN,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=HIDDEN,
     )
 
 
 def _decoder_kwargs(tokenizer) -> dict:
     return dict(
-        hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
-        num_key_value_heads=HEADS, vocab_size=len(tokenizer), max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
 
 
@@ -189,17 +231,26 @@ def build_llava(seed: int = 0):
     tokenizer = _llava_tokenizer()
     image_size, patch = 28, 7
     image_processor = LlavaImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_TEMPLATE, image_token="<image>",
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+        image_token="<image>",
     )
     config = LlavaConfig(
-        vision_config=_clip_vision(image_size, patch), text_config=LlamaConfig(**_decoder_kwargs(tokenizer)),
-        image_token_index=tokenizer.image_token_id, image_seq_length=(image_size // patch) ** 2,
-        vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu",
+        vision_config=_clip_vision(image_size, patch),
+        text_config=LlamaConfig(**_decoder_kwargs(tokenizer)),
+        image_token_index=tokenizer.image_token_id,
+        image_seq_length=(image_size // patch) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
@@ -220,20 +271,28 @@ def build_llava_next(seed: int = 0):
     image_size, patch = 28, 7
     pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size]]
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         image_grid_pinpoints=pinpoints,
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_NEXT_TEMPLATE, image_token="<image>",
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_NEXT_TEMPLATE,
+        image_token="<image>",
     )
     config = LlavaNextConfig(
         vision_config=_clip_vision(image_size, patch),
         text_config=MistralConfig(**_decoder_kwargs(tokenizer), sliding_window=None),
-        image_token_index=tokenizer.image_token_id, image_grid_pinpoints=pinpoints,
-        image_seq_length=(image_size // patch) ** 2, vision_feature_select_strategy="default",
-        vision_feature_layer=-2, projector_hidden_act="gelu",
+        image_token_index=tokenizer.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=(image_size // patch) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
     )
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config)
@@ -248,7 +307,8 @@ GEMMA3_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}"
     "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<start_of_image>' }}{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}"
+    "{% if part['type'] == 'image' %}{{ '<start_of_image>' }}{% elif part['type'] == 'text' %}{{ part['text'] "
+    "| trim }}{% endif %}"
     "{% endfor %}"
     "{{ '<end_of_turn>\\n' }}"
     "{% endfor %}"
@@ -264,33 +324,68 @@ def build_gemma3(seed: int = 0):
     32 px images of 8 px patches (4x4), pooled 2x2: 4 image soft tokens per image.
     """
     tokenizer = build_bpe_tokenizer(
-        ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
-         "<end_of_image>", "<image_soft_token>"],
-        bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
-                              "eoi_token": "<end_of_image>"},
+        [
+            "<pad>",
+            "<eos>",
+            "<bos>",
+            "<unk>",
+            "<start_of_turn>",
+            "<end_of_turn>",
+            "<start_of_image>",
+            "<end_of_image>",
+            "<image_soft_token>",
+        ],
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={
+            "image_token": "<image_soft_token>",
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
     )
     image_size, patch, image_tokens = 32, 8, 4
     image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
     processor = Gemma3Processor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_TEMPLATE,
         image_seq_length=image_tokens,
     )
     vision = SiglipVisionConfig(
-        hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
-        image_size=image_size, patch_size=patch, vision_use_head=False,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        image_size=image_size,
+        patch_size=patch,
+        vision_use_head=False,
     )
     text = Gemma3TextConfig(
-        hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
-        num_key_value_heads=1, head_dim=HIDDEN // HEADS, query_pre_attn_scalar=HIDDEN // HEADS,
-        vocab_size=len(tokenizer), max_position_embeddings=1024, sliding_window=64,
-        layer_types=["sliding_attention", "full_attention"], pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=1,
+        head_dim=HIDDEN // HEADS,
+        query_pre_attn_scalar=HIDDEN // HEADS,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     boi, eoi, image_token = _ids(tokenizer, "<start_of_image>", "<end_of_image>", "<image_soft_token>")
     config = Gemma3Config(
-        vision_config=vision, text_config=text, mm_tokens_per_image=image_tokens,
-        boi_token_index=boi, eoi_token_index=eoi, image_token_index=image_token,
+        vision_config=vision,
+        text_config=text,
+        mm_tokens_per_image=image_tokens,
+        boi_token_index=boi,
+        eoi_token_index=eoi,
+        image_token_index=image_token,
     )
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config)

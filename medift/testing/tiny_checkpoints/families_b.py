@@ -11,7 +11,6 @@ image-only twins from `medift.model.processors` (no video processor).
 
 from __future__ import annotations
 
-
 import torch
 from transformers import (
     Idefics3Config,
@@ -126,8 +125,13 @@ def _set_generation_tokens(model, tokenizer, end_of_turn: str) -> None:
 # --- Qwen2-VL and Qwen2.5-VL -------------------------------------------------------------
 
 QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 QWEN_PATCH = 14
 QWEN_MERGE = 2
@@ -151,12 +155,15 @@ def _chatml_tokenizer(more_tokens: list[str], named_tokens: dict[str, str]):
 
 
 def _qwen_tokenizer():
-    return _chatml_tokenizer([], {
-        "image_token": "<|image_pad|>",
-        "video_token": "<|video_pad|>",
-        "vision_bos_token": "<|vision_start|>",
-        "vision_eos_token": "<|vision_end|>",
-    })
+    return _chatml_tokenizer(
+        [],
+        {
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>",
+            "vision_eos_token": "<|vision_end|>",
+        },
+    )
 
 
 def _qwen_processor(processor_class):
@@ -166,8 +173,9 @@ def _qwen_processor(processor_class):
         merge_size=QWEN_MERGE,
         temporal_patch_size=2,
     )
-    return processor_class(image_processor=image_processor, tokenizer=_qwen_tokenizer(),
-                           chat_template=QWEN_VL_CHAT_TEMPLATE)
+    return processor_class(
+        image_processor=image_processor, tokenizer=_qwen_tokenizer(), chat_template=QWEN_VL_CHAT_TEMPLATE
+    )
 
 
 def _decoder_sizes(tokenizer) -> dict:
@@ -304,9 +312,22 @@ IDEFICS3_PATCH = 8
 IDEFICS3_SCALE = 2  # 4x4 patches per tile -> 2x2 = 4 image tokens per tile
 
 
-def _build_idefics_layout(seed: int, *, first_tokens: list[str], bos: str, pad: str, patch: int, scale: int,
-                          image_processor_class, processor_class, config_class, vision_config_class, model_class,
-                          chat_template: str, tied: bool):
+def _build_idefics_layout(
+    seed: int,
+    *,
+    first_tokens: list[str],
+    bos: str,
+    pad: str,
+    patch: int,
+    scale: int,
+    image_processor_class,
+    processor_class,
+    config_class,
+    vision_config_class,
+    model_class,
+    chat_template: str,
+    tied: bool,
+):
     """The Idefics3 layout (SigLIP tiles + global image, pixel-shuffle connector, Llama-style
     decoder), shared by Idefics3 and SmolVLM, which differ in the arguments."""
     tokenizer = _idefics_tokenizer(first_tokens, bos=bos, pad=pad)
@@ -338,11 +359,19 @@ def _build_idefics_layout(seed: int, *, first_tokens: list[str], bos: str, pad: 
 def build_idefics3(seed: int = 0):
     """Mimics HuggingFaceM4/Idefics3-8B-Llama3: SigLIP tiles + global image, pixel-shuffle connector, Llama."""
     return _build_idefics_layout(
-        seed, first_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>"],
-        bos="<|begin_of_text|>", pad="<|reserved_special_token_0|>", patch=IDEFICS3_PATCH, scale=IDEFICS3_SCALE,
-        image_processor_class=Idefics3ImageProcessorPil, processor_class=Idefics3Processor,
-        config_class=Idefics3Config, vision_config_class=Idefics3VisionConfig,
-        model_class=Idefics3ForConditionalGeneration, chat_template=IDEFICS3_CHAT_TEMPLATE, tied=False,
+        seed,
+        first_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>"],
+        bos="<|begin_of_text|>",
+        pad="<|reserved_special_token_0|>",
+        patch=IDEFICS3_PATCH,
+        scale=IDEFICS3_SCALE,
+        image_processor_class=Idefics3ImageProcessorPil,
+        processor_class=Idefics3Processor,
+        config_class=Idefics3Config,
+        vision_config_class=Idefics3VisionConfig,
+        model_class=Idefics3ForConditionalGeneration,
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
+        tied=False,
     )
 
 
@@ -353,11 +382,19 @@ SMOLVLM_SCALE = 4  # as SmolVLM: 8x8 patches per tile -> 2x2 = 4 image tokens pe
 def build_smolvlm(seed: int = 0):
     """Mimics HuggingFaceTB/SmolVLM-256M-Instruct: Idefics3 layout, scale factor 4, tied SmolLM decoder."""
     return _build_idefics_layout(
-        seed, first_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos="<|im_start|>", pad="<|im_end|>",
-        patch=SMOLVLM_PATCH, scale=SMOLVLM_SCALE,
-        image_processor_class=SmolVLMImageProcessorPil, processor_class=SmolVLMImageOnlyProcessor,
-        config_class=SmolVLMConfig, vision_config_class=SmolVLMVisionConfig,
-        model_class=SmolVLMForConditionalGeneration, chat_template=SMOLVLM_CHAT_TEMPLATE, tied=True,
+        seed,
+        first_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        bos="<|im_start|>",
+        pad="<|im_end|>",
+        patch=SMOLVLM_PATCH,
+        scale=SMOLVLM_SCALE,
+        image_processor_class=SmolVLMImageProcessorPil,
+        processor_class=SmolVLMImageOnlyProcessor,
+        config_class=SmolVLMConfig,
+        vision_config_class=SmolVLMVisionConfig,
+        model_class=SmolVLMForConditionalGeneration,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+        tied=True,
     )
 
 
@@ -371,12 +408,15 @@ INTERNVL_MAX_TILES = 4  # up to 4 tiles + a thumbnail
 
 def build_internvl(seed: int = 0):
     """Mimics OpenGVLab/InternVL3-1B-hf: InternViT tiles + thumbnail, pixel-shuffle MLP, Qwen2 decoder."""
-    tokenizer = _chatml_tokenizer(["<img>", "</img>", "<IMG_CONTEXT>", "<video>"], {
-        "start_image_token": "<img>",
-        "end_image_token": "</img>",
-        "context_image_token": "<IMG_CONTEXT>",
-        "video_token": "<video>",
-    })
+    tokenizer = _chatml_tokenizer(
+        ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+        {
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": INTERNVL_TILE, "width": INTERNVL_TILE},
         crop_to_patches=True,
@@ -390,8 +430,11 @@ def build_internvl(seed: int = 0):
         image_seq_length=image_seq_length,
         chat_template=INTERNVL_CHAT_TEMPLATE,
     )
-    text = Qwen2Config(**_decoder_sizes(tokenizer), bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-                       tie_word_embeddings=True)
+    text = Qwen2Config(
+        **_decoder_sizes(tokenizer),
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        tie_word_embeddings=True,
+    )
     vision = InternVLVisionConfig(
         hidden_size=VISION_HIDDEN,
         intermediate_size=2 * VISION_HIDDEN,

@@ -33,8 +33,12 @@ def default_corpus() -> list[str]:
     # in the real families' tokenizers.
     # (Repeated: BPE learns the most frequent merges first.)
     answers = [mcq.format_answer(i) for i in range(len(mcq.LETTERS))] * 20
-    texts = [CAPTION_INSTRUCTION, mcq.build_mcq_instruction("What is the color?", ["red", "blue", "green", "white"]),
-             *answers, "user assistant system"]
+    texts = [
+        CAPTION_INSTRUCTION,
+        mcq.build_mcq_instruction("What is the color?", ["red", "blue", "green", "white"]),
+        *answers,
+        "user assistant system",
+    ]
     for adapter in DATASETS.values():
         for key, values in adapter.ATTRIBUTES.items():
             texts.append(adapter.QUESTION_TEXT[key])
@@ -60,10 +64,12 @@ def build_bpe_tokenizer(
     (e.g. {"image_token": "<|image|>"}).
     """
     core = Tokenizer(models.BPE(unk_token=unk_token))
-    core.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
