@@ -55,7 +55,7 @@ def test_bf16_training_loads_bf16_on_the_training_device():
 def test_two_rank_zero3_load_holds_half_the_parameters_per_rank(tmp_path):
     """Through bench/load_memory.py (torchrun, gloo): a tiny Mllama without a proxy token, so the
     embedding resize and its mean rows run on partitioned weights too."""
-    import load_memory
+    load_memory = load_bench("load_memory")
 
     from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 

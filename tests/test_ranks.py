@@ -57,6 +57,8 @@ def run_training(
         "1e-3",
         "--seed",
         "3",
+        "--train_modules",
+        "vision,projector",  # the tiny LLaVA has no fusion layers
     ]
     for key, value in settings.items():
         args += [f"--{key}", str(value)]
