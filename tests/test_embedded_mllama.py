@@ -65,8 +65,8 @@ def test_the_untrained_student_is_the_teacher_on_text(teacher):
     model, processor = teacher
     student = build_student(model, build_processor(processor, 64), DistillConfig(copy_vision=False)).eval()
     sampler = ConversationSampler(processor, sampler_config(DistillConfig()), random.Random("text"), 64)
-    rows, _, _ = sampler.rows(True)
-    batch = collate(rows[:8], processor.tokenizer.pad_token_id)
+    rows = [sampler.text_conversation(sampler.config) for _ in range(8)]
+    batch = collate(rows, processor.tokenizer.pad_token_id)
     with torch.no_grad():
         expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         got = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

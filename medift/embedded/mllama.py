@@ -422,7 +422,7 @@ def student_row(row: Encoded, bos_id: int, bos: str) -> Encoded:
 
 def paired_batches(sampler: ConversationSampler, s_processor) -> tuple[dict, dict]:
     """One sampled batch of conversations, as the teacher's and as the student's processor make it."""
-    rows, images, _ = sampler.rows(False)
+    rows, images, _ = sampler.rows()
     tokenizer = s_processor.tokenizer
     s_rows = [student_row(r, tokenizer.bos_token_id, tokenizer.bos_token) for r in rows]
     return (
