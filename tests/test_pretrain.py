@@ -1,8 +1,9 @@
 """The shipped base model is what the pipeline's pre-training rule produces."""
 
+import json
 import logging
 import random
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
@@ -13,21 +14,20 @@ from medift.chat import IGNORE_INDEX, encode_conversation, model_inputs
 from medift.embedded import general
 from medift.embedded.llava import EmbeddedModelConfig, build_model, build_processor
 from medift.embedded.pretrain import (
+    HISTORY_FILE,
+    RETIRED_SETTINGS,
     ConversationSampler,
     PretrainConfig,
     RecipeConfig,
-    aux_features,
     binding_conversation,
     binding_stage,
-    curriculum_stage,
     general_turn,
-    image_hint_probability,
+    image_features,
     initial_model,
     lookup_sequence,
     mixed_phase_config,
     option_flags,
     option_values,
-    parse_curriculum,
     pretrain,
     random_options,
     read_history,
@@ -49,7 +49,7 @@ def short_run(**fields) -> PretrainConfig:
 
 @pytest.mark.slow
 def test_pretraining_is_deterministic_on_cpu():
-    config = short_run(text_steps=2, mixed_steps=2, batch_size=4, eval_questions=4)
+    config = short_run(mixed_steps=4, batch_size=4, eval_questions=4)
     first = pretrain(config, EmbeddedModelConfig(), stop_after=4)["history"]
     second = pretrain(config, EmbeddedModelConfig(), stop_after=4)["history"]
     assert first == second
@@ -57,17 +57,12 @@ def test_pretraining_is_deterministic_on_cpu():
 
 
 @pytest.mark.slow
-def test_optional_binding_phases_are_deterministic_and_reach_the_mixed_phase():
+def test_the_binding_phase_is_deterministic_and_reaches_the_mixed_phase():
     config = short_run(
-        lookup_curriculum="2:1,5:1",
-        lookup_batch_size=4,
-        lookup_fraction=0.5,
-        option_flag_weight=0.0,
-        binding_steps=2,
+        binding_steps=3,
         binding_batch_size=4,
         binding_hops=1,
-        text_steps=1,
-        mixed_steps=2,
+        mixed_steps=4,
         batch_size=4,
         eval_questions=4,
         eval_every=3,
@@ -76,7 +71,8 @@ def test_optional_binding_phases_are_deterministic_and_reach_the_mixed_phase():
     model_config = EmbeddedModelConfig(letter_dot_tokens=True)
     first = pretrain(config, model_config, stop_after=6)["history"]
     assert first == pretrain(config, model_config, stop_after=6)["history"]
-    assert [h["aux_loss"] > 0 for h in first] == [False] * 5 + [True]
+    assert [h["aux_loss"] > 0 for h in first[:3]] == [False] * 3  # binding conversations: text only
+    assert first[-1]["aux_loss"] > 0  # the mixed phase (images) was reached
     checked = [h for h in first if "binding_accuracy" in h]
     assert [h["step"] for h in checked] == [2, 5]
     assert all(0 <= h["lookup_accuracy"] <= 1 and 0 <= h["binding_accuracy"] <= 1 for h in checked)
@@ -96,15 +92,7 @@ def test_lookup_sequences_predict_the_letter_before_each_value():
     assert {processor.tokenizer.convert_ids_to_tokens(letter) for _, letter in asked} == {"A.", "B.", "C.", "D."}
 
 
-@pytest.mark.parametrize("text, error", [("1:5", "PAIRS >= 2"), ("3", "PAIRS:STEPS"), ("2:x", "PAIRS:STEPS")])
-def test_bad_lookup_curriculum_is_an_error(text, error):
-    with pytest.raises(ValueError, match=error):
-        parse_curriculum(text)
-
-
-def test_curriculum_stages():
-    stages = parse_curriculum("2:3, 5:2")
-    assert [curriculum_stage(step, stages) for step in range(5)] == [2, 2, 2, 5, 5]
+def test_binding_stages():
     assert binding_stage(0, PretrainConfig(binding_steps=8)) == 2
     assert binding_stage(7, PretrainConfig(binding_steps=8)) == 5
 
@@ -136,7 +124,9 @@ def test_binding_questions_are_answerable_from_their_context(hops):
 @pytest.mark.slow
 def test_a_run_can_start_from_an_earlier_runs_saved_model(tmp_path):
     model_config = EmbeddedModelConfig(letter_dot_tokens=True)
-    earlier = short_run(out_dir=str(tmp_path / "earlier"), text_steps=1, mixed_steps=0, batch_size=2, eval_questions=2)
+    earlier = short_run(
+        out_dir=str(tmp_path / "earlier"), binding_steps=1, binding_batch_size=2, mixed_steps=0, eval_questions=2
+    )
     pretrain(earlier, model_config)
     saved, _ = initial_model(replace(earlier, init_from=earlier.out_dir), model_config)
     fresh, _ = initial_model(earlier, model_config)
@@ -151,7 +141,9 @@ def test_a_run_can_start_from_an_earlier_runs_saved_model(tmp_path):
 @pytest.mark.slow
 def test_tied_embeddings_stay_tied_through_save_and_init_from(tmp_path):
     model_config = EmbeddedModelConfig(letter_dot_tokens=True, tie_word_embeddings=True)
-    earlier = short_run(out_dir=str(tmp_path / "tied"), text_steps=1, mixed_steps=0, batch_size=2, eval_questions=2)
+    earlier = short_run(
+        out_dir=str(tmp_path / "tied"), binding_steps=1, binding_batch_size=2, mixed_steps=0, eval_questions=2
+    )
     pretrain(earlier, model_config)
     model, _ = initial_model(replace(earlier, init_from=earlier.out_dir), model_config)
     assert model.lm_head.weight is model.get_input_embeddings().weight
@@ -163,36 +155,10 @@ def test_binding_rows_mixed_into_later_batches():
     model_config = EmbeddedModelConfig(letter_dot_tokens=True)
     processor = build_processor(model_config)
     config = PretrainConfig(batch_size=6, binding_fraction=1.0, binding_hops=1)
-    batch = ConversationSampler(processor, config, random.Random(0), model_config.image_size).batch(text_only=False)
+    batch = ConversationSampler(processor, config, random.Random(0), model_config.image_size).batch()
     assert "pixel_values" not in batch  # every row was a text binding conversation
     text = processor.tokenizer.decode(batch["input_ids"][0])
     assert "Context :" in text and "The correct answer is" in text  # the word-level decode spaces ":"
-
-
-def test_image_hints_state_the_answer_and_fade_out():
-    config = PretrainConfig(image_hint_start=0.8, image_hint_steps=100)
-    assert [image_hint_probability(s, config) for s in (-1, 0, 50, 99, 100)] == [
-        0.0,
-        0.8,
-        0.4,
-        pytest.approx(0.008),
-        0.0,
-    ]
-    rng = random.Random(5)
-    hinted = 0
-    for _ in range(300):
-        attributes = general.sample_attributes(rng)
-        instruction, response = general_turn(attributes, rng, 0.0, hint_probability=1.0)
-        if "\nA. " not in instruction:
-            assert not instruction.startswith("Context: ")  # describe and yes/no turns get no hint
-            continue
-        hinted += 1
-        lines = instruction.split("\n")
-        options = option_lines(instruction)
-        assert lines[0] == f"Context: {options[mcq.LETTERS.index(mcq.parse_answer_letter(response, 26))]}"
-    assert hinted > 100
-    # Without hints a turn draws exactly what it drew before the option existed.
-    assert general_turn(attributes, random.Random(1), 0.5) == general_turn(attributes, random.Random(1), 0.5, 0.0)
 
 
 def test_value_turns_answer_with_the_value_alone():
@@ -206,7 +172,7 @@ def test_value_turns_answer_with_the_value_alone():
         assert response == attributes[key] and response in vocab  # one token: the answer is the value itself
 
 
-def test_attribute_heads_read_the_cls_token_or_the_image_tokens_the_decoder_sees():
+def test_attribute_heads_read_the_image_tokens_the_decoder_sees():
     model_config = EmbeddedModelConfig(text_hidden=64, vision_hidden=32)
     processor = build_processor(model_config)
     model = build_model(model_config, processor, seed=0).eval()
@@ -217,17 +183,11 @@ def test_attribute_heads_read_the_cls_token_or_the_image_tokens_the_decoder_sees
     pixels = batch["pixel_values"]
     with torch.no_grad():
         output = model(**batch)
-        cls = aux_features(model, pixels, output, "cls")
-        tokens = aux_features(model, pixels, output, "image_tokens")
+        tokens = image_features(output, len(pixels))
         # What the decoder receives in place of the image placeholders, averaged per image.
         hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
         expected = model.model.multi_modal_projector(hidden).mean(dim=1)
-    assert cls.shape == (3, 32)
     assert torch.allclose(tokens, expected, atol=1e-6)
-    with pytest.raises(ValueError, match="aux_features 'patches'"):
-        aux_features(model, pixels, output, "patches")
-    with pytest.raises(ValueError, match="aux_features 'patches'"):
-        PretrainConfig(aux_features="patches")
 
 
 def test_option_probe_targets_mark_the_answer_among_each_questions_options():
@@ -248,19 +208,15 @@ def test_option_probe_targets_mark_the_answer_among_each_questions_options():
     assert rows.tolist() == [0] * 5 + [1] * 5
     assert values[:5] == ["blue", "red", "green", "small", "big"]
     assert targets.tolist()[:5] == [0.0, 1.0, 0.0, 0.0, 1.0]
-    # Only with letter-dot tokens (the probe reads the token after each 'A.'), never with lookup rows.
-    with pytest.raises(ValueError, match="lookup_fraction"):
-        PretrainConfig(option_flag_weight=1.0, lookup_fraction=0.1)
+    # Only with letter-dot tokens (the probe reads the token after each 'A.').
     with pytest.raises(ValueError, match="letter_dot_tokens"):
         pretrain(
-            short_run(option_flag_weight=1.0, text_steps=1, mixed_steps=0, eval_questions=2),
+            short_run(option_flag_weight=1.0, mixed_steps=0, eval_questions=2),
             EmbeddedModelConfig(letter_dot_tokens=False),
             stop_after=1,
         )
     with pytest.raises(ValueError, match="option_flag_layer 5"):
-        pretrain(
-            short_run(option_flag_layer=5, text_steps=1, mixed_steps=0, eval_questions=2), model_config, stop_after=1
-        )
+        pretrain(short_run(option_flag_layer=5, mixed_steps=0, eval_questions=2), model_config, stop_after=1)
 
 
 def option_flags_by_loop(input_ids, labels, letter_ids):
@@ -285,7 +241,7 @@ def test_option_flags_match_their_definition_on_sampled_batches():
     processor = build_processor(model_config)
     letter_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids([f"{letter}." for letter in "ABCDE"]))
     sampler = ConversationSampler(processor, config, random.Random(5), model_config.image_size)
-    batches = [sampler.batch(False, 0.0) for _ in range(3)] + [sampler.binding_batch(5)]
+    batches = [sampler.batch() for _ in range(3)] + [sampler.binding_batch(5)]
     for batch in batches:
         rows, positions, targets = option_flags(batch["input_ids"], batch["labels"], letter_ids)
         expected = option_flags_by_loop(batch["input_ids"], batch["labels"], letter_ids)
@@ -316,19 +272,19 @@ def test_two_option_steps_come_first_in_the_mixed_phase_then_the_configured_mix(
     config = PretrainConfig(mixed_steps=10, two_option_steps=4, fixed_order_fraction=0.3, image_options_most=5)
     early = [mixed_phase_config(step, config) for step in range(4)]
     assert all((c.fixed_order_fraction, c.image_options_most) == (0.0, 2) for c in early)
-    assert all(mixed_phase_config(step, config) is config for step in (-1, 4, 9))  # text phase, then the mix
+    assert all(mixed_phase_config(step, config) is config for step in (4, 9))  # then the mix
     processor = build_processor(EmbeddedModelConfig(letter_dot_tokens=True))
     sampler = ConversationSampler(processor, replace(config, binding_fraction=0.0, batch_size=40), random.Random(0), 64)
     a, c = processor.tokenizer.convert_tokens_to_ids(["A.", "C."])
-    two_option_ids = sampler.batch(False, 0.0, mixed_phase_config(0, sampler.config))["input_ids"].flatten().tolist()
+    two_option_ids = sampler.batch(mixed_phase_config(0, sampler.config))["input_ids"].flatten().tolist()
     assert two_option_ids.count(a) > 20 and two_option_ids.count(c) == 0  # options, never a third one
-    mix_ids = sampler.batch(False, 0.0)["input_ids"].flatten().tolist()  # the run's own settings
+    mix_ids = sampler.batch()["input_ids"].flatten().tolist()  # the run's own settings
     assert mix_ids.count(c) > 5
     with pytest.raises(ValueError, match="two_option_steps 11 exceeds mixed_steps 10"):
         replace(config, two_option_steps=11)
 
 
-def test_value_words_loss_classifies_every_image_token_by_the_value_embeddings():
+def test_value_words_loss_classifies_every_kept_position_by_the_value_embeddings():
     model_config = EmbeddedModelConfig(text_hidden=32, vision_hidden=16)
     processor = build_processor(model_config)
     model = build_model(model_config, processor, seed=0)
@@ -348,12 +304,13 @@ def test_value_words_loss_classifies_every_image_token_by_the_value_embeddings()
         )
         / 5
     )
-    assert torch.allclose(value_words_loss(model, tokens, targets, value_ids), expected)
+    every = torch.ones(2, 3, dtype=torch.bool)
+    assert torch.allclose(value_words_loss(model, tokens, targets, value_ids, every), expected)
     # Tokens that are the sum of their values' embeddings score lower than for other values.
     words = torch.stack([sum(embeddings[value_ids[k][row[k]]] for k in range(5)) for row in targets.tolist()])
     words = 10 * words.unsqueeze(1).expand(-1, 3, -1)
-    assert value_words_loss(model, words, targets, value_ids) < value_words_loss(
-        model, words, (targets + 1) % 2, value_ids
+    assert value_words_loss(model, words, targets, value_ids, every) < value_words_loss(
+        model, words, (targets + 1) % 2, value_ids, every
     )
 
 
@@ -393,7 +350,8 @@ def test_text_reads_image_loss_covers_the_text_after_each_image_only():
 @pytest.mark.slow
 def test_bridge_losses_train_deterministically():
     config = short_run(
-        text_steps=1,
+        binding_steps=1,
+        binding_batch_size=4,
         mixed_steps=2,
         batch_size=4,
         eval_questions=4,
@@ -404,13 +362,11 @@ def test_bridge_losses_train_deterministically():
     model_config = EmbeddedModelConfig(letter_dot_tokens=True)
     first = pretrain(config, model_config, stop_after=3)["history"]
     assert first == pretrain(config, model_config, stop_after=3)["history"]
+    # Text binding conversations have option lines too: the probe marks their answers from the first step.
     assert all(h["flag_loss"] > 0 for h in first)
     assert [h["reads_loss"] > 0 for h in first] == [False, True, True]  # image steps only
     with pytest.raises(ValueError, match="text_reads_image_layer 9"):
         pretrain(replace(config, text_reads_image_layer=9), model_config, stop_after=1)
-    # Text binding conversations have option lines too: the probe marks their answers from the first step.
-    binding = pretrain(replace(config, binding_steps=1, binding_batch_size=4), model_config, stop_after=1)["history"]
-    assert binding[0]["flag_loss"] > 0
 
 
 def shipped_stages() -> list[dict]:
@@ -435,12 +391,17 @@ def test_shipped_weights_come_from_this_pretraining_code():
 
 @pytest.mark.skipif(not (SHIPPED / "pretrain_history.json").exists(), reason="no shipped base model")
 def test_rule_defaults_rebuild_the_shipped_model():
-    """`--forcerun pretrain_base_model` passes only out_dir, first_stage_dir, seed, image size and threads."""
+    """`--forcerun pretrain_base_model` passes only out_dir, first_stage_dir, seed, image size and threads.
+
+    Settings deleted since the shipped run are compared through read_history: left out where the
+    run had them off, so only the settings that still exist are compared; one it had on stays."""
     recorded = shipped_stages()
     stages = recipe_stages(RecipeConfig())
     assert len(recorded) == len(stages)
     model_config = EmbeddedModelConfig()
+    settings = {f.name for f in fields(PretrainConfig)}
     for index, (stage, run) in enumerate(zip(stages, recorded)):
+        assert run["config"].keys() <= settings, (index, "a deleted setting was on in the shipped run")
         # Each later stage started from a saved model; the path it was saved at does not matter.
         assert bool(run["config"]["init_from"]) == (index > 0)
         # Settings added after the shipped run (absent from its record) default to what that run did.
@@ -453,6 +414,20 @@ def test_rule_defaults_rebuild_the_shipped_model():
 ADDED_SINCE_SHIPPED_RUN: dict = {}  # setting -> the value the shipped run had in effect
 
 
+def test_read_history_leaves_out_deleted_settings_only_where_they_were_off(tmp_path):
+    """A first stage saved before a setting was deleted is still reused while it had it off."""
+    current = asdict(PretrainConfig())
+    off, on = {**current, **RETIRED_SETTINGS}, {**current, **RETIRED_SETTINGS, "text_steps": 300}
+    model_config = asdict(EmbeddedModelConfig())
+    runs = [{"config": config, "model_config": model_config} for config in (off, on)]
+    (tmp_path / HISTORY_FILE).write_text(json.dumps({**runs[1], "earlier_stages": [runs[0]]}))
+    history = read_history(tmp_path)
+    assert history["earlier_stages"][0]["config"] == current
+    assert history["config"] == {**current, "text_steps": 300}
+    assert stage_differences(history["earlier_stages"][0], PretrainConfig(), EmbeddedModelConfig()) == []
+    assert stage_differences(history, PretrainConfig(), EmbeddedModelConfig()) == ["text_steps"]
+
+
 def test_recipe_refines_from_the_first_stage():
     first, refine = recipe_stages(RecipeConfig(out_dir="final", first_stage_dir="first", seed=3, threads=1))
     assert asdict(first) == asdict(PretrainConfig(out_dir="first", seed=3, threads=1))
@@ -463,7 +438,6 @@ def test_recipe_refines_from_the_first_stage():
             seed=3,
             threads=1,
             binding_steps=0,
-            text_steps=0,
             mixed_steps=1500,
             two_option_steps=0,
             lr=1e-3,

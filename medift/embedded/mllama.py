@@ -51,19 +51,20 @@ from medift.chat import IGNORE_INDEX, Encoded, collate, encode_conversation, mod
 from medift.embedded import general
 from medift.embedded.llava import CHAT_TEMPLATE
 from medift.embedded.pretrain import (
+    HISTORY_FILE,
     ConversationSampler,
     PretrainConfig,
     general_mcq_accuracy,
     held_out_questions,
     lr_at,
     medical_describe_turn,
+    read_history,
 )
 from medift.model.loading import load_base_model
 from medift.runtime import set_torch_threads
 
 log = logging.getLogger(__name__)
 
-HISTORY_FILE = "pretrain_history.json"
 MLLAMA_TEMPLATE = "{{ bos_token }}" + CHAT_TEMPLATE
 
 
@@ -130,10 +131,6 @@ class DistillConfig:
     label_weight: float = field(
         default=1.0, metadata={"help": "Weight of the cross-entropy on the true response tokens."}
     )
-    text_fraction: float = field(
-        default=0.0, metadata={"help": "Share of text-only rows (the student's text path is the teacher's, frozen)."}
-    )
-    binding_fraction: float = field(default=0.0, metadata={"help": "Share of text binding rows."})
     language_steps: int = field(
         default=400,
         metadata={
@@ -422,7 +419,7 @@ def student_row(row: Encoded, bos_id: int, bos: str) -> Encoded:
 
 def paired_batches(sampler: ConversationSampler, s_processor) -> tuple[dict, dict]:
     """One sampled batch of conversations, as the teacher's and as the student's processor make it."""
-    rows, images, _ = sampler.rows(False)
+    rows, images, _ = sampler.rows()
     tokenizer = s_processor.tokenizer
     s_rows = [student_row(r, tokenizer.bos_token_id, tokenizer.bos_token) for r in rows]
     return (
@@ -432,14 +429,15 @@ def paired_batches(sampler: ConversationSampler, s_processor) -> tuple[dict, dic
 
 
 def sampler_config(config: DistillConfig) -> PretrainConfig:
+    """Image conversations only: the student's text path is the teacher's, frozen."""
     return PretrainConfig(
-        seed=config.seed,
-        batch_size=config.batch_size,
-        text_fraction=config.text_fraction,
-        binding_fraction=config.binding_fraction,
-        two_option_steps=0,
-        option_flag_weight=0.0,
+        seed=config.seed, batch_size=config.batch_size, text_fraction=0.0, binding_fraction=0.0, two_option_steps=0
     )
+
+
+# Settings since deleted, each with the value that left it off (what the code does now): a saved
+# run's history may still record them (pretrain.read_history).
+RETIRED_SETTINGS = {"text_fraction": 0.0, "binding_fraction": 0.0}
 
 
 # Settings of the language stage, and those that only name outputs, set threads or schedule the
@@ -493,7 +491,7 @@ def distill(config: DistillConfig, stop_after: int | None = None) -> dict:
     if not config.language_steps or stop_after is not None:
         return distill_stage(config, config.first_stage_dir if config.language_steps else config.out_dir, stop_after)
     history = Path(config.first_stage_dir) / HISTORY_FILE
-    recorded = json.loads(history.read_text()) if history.exists() else None
+    recorded = read_history(config.first_stage_dir, RETIRED_SETTINGS) if history.exists() else None
     if (
         config.reuse_first_stage
         and recorded
@@ -703,7 +701,7 @@ def language_stage(config: DistillConfig, stop_after: int | None = None) -> dict
     log.info(
         "held-out medical description loss: %.4f before the stage, %.4f after", before, final["held_out_describe_loss"]
     )
-    first_stage = json.loads((Path(config.first_stage_dir) / HISTORY_FILE).read_text())
+    first_stage = read_history(config.first_stage_dir, RETIRED_SETTINGS)
     (Path(config.out_dir) / HISTORY_FILE).write_text(
         json.dumps(
             {
@@ -718,13 +716,3 @@ def language_stage(config: DistillConfig, stop_after: int | None = None) -> dict
         )
     )
     return final
-
-
-if __name__ == "__main__":
-    import sys
-
-    from transformers import HfArgumentParser
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    (cfg,) = HfArgumentParser(DistillConfig).parse_args_into_dataclasses(sys.argv[1:])
-    print(distill(cfg))

@@ -17,8 +17,8 @@ The defaults are the shipped recipe's first stage (`RecipeConfig` adds a refinin
    turns. Its first `two_option_steps` ask every multiple-choice question with two
    shuffled options, the easiest binding on an image; then the held-out mix of fixed-order
    and shuffled 2-5 options;
-3. auxiliary losses, each answering a measured break: attribute heads on the image tokens
-   the decoder sees stand in for a pretrained vision encoder (`aux_features`; without them
+3. auxiliary losses, each answering a measured break: attribute heads on the mean of the
+   image tokens the decoder sees stand in for a pretrained vision encoder (without them
    the decoder ignores the image); every text token after an image carries the image's
    values by decoder layer 1 (`text_reads_image_weight`; otherwise they reach the text
    only at the last layer, too late to be matched against the options); a probe marks the
@@ -26,12 +26,8 @@ The defaults are the shipped recipe's first stage (`RecipeConfig` adds a refinin
    forms within 250 steps instead of 750-1,250 or more). Heads and probe are discarded; only the
    standard LLaVA model is saved.
 
-Also available, off by default: dense letter lookup (`lookup_curriculum`,
-`lookup_fraction`), a text-only phase (`text_steps`), image questions that state their
-value first while the mixed phase begins (`image_hint_start`, fading out), image tokens
-classified by the value words' own embeddings (`aux_features image_words`), and a start
-from an earlier run's saved model (`init_from`). `bench/base_model_probe.py` shows where a
-saved model fails.
+A run can start from an earlier run's saved model (`init_from`: the recipe's refining
+stage). `bench/base_model_probe.py` shows where a saved model fails.
 """
 
 from __future__ import annotations
@@ -64,8 +60,18 @@ from medift.runtime import resolve_device, set_torch_threads
 log = logging.getLogger(__name__)
 
 
-AUX_FEATURES = ("cls", "image_tokens", "image_words")
 HISTORY_FILE = "pretrain_history.json"  # a saved run's settings, losses and held-out checks
+# Settings since deleted, each with the value that left it off (what the code does now); a saved
+# run's history may still record them (`read_history`).
+RETIRED_SETTINGS = {
+    "lookup_curriculum": "",
+    "lookup_batch_size": 64,
+    "lookup_fraction": 0.0,
+    "text_steps": 0,
+    "aux_features": "image_tokens",
+    "image_hint_start": 0.0,
+    "image_hint_steps": 0,
+}
 
 
 @dataclass
@@ -81,21 +87,8 @@ class PretrainConfig:
         },
     )
     seed: int = field(default=1, metadata={"help": "Seeds initialisation and every sampled example."})
-    lookup_curriculum: str = field(
-        default="",
-        metadata={
-            "help": "Option-lookup phase first: PAIRS:STEPS,... stages of dense letter-lookup sequences (empty: none)."
-        },
-    )
-    lookup_batch_size: int = field(default=64, metadata={"help": "Sequences per step in the lookup phase."})
-    lookup_fraction: float = field(
-        default=0.0,
-        metadata={
-            "help": "Share of lookup sequences (5 pairs) in later phases' batches, so the binding circuit stays in use."
-        },
-    )
     binding_steps: int = field(
-        default=2500, metadata={"help": "Steps of the option-binding phase (text only, before the text phase)."}
+        default=2500, metadata={"help": "Steps of the option-binding phase (text only, before the mixed phase)."}
     )
     binding_options: str = field(
         default="2,3,4,5",
@@ -117,24 +110,11 @@ class PretrainConfig:
             )
         },
     )
-    text_steps: int = field(default=0, metadata={"help": "Steps of the text-only phase."})
     mixed_steps: int = field(default=4000, metadata={"help": "Steps of the mixed image+text phase."})
     batch_size: int = field(default=32, metadata={"help": "Conversations per step."})
     lr: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (cosine decay to a tenth)."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps."})
     aux_weight: float = field(default=1.0, metadata={"help": "Weight of the vision tower's attribute heads."})
-    aux_features: str = field(
-        default="image_tokens",
-        metadata={
-            "help": (
-                "What the attribute heads read: 'cls', the vision tower's pooled CLS output, or 'image_tokens' (the "
-                "default), the mean of the projected image tokens, which are what the decoder sees (LLaVA's default "
-                "strategy drops the CLS token), or 'image_words': every projected image token is classified by the "
-                "decoder's own embeddings of each attribute's values (no separate heads), so the image reads to the "
-                "decoder like the words of its description."
-            )
-        },
-    )
     option_flag_weight: float = field(
         default=1.0,
         metadata={
@@ -164,19 +144,6 @@ class PretrainConfig:
         metadata={
             "help": "Decoder layer whose output carries the image's values at every text token (0: the embeddings)."
         },
-    )
-    image_hint_start: float = field(
-        default=0.0,
-        metadata={
-            "help": (
-                "Share of image multiple-choice turns that state the asked value first ('Context: red') at the start "
-                "of the mixed phase; it falls linearly to 0 over image_hint_steps, so a binding circuit that works "
-                "from a stated value is led to take the value from the image."
-            )
-        },
-    )
-    image_hint_steps: int = field(
-        default=0, metadata={"help": "Mixed-phase steps over which image_hint_start falls to 0."}
     )
     value_turn_fraction: float = field(
         default=0.2,
@@ -237,17 +204,10 @@ class PretrainConfig:
 
     def __post_init__(self):
         # Checked here, not at the first image step, which can come an hour into a run.
-        if self.aux_features not in AUX_FEATURES:
-            raise ValueError(f"aux_features {self.aux_features!r}: expected one of {AUX_FEATURES}")
         if self.image_options_most == 1 or self.image_options_most < 0:
             raise ValueError(f"image_options_most {self.image_options_most}: expected 0 (off) or at least 2")
         if self.two_option_steps > self.mixed_steps:
             raise ValueError(f"two_option_steps {self.two_option_steps} exceeds mixed_steps {self.mixed_steps}")
-        if self.option_flag_weight and self.lookup_fraction:
-            # Lookup rows list options and then ask several of them: no one answer per option group.
-            raise ValueError(
-                "option_flag_weight needs lookup_fraction 0: lookup rows have no single answer per option list"
-            )
 
 
 # ---------------------------------------------------------------- conversations
@@ -282,14 +242,11 @@ def general_turn(
     attributes: dict[str, str],
     rng: random.Random,
     fixed_fraction: float = 0.5,
-    hint_probability: float = 0.0,
     value_probability: float = 0.0,
     most_options: int = 0,
 ) -> tuple[str, str]:
     """One (instruction, response) about a general-domain object.
 
-    With `hint_probability`, a multiple-choice turn first states the asked value
-    (`Context: red`), the one-hop form of option binding, as a scaffold for image questions.
     With `value_probability`, the turn is the question without options, answered by the value.
     """
     if value_probability and rng.random() < value_probability:
@@ -300,8 +257,6 @@ def general_turn(
         key = rng.choice(list(general.ATTRIBUTES))
         options, answer = random_options(general.ATTRIBUTES[key], attributes[key], rng, fixed_fraction, most_options)
         instruction = mcq.build_mcq_instruction(general.QUESTION_TEXT[key], options)
-        if hint_probability and rng.random() < hint_probability:
-            instruction = state_value_first(attributes[key], instruction)
         return instruction, mcq.format_answer(answer)
     if kind < 0.8:
         return rng.choice(general.DESCRIBE_REQUESTS), general.describe(attributes)
@@ -360,8 +315,9 @@ def lookup_sequence(
     """`A. v1 \n B. v2 ...` then every `v : <letter>` in random order; only the letters are predicted.
 
     The dense form of option binding (find the option, say the letter before it): every
-    query is answered, and the sequence is short. Letters are the tokens the option lines
-    and answers use ("A." with letter_dot_tokens, else "A" then ".").
+    query is answered, and the sequence is short. The held-out checks measure binding on
+    it (`held_out_text_batches`); `bench/option_binding.py` trains on it. Letters are the
+    tokens the option lines and answers use ("A." with letter_dot_tokens, else "A" then ".").
     """
     merged = "A." in vocab
     chosen = rng.sample(values, pairs)
@@ -376,25 +332,6 @@ def lookup_sequence(
         ids += [vocab[chosen[k]], vocab[":"], answer, vocab["\n"]]
         labels += [IGNORE_INDEX, IGNORE_INDEX, answer, IGNORE_INDEX]
     return ids, labels
-
-
-def parse_curriculum(text: str) -> list[tuple[int, int]]:
-    """`2:800,5:2000` -> [(2, 800), (5, 2000)]: (pairs, steps) per stage."""
-    stages = []
-    for stage in filter(None, (part.strip() for part in text.split(","))):
-        pairs, _, steps = stage.partition(":")
-        if not (pairs.isdigit() and steps.isdigit()) or int(pairs) < 2:
-            raise ValueError(f"lookup_curriculum stage {stage!r}: expected PAIRS:STEPS with PAIRS >= 2")
-        stages.append((int(pairs), int(steps)))
-    return stages
-
-
-def curriculum_stage(step: int, stages: list[tuple[int, int]]) -> int:
-    for pairs, steps in stages:
-        if step < steps:
-            return pairs
-        step -= steps
-    raise ValueError("step past the curriculum")
 
 
 def binding_conversation(
@@ -456,9 +393,7 @@ class ConversationSampler:
             instruction, response = general_text_turn(self.rng, config.fixed_order_fraction)
         return encode_conversation(self.processor, [instruction], [response], with_image=False)
 
-    def image_conversation(
-        self, config: PretrainConfig, hint_probability: float = 0.0
-    ) -> tuple[Encoded, object, dict[str, str]]:
+    def image_conversation(self, config: PretrainConfig) -> tuple[Encoded, object, dict[str, str]]:
         attributes = general.sample_attributes(self.rng)
         image = general.render(attributes, self.rng, self.image_size)
         turns = [
@@ -466,7 +401,6 @@ class ConversationSampler:
                 attributes,
                 self.rng,
                 config.fixed_order_fraction,
-                hint_probability,
                 config.value_turn_fraction,
                 config.image_options_most,
             )
@@ -475,9 +409,9 @@ class ConversationSampler:
         encoded = encode_conversation(self.processor, [t[0] for t in turns], [t[1] for t in turns], with_image=True)
         return encoded, image, attributes
 
-    def lookup_batch(self, pairs: int) -> dict:
+    def lookup_batch(self, pairs: int, size: int) -> dict:
         vocab = self.processor.tokenizer.get_vocab()
-        rows = [lookup_sequence(self.rng, vocab, self.values, pairs) for _ in range(self.config.lookup_batch_size)]
+        rows = [lookup_sequence(self.rng, vocab, self.values, pairs) for _ in range(size)]
         return {"input_ids": torch.tensor([r[0] for r in rows]), "labels": torch.tensor([r[1] for r in rows])}
 
     def binding_encoded(self, most_options: int) -> Encoded:
@@ -490,39 +424,28 @@ class ConversationSampler:
         encoded = [self.binding_encoded(most_options) for _ in range(self.config.binding_batch_size)]
         return collate(encoded, self.processor.tokenizer.pad_token_id)
 
-    def batch(self, text_only: bool, hint_probability: float = 0.0, config: PretrainConfig | None = None) -> dict:
-        """A mixed-phase batch; `hint_probability` is the share of image questions stating their
-        value, `config` this step's settings (`mixed_phase_config`; default: the run's)."""
-        encoded, images, attrs = self.rows(text_only, hint_probability, config)
+    def batch(self, config: PretrainConfig | None = None) -> dict:
+        """A mixed-phase batch; `config` is this step's settings (`mixed_phase_config`; default: the run's)."""
+        encoded, images, attrs = self.rows(config)
         if not attrs:
             return collate(encoded, self.processor.tokenizer.pad_token_id)
         batch = model_inputs(self.processor, encoded, images, padding_side="right")
         batch["aux_targets"] = attribute_targets(attrs)
         return batch
 
-    def rows(
-        self, text_only: bool, hint_probability: float = 0.0, config: PretrainConfig | None = None
-    ) -> tuple[list[Encoded], list, list[dict[str, str]]]:
+    def rows(self, config: PretrainConfig | None = None) -> tuple[list[Encoded], list, list[dict[str, str]]]:
         """A mixed-phase batch's conversations (this processor's encoding), images (None: a
         text-only row) and the attributes of each image, in order."""
         config = config or self.config
         encoded, images, attrs = [], [], []
-        tokenizer = self.processor.tokenizer
-        vocab = tokenizer.get_vocab()
         for _ in range(config.batch_size):
             image = None
-            if config.lookup_fraction and self.rng.random() < config.lookup_fraction:
-                ids, labels = lookup_sequence(self.rng, vocab, self.values, 5)
-                # Its text is its tokens (each a whole piece); model_inputs checks that it re-tokenizes to `ids`.
-                encoded.append(
-                    Encoded(ids, labels, has_image=False, text=" ".join(tokenizer.convert_ids_to_tokens(ids)))
-                )
-            elif config.binding_fraction and self.rng.random() < config.binding_fraction:
+            if config.binding_fraction and self.rng.random() < config.binding_fraction:
                 encoded.append(self.binding_encoded(int(config.binding_options.split(",")[-1])))
-            elif text_only or self.rng.random() < config.text_fraction:
+            elif self.rng.random() < config.text_fraction:
                 encoded.append(self.text_conversation(config))
             else:
-                e, image, a = self.image_conversation(config, hint_probability)
+                e, image, a = self.image_conversation(config)
                 encoded.append(e)
                 attrs.append(a)
             images.append(image)
@@ -538,7 +461,7 @@ def attribute_targets(attrs: list[dict[str, str]]) -> torch.Tensor:
 
 
 class AttributeHeads(torch.nn.Module):
-    """Linear probes, one per general attribute, on one feature vector per image (`aux_features`)."""
+    """Linear probes, one per general attribute, on one feature vector per image (`image_features`)."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -569,23 +492,14 @@ class OptionProbe(torch.nn.Module):
         return (hidden * self.weight(value_tokens)).sum(-1) + self.bias(value_tokens).squeeze(-1)
 
 
-def aux_features(model, pixel_values: torch.Tensor, output, which: str) -> torch.Tensor:
-    """The features the attribute heads classify: one vector per image, or for
-    'image_words' every image token (images, tokens, width).
-
-    'cls' trains the CLS token, which LLaVA's default feature strategy then drops: the
-    attributes become linear there but not in the tokens the decoder reads. 'image_tokens'
-    averages the projector's output over the image tokens, so the decoder can read every
-    attribute with one evenly spread attention head; those are taken from the forward
-    pass's `output` (its `image_hidden_states`), not computed a second time.
+def image_features(output, images: int) -> torch.Tensor:
+    """The features the attribute heads classify: per image, the mean of the projected image
+    tokens the decoder reads (not the CLS token, which LLaVA's default feature strategy
+    drops), so the decoder can read every attribute with one evenly spread attention head.
+    Taken from the forward pass's `output` (its `image_hidden_states`), not computed a second time.
     """
-    if which == "cls":
-        return model.model.vision_tower(pixel_values).pooler_output
-    if which in ("image_tokens", "image_words"):
-        tokens = output.image_hidden_states  # every image's tokens, concatenated
-        tokens = tokens.view(len(pixel_values), -1, tokens.shape[-1])
-        return tokens if which == "image_words" else tokens.mean(dim=1)
-    raise ValueError(f"aux_features {which!r}: expected one of {AUX_FEATURES}")
+    tokens = output.image_hidden_states  # every image's tokens, concatenated
+    return tokens.view(images, -1, tokens.shape[-1]).mean(dim=1)
 
 
 def option_flags(
@@ -619,18 +533,16 @@ def value_token_ids(tokenizer) -> list[list[int]]:
 
 
 def value_words_loss(
-    model, features: torch.Tensor, targets: torch.Tensor, value_ids: list[list[int]], keep: torch.Tensor | None = None
+    model, features: torch.Tensor, targets: torch.Tensor, value_ids: list[list[int]], keep: torch.Tensor
 ) -> torch.Tensor:
     """Feature vectors classified, per attribute, by the input embeddings of that attribute's values.
 
     `features` is (images, positions, width), `targets` one row of value indices per image,
-    `keep` which positions count (default: all). The decoder's binding circuit matches an
+    `keep` which positions count. The decoder's binding circuit matches an
     option against a value it has read as a token; this puts the image's values in those
     same directions.
     """
     embeddings = model.get_input_embeddings().weight
-    if keep is None:
-        keep = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
     losses = []
     for k, ids in enumerate(value_ids):
         logits = features @ embeddings[ids].T  # (images, positions, values)
@@ -658,16 +570,9 @@ def text_reads_image_loss(
     return value_words_loss(model, hidden[has_image], targets, value_ids, keep)
 
 
-def image_hint_probability(mixed_step: int, config: PretrainConfig) -> float:
-    """The share of image multiple-choice turns stating their value, `mixed_step` steps into the mixed phase."""
-    if mixed_step < 0 or mixed_step >= config.image_hint_steps:
-        return 0.0
-    return config.image_hint_start * (1 - mixed_step / config.image_hint_steps)
-
-
 def mixed_phase_config(mixed_step: int, config: PretrainConfig) -> PretrainConfig:
     """The settings the sampler draws with `mixed_step` steps into the mixed phase."""
-    if 0 <= mixed_step < config.two_option_steps:
+    if mixed_step < config.two_option_steps:
         return replace(config, fixed_order_fraction=0.0, image_options_most=2)
     return config
 
@@ -715,11 +620,11 @@ def held_out_text_batches(processor, config: PretrainConfig, image_size: int, de
     the first shipped run's shuffled-option accuracy stayed at chance, so this is where binding
     would show first.
     """
-    held_out = replace(config, lookup_batch_size=200, binding_batch_size=200)
+    held_out = replace(config, binding_batch_size=200)
     lookup = ConversationSampler(processor, held_out, random.Random(f"held-out-lookup-{config.seed}"), image_size)
     binding = ConversationSampler(processor, held_out, random.Random(f"held-out-binding-{config.seed}"), image_size)
     most_options = int(config.binding_options.split(",")[-1])
-    batches = {"lookup": lookup.lookup_batch(5), "binding": binding.binding_batch(most_options)}
+    batches = {"lookup": lookup.lookup_batch(5, 200), "binding": binding.binding_batch(most_options)}
     return {name: {key: value.to(device) for key, value in batch.items()} for name, batch in batches.items()}
 
 
@@ -817,13 +722,9 @@ def pretrain(
     model, processor = initial_model(config, model_config)
     model.to(device)
     params = list(model.parameters())
-    heads = None  # 'image_words' classifies with the decoder's own embeddings: no heads
-    if config.aux_features != "image_words":
-        heads = AttributeHeads(
-            model_config.text_hidden if config.aux_features == "image_tokens" else model_config.vision_hidden
-        )
-        heads.to(device)
-        params += list(heads.parameters())
+    heads = AttributeHeads(model_config.text_hidden)
+    heads.to(device)
+    params += list(heads.parameters())
     value_ids = value_token_ids(processor.tokenizer)
     letter_ids = set(forced_answer_context(processor)[1].values())
     letter_dot_ids = torch.tensor(sorted(letter_ids), device=device)
@@ -841,23 +742,16 @@ def pretrain(
     sampler = ConversationSampler(processor, config, rng, model_config.image_size)
     held_out = held_out_questions(config.eval_questions, config.seed, model_config.image_size)
     held_out_text = held_out_text_batches(processor, config, model_config.image_size, device)
-    lookup = parse_curriculum(config.lookup_curriculum)
-    lookup_steps = sum(steps for _, steps in lookup)
-    total = lookup_steps + config.binding_steps + config.text_steps + config.mixed_steps
+    total = config.binding_steps + config.mixed_steps
     history = []
     started = time.time()
     model.train()
     bar = tqdm(range(total), desc="pretrain", mininterval=5)
     for step in bar:
-        if step < lookup_steps:
-            batch = sampler.lookup_batch(curriculum_stage(step, lookup))
-        elif step < lookup_steps + config.binding_steps:
-            batch = sampler.binding_batch(binding_stage(step - lookup_steps, config))
+        if step < config.binding_steps:
+            batch = sampler.binding_batch(binding_stage(step, config))
         else:
-            mixed_step = step - lookup_steps - config.binding_steps - config.text_steps
-            batch = sampler.batch(
-                mixed_step < 0, image_hint_probability(mixed_step, config), mixed_phase_config(mixed_step, config)
-            )
+            batch = sampler.batch(mixed_phase_config(step - config.binding_steps, config))
         batch = {key: value.to(device) for key, value in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, config)
@@ -867,11 +761,7 @@ def pretrain(
         aux = torch.zeros((), device=device)
         reads = torch.zeros((), device=device)
         if aux_targets is not None:
-            features = aux_features(model, batch["pixel_values"], out, config.aux_features)
-            if heads is None:
-                aux = value_words_loss(model, features, aux_targets, value_ids)
-            else:
-                aux = heads.loss(features, aux_targets)
+            aux = heads.loss(image_features(out, len(batch["pixel_values"])), aux_targets)
             if config.text_reads_image_weight:
                 reads = text_reads_image_loss(
                     model,
@@ -995,7 +885,6 @@ def recipe_stages(recipe: RecipeConfig) -> list[PretrainConfig]:
         out_dir=recipe.out_dir,
         init_from=recipe.first_stage_dir,
         binding_steps=0,
-        text_steps=0,
         mixed_steps=recipe.refine_steps,
         two_option_steps=0,
         lr=recipe.refine_lr,
@@ -1016,8 +905,17 @@ def stage_differences(recorded: dict, config: PretrainConfig, model_config: Embe
     )
 
 
-def read_history(out_dir: str | Path) -> dict:
-    return json.loads((Path(out_dir) / HISTORY_FILE).read_text())
+def read_history(out_dir: str | Path, retired: dict = RETIRED_SETTINGS) -> dict:
+    """A saved run's history (HISTORY_FILE; the distillation's too, with its own `retired`),
+    its earlier stages' included. A retired setting is left out of each recorded config where it
+    has its off value, since the code now does what it did; set otherwise, it stays, so the run
+    differs from every current config in it."""
+    history = json.loads((Path(out_dir) / HISTORY_FILE).read_text())
+    for run in [history, *history.get("earlier_stages", []), *filter(None, [history.get("first_stage")])]:
+        run["config"] = {
+            key: value for key, value in run["config"].items() if key not in retired or retired[key] != value
+        }
+    return history
 
 
 def finished_stage(config: PretrainConfig, model_config: EmbeddedModelConfig) -> dict | None:
