@@ -27,7 +27,7 @@ The defaults are the shipped recipe's first stage (`RecipeConfig` adds a refinin
    standard LLaVA model is saved.
 
 A run can start from an earlier run's saved model (`init_from`: the recipe's refining
-stage). `bench/base_model_probe.py` shows where a saved model fails.
+stage). `research/base_model_probe.py` shows where a saved model fails.
 """
 
 from __future__ import annotations
@@ -316,7 +316,7 @@ def lookup_sequence(
 
     The dense form of option binding (find the option, say the letter before it): every
     query is answered, and the sequence is short. The held-out checks measure binding on
-    it (`held_out_text_batches`); `bench/option_binding.py` trains on it. Letters are the
+    it (`held_out_text_batches`); `research/option_binding.py` trains on it. Letters are the
     tokens the option lines and answers use ("A." with letter_dot_tokens, else "A" then ".").
     """
     merged = "A." in vocab
@@ -345,7 +345,7 @@ def binding_conversation(
     Why a separate phase: with the full vocabulary in fixed order a letter can be memorised
     per value, and with 5 shuffled options a small decoder stays at answering by
     elimination; starting from 2 options and growing is what lets it learn to find the
-    option and say the letter before it (bench/option_binding.py measures this).
+    option and say the letter before it (research/option_binding.py measures this).
     """
     if rng.random() < medical_fraction:
         name = rng.choice(sorted(EMBEDDED_DATASETS))

@@ -19,7 +19,7 @@ Prints one JSON object with three probes, each on held-out data from its own see
 A model that reads a value in open questions and binds letters in text, yet fails the
 multiple-choice question on the same attribute, fails at the bridge between the two.
 
-    HF_HUB_OFFLINE=1 python bench/base_model_probe.py MODEL_DIR
+    HF_HUB_OFFLINE=1 python research/base_model_probe.py MODEL_DIR
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ accuracy, format retention and description accuracy per method and dataset, plus
 training job's final description loss. One row per (trial, method, dataset) is appended to
 the output CSV, so trials can be run a few at a time and compared in one file.
 
-    HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu .venv/bin/python bench/recipe_search.py \
-        --trials base lr3e-3 --out results/bench/recipe_search.csv
+    HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu .venv/bin/python research/recipe_search.py \
+        --trials base lr3e-3 --out results/research/recipe_search.csv
 
 The test split is never read.
 """
@@ -161,7 +161,7 @@ def run_trial(name: str, overrides: dict, root: Path) -> pd.DataFrame:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", nargs="+", required=True, help=f"trial names: {', '.join(TRIALS)}")
-    parser.add_argument("--out", default="results/bench/recipe_search.csv")
+    parser.add_argument("--out", default="results/research/recipe_search.csv")
     parser.add_argument("--root", default="resources/recipe-search")
     parser.add_argument("--base-model", default="", help="base_model.path of every trial (default: the config's)")
     parser.add_argument(

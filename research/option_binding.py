@@ -15,8 +15,8 @@ Template tasks report accuracy on questions with shuffled options only (2-valued
 always list their full vocabulary in order, so they can be memorised); `lookup` reports
 accuracy over all queries (answering by elimination alone gives about 0.46 with 5 options).
 
-    python bench/option_binding.py --task one_hop --steps 600 --threads 2
-    python bench/option_binding.py --task lookup --curriculum 2:500,3:500,5:1000
+    python research/option_binding.py --task one_hop --steps 600 --threads 2
+    python research/option_binding.py --task lookup --curriculum 2:500,3:500,5:1000
 
 `--curriculum N:STEPS,...` (lookup only) trains with N pairs for STEPS steps, then the next
 stage; held-out accuracy is always measured with `--options` pairs. `--merged` builds the
