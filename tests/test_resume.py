@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from medift.testing.tiny_checkpoints import build_tiny_checkpoint
+from tests.fixtures.processes import kill_tree
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +77,6 @@ def command(shards, base, out, checkpoints, ranks: int, *extra: str) -> list[str
 def environment() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
     return {**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every process under it (torchrun starts its ranks in sessions of
-    their own, so a process-group kill would leave them running), as a scheduler's kill does."""
-    import psutil
-
-    parent = psutil.Process(pid)
-    for process in [*parent.children(recursive=True), parent]:
-        process.send_signal(signal.SIGKILL)
 
 
 def run_until_checkpoint(cmd: list[str], step: int) -> str:

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 
 from medift.tables import PREDICTION_COLUMNS
+from tests.fixtures.processes import kill_tree
 from tests.fixtures.workflow import (
     DATA_TARGETS,
     DATASETS,
@@ -667,7 +668,6 @@ def test_end_to_end_table1_on_a_tiny_mllama_checkpoint(tmp_path):
 def test_a_killed_training_job_resumes_under_rerun_incomplete(tmp_path):
     """Snakemake killed (with its job) after the job's first checkpoint; `--unlock` and
     `--rerun-incomplete` then resume the job from that checkpoint instead of step 0."""
-    import psutil
 
     if not embedded_base_available():
         pytest.skip("the embedded base model is not built")
@@ -700,9 +700,7 @@ def test_a_killed_training_job_resumes_under_rerun_incomplete(tmp_path):
         while not latest.is_file() and process.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert latest.is_file(), "no checkpoint was written"
-        parent = psutil.Process(process.pid)
-        for child in [*parent.children(recursive=True), parent]:
-            child.kill()
+        kill_tree(process.pid)
     finally:
         process.wait(timeout=60)
     killed_at = int(latest.read_text().split("-")[1])
