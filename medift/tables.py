@@ -202,7 +202,7 @@ def _question_set(frame: pd.DataFrame) -> set[tuple[str, int]]:
     return set(zip(frame["question_id"], frame["rotation"]))
 
 
-def question_scores(seed_frames: Mapping[int, pd.DataFrame], circular: bool = False) -> pd.DataFrame:
+def scored_questions(seed_frames: Mapping[int, pd.DataFrame], circular: bool = False) -> pd.DataFrame:
     """Per question (index question_id, sorted): its score (`metrics.question_scores`: the
     fraction of seeds right, as written or, `circular`, in every rotation), and its attribute."""
     first = next(iter(seed_frames.values()))
@@ -250,7 +250,7 @@ def _long_from_frames(
         for dataset in datasets:
             seed_frames = frames[dataset, method]
             seeds = list(seed_frames.values())
-            scores = question_scores(seed_frames)
+            scores = scored_questions(seed_frames)
             n = len(scores)
             low, high = bootstrap_mean_ci(scores["score"].to_numpy(), n_boot=n_boot, seed=seed)
             row = {
@@ -269,7 +269,7 @@ def _long_from_frames(
                 "chance": metrics.percent(np.mean(1.0 / scores["n_options"].to_numpy())),
             }
             if metrics.is_circular(seeds):
-                circular = question_scores(seed_frames, circular=True)["score"].to_numpy()
+                circular = scored_questions(seed_frames, circular=True)["score"].to_numpy()
                 c_low, c_high = bootstrap_mean_ci(circular, n_boot=n_boot, seed=seed)
                 row.update(
                     circular_accuracy=metrics.percent(metrics.circular_accuracy(seeds)),
@@ -289,8 +289,8 @@ def _comparisons_from_frames(
     rows = []
     for method, baseline in pairs:
         for dataset in datasets:
-            scores = question_scores(frames[dataset, method])["score"]
-            other = question_scores(frames[dataset, baseline])["score"].loc[scores.index]
+            scores = scored_questions(frames[dataset, method])["score"]
+            other = scored_questions(frames[dataset, baseline])["score"].loc[scores.index]
             diff, low, high = paired_bootstrap_mean_diff(scores.to_numpy(), other.to_numpy(), n_boot=n_boot, seed=seed)
             rows.append(
                 {
@@ -316,7 +316,7 @@ def _attributes_from_frames(
     for dataset in datasets:
         for method in methods:
             seed_frames = frames[dataset, method]
-            scores = question_scores(seed_frames)
+            scores = scored_questions(seed_frames)
             for attribute, group in scores.groupby("attribute", sort=True):
                 low, high = bootstrap_mean_ci(group["score"].to_numpy(), n_boot=n_boot, seed=seed)
                 asked = [frame[frame["attribute"] == attribute] for frame in seed_frames.values()]
