@@ -24,6 +24,15 @@ def tiny_wbcatt_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+@pytest.fixture(scope="session")
+def table1_run(tmp_path_factory) -> dict:
+    """One local run of table 1 on the tiny config (tests.fixtures.workflow.run_table1), shared by
+    the end-to-end test and the SLURM test (which compares its own jobs' files with these)."""
+    from tests.fixtures.workflow import run_table1
+
+    return run_table1(tmp_path_factory.mktemp("table1-run"))
+
+
 def pytest_collection_modifyitems(items):
     # End-to-end workflow runs and the SLURM cluster run the DAG: they belong to the slow tier too.
     for item in items:

@@ -3,9 +3,10 @@
 The fixture starts munged (unless it already runs), slurmctld and slurmd on this machine
 with a slurm.conf of its own in a temporary directory (SLURM_CONF), waits until the node
 is idle and stops every daemon it started, by process id, when the module ends (also on
-failure). The test then makes table 1 of the tiny config twice: once locally and once
-through `--workflow-profile workflow/profiles/slurm`, where every job but the local rules
-is an sbatch job, and the two tables must be equal.
+failure). The test then makes table 1 of the tiny config (one dataset, one seed) through
+`--workflow-profile workflow/profiles/slurm`, where every job but the local rules is an
+sbatch job, and each job's files must equal those of the shared local run (conftest's
+`table1_run`) byte for byte.
 
 It needs root and slurmctld, slurmd, munged and sbatch (Debian: apt-get install slurmctld
 slurmd slurm-client munge); without them it is skipped, unless MEDIFT_REQUIRE_SLURM=1
@@ -14,6 +15,7 @@ slurmd slurm-client munge); without them it is skipped, unless MEDIFT_REQUIRE_SL
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -28,14 +30,11 @@ import pandas as pd
 import pytest
 
 from tests.fixtures.workflow import (
-    EMBEDDED_BASE,
     REPO,
     copy_embedded_models,
     dry_run_jobs,
-    embedded_base_available,
     rule_counts,
     snakemake,
-    tiny_config,
     write_config,
 )
 
@@ -212,26 +211,18 @@ def _sbatch_jobs(jobcomp: Path) -> list[dict[str, str]]:
     return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in jobcomp.read_text().splitlines() if line.strip()]
 
 
-def test_table1_through_the_slurm_profile_equals_the_local_run(slurm_cluster, tmp_path, monkeypatch):
-    if not embedded_base_available():
-        pytest.skip(f"{EMBEDDED_BASE} has no model.safetensors")
+def test_table1_through_the_slurm_profile_equals_the_local_run(slurm_cluster, table1_run, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_CONF", slurm_cluster["env"]["SLURM_CONF"])
     monkeypatch.setenv("PATH", slurm_cluster["env"]["PATH"])
-    config = tiny_config()
+    # The shared local run's config (ift with 2 ranks: torchrun inside the sbatch job, 2 CPUs;
+    # caption_ft with one), cut to one dataset and one seed: every rule goes through sbatch all
+    # the same, in a quarter of the jobs. Its jobs' files must equal the local run's.
+    config = copy.deepcopy(table1_run["config"])
     config["seeds"] = [1]
-    # One dataset: every rule goes through sbatch all the same, in half the jobs of two.
     config["datasets"] = {"wbcatt": config["datasets"]["wbcatt"]}
-    # ift trains with 2 ranks (torchrun inside the sbatch job, 2 CPUs), caption_ft with one.
-    config["methods"]["ift"]["ranks"] = 2
     configfile = write_config(tmp_path / "config.yaml", config)
-
-    timings = {}
-    for run in ("local", "slurm"):
-        work = tmp_path / run
-        copy_embedded_models(work)
-    started = time.monotonic()
-    snakemake(f"--configfile={configfile}", "results/table1.csv", workdir=tmp_path / "local", timeout=600)
-    timings["local"] = time.monotonic() - started
+    copy_embedded_models(tmp_path / "slurm")
+    timings = {"local": table1_run["seconds"]}
 
     started = time.monotonic()
     result = snakemake(
@@ -291,10 +282,20 @@ def test_table1_through_the_slurm_profile_equals_the_local_run(slurm_cluster, tm
     summary = json.loads((tmp_path / "slurm/resources/models/wbcatt/ift/seed-1/train_summary.json").read_text())
     assert summary["ranks"] == 2
 
+    # Byte for byte the local run's files, job by job: shards, every model's predictions and descriptions.
+    local, slurm = table1_run["work"], tmp_path / "slurm"
+    compared = [
+        "resources/shards/wbcatt/manifest.json",
+        *(
+            f"results/wbcatt/{method}/seed-1/{name}"
+            for method in ("zero_shot", "caption_ft", "ift")
+            for name in ("predictions.csv", "descriptions.csv")
+        ),
+    ]
+    for name in compared:
+        assert (slurm / name).read_bytes() == (local / name).read_bytes(), name
     for name in ("table1.csv", "table1_long.csv"):
-        local = pd.read_csv(tmp_path / "local" / "results" / name)
-        slurm = pd.read_csv(tmp_path / "slurm" / "results" / name)
-        pd.testing.assert_frame_equal(slurm, local, check_exact=True)
+        assert list(pd.read_csv(slurm / "results" / name)["method"]) == ["zero_shot", "caption_ft", "ift"]
     print(
         f"cluster start {slurm_cluster['start_s']:.1f} s, local run {timings['local']:.1f} s, "
         f"SLURM run {timings['slurm']:.1f} s, {len(submitted)} sbatch jobs: {sbatched}"

@@ -31,7 +31,6 @@ from tests.fixtures.workflow import (
     SNAKEFILE,
     TABLE1,
     TABLE2,
-    TRAINED,
     copy_embedded_models,
     default_config,
     dry_run,
@@ -502,90 +501,98 @@ def test_changing_one_dataset_reruns_only_that_dataset(tmp_path):
     assert all(wildcards["dataset"] == "wbcatt" for _, wildcards in jobs)
 
 
-@pytest.mark.e2e
-def test_end_to_end_tables(tmp_path):
-    if not embedded_base_available():
-        pytest.skip("the embedded models are not built (rules pretrain_base_model, distill_base_model)")
-    work = tmp_path / "work"
-    # The default `embedded` base model, as on a fresh clone: present, so not rebuilt.
-    copy_embedded_models(work)
+def test_table2_ablations_reach_their_training_jobs(tmp_path):
+    """Table 2's methods differ from ift by one setting each: a dry run's shell lines carry it
+    (the shared end-to-end run trains table 1's methods; the same rules train these)."""
     config = tiny_config()
-    configfile = write_config(tmp_path / "config.yaml", config)
-    snakemake(f"--configfile={configfile}", "results/table1.csv", "results/table2.csv", workdir=work, timeout=900)
+    result = snakemake(
+        "-n",
+        "-p",
+        f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
+        "results/table2.csv",
+        workdir=tmp_path / "work",
+    )
+    commands = {}
+    for _, command in _job_blocks(result.stdout + result.stderr, "train_model"):
+        trained = re.search(r"--out_dir resources/models/wbcatt/(\w+)/seed-1 ", command)
+        if trained:
+            commands[trained.group(1)] = command
+    assert set(commands) == set(TABLE2)
+    expected = {
+        "ift": {"momentum": "0.999", "shuffle_responses": "True", "warmup_epochs": "1", "proxy": "True"},
+        "ift_no_momentum": {"momentum": "0.0", "shuffle_responses": "True", "warmup_epochs": "1"},
+        "ift_no_shuffle": {"momentum": "0.999", "shuffle_responses": "False", "warmup_epochs": "1"},
+        "ift_no_warmup": {"momentum": "0.999", "shuffle_responses": "True", "warmup_epochs": "0"},
+    }
+    for method, settings in expected.items():
+        for name, value in settings.items():
+            assert f"--{name} {value} " in commands[method] + " ", (method, name, commands[method])
 
+
+@pytest.mark.e2e
+def test_end_to_end_table1(table1_run, tmp_path):
+    """Table 1 of the tiny config through the real DAG (the shared run: two datasets, two seeds,
+    ift with 2 ranks): tables, predictions, descriptions, summaries, logs, invalidation, report."""
+    work, config = table1_run["work"], copy.deepcopy(table1_run["config"])
     results = work / "results"
-    for name, methods in (("table1", TABLE1), ("table2", TABLE2)):
-        table = pd.read_csv(results / f"{name}.csv", index_col=0)
-        assert list(table.index) == methods
-        assert list(table.columns) == DATASETS + ["average"]
-        assert table.notna().all().all()
-        assert ((table >= 0) & (table <= 100)).all().all()
-        assert (table["average"] - table[DATASETS].mean(axis=1)).abs().max() <= 0.011
-        long = pd.read_csv(results / f"{name}_long.csv")
-        assert len(long) == len(methods) * len(DATASETS)
-        assert (results / f"{name}.png").stat().st_size > 0
-
-        long = long.set_index(["method", "dataset"])
-        assert (long["seeds"] == [1 if m == "zero_shot" else 2 for m, _ in long.index]).all()
-        assert long["circular_accuracy"].notna().all()
-        assert (long["circular_accuracy"] <= long["accuracy"]).all()
-        attributes = pd.read_csv(results / f"{name}_attributes.csv")
-        assert set(attributes["dataset"]) == set(DATASETS) and set(attributes["method"]) == set(methods)
-        assert (results / f"{name}_attributes.png").stat().st_size > 0
-        # Description accuracy beside accuracy and format retention, for every method and dataset.
-        assert long["description_accuracy"].between(0, 100).all()
-        assert (long["description_ci_low"] <= long["description_accuracy"]).all()
-        assert (results / f"{name}_metrics.png").stat().st_size > 0
+    table = pd.read_csv(results / "table1.csv", index_col=0)
+    assert list(table.index) == TABLE1
+    assert list(table.columns) == DATASETS + ["average"]
+    assert table.notna().all().all()
+    assert ((table >= 0) & (table <= 100)).all().all()
+    assert (table["average"] - table[DATASETS].mean(axis=1)).abs().max() <= 0.011
+    long = pd.read_csv(results / "table1_long.csv")
+    assert len(long) == len(TABLE1) * len(DATASETS)
+    assert (results / "table1.png").stat().st_size > 0
+    long = long.set_index(["method", "dataset"])
+    assert (long["seeds"] == [1 if m == "zero_shot" else 2 for m, _ in long.index]).all()
+    assert long["circular_accuracy"].notna().all()
+    assert (long["circular_accuracy"] <= long["accuracy"]).all()
+    attributes = pd.read_csv(results / "table1_attributes.csv")
+    assert set(attributes["dataset"]) == set(DATASETS) and set(attributes["method"]) == set(TABLE1)
+    assert (results / "table1_attributes.png").stat().st_size > 0
+    # Description accuracy beside accuracy and format retention, for every method and dataset.
+    assert long["description_accuracy"].between(0, 100).all()
+    assert (long["description_ci_low"] <= long["description_accuracy"]).all()
+    assert (results / "table1_metrics.png").stat().st_size > 0
     compared = pd.read_csv(results / "table1_comparisons.csv")
     assert set(zip(compared["method"], compared["baseline"])) == {("ift", "zero_shot"), ("ift", "caption_ft")}
     assert len(compared) == 2 * len(DATASETS) and compared["diff"].notna().all()
 
-    seeds = {m: [1] if m == "zero_shot" else [1, 2] for m in TABLE1 + TABLE2[1:]}
+    trained = [m for m in TABLE1 if m != "zero_shot"]
+    seeds = {m: [1] if m == "zero_shot" else [1, 2] for m in TABLE1}
     for dataset in DATASETS:
-        for method in TABLE1 + TABLE2[1:]:
+        for method in TABLE1:
             for seed in seeds[method]:
-                predictions = pd.read_csv(results / dataset / method / f"seed-{seed}" / "predictions.csv")
+                run = results / dataset / method / f"seed-{seed}"
+                predictions = pd.read_csv(run / "predictions.csv")
                 assert set(PREDICTION_COLUMNS) <= set(predictions.columns)
                 assert len(predictions) > 0 and predictions["correct"].isin([0, 1]).all()
                 assert predictions["rotation"].max() > 0  # circular evaluation is on by default
-                metrics = json.loads((results / dataset / method / f"seed-{seed}" / "metrics.json").read_text())
+                metrics = json.loads((run / "metrics.json").read_text())
                 assert metrics["n"] == (predictions["rotation"] == 0).sum()
                 assert metrics["prompts_asked"] == len(predictions)
-                described = pd.read_csv(
-                    results / dataset / method / f"seed-{seed}" / "descriptions.csv", keep_default_na=False
+                described = pd.read_csv(run / "descriptions.csv", keep_default_na=False)
+                assert len(described) == json.loads((run / "description_metrics.json").read_text())["images"] > 0
+        for seed in (1, 2):
+            summaries = {
+                method: json.loads(
+                    (work / "resources/models" / dataset / method / f"seed-{seed}" / "train_summary.json").read_text()
                 )
-                assert (
-                    len(described)
-                    == json.loads(
-                        (results / dataset / method / f"seed-{seed}" / "description_metrics.json").read_text()
-                    )["images"]
-                    > 0
-                )
-        summaries = {
-            method: json.loads(
-                (work / "resources/models" / dataset / method / "seed-2" / "train_summary.json").read_text()
-            )["config"]
-            for method in TRAINED
-        }
-        assert all(s["seed"] == 2 for s in summaries.values())
-        assert summaries["caption_ft"]["proxy"] is False and summaries["ift"]["proxy"] is True
-        assert summaries["ift_no_momentum"]["momentum"] == 0.0 and summaries["ift"]["momentum"] == 0.999
-        assert summaries["ift_no_shuffle"]["shuffle_responses"] is False
-        assert summaries["ift_no_warmup"]["warmup_epochs"] == 0 and summaries["ift"]["warmup_epochs"] == 1
-        assert all(s["epochs"] == 1 and s["batch_size"] == 4 for s in summaries.values())
-        train_defaults = default_config()["train"]
-        assert all(
-            (s["lr"], s["proxy_lr"]) == (train_defaults["lr"], train_defaults["proxy_lr"])
-            for s in summaries.values()
-            if s["proxy"]
-        )
-        assert summaries["caption_ft"]["proxy_lr"] == train_defaults["lr"]  # no proxy: no proxy_lr of its own
-        for method in TRAINED:
-            summary = json.loads(
-                (work / "resources/models" / dataset / method / "seed-1" / "train_summary.json").read_text()
-            )
+                for method in trained
+            }
+            assert all(s["config"]["seed"] == seed for s in summaries.values())
+            assert summaries["caption_ft"]["config"]["proxy"] is False and summaries["ift"]["config"]["proxy"] is True
+            assert summaries["ift"]["ranks"] == 2 and summaries["caption_ft"]["ranks"] == 1
+            assert all(s["config"]["epochs"] == 1 and s["config"]["batch_size"] == 4 for s in summaries.values())
+            train_defaults = default_config()["train"]
+            ift = summaries["ift"]["config"]
+            assert (ift["lr"], ift["proxy_lr"]) == (train_defaults["lr"], train_defaults["proxy_lr"])
+            # No proxy: no proxy_lr of its own.
+            assert summaries["caption_ft"]["config"]["proxy_lr"] == train_defaults["lr"]
             # One validation per epoch where the shards have validation questions (the tiny CBIS-DDSM has none).
-            assert len(summary["validation"]) == (1 if dataset == "wbcatt" else 0)
+            assert all(len(s["validation"]) == (1 if dataset == "wbcatt" else 0) for s in summaries.values())
+        for method in trained:
             assert list((work / "logs/tensorboard" / dataset / method / "seed-1").glob("events.out.tfevents.*"))
     # Every job's checkpoints are removed once its model is saved.
     assert not [p for p in (work / "resources" / "checkpoints").rglob("*") if p.is_file()]
@@ -593,25 +600,21 @@ def test_end_to_end_tables(tmp_path):
     logs = work / "logs"
     expected_logs = (
         [logs / rule / f"{d}.log" for rule in ("synthesize_raw_data", "make_shards") for d in DATASETS]
-        + [logs / "train_model" / d / m / f"seed-{s}.log" for d in DATASETS for m in TRAINED for s in (1, 2)]
-        + [
-            logs / "evaluate_model" / d / m / f"seed-{s}.log"
-            for d in DATASETS
-            for m in TABLE1 + TABLE2[1:]
-            for s in seeds[m]
-        ]
-        + [logs / "make_table" / f"{t}.log" for t in ("table1", "table2")]
+        + [logs / "train_model" / d / m / f"seed-{s}.log" for d in DATASETS for m in trained for s in (1, 2)]
+        + [logs / "evaluate_model" / d / m / f"seed-{s}.log" for d in DATASETS for m in TABLE1 for s in seeds[m]]
+        + [logs / "make_table" / "table1.log"]
     )
     missing = [str(p.relative_to(work)) for p in expected_logs if not p.is_file() or p.stat().st_size == 0]
     assert not missing, f"missing or empty logs: {missing}"
     assert sorted(p for p in logs.rglob("*.log")) == sorted(expected_logs)  # no pre-training ran
 
     # Done means done, whatever the threads; one dataset's training settings touch only
-    # that dataset's jobs.
+    # that dataset's jobs. (A config file of this test's own: the shared run's stays as it was.)
+    configfile = tmp_path / "config.yaml"
     config["train"]["threads"] = 2
     config["evaluate"]["threads"] = 2
     write_config(configfile, config)
-    assert dry_run("results/table1.csv", "results/table2.csv", workdir=work, configfile=configfile) == []
+    assert dry_run("results/table1.csv", workdir=work, configfile=configfile) == []
     config["datasets"]["cbis_ddsm"]["train"]["repeat_train"] = 2
     write_config(configfile, config)
     jobs = dry_run("results/table1.csv", workdir=work, configfile=configfile)
@@ -621,16 +624,10 @@ def test_end_to_end_tables(tmp_path):
     # The Snakemake report holds every table and figure with its caption.
     config["datasets"]["cbis_ddsm"]["train"]["repeat_train"] = 1
     write_config(configfile, config)
-    snakemake(
-        f"--configfile={configfile}",
-        "--report",
-        "results/report.html",
-        "results/table1.csv",
-        "results/table2.csv",
-        workdir=work,
-    )
-    html = (results / "report.html").read_text(errors="replace")
-    assert "table1_attributes.png" in html and "table2_long.csv" in html
+    report = tmp_path / "report.html"
+    snakemake(f"--configfile={configfile}", "--report", str(report), "results/table1.csv", workdir=work)
+    html = report.read_text(errors="replace")
+    assert "table1_attributes.png" in html and "table1_long.csv" in html
 
 
 @pytest.mark.e2e
@@ -644,11 +641,13 @@ def test_end_to_end_table1_on_a_tiny_mllama_checkpoint(tmp_path):
     work = tmp_path / "work"
     config = tiny_config(base_model=str(checkpoint))
     config["seeds"] = [1]
+    # One dataset: the family's path is the same for every dataset (the embedded run covers both).
+    config["datasets"] = {"wbcatt": config["datasets"]["wbcatt"]}
     config["train"]["train_modules"] = "vision,fusion"
     configfile = write_config(tmp_path / "config.yaml", config)
     snakemake(f"--configfile={configfile}", "results/table1.csv", workdir=work, timeout=900)
     table = pd.read_csv(work / "results" / "table1.csv", index_col=0)
-    assert list(table.index) == TABLE1 and table[DATASETS].notna().all().all()
+    assert list(table.index) == TABLE1 and table["wbcatt"].notna().all()
     manifest = json.loads((work / "resources/shards/wbcatt/manifest.json").read_text())
     assert manifest["config"]["image_size"] == 28  # image_size: auto, the checkpoint's tile
     summary = json.loads((work / "resources/models/wbcatt/ift/seed-1/train_summary.json").read_text())
