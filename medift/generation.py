@@ -73,6 +73,47 @@ def generate_answers(
     return [text.strip() for text in outputs]
 
 
+@torch.no_grad()
+def sample_texts(
+    model,
+    processor,
+    rows: Sequence,
+    images: Sequence[Image.Image | None],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    batch_size: int = 32,
+    progress=None,
+) -> list[str]:
+    """Sampled continuations of encoded prompts (`medift.chat.Encoded`, any number of turns, ending
+    where the model is to write), at `temperature` and nucleus `top_p`. Each batch's draws are
+    seeded by (seed, its first row), so a rerun with the same rows and batch size samples the same."""
+    tokenizer = processor.tokenizer
+    model.eval()
+    outputs: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = slice(start, min(start + batch_size, len(rows)))
+        batch = model_inputs(processor, rows[chunk], list(images[chunk]), padding_side="left")
+        batch.pop("labels")
+        batch = to_model(model, batch)
+        torch.manual_seed(seed * 1_000_003 + start)
+        generated = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new_tokens = generated[:, batch["input_ids"].shape[1] :]
+        outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if progress is not None:
+            progress.update(len(new_tokens))
+    return [text.strip() for text in outputs]
+
+
 def forced_answer_context(processor, n_letters: int = len(mcq.LETTERS)) -> tuple[str, dict[str, int]]:
     """The answer prefix as the chat template writes it (text), and each letter's token after it.
 
@@ -155,3 +196,25 @@ def score_letters(
 def best_letter(letter_scores: dict[str, float]) -> str:
     """The highest-scoring letter; a tie goes to the earliest letter (deterministic)."""
     return max(letter_scores, key=lambda letter: (letter_scores[letter], -ord(letter)))
+
+
+@torch.no_grad()
+def pooled_hidden_states(
+    model, processor, rows: Sequence, images: Sequence[Image.Image | None], batch_size: int = 32, progress=None
+) -> torch.Tensor:
+    """The mean of the last layer's hidden states over each encoded row's tokens (float32, one row
+    per input): the model's own features of an image prompt or of a text, for models that score
+    data (medift.vital's selection model)."""
+    model.eval()
+    pooled = []
+    for start in range(0, len(rows), batch_size):
+        chunk = slice(start, min(start + batch_size, len(rows)))
+        batch = model_inputs(processor, rows[chunk], list(images[chunk]), padding_side="right")
+        batch.pop("labels")
+        batch = to_model(model, batch)
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled.append((hidden * mask).sum(1) / mask.sum(1))
+        if progress is not None:
+            progress.update(len(hidden))
+    return torch.cat(pooled).cpu() if pooled else torch.empty(0)

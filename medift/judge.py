@@ -145,6 +145,9 @@ def _applicable(value: str | None) -> bool:
     return value is not None and value.strip().lower() not in NOT_APPLICABLE
 
 
+_YES_NO = re.compile(r"^\s*(yes|no)\b", re.IGNORECASE)
+
+
 class OfflineJudge:
     """Deterministic judge: grades an answer against the image's structured attributes.
 
@@ -171,8 +174,10 @@ class OfflineJudge:
 
     For a multiple-choice item a letter answer ("The correct answer is B.", or a bare "B")
     is replaced by its option's text; an answer with no valid letter is graded as free
-    text, and scores 0 when it names no value of R either. Negation is not understood:
-    "not big" names "big". The reason gives counts and keys, never the answer's text.
+    text, and scores 0 when it names no value of R either. A yes/no answer to a question that
+    names values of R ("Is the cell size big?") scores 10 when it is right about them all,
+    else 0. Negation is not understood otherwise: "not big" names "big". The reason gives
+    counts and keys, never the answer's text.
     """
 
     kind = "offline"
@@ -241,6 +246,9 @@ class OfflineJudge:
         expected = [key for key in keys if _applicable(item.attributes.get(key))]
         relevant_values = set().union(*(self._canonical_vocabulary.get(key, set()) for key in keys))
         true_values = set(truths.values()).union(*terms.values())
+        verdict = self._yes_no(item, text, relevant_values, true_values)
+        if verdict is not None:
+            return verdict
         named = _mentions(text, self._all_values | true_values)
 
         correct = sum(1 for key in expected if truths[key] in named or (terms[key] and terms[key] <= named))
@@ -257,6 +265,22 @@ class OfflineJudge:
         else:
             score = 10.0 if wrong == 0 else 0.0
         return Rating(round(min(10.0, max(0.0, score)), 1), prefix + counts)
+
+    def _yes_no(self, item: JudgeItem, text: str, relevant_values: set, true_values: set) -> Rating | None:
+        """A yes/no answer to a question that names values ("Is the cell size big?"): 10 when the
+        answer is right about every named value of the relevant attributes, else 0. None when the
+        rule does not apply (no yes/no answer, no value named, or yes/no attributes)."""
+        answer = _YES_NO.match(text)
+        if answer is None or not item.question.rstrip().endswith("?") or {"yes", "no"} & relevant_values:
+            return None
+        claimed = _mentions(item.question, relevant_values | true_values)
+        if not claimed:
+            return None
+        holds = claimed <= true_values
+        right = (answer.group(1).lower() == "yes") == holds
+        return Rating(
+            10.0 if right else 0.0, f"yes/no on {len(claimed)} named value(s): {'right' if right else 'wrong'}"
+        )
 
     def compare(self, item: JudgeItem, answer_a: str, answer_b: str) -> Verdict:
         rating_a = self.rate(dataclasses.replace(item, answer=answer_a))

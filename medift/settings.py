@@ -66,6 +66,7 @@ TRAIN_JOB_FIELDS = (
     "checkpoint_dir",
     "tensorboard_dir",
     "threads",
+    "train_data",
 )
 TRAIN_CLI_ONLY_FIELDS = ("max_steps", "val_batch_size")
 # Keys of the `train` block that are the workflow's own (not TrainConfig fields): the
@@ -84,6 +85,75 @@ EVALUATE_JOB_FIELDS = (
     "adapter",
 )
 EVALUATE_WORKFLOW_KEYS = ("describe", "threads")
+
+
+# Keys of a `methods:` entry that are not train settings: whether it trains, what it trains on
+# (`data`), which method's tuned model it starts from, and vital_select's kept fraction.
+METHOD_KEYS = ("train", "data", "start_from", "keep_fraction")
+# What a method trains on: the descriptions (caption_ft, ift); instructions generated from the
+# attributes (inst_ft; st_dpo's first stage); the candidates vital_select keeps; the preference
+# pairs st_dpo's first-stage model makes (DPO; needs start_from).
+DATA_SOURCES = ("descriptions", "instructions", "vital_select", "preferences")
+# Adapters whose records carry structured attributes (QUESTION_OPTIONS) that generated
+# instructions, candidates and the offline judge need (tests/test_settings.py holds it equal to
+# medift.datasets).
+ADAPTERS_WITH_ATTRIBUTES = ("wbcatt", "cbis_ddsm", "skincon", "mimic_cxr")
+# The blocks of `baselines:` and the dataclass each is generated from (module, class); the
+# fields the workflow fills itself are not keys (paths, seed, judge, and the inference
+# settings, which come from the `evaluate` block).
+BASELINE_BLOCKS = {
+    "instructions": ("medift.instructions", "InstructionConfig"),
+    "candidates": ("medift.vital", "CandidateConfig"),
+    "selection": ("medift.vital", "SelectConfig"),
+    "preferences": ("medift.self_training", "PreferenceConfig"),
+}
+BASELINE_JOB_FIELDS = (
+    "shards",
+    "out_dir",
+    "base_model",
+    "model",
+    "candidates",
+    "judge",
+    "judge_cache",
+    "seed",
+    "batch_size",
+    "dtype",
+    "device",
+    "threads",
+    "trust_remote_code",
+    "keep_fraction",
+)
+
+
+def check_method(name: str, entry: dict, methods: dict, adapters: list[str]) -> None:
+    """A method entry's own keys, before any job: its data source, its start, the datasets' attributes."""
+    data = entry.get("data", "descriptions")
+    if data != "descriptions" and entry.get("proxy", True):
+        raise ValueError(f"data {data}: generated instructions and preferences train without a proxy (proxy: false)")
+    if data != "vital_select" and "keep_fraction" in entry:
+        raise ValueError("keep_fraction is vital_select's setting (data: vital_select)")
+    start = entry.get("start_from")
+    if data == "preferences" and not start:
+        raise ValueError(
+            "data preferences needs start_from: the first-stage method whose model asks, answers and is DPO's reference"
+        )
+    if start is not None:
+        seen = [name]
+        while start is not None:
+            if start not in methods or not methods[start].get("train", True):
+                raise ValueError(f"start_from {start!r} is not a trained method under `methods:`")
+            if start in seen:
+                raise ValueError(f"start_from makes a cycle: {' -> '.join(seen + [start])}")
+            seen.append(start)
+            start = methods[start].get("start_from")
+    if data != "descriptions":
+        without = [a for a in adapters if a not in ADAPTERS_WITH_ATTRIBUTES]
+        if without:
+            raise ValueError(
+                f"data {data} asks questions about structured attributes, which dataset(s) with adapter "
+                f"{', '.join(without)} do not have (free-text reports): leave them out of this method's tables "
+                "or give their releases labels the adapter reads"
+            )
 
 
 ##### checks #####
@@ -175,6 +245,17 @@ def evaluate_setting_fields() -> tuple[list, dict]:
     return [f for f in dataclasses.fields(EvaluateConfig) if f.name not in EVALUATE_JOB_FIELDS], EVALUATE_LIMITS
 
 
+def baseline_setting_fields() -> dict[str, list]:
+    """Each `baselines:` block's fields (the data-making commands' settings the workflow passes on)."""
+    import importlib
+
+    blocks = {}
+    for block, (module, name) in BASELINE_BLOCKS.items():
+        config_class = getattr(importlib.import_module(module), name)
+        blocks[block] = [f for f in dataclasses.fields(config_class) if f.name not in BASELINE_JOB_FIELDS]
+    return blocks
+
+
 def _yaml_scalar(value) -> str:
     """A YAML 1.1 scalar (PyYAML's reading: a float needs its dot, `3.0e-05`)."""
     if value is None:
@@ -230,11 +311,16 @@ def schema_property(item, limits: dict, with_default: bool) -> dict:
 def generated_sections() -> dict[str, list[str]]:
     """Lines (without indentation) of each generated section of the schema."""
     (train, train_limits), (evaluate, evaluate_limits) = train_setting_fields(), evaluate_setting_fields()
-    return {
+    sections = {
         "train_settings": [f"{f.name}: {_flow(schema_property(f, train_limits, with_default=False))}" for f in train],
         "train_defaults": [f"{f.name}: {_flow({'default': f.default})}" for f in train],
         "evaluate": [f"{f.name}: {_flow(schema_property(f, evaluate_limits, with_default=True))}" for f in evaluate],
     }
+    for block, fields in baseline_setting_fields().items():
+        sections[f"baselines_{block}"] = [
+            f"{f.name}: {_flow(schema_property(f, {}, with_default=True))}" for f in fields
+        ]
+    return sections
 
 
 def _markdown_value(value) -> str:
@@ -251,7 +337,10 @@ def generated_tables() -> dict[str, list[str]]:
             table.append(f"| `{f.name}` | {_markdown_value(f.default)} | {help_text} |")
         return table
 
-    return {"train": rows(train_setting_fields()[0]), "evaluate": rows(evaluate_setting_fields()[0])}
+    tables = {"train": rows(train_setting_fields()[0]), "evaluate": rows(evaluate_setting_fields()[0])}
+    for block, fields in baseline_setting_fields().items():
+        tables[f"baselines_{block}"] = rows(fields)
+    return tables
 
 
 def _replace_sections(text: str, sections: dict[str, list[str]], begin: str, end: str, indent: bool) -> str:

@@ -37,7 +37,7 @@ import multiprocessing
 import os
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -82,7 +82,64 @@ QUESTION_SCHEMA = pa.schema(
         pa.field("image", pa.binary(), nullable=False),
     ]
 )
-SCHEMAS = {DESCRIPTIONS: DESCRIPTION_SCHEMA, QUESTIONS: QUESTION_SCHEMA}
+# Training data that a method's own data-making job writes (medift.instructions, medift.vital,
+# medift.self_training), in a directory of its own with the same manifest and checks:
+# conversation row: image_id, split, image, turns (JSON list of [user, assistant] pairs; the
+# image goes with the first user turn), origin (what made it, e.g. "template:mcq" or "model").
+# Preference row: one question on an image with a chosen and a rejected answer, their judge
+# scores, and the reference model's summed log-probabilities of each (DPO's fixed reference,
+# computed once by the job that made the pair, so training holds one model).
+# Candidate row (vital_select): one question/answer about an image, where it came from (the
+# ground truth, the base model's sample) and the judge's 0-10 rating (null: unparsable).
+CONVERSATIONS = "conversations"
+PREFERENCES = "preferences"
+CANDIDATES = "candidates"
+GENERATED_KINDS = (CONVERSATIONS, PREFERENCES, CANDIDATES)
+CONVERSATION_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("turns", pa.string(), nullable=False),
+        pa.field("origin", pa.string(), nullable=False),
+    ]
+)
+PREFERENCE_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("chosen", pa.string(), nullable=False),
+        pa.field("rejected", pa.string(), nullable=False),
+        pa.field("chosen_score", pa.float64(), nullable=False),
+        pa.field("rejected_score", pa.float64(), nullable=False),
+        pa.field("reference_chosen", pa.float64(), nullable=False),
+        pa.field("reference_rejected", pa.float64(), nullable=False),
+    ]
+)
+CANDIDATE_SCHEMA = pa.schema(
+    [
+        pa.field("candidate_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("answer", pa.string(), nullable=False),
+        pa.field("form", pa.string(), nullable=False),
+        pa.field("attribute", pa.string(), nullable=False),
+        pa.field("options", pa.list_(pa.string()), nullable=False),
+        pa.field("origin", pa.string(), nullable=False),
+        pa.field("rating", pa.float64(), nullable=True),
+    ]
+)
+SCHEMAS = {
+    CANDIDATES: CANDIDATE_SCHEMA,
+    DESCRIPTIONS: DESCRIPTION_SCHEMA,
+    QUESTIONS: QUESTION_SCHEMA,
+    CONVERSATIONS: CONVERSATION_SCHEMA,
+    PREFERENCES: PREFERENCE_SCHEMA,
+}
 
 # Every writer option that could change bytes is pinned here (part of the determinism
 # contract). PNG images do not compress further, zstd still shrinks the text columns.
@@ -379,6 +436,44 @@ def write_shards(
         manifest["totals"]["questions"]["all"],
     )
     return manifest
+
+
+def write_generated_shards(
+    out_dir: Path, kind: str, rows: Iterable[dict], summary: Callable[[], dict], rows_per_shard: int = 512
+) -> dict:
+    """Write a method's generated rows (`kind`: conversations, preferences or candidates; split
+    train) as shards with a manifest, in the order given, and return the manifest. `summary()`
+    (what was generated, kept and rejected, and how), called once every row is written, goes
+    into the manifest as it is."""
+    if kind not in GENERATED_KINDS:
+        raise ValueError(f"unknown generated kind {kind!r}; expected one of {GENERATED_KINDS}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in [*out_dir.glob(f"{kind}-*.parquet"), out_dir / MANIFEST_NAME]:
+        if path.exists():
+            path.unlink()
+    writer = _ShardWriter(out_dir, kind, "train", rows_per_shard)
+    for row in rows:
+        writer.add(row)
+    writer.flush()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "files": writer.files,
+        "totals": {kind: {"train": sum(entry["rows"] for entry in writer.files)}},
+        "summary": summary(),
+    }
+    _write_manifest(out_dir, manifest)
+    return manifest
+
+
+def generated_kind(shard_dir: Path) -> str:
+    """The kind of a generated shard directory (its manifest's `kind`)."""
+    manifest = _load_manifest_file(Path(shard_dir))
+    kind = manifest.get("kind")
+    if kind not in GENERATED_KINDS:
+        raise ShardError(f"{shard_dir}: not a directory of generated training rows (kind {kind!r})")
+    return kind
 
 
 # --------------------------------------------------------------------------- reading

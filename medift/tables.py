@@ -543,6 +543,21 @@ class TablesArguments:
     )
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples for the intervals"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed"})
+    costs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": (
+                "method:dataset:seed:file entries: the train_summary.json of each trained (method, seed, dataset) "
+                "and of the methods it starts from, and the manifests of their generated data (--data)"
+            )
+        },
+    )
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "optional output CSV: accuracy beside the training data and compute each method used (--costs)"
+        },
+    )
 
 
 _SEED_DIR = re.compile(r"seed-(\d+)")
@@ -632,6 +647,77 @@ def plot_metrics(long_df: pd.DataFrame, out_png: str | Path) -> None:
     plt.close(fig)
 
 
+DATA_COLUMNS = (
+    "images",
+    "generated_rows",
+    "kept_rows",
+    "judge_calls",
+    "training_rows",
+    "training_tokens",
+    "train_seconds",
+)
+
+
+def seed_costs(files: Sequence[str | Path]) -> dict[str, float]:
+    """What one (method, dataset, seed) used, from its cost files: the train summaries of the
+    method and of the methods it starts from (tokens and seconds add up; training rows are the
+    method's own), the manifests of their generated data (generated rows and judge calls add up).
+    Images: the training images any stage read; kept rows: the generated rows trained on."""
+    costs = {column: 0.0 for column in DATA_COLUMNS}
+    summaries = [json.loads(Path(f).read_text()) for f in files if Path(f).name == "train_summary.json"]
+    manifests = [json.loads(Path(f).read_text())["summary"] for f in files if Path(f).name == "manifest.json"]
+    for summary in summaries:
+        costs["training_tokens"] += summary.get("training_tokens") or 0
+        costs["train_seconds"] += summary.get("seconds") or 0
+        if not summary["config"].get("train_data"):  # trained on the descriptions: one row per image
+            costs["images"] = max(costs["images"], summary["train_images"])
+    for manifest in manifests:
+        costs["images"] = max(costs["images"], manifest.get("images", 0))
+        costs["generated_rows"] += manifest.get("generated_rows", 0)
+        costs["judge_calls"] += manifest.get("judge_calls", 0)
+    if summaries:
+        costs["training_rows"] = summaries[0]["train_images"]  # the method's own (first listed) stage
+        if summaries[0]["config"].get("train_data"):
+            costs["kept_rows"] = costs["training_rows"]
+    return costs
+
+
+def data_table(
+    long_df: pd.DataFrame, costs: Sequence[str], methods: Sequence[str], datasets: Sequence[str]
+) -> pd.DataFrame:
+    """One row per (method, dataset): accuracy (the long table's) beside the mean over seeds of what
+    the method used (DATA_COLUMNS), and for a method trained on curated instructions, the share
+    of its gain over the base model (zero_shot) that ift recovers."""
+    files: dict[tuple[str, str, int], list[str]] = {}
+    for entry in costs:
+        method, dataset, seed, path = entry.split(":", 3)
+        files.setdefault((method, dataset, int(seed)), []).append(path)
+    accuracy = long_df.set_index(["method", "dataset"])["accuracy"]
+    rows = []
+    for method in methods:
+        for dataset in datasets:
+            seeds = sorted(seed for m, d, seed in files if (m, d) == (method, dataset))
+            per_seed = [seed_costs(files[method, dataset, seed]) for seed in seeds]
+            row = {"method": method, "dataset": dataset, "accuracy": accuracy.get((method, dataset))}
+            row.update({c: float(np.mean([p[c] for p in per_seed])) if per_seed else 0.0 for c in DATA_COLUMNS})
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame["ift_recovers"] = np.nan
+    if {"zero_shot", "ift"} <= set(methods):
+        for dataset in datasets:
+            base = accuracy.get(("zero_shot", dataset))
+            gain_ift = accuracy.get(("ift", dataset)) - base
+            for method in methods:
+                if method in ("zero_shot", "ift", "caption_ft") or not method.startswith("inst_ft"):
+                    continue
+                gain = accuracy.get((method, dataset)) - base
+                if gain > 0:
+                    frame.loc[(frame["method"] == method) & (frame["dataset"] == dataset), "ift_recovers"] = (
+                        gain_ift / gain
+                    )
+    return frame
+
+
 def result_files_from_paths(paths: Sequence[str | Path], name: str) -> dict[tuple[str, str, int], Path]:
     """`.../<dataset>/<method>/seed-<seed>/<name>` -> {(dataset, method, seed): path}."""
     files: dict[tuple[str, str, int], Path] = {}
@@ -710,6 +796,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.heatmap:
             plot_attributes(attributes, args.heatmap)
             outputs.append(args.heatmap)
+    if args.data:
+        data_table(long, args.costs, args.methods, args.datasets).to_csv(
+            _ready(args.data), index=False, float_format="%.4g"
+        )
+        outputs.append(args.data)
     if args.figure:
         plot_table(table, args.figure, long_df=long)
         outputs.append(args.figure)

@@ -39,6 +39,7 @@ from medift.model.loading import (
     select_trainable,
     unwrap_lora,
 )
+from medift.objectives import dpo_loss, encode_conversation_with_questions, keep_flags, sequence_log_probs
 from medift.proxy import ProxyInstruction
 from medift.runtime import set_torch_threads
 from medift.settings import (
@@ -50,7 +51,15 @@ from medift.settings import (
     check_train_settings,
     proxy_learning_rate,
 )
-from medift.shards import DESCRIPTIONS, QUESTIONS, ShardRows, verify_split
+from medift.shards import (
+    CONVERSATIONS,
+    DESCRIPTIONS,
+    PREFERENCES,
+    QUESTIONS,
+    ShardRows,
+    generated_kind,
+    verify_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +205,16 @@ class TrainConfig:
         metadata={"help": "Times the training list is repeated per epoch (reference: 3 for CBIS-DDSM/SKINCON)."},
     )
     seed: int = field(default=1, metadata={"help": "Seeds order, shuffling, proxy init."})
+    train_data: str = field(
+        default="",
+        metadata={
+            "help": (
+                "Generated training rows instead of the descriptions of --shards (a method's data-making job "
+                "writes them): conversation shards train on their answers (inst_ft, vital_select, st_dpo's first "
+                "stage), preference shards with DPO (st_dpo). --shards still gives the validation questions."
+            )
+        },
+    )
     threads: int = field(default=1, metadata={"help": "torch intra-op threads (the rule's `threads`)."})
     trust_remote_code: bool = field(
         default=False,
@@ -289,6 +308,20 @@ class TrainConfig:
             )
         },
     )
+    question_loss: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Conversation data only: the probability that a non-first user turn (a question) is kept in the "
+                "loss, so the model learns to ask about an image (STLLaVA-Med's first stage: 0.5); the first turn, "
+                "with the image, never is."
+            )
+        },
+    )
+    dpo_beta: float = field(
+        default=0.1,
+        metadata={"help": "Preference data only: DPO's beta (the reference's 0.1), the KL penalty's strength."},
+    )
     tensorboard_dir: str = field(
         default="",
         metadata={
@@ -313,6 +346,12 @@ class TrainConfig:
         parse_groups(self.train_modules)  # unknown groups, named
         check_fields(self, TRAIN_LIMITS)
         check_train_settings(asdict(self))
+        if self.train_data and self.proxy:
+            raise ValueError(
+                "train_data (generated instructions or preferences) trains without a proxy: set proxy false"
+            )
+        if self.question_loss and not self.train_data:
+            raise ValueError("question_loss needs conversation data (train_data)")
         # The launcher's world size is known before any process group exists (torchrun sets it).
         self.gradient_accumulation = resolve_accumulation(
             self.global_batch, self.batch_size, self.gradient_accumulation, launcher_world_size()
@@ -350,6 +389,8 @@ TRAIN_LIMITS = {
     "shuffle_window": {"minimum": 1},
     "data_workers": {"minimum": 0},
     "peak_flops": {"minimum": 0},
+    "question_loss": {"minimum": 0, "maximum": 1},
+    "dpo_beta": {"exclusive_minimum": 0},
 }
 
 
@@ -411,6 +452,120 @@ class DescriptionSamples(torch.utils.data.Dataset):
 def collate_samples(processor, items: list[tuple[Encoded, object]]) -> dict:
     """A micro-batch through the family's processor (the one model-input builder)."""
     return model_inputs(processor, [e for e, _ in items], [image for _, image in items], padding_side="right")
+
+
+DescriptionSamples.collate = staticmethod(collate_samples)
+
+
+class ConversationSamples(torch.utils.data.Dataset):
+    """Generated conversations (train_data of kind conversations): the loss is on every answer, and
+    with `question_loss` p also on each non-first question with probability p, drawn per (seed,
+    sample, load) like the descriptions' shuffle (STLLaVA-Med's first stage)."""
+
+    collate = staticmethod(collate_samples)
+
+    def __init__(self, data_dir: str, processor, question_loss: float, seed: int, window: int, verify: bool = True):
+        self.rows = ShardRows(
+            Path(data_dir), CONVERSATIONS, "train", ("image", "turns"), cached_groups=window, verify=verify
+        )
+        if len(self.rows) == 0:
+            raise ValueError(f"{data_dir}: no generated conversations")
+        self.processor, self.question_loss, self.seed = processor, question_loss, seed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Encoded, object]:
+        index, load_count = key
+        row = self.rows.row(index)
+        turns = json.loads(row["turns"])
+        questions, answers = [q for q, _ in turns], [a for _, a in turns]
+        if self.question_loss > 0:
+            keep = keep_flags(len(turns), f"{self.seed}:{index}:{load_count}", self.question_loss)
+            encoded = encode_conversation_with_questions(self.processor, questions, answers, True, keep)
+        else:
+            encoded = encode_conversation(self.processor, questions, answers, with_image=True)
+        return encoded, decode_image(row["image"])
+
+
+class PreferenceSamples(torch.utils.data.Dataset):
+    """Preference pairs (train_data of kind preferences): a question on an image with a chosen and
+    a rejected answer and the reference model's log-probabilities of each (DPO)."""
+
+    def __init__(self, data_dir: str, processor, window: int, verify: bool = True):
+        columns = ("image", "question", "chosen", "rejected", "reference_chosen", "reference_rejected")
+        self.rows = ShardRows(Path(data_dir), PREFERENCES, "train", columns, cached_groups=window, verify=verify)
+        if len(self.rows) == 0:
+            raise ValueError(f"{data_dir}: no preference pairs")
+        self.processor = processor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: tuple[int, int]):
+        row = self.rows.row(key[0])
+        chosen = encode_conversation(self.processor, [row["question"]], [row["chosen"]], with_image=True)
+        rejected = encode_conversation(self.processor, [row["question"]], [row["rejected"]], with_image=True)
+        return chosen, rejected, decode_image(row["image"]), row["reference_chosen"], row["reference_rejected"]
+
+    @staticmethod
+    def collate(processor, items: list) -> dict:
+        """The chosen rows, then the rejected rows, in one batch through the model-input builder;
+        the reference's log-probabilities beside them (float64: never cast to the model's dtype)."""
+        rows = [chosen for chosen, *_ in items] + [rejected for _, rejected, *_ in items]
+        images = [image for _, _, image, _, _ in items] * 2
+        batch = model_inputs(processor, rows, images, padding_side="right")
+        batch[REFERENCE_KEY] = torch.tensor([c for *_, c, _ in items] + [r for *_, r in items], dtype=torch.float64)
+        return batch
+
+
+REFERENCE_KEY = "reference_log_probs"
+
+
+def training_samples(config: TrainConfig, processor):
+    """The job's samples: the descriptions of --shards, or the generated rows of --train_data.
+    (Verified above, once, on rank 0; the readers still check their files' row counts.)"""
+    if not config.train_data:
+        return DescriptionSamples(
+            config.shards,
+            processor,
+            user_text_for(config, processor),
+            config.shuffle_responses,
+            config.seed,
+            config.shuffle_window,
+            verify=False,
+        )
+    if generated_kind(config.train_data) == CONVERSATIONS:
+        return ConversationSamples(
+            config.train_data, processor, config.question_loss, config.seed, config.shuffle_window, verify=False
+        )
+    return PreferenceSamples(config.train_data, processor, config.shuffle_window, verify=False)
+
+
+def language_model_loss(model, batch: dict, device, dtype) -> torch.Tensor:
+    """The mean cross-entropy of the labelled tokens (descriptions, answers): the model's own loss."""
+    return model(**on_device(batch, device, dtype)).loss
+
+
+def dpo_objective(beta: float):
+    """DPO over a preference batch (PreferenceSamples.collate): the policy's summed log-probabilities
+    of the chosen and rejected answers against the reference's, stored with the pairs."""
+
+    def loss(model, batch: dict, device, dtype) -> torch.Tensor:
+        batch = dict(batch)
+        reference = batch.pop(REFERENCE_KEY).to(device, dtype=torch.float32)
+        log_probs = sequence_log_probs(model, on_device(batch, device, dtype)).float()
+        n = len(log_probs) // 2
+        value, _ = dpo_loss(log_probs[:n], log_probs[n:], reference[:n], reference[n:], beta)
+        return value
+
+    return loss
+
+
+def training_objective(config: TrainConfig):
+    if config.train_data and generated_kind(config.train_data) == PREFERENCES:
+        return dpo_objective(config.dpo_beta)
+    return language_model_loss
 
 
 def row_group_windows(group_sizes: list[int], window: int, seed: int, epoch: int) -> list[list[int]]:
@@ -517,7 +672,7 @@ def micro_batch_loader(samples: DescriptionSamples, steps: list[list[list[tuple[
     return torch.utils.data.DataLoader(
         samples,
         batch_sampler=[micro for step in steps for micro in step],
-        collate_fn=partial(collate_samples, processor),
+        collate_fn=partial(samples.collate, processor),
         num_workers=workers,
         prefetch_factor=4 if workers else None,
         # Workers' seeds come from this generator, not the global RNG, whose state a resumed job restores.
@@ -741,6 +896,7 @@ class Run:
         self.state["plan_index"], self.state["steps_done"] = plan_index, self.state["steps_done"] + 1
         figures = flops.rates(work, seconds, ds_engine.world_size(), self.peak_flops)
         memory = peak_memory_bytes()
+        self.state["tokens"] = self.state.get("tokens", 0) + work["text_tokens"]
         if stage == "main":
             self.state["main_step_seconds"].append(round(seconds, 5))
             self.state["main_tokens"] += work["text_tokens"]
@@ -873,7 +1029,7 @@ def run_main(engine, run: Run, resumed: Path | None) -> None:
                 optimizer.zero_grad(set_to_none=True)
             losses, work = [], run.count(micro_batches, "main")
             for batch in micro_batches:
-                loss = engine(**on_device(batch, engine.device, dtype)).loss
+                loss = run.objective(engine, batch, engine.device, dtype)
                 engine.backward(loss)
                 engine.step()  # DeepSpeed steps only at the accumulation boundary
                 losses.append(loss)
@@ -1000,7 +1156,10 @@ def training_dtype(config: TrainConfig) -> str:
 
 def verify_training_shards(config: TrainConfig) -> None:
     """The checksums of the files this job reads (training descriptions, validation questions)."""
-    files = verify_split(config.shards, DESCRIPTIONS, "train")
+    if config.train_data:
+        files = verify_split(config.train_data, generated_kind(config.train_data), "train")
+    else:
+        files = verify_split(config.shards, DESCRIPTIONS, "train")
     if config.validate:
         files += verify_split(config.shards, QUESTIONS, "val")
     log.info("%d shard files match their manifest's sha256", files)
@@ -1051,15 +1210,7 @@ def train_loaded(config: TrainConfig, ds_config: dict, started: float) -> dict:
         trainable["total"],
     )
     # Verified above, once (rank 0); the readers still check their files' row counts.
-    samples = DescriptionSamples(
-        config.shards,
-        processor,
-        user_text_for(config, processor),
-        config.shuffle_responses,
-        config.seed,
-        config.shuffle_window,
-        verify=False,
-    )
+    samples = training_samples(config, processor)
     validation = Validation(config.shards, config.val_batch_size, verify=False) if config.validate else None
     proxy = None
     if config.proxy:
@@ -1072,6 +1223,7 @@ def train_loaded(config: TrainConfig, ds_config: dict, started: float) -> dict:
     checkpoints = Checkpoints(config.checkpoint_dir, fingerprint(config)) if config.checkpoint_dir else None
     resumed = checkpoints.latest() if checkpoints is not None else None
     run = Run(config, samples, processor, proxy, checkpoints, validation, None)
+    run.objective = training_objective(config)
     if resumed is not None:
         run.state = Checkpoints.load_state(resumed)
         run.state.pop("fingerprint")
@@ -1136,7 +1288,9 @@ def train_loaded(config: TrainConfig, ds_config: dict, started: float) -> dict:
         "ranks": ds_engine.world_size(),
         "global_batch": config.batch_size * config.gradient_accumulation * ds_engine.world_size(),
         "trainable_parameters": trainable,
-        "train_images": len(samples),
+        "train_images": len(samples),  # rows of the training data (images, or generated rows)
+        # Every step's text tokens on every rank (warm-up and main stage; a DPO pair counts twice).
+        "training_tokens": state.get("tokens", 0),
         "steps": len(history),
         "resumed_at_step": None if resumed is None else int(resumed.name.split("-")[1]),
         "seconds": round(time.time() - started, 1),

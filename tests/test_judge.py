@@ -451,3 +451,17 @@ def test_make_judge(tmp_path, server):
 def test_make_judge_rejects_bad_settings(tmp_path, settings, named):
     with pytest.raises(ValueError, match=named):
         make_judge(settings, WBCATT.ATTRIBUTES, tmp_path)
+
+
+def test_yes_no_answers_to_a_question_that_names_a_value():
+    judge = OfflineJudge(WBCATT.ATTRIBUTES, WBCATT.QUESTION_TEXT)
+    attributes = {"cell_size": "big", "cell_shape": "round"}
+
+    def score(question, answer):
+        return judge.rate(JudgeItem(attributes, question, answer, (), "cell_size")).score
+
+    # The generated "verify" questions (medift.instructions): right about the named value, or not.
+    assert score("Is the cell size big?", "Yes.") == 10.0
+    assert score("Is the cell size big?", "No.") == 0.0
+    assert score("Is the cell size small?", "No.") == 10.0
+    assert score("Is the cell size small?", "Yes, it is.") == 0.0

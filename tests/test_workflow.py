@@ -31,6 +31,7 @@ from tests.fixtures.workflow import (
     SNAKEFILE,
     TABLE1,
     TABLE2,
+    TABLE3,
     copy_embedded_models,
     default_config,
     dry_run,
@@ -63,9 +64,13 @@ def test_lint_is_clean():
             {
                 "synthesize_raw_data": 2,
                 "make_shards": 2,
-                "train_model": 10,
-                "evaluate_model": 12,
-                "make_table": 2,
+                "make_instructions": 2,
+                "make_candidates": 2,
+                "select_candidates": 2,
+                "make_preferences": 2,
+                "train_model": 18,
+                "evaluate_model": 18,
+                "make_table": 3,
                 "evaluate_base_model": 1,
                 "all": 1,
             },
@@ -82,10 +87,12 @@ def test_dry_run_default_config(tmp_path, target, expected):
     assert rule_counts(jobs) == expected
     evaluated = {(w["dataset"], w["method"]) for rule, w in jobs if rule == "evaluate_model"}
     assert {w["seed"] for rule, w in jobs if rule in ("evaluate_model", "train_model")} == {"1"}
-    methods = TABLE1 if target == "results/table1.csv" else TABLE1 + TABLE2[1:]
+    methods = TABLE1 if target == "results/table1.csv" else TABLE1 + TABLE2[1:] + TABLE3[3:]
     assert evaluated == {(d, m) for d in DATASETS for m in methods}
     trained = {(w["dataset"], w["method"]) for rule, w in jobs if rule == "train_model"}
-    assert trained == {(d, m) for d, m in evaluated if m != "zero_shot"}
+    # st_dpo's first stage is trained (st_dpo starts from it) but in no table.
+    stages = {(d, "st_dpo_stage1") for d in DATASETS} if target == "all" else set()
+    assert trained == {(d, m) for d, m in evaluated if m != "zero_shot"} | stages
 
 
 @pytest.mark.parametrize(
@@ -123,7 +130,7 @@ def test_dry_run_real_checkpoint_has_no_pretraining(tmp_path):
     output = result.stdout + result.stderr
     counts = rule_counts(dry_run_jobs(output))
     assert "pretrain_base_model" not in counts and "evaluate_base_model" not in counts
-    assert counts["train_model"] == 10 and counts["make_table"] == 2
+    assert counts["train_model"] == 18 and counts["make_table"] == 3
     assert f"--base_model {checkpoint} " in output
     assert f"--model {checkpoint} " in output  # zero_shot evaluates the checkpoint itself
     assert "--image_size 28 " in output  # image_size: auto is the checkpoint's tile (tiny Mllama: 28 px)

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,6 +42,13 @@ MODEL_DIR = "resources/models/{dataset}/{method}/seed-{seed}"  # a tuned model
 CHECKPOINT_DIR = "resources/checkpoints/{dataset}/{method}/seed-{seed}"
 TENSORBOARD_DIR = "logs/tensorboard/{dataset}/{method}/seed-{seed}"
 RESULTS_DIR = "results/{dataset}/{method}/seed-{seed}"  # an evaluation's files
+# Training data a baseline's data-making jobs generate (workflow/rules/baselines.smk).
+GENERATED_DIR = "resources/generated/{dataset}"
+INSTRUCTIONS_DIR = f"{GENERATED_DIR}/instructions"  # inst_ft, st_dpo's first stage
+CANDIDATES_DIR = f"{GENERATED_DIR}/candidates"  # vital_select's rated candidates
+SELECTED_DIR = f"{GENERATED_DIR}/{{method}}/selected"  # what one vital_select method keeps
+PREFERENCES_DIR = f"{GENERATED_DIR}/{{method}}/seed-{{seed}}/preferences"  # st_dpo's pairs
+JUDGE_CACHE = "resources/judge-cache"  # a hosted judge's calls and replies
 TABLE_CSV = "results/{table}.csv"
 BASE_MODEL_RESULT = "results/base_model.json"
 
@@ -48,6 +56,11 @@ BASE_MODEL_RESULT = "results/base_model.json"
 def model_file(name):
     """Template of a file of a tuned model (MODEL_DIR)."""
     return f"{MODEL_DIR}/{name}"
+
+
+def generated_manifest(directory):
+    """The manifest of a directory of generated rows (written last: the data-making job's output)."""
+    return f"{directory}/manifest.json"
 
 
 def result_file(name):
@@ -178,6 +191,12 @@ def _check_config():
                 f"base_model.path {str(path)!r}: model_type {model_type!r} is not a known VLM family "
                 f"({', '.join(sorted(FAMILIES.FAMILIES))}); add it to medift/model/families.py"
             )
+    adapters = [entry["adapter"] or name for name, entry in config["datasets"].items()]
+    for method, entry in config["methods"].items():
+        try:
+            SETTINGS.check_method(method, entry, config["methods"], adapters)
+        except ValueError as error:
+            raise WorkflowError(f"methods.{method}: {error}")
     for method in get_trained_methods():
         for dataset in config["datasets"]:
             try:
@@ -308,7 +327,7 @@ def get_train_settings(wildcards):
     Depends on nothing but the global block, this dataset's block and this method's entry,
     so editing one dataset's settings only makes that dataset's jobs out of date.
     """
-    method = {k: v for k, v in config["methods"][wildcards.method].items() if k != "train"}
+    method = {k: v for k, v in config["methods"][wildcards.method].items() if k not in SETTINGS.METHOD_KEYS}
     settings = {**config["train"], **get_dataset_config(wildcards)["train"], **method}
     # null: the proxy learns at the model's lr; without a proxy lr too, so that changing
     # proxy_lr does not make the caption_ft jobs out of date (medift/settings.py).
@@ -349,6 +368,100 @@ def get_evaluate_params():
 def get_evaluate_args(wildcards):
     """The evaluate settings as `python -m medift.evaluate` options."""
     return SETTINGS.to_arguments(config["evaluate"], EVALUATE_ARGUMENTS)
+
+
+##### the baselines' data (workflow/rules/baselines.smk) #####
+
+
+def get_method_data(method):
+    """What a method trains on (`data`: descriptions, instructions, vital_select, preferences)."""
+    return config["methods"][method].get("data", "descriptions")
+
+
+def get_methods_with_data(data):
+    return [m for m in get_trained_methods() if get_method_data(m) == data]
+
+
+def get_train_data_dir(wildcards):
+    """The generated rows a training job reads (--train_data), or None for the descriptions."""
+    data = get_method_data(wildcards.method)
+    template = {"instructions": INSTRUCTIONS_DIR, "vital_select": SELECTED_DIR, "preferences": PREFERENCES_DIR}
+    if data == "descriptions":
+        return None
+    return template[data].format(dataset=wildcards.dataset, method=wildcards.method, seed=wildcards.seed)
+
+
+def get_train_data_input(wildcards):
+    """Input of train_model: the manifest of its generated rows (none for the descriptions)."""
+    directory = get_train_data_dir(wildcards)
+    return [] if directory is None else [generated_manifest(directory)]
+
+
+def get_train_data_option(wildcards):
+    directory = get_train_data_dir(wildcards)
+    return "" if directory is None else f"--train_data {directory}"
+
+
+def get_start_model_files(wildcards):
+    """The model a training job starts from: the base model, or start_from's tuned model."""
+    start = config["methods"][wildcards.method].get("start_from")
+    if start is None:
+        return get_base_model_files()
+    model_dir = MODEL_DIR.format(dataset=wildcards.dataset, method=start, seed=wildcards.seed)
+    return [f"{model_dir}/config.json", f"{model_dir}/model.safetensors"]
+
+
+def get_baseline_settings(block):
+    """One `baselines:` block's settings (every key: the schema fills the defaults)."""
+    return dict(sorted(config["baselines"][block].items()))
+
+
+def get_baseline_args(block, extra=None):
+    """A data-making job's options: its block's settings, then `extra` (method keys)."""
+    settings = {**get_baseline_settings(block), **(extra or {})}
+    return SETTINGS.to_arguments(settings, list(settings))
+
+
+def get_inference_args():
+    """The evaluate block's inference settings, which the data-making jobs share."""
+    return SETTINGS.to_arguments(config["evaluate"], ["batch_size", "dtype", "device"])
+
+
+def get_judge_args():
+    return f"--judge {shlex.quote(json.dumps(config['judge'], sort_keys=True))} --judge_cache {JUDGE_CACHE}"
+
+
+def get_keep_fraction(wildcards):
+    return {"keep_fraction": config["methods"][wildcards.method].get("keep_fraction", 0.4)}
+
+
+def get_cost_files(method, dataset, seed):
+    """The files that say what one (method, dataset, seed) cost: the train summaries of the method
+    and of the methods it starts from, and the manifests of their generated data."""
+    files = []
+    while method is not None and is_trained(method):
+        wildcards = SimpleNamespace(method=method, dataset=dataset, seed=str(seed))
+        files.append(model_file("train_summary.json").format(dataset=dataset, method=method, seed=seed))
+        if get_method_data(method) == "vital_select":
+            files.append(generated_manifest(CANDIDATES_DIR).format(dataset=dataset))
+        files += get_train_data_input(wildcards)
+        method = config["methods"][method].get("start_from")
+    return files
+
+
+def get_table_costs(wildcards):
+    """`method:dataset:seed:file` of every cost file of the table's (method, seed, dataset)."""
+    return [
+        f"{method}:{dataset}:{seed}:{path}"
+        for method in get_table_methods(wildcards)
+        for seed in get_method_seeds(method)
+        for dataset in get_datasets()
+        for path in get_cost_files(method, dataset, seed)
+    ]
+
+
+def get_table_cost_inputs(wildcards):
+    return [entry.split(":", 3)[3] for entry in get_table_costs(wildcards)]
 
 
 def get_train_threads(wildcards):

@@ -4,6 +4,8 @@ rule make_table:
     input:
         predictions=get_table_predictions,
         descriptions=get_table_descriptions,
+        # What each method used: train summaries and generated data's manifests (results/<table>_data.csv).
+        costs=get_table_cost_inputs,
     output:
         table=report(
             TABLE_CSV,
@@ -41,6 +43,12 @@ rule make_table:
             category="Per attribute",
             labels={"table": "{table}", "content": "heat map"},
         ),
+        data=report(
+            "results/{table}_data.csv",
+            caption="../report/data.rst",
+            category="Tables",
+            labels={"table": "{table}", "content": "training data and compute"},
+        ),
         metrics=report(
             "results/{table}_metrics.png",
             caption="../report/metrics.rst",
@@ -52,6 +60,7 @@ rule make_table:
         datasets=get_datasets(),
         compare=get_table_comparisons,
         descriptions=lambda wildcards, input: f"--descriptions {' '.join(input.descriptions)}" if input.descriptions else "",
+        costs=lambda wildcards, input: f"--costs {' '.join(get_table_costs(wildcards))}" if input.costs else "",
     log:
         "logs/make_table/{table}.log",
     conda:
@@ -60,5 +69,5 @@ rule make_table:
         "python -m medift.tables --predictions {input.predictions} --methods {params.methods}"
         " --datasets {params.datasets} --table {output.table} --long {output.long}"
         " --attributes {output.attributes} --figure {output.figure} --heatmap {output.heatmap}"
-        " --metrics_figure {output.metrics} {params.descriptions}"
+        " --metrics_figure {output.metrics} {params.descriptions} {params.costs} --data {output.data}"
         " --comparisons {output.comparisons} {params.compare} > {log} 2>&1"

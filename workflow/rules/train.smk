@@ -2,11 +2,15 @@ rule train_model:
     """Fine-tune the base model on one dataset's descriptions with one method (DeepSpeed).
 
     caption_ft, ift and the ablations differ only in their train settings
-    (get_train_settings: global < dataset < method).
+    (get_train_settings: global < dataset < method); the baselines also in their data
+    (--train_data, workflow/rules/baselines.smk) and the model they start from (start_from).
     """
     input:
         manifest=SHARDS_MANIFEST,
-        base_model=get_base_model_files(),
+        # The base model, or the tuned model of the method this one starts from (start_from).
+        base_model=get_start_model_files,
+        # The generated rows of a baseline (inst_ft, vital_select, st_dpo); none for the descriptions.
+        train_data=get_train_data_input,
         executor_check=check_train_executor,  # no files: train.nodes > 1 needs SLURM
         cards_check=check_train_cards,  # no files: the machine has a card per rank
     output:
@@ -27,6 +31,7 @@ rule train_model:
         # compare them as a parameter of their own: `settings` holds them).
         args=lambda wildcards, input: get_train_args(wildcards),
         launcher=get_train_launcher,
+        train_data=get_train_data_option,
     wildcard_constraints:
         method=_alternatives(get_trained_methods()),
     log:
@@ -46,7 +51,8 @@ rule train_model:
         "../envs/medift.yaml"
     shell:
         "DS_ACCELERATOR={params.settings[accelerator]} HF_HUB_OFFLINE=1 {params.launcher}"
-        " --shards {params.shards} --base_model {params.base_model} --out_dir {params.out_dir} {params.args}"
+        " --shards {params.shards} {params.train_data} --base_model {params.base_model} --out_dir {params.out_dir}"
+        " {params.args}"
         " --checkpoint_dir {params.checkpoint_dir} --tensorboard_dir {params.tensorboard_dir}"
         " --trust_remote_code {params.trust_remote_code} --seed {wildcards.seed}"
         # Each rank's share of the job's threads (not a param: threads change no result).
