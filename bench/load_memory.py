@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from medift.settings import launcher_arguments
+
 MODES = ("fp32_full", "bf16_zero2", "bf16_zero3")
 REDUCED = dict(text_layers=4, vision_layers=1, global_layers=1, vocab_size=8192)
 
@@ -121,15 +123,7 @@ def measure(checkpoint: str, mode: str, ranks: int, timeout: int = 600) -> list[
             PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]),
         )
         command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nnodes",
-            "1",
-            "--nproc_per_node",
-            str(ranks),
-            str(Path(__file__).resolve()),
+            *launcher_arguments(ranks, [str(Path(__file__).resolve())], python=sys.executable),
             "--worker",
             mode,
             "--checkpoint",

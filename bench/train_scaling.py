@@ -31,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from medift.settings import launcher_arguments, option_arguments
+
 sys.path.insert(0, str(Path(__file__).parent))
 from prepare_speed import write_release  # noqa: E402  (bench/ is not a package)
 from sampling import run_sampled  # noqa: E402
@@ -92,51 +94,22 @@ def train_run(
 ) -> dict:
     out = Path(config.work_dir) / "runs" / name
     workers = config.workers if workers is None else workers
-    launcher = (
-        [sys.executable, "-m", "medift.train"]
-        if ranks == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nnodes",
-            "1",
-            "--nproc_per_node",
-            str(ranks),
-            "-m",
-            "medift.train",
-        ]
-    )
-    command = [
-        *launcher,
-        "--shards",
-        str(shards),
-        "--base_model",
-        config.base_model,
-        "--out_dir",
-        str(out),
-        "--proxy",
-        str(proxy),
-        "--warmup_epochs",
-        "0",
-        "--epochs",
-        "1",
-        "--max_steps",
-        str(config.steps),
-        "--batch_size",
-        str(config.batch // ranks),
-        "--validate",
-        "False",
-        "--checkpoint_every",
-        "0",
-        "--threads",
-        str(max(1, config.threads // ranks)),
-        "--data_workers",
-        str(workers // ranks if workers else 0),
-        "--seed",
-        "1",
-    ]
+    settings = {
+        "shards": shards,
+        "base_model": config.base_model,
+        "out_dir": out,
+        "proxy": proxy,
+        "warmup_epochs": 0,
+        "epochs": 1,
+        "max_steps": config.steps,
+        "batch_size": config.batch // ranks,
+        "validate": False,
+        "checkpoint_every": 0,
+        "threads": max(1, config.threads // ranks),
+        "data_workers": workers // ranks if workers else 0,
+        "seed": 1,
+    }
+    command = [*launcher_arguments(ranks, python=sys.executable), *option_arguments(settings)]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """Instructions generated from the training images' structured attributes (the `inst_ft` baseline's
 data, and the first stage of `st_dpo`): what curated instructions give, as a reference for IFT.
 
-Every training image's askable attributes (those whose value is one of the adapter's
-`QUESTION_OPTIONS`) become question/answer turns in three phrasings, answered from the ground
+Every training image's askable attributes (those whose value is one of the key's options: the
+adapter's `QUESTION_OPTIONS`, or the training split's values where the options come from the
+data) become question/answer turns in three phrasings, answered from the ground
 truth:
 - `mcq`: the evaluation's multiple-choice prompt (medift.mcq) with the answer and up to
   `max_options - 1` distractors of the attribute's vocabulary in a random order, answered
@@ -71,16 +72,34 @@ def adapter_of(shards: str | Path):
 
 def require_attributes(adapter, what: str) -> None:
     """Generated instructions need structured attributes to ask about and answer from."""
-    if not getattr(adapter, "QUESTION_OPTIONS", None):
+    if not getattr(adapter, "ATTRIBUTES", None):
         raise ValueError(
             f"{what}: dataset {adapter.NAME!r} has no structured attributes to make instructions from "
             "(free-text reports only); give its release labels the adapter reads, or use ift/caption_ft"
         )
 
 
-def askable(adapter, attributes: dict[str, str]) -> list[str]:
+def question_options(adapter, shards: str | Path) -> dict[str, tuple[str, ...]]:
+    """Attribute key -> the values a question on it may offer: the adapter's fixed options, or
+    for datasets whose options are drawn from the data (SKINCON's combinations) the values its
+    training split holds (read from the attributes column only)."""
+    rows = ShardRows(Path(shards), DESCRIPTIONS, "train", ("attributes",))
+    observed: dict[str, set[str]] = {}
+    for frame in rows.row_groups():
+        for attributes in frame["attributes"]:
+            for key, value in json.loads(attributes).items():
+                observed.setdefault(key, set()).add(value)
+    options = {}
+    for key in adapter.ATTRIBUTES:
+        fixed = adapter.QUESTION_OPTIONS.get(key)
+        found = tuple(sorted(v for v in observed.get(key, ()) if v.strip()))
+        options[key] = tuple(fixed) if fixed else found
+    return {key: values for key, values in options.items() if len(values) >= 2}
+
+
+def askable(options: dict[str, tuple[str, ...]], attributes: dict[str, str]) -> list[str]:
     """Attribute keys of an image that a question can ask (value among the key's options), in vocabulary order."""
-    return [k for k, options in adapter.QUESTION_OPTIONS.items() if attributes.get(k) in options]
+    return [k for k, values in options.items() if attributes.get(k) in values]
 
 
 def spoken(key: str) -> str:
@@ -91,9 +110,9 @@ def question_text(adapter, key: str) -> str:
     return adapter.QUESTION_TEXT.get(key) or f"What is the {spoken(key)}?"
 
 
-def mcq_options(adapter, key: str, value: str, rng: random.Random, max_options: int) -> tuple[list[str], int]:
+def mcq_options(options: dict, key: str, value: str, rng: random.Random, max_options: int) -> tuple[list[str], int]:
     """The true value and up to max_options - 1 distractors of the key's options, in a random order."""
-    distractors = [o for o in adapter.QUESTION_OPTIONS[key] if o != value]
+    distractors = [o for o in options[key] if o != value]
     options = [value] + rng.sample(distractors, min(len(distractors), max_options - 1))
     rng.shuffle(options)
     return options, options.index(value)
@@ -110,45 +129,46 @@ class Turn:
     options: tuple[str, ...] = ()  # a multiple-choice question's options, in the order shown
 
 
-def make_turn(adapter, key: str, value: str, form: str, rng: random.Random, max_options: int) -> Turn:
+def make_turn(adapter, options: dict, key: str, value: str, form: str, rng: random.Random, max_options: int) -> Turn:
     """One question about `key` in phrasing `form`, answered from the true `value`."""
     if form == "mcq":
-        options, answer = mcq_options(adapter, key, value, rng, max_options)
-        question = mcq.build_mcq_instruction(question_text(adapter, key), options)
-        return Turn(question, mcq.format_answer(answer), form, key, tuple(options))
+        shown, answer = mcq_options(options, key, value, rng, max_options)
+        question = mcq.build_mcq_instruction(question_text(adapter, key), shown)
+        return Turn(question, mcq.format_answer(answer), form, key, tuple(shown))
     if form == "open":
         return Turn(question_text(adapter, key), f"{value}.", form, key)
     if form == "verify":
-        distractors = [o for o in adapter.QUESTION_OPTIONS[key] if o != value]
+        distractors = [o for o in options[key] if o != value]
         truth = not distractors or rng.random() < 0.5
         shown = value if truth else rng.choice(distractors)
         return Turn(f"Is the {spoken(key)} {shown}?", "Yes." if truth else "No.", form, key)
     raise ValueError(f"unknown form {form!r}")
 
 
-def image_turns(adapter, image_id: str, attributes: dict[str, str], config) -> list[Turn]:
-    """Every turn made for one image, in conversation order (`config`: seed, forms, rounds, max_options)."""
+def image_turns(adapter, options: dict, image_id: str, attributes: dict[str, str], config) -> list[Turn]:
+    """Every turn made for one image, in conversation order (`options`: question_options'; `config`:
+    seed, forms, rounds, max_options)."""
     rng = random.Random(f"{config.seed}:instructions:{image_id}")
     forms = [f.strip() for f in config.forms.split(",") if f.strip()]
     turns = []
     for _ in range(config.rounds):
-        keys = askable(adapter, attributes)
+        keys = askable(options, attributes)
         rng.shuffle(keys)
         for key in keys:
-            usable = [f for f in forms if not (f == "verify" and set(adapter.QUESTION_OPTIONS[key]) <= YES_NO)]
-            turns.append(
-                make_turn(adapter, key, attributes[key], rng.choice(usable or ["open"]), rng, config.max_options)
-            )
+            usable = [f for f in forms if not (f == "verify" and set(options[key]) <= YES_NO)]
+            form = rng.choice(usable or ["open"])
+            turns.append(make_turn(adapter, options, key, attributes[key], form, rng, config.max_options))
     return turns
 
 
 def conversation_rows(adapter, config: InstructionConfig, counts: Counter):
     """Conversation rows of every training image, in shard order."""
+    options = question_options(adapter, config.shards)
     rows = ShardRows(Path(config.shards), DESCRIPTIONS, "train", ("image_id", "image", "attributes"))
     for frame in tqdm(rows.row_groups(), total=len(rows.group_sizes()), desc="instructions", unit="group"):
         for image_id, image, attributes in zip(frame["image_id"], frame["image"], frame["attributes"]):
             counts["images"] += 1
-            turns = image_turns(adapter, image_id, json.loads(attributes), config)
+            turns = image_turns(adapter, options, image_id, json.loads(attributes), config)
             if not turns:
                 counts["images_without_askable_attributes"] += 1
                 continue

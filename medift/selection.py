@@ -10,12 +10,16 @@ corrupted one (weight `clinician_weight`). `keep_top` then keeps the best-scored
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 PROJECTION_DIM = 512
 HIDDEN_DIM = 512
@@ -159,6 +163,7 @@ def train_selection_model(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     epoch_loss, steps = [], 0
+    progress = tqdm(total=epochs * math.ceil(n / batch_size), desc="selection model", unit="step", mininterval=5)
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
         total = 0.0
@@ -173,7 +178,10 @@ def train_selection_model(
             optimizer.step()
             total += loss.item() * chosen.shape[0]
             steps += 1
+            progress.update(1)
         epoch_loss.append(total / n)
+        log.info("selection model epoch %d: mean pair loss %.6f", len(epoch_loss), epoch_loss[-1])
+    progress.close()
     model.eval()
     return model, {"epoch_loss": epoch_loss, "pairs": n, "steps": steps}
 

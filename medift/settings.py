@@ -212,6 +212,21 @@ def proxy_learning_rate(lr: float, proxy_lr: float | None, proxy: bool = True) -
 ##### command lines #####
 
 
+def launcher_arguments(ranks: int, program=("-m", "medift.train"), python: str = "python") -> list[str]:
+    """The one launcher of a training job on one node: the program itself for one rank, torchrun
+    (`--standalone`: a rendezvous of its own on a free port) for several. The workflow's rule,
+    the tests and the benchmarks start training through it."""
+    if ranks == 1:
+        return [python, *program]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(ranks)]
+    return [python, *torchrun, *program]
+
+
+def option_arguments(settings) -> list[str]:
+    """`--name value` items of a mapping, as the commands' argument parsers read them."""
+    return [item for name, value in settings.items() for item in (f"--{name}", str(value))]
+
+
 def to_arguments(settings, names) -> str:
     """`--name value` for each of `names` (in that order) from `settings`, as the argument
     parsers of medift's commands read them (booleans True/False, shell-quoted)."""

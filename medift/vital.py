@@ -40,7 +40,7 @@ from medift import mcq
 from medift.chat import CAPTION_INSTRUCTION, encode_prompt
 from medift.generation import pooled_hidden_states, sample_texts
 from medift.images import decode_image
-from medift.instructions import adapter_of, image_turns, require_attributes
+from medift.instructions import adapter_of, image_turns, question_options, require_attributes
 from medift.judge import JudgeItem, make_judge
 from medift.model.loading import load_base_model
 from medift.runtime import set_torch_threads
@@ -129,12 +129,13 @@ def load_model(path: str, dtype: str, device: str, trust_remote_code: bool):
 def candidate_rows(config: CandidateConfig, adapter, model, processor, judge, counts: Counter):
     """Every training image's candidates, rated, row group by row group (shard order)."""
     rows = ShardRows(Path(config.shards), DESCRIPTIONS, "train", ("image_id", "image", "attributes"))
+    options = question_options(adapter, config.shards)
     progress = tqdm(total=len(rows), desc="candidates", unit="img", file=sys.stderr)
     for frame in rows.row_groups():
         asked = []  # (image_id, image bytes, attributes, turn)
         for image_id, image, attributes in zip(frame["image_id"], frame["image"], frame["attributes"]):
             attributes = json.loads(attributes)
-            turns = image_turns(adapter, image_id, attributes, config)
+            turns = image_turns(adapter, options, image_id, attributes, config)
             counts["images"] += 1
             counts["images_without_askable_attributes"] += not turns
             asked += [(image_id, image, attributes, turn) for turn in turns]
@@ -209,7 +210,7 @@ def make_candidates(config: CandidateConfig) -> dict:
 ##### selection #####
 
 
-def corrupted_answer(candidate: dict, rng: random.Random, adapter) -> str | None:
+def corrupted_answer(candidate: dict, rng: random.Random, options: dict) -> str | None:
     """The ground-truth answer made wrong: another letter, another value, the other yes/no."""
     form, answer = candidate["form"], candidate["answer"]
     if form == "mcq":
@@ -219,7 +220,7 @@ def corrupted_answer(candidate: dict, rng: random.Random, adapter) -> str | None
         return mcq.format_answer(rng.choice(wrong)) if wrong else None
     if form == "verify":
         return "No." if answer == "Yes." else "Yes."
-    values = [v for v in adapter.QUESTION_OPTIONS.get(candidate["attribute"], ()) if f"{v}." != answer]
+    values = [v for v in options.get(candidate["attribute"], ()) if f"{v}." != answer]
     return f"{rng.choice(values)}." if values else None
 
 
@@ -269,11 +270,12 @@ def select(config: SelectConfig) -> dict:
         .frame()
         .itertuples(index=False)
     )
+    options = question_options(adapter, config.shards)
     rng = random.Random(f"{config.seed}:clinician")
     truth = [i for i in candidates.index[candidates["origin"] == GROUND_TRUTH]]
     corrupted = []
     for i in rng.sample(truth, min(config.clinician_pairs, len(truth))):
-        answer = corrupted_answer(candidates.loc[i].to_dict(), rng, adapter)
+        answer = corrupted_answer(candidates.loc[i].to_dict(), rng, options)
         if answer is not None:
             corrupted.append((i, answer))
     image_features, text_features = selection_features(config, candidates, corrupted, descriptions)

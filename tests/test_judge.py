@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -24,6 +22,7 @@ from medift.judge import (
     make_judge,
 )
 from medift.mcq import format_answer
+from tests.fixtures.judge_server import FakeChatServer
 
 WBCATT = get_dataset("wbcatt")
 CBIS = get_dataset("cbis_ddsm")
@@ -220,45 +219,6 @@ def test_compare_winner_and_tie(offline):
 
 KEY_ENV = "MEDIFT_TEST_JUDGE_KEY"
 SECRET = "sk-test-not-a-real-key"
-
-
-class FakeChatServer:
-    """Counts requests; answers each from `replies` ((status, content) pairs), then with `default`."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.replies: list[tuple[int, str]] = []
-        self.default = (200, "Score: 7. The answer names the right cell size.")
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                status, content = server.replies.pop(0) if server.replies else server.default
-                if status == 200:
-                    payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
-                else:
-                    payload = {"error": {"message": content}}
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import torch
 
 from medift import engine
 from medift.model.loading import load_base_model
+from medift.settings import launcher_arguments, option_arguments
 from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 from medift.train import TrainConfig, checkpoint_due, count_loads, global_batches, my_micro_batches
 
@@ -38,46 +39,21 @@ def run_training(
     """Train on `ranks` ranks; `strict`: through tests/fixtures/strict_collectives.py (its docstring says why)."""
     root, shards, checkpoint = setup
     out = root / name
-    args = [
-        "--shards",
-        str(shards),
-        "--base_model",
-        str(checkpoint),
-        "--out_dir",
-        str(out),
-        "--proxy",
-        "True",
-        "--proxy_tokens",
-        "4",
-        "--epochs",
-        "2",
-        "--warmup_epochs",
-        "1",
-        "--lr",
-        "1e-3",
-        "--seed",
-        "3",
-        "--train_modules",
-        "vision,projector",  # the tiny LLaVA has no fusion layers
-    ]
-    for key, value in settings.items():
-        args += [f"--{key}", str(value)]
+    defaults = {
+        "shards": shards,
+        "base_model": checkpoint,
+        "out_dir": out,
+        "proxy": True,
+        "proxy_tokens": 4,
+        "epochs": 2,
+        "warmup_epochs": 1,
+        "lr": "1e-3",
+        "seed": 3,
+        "train_modules": "vision,projector",  # the tiny LLaVA has no fusion layers
+    }
     program = [STRICT_LAUNCHER] if strict else ["-m", "medift.train"]
-    launcher = (
-        [sys.executable, *program]
-        if ranks == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nnodes",
-            "1",
-            "--nproc_per_node",
-            str(ranks),
-            *program,
-        ]
-    )
+    launcher = launcher_arguments(ranks, program, python=sys.executable)
+    args = option_arguments({**defaults, **settings})
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run(
         [*launcher, *args],

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medift.settings import launcher_arguments, option_arguments
 from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 from tests.fixtures.processes import kill_tree
 
@@ -24,54 +25,23 @@ def checkpoint(tmp_path_factory):
 
 
 def command(shards, base, out, checkpoints, ranks: int, *extra: str) -> list[str]:
-    launcher = (
-        [sys.executable, "-m", "medift.train"]
-        if ranks == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nnodes",
-            "1",
-            "--nproc_per_node",
-            str(ranks),
-            "-m",
-            "medift.train",
-        ]
-    )
-    return [
-        *launcher,
-        "--shards",
-        str(shards),
-        "--base_model",
-        str(base),
-        "--out_dir",
-        str(out),
-        "--proxy_tokens",
-        "4",
-        "--warmup_epochs",
-        "1",
-        "--epochs",
-        "2",
-        "--batch_size",
-        str(2 // ranks),
-        "--lr",
-        "1e-3",
-        "--seed",
-        "4",
-        "--select",
-        "best_val",
-        "--train_modules",
-        "vision,projector",
-        "--checkpoint_dir",
-        str(checkpoints),
-        "--checkpoint_every",
-        "1",
-        "--tensorboard_dir",
-        str(out) + "-events",
-        *extra,
-    ]
+    settings = {
+        "shards": shards,
+        "base_model": base,
+        "out_dir": out,
+        "proxy_tokens": 4,
+        "warmup_epochs": 1,
+        "epochs": 2,
+        "batch_size": 2 // ranks,
+        "lr": "1e-3",
+        "seed": 4,
+        "select": "best_val",
+        "train_modules": "vision,projector",
+        "checkpoint_dir": checkpoints,
+        "checkpoint_every": 1,
+        "tensorboard_dir": f"{out}-events",
+    }
+    return [*launcher_arguments(ranks, python=sys.executable), *option_arguments(settings), *extra]
 
 
 def environment() -> dict:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from medift.settings import launcher_arguments
+
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
@@ -70,24 +72,11 @@ def setup(tmp_path_factory):
 def run_validation(setup, ranks: int) -> list[dict]:
     root, checkpoint, shards = setup
     out = root / f"ranks{ranks}"
-    launcher = (
-        [sys.executable]
-        if ranks == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nnodes",
-            "1",
-            "--nproc_per_node",
-            str(ranks),
-        ]
-    )
+    launcher = launcher_arguments(ranks, [str(root / "validate.py")], python=sys.executable)
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     result = subprocess.run(
-        [*launcher, str(root / "validate.py"), str(checkpoint), str(shards), str(out)],
+        [*launcher, str(checkpoint), str(shards), str(out)],
         capture_output=True,
         text=True,
         timeout=600,

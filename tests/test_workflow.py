@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import subprocess
@@ -635,6 +636,78 @@ def test_end_to_end_table1(table1_run, tmp_path):
     snakemake(f"--configfile={configfile}", "--report", str(report), "results/table1.csv", workdir=work)
     html = report.read_text(errors="replace")
     assert "table1_attributes.png" in html and "table1_long.csv" in html
+
+
+@pytest.mark.e2e
+def test_end_to_end_table3_adds_only_the_baselines_jobs(table1_run, tmp_path):
+    """Table 3 on a copy of the shared run, cut to one dataset and seed: zero_shot, caption_ft and
+    ift are done already (nothing of theirs reruns); the baselines' data-making jobs, trainings
+    and evaluations run, and the data table says what each method used."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(table1_run["work"], work, symlinks=True)
+    config = copy.deepcopy(table1_run["config"])
+    config["seeds"] = [1]
+    config["datasets"] = {"wbcatt": config["datasets"]["wbcatt"]}
+    configfile = write_config(tmp_path / "config.yaml", config)
+    jobs = dry_run("results/table3.csv", workdir=work, configfile=configfile)
+    assert rule_counts(jobs) == {
+        "make_instructions": 1,
+        "make_candidates": 1,
+        "select_candidates": 1,
+        "make_preferences": 1,
+        "train_model": 4,
+        "evaluate_model": 3,
+        "make_table": 1,
+    }
+    assert {w["method"] for rule, w in jobs if rule == "train_model"} == {
+        "inst_ft",
+        "vital_select",
+        "st_dpo_stage1",
+        "st_dpo",
+    }
+    snakemake(f"--configfile={configfile}", "results/table3.csv", workdir=work, timeout=900)
+
+    results = work / "results"
+    table = pd.read_csv(results / "table3.csv", index_col=0)
+    assert list(table.index) == TABLE3 and table["wbcatt"].notna().all()
+    # The methods in both tables kept their table-1 predictions.
+    for method in ("zero_shot", "caption_ft", "ift"):
+        name = f"wbcatt/{method}/seed-1/predictions.csv"
+        assert (results / name).read_bytes() == (table1_run["work"] / "results" / name).read_bytes()
+    compared = pd.read_csv(results / "table3_comparisons.csv")
+    assert set(zip(compared["method"], compared["baseline"])) == {("ift", m) for m in TABLE3 if m != "ift"}
+    data = pd.read_csv(results / "table3_data.csv").set_index("method")
+    manifests = {
+        name: json.loads((work / "resources/generated/wbcatt" / name / "manifest.json").read_text())["summary"]
+        for name in ("instructions", "candidates", "vital_select/selected", "st_dpo/seed-1/preferences")
+    }
+    train_images = config["datasets"]["wbcatt"]["synthetic"]["n_train"]
+    assert data.loc["zero_shot", ["images", "training_tokens", "judge_calls"]].tolist() == [0, 0, 0]
+    assert data.loc["ift", "images"] == data.loc["ift", "training_rows"] == train_images
+    assert data.loc["inst_ft", "generated_rows"] == manifests["instructions"]["generated_rows"] > train_images
+    candidates, selected = manifests["candidates"], manifests["vital_select/selected"]
+    assert data.loc["vital_select", "generated_rows"] == candidates["generated_rows"] == selected["candidates"]
+    assert (
+        selected["kept_rows"] == math.ceil(0.4 * candidates["generated_rows"]) == data.loc["vital_select", "kept_rows"]
+    )
+    assert selected["agreement"]["held_out_rating_pairs"] is not None
+    preferences = manifests["st_dpo/seed-1/preferences"]
+    assert preferences["questions"] == train_images
+    assert preferences["kept_rows"] + sum(preferences["dropped"].values()) == preferences["questions"]
+    # st_dpo counts its first stage's instructions and training too.
+    stage1 = json.loads((work / "resources/models/wbcatt/st_dpo_stage1/seed-1/train_summary.json").read_text())
+    dpo = json.loads((work / "resources/models/wbcatt/st_dpo/seed-1/train_summary.json").read_text())
+    assert data.loc["st_dpo", "training_tokens"] == stage1["training_tokens"] + dpo["training_tokens"]
+    assert (
+        data.loc["st_dpo", "generated_rows"] == manifests["instructions"]["generated_rows"] + preferences["questions"]
+    )
+    assert (data["judge_calls"] == 0).all()  # the offline judge
+    if preferences["kept_rows"]:
+        assert dpo["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    for rule in ("make_instructions", "make_candidates"):
+        assert (work / "logs" / rule / "wbcatt.log").stat().st_size > 0
 
 
 @pytest.mark.e2e

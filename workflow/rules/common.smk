@@ -494,11 +494,7 @@ def get_train_launcher(wildcards, threads):
             f"srun --nodes {nodes} --ntasks {nodes} --ntasks-per-node 1"
             f" --cpus-per-task {threads} bash -c '{torchrun}' medift.train"
         )
-    if ranks == 1:
-        launcher = "python -m medift.train"
-    else:
-        launcher = f"python -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node {ranks} -m medift.train"
-    return _on_cards(get_train_gpus(wildcards), launcher)
+    return _on_cards(get_train_gpus(wildcards), " ".join(SETTINGS.launcher_arguments(ranks)))
 
 
 def _on_cards(cards, command):
