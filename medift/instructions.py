@@ -97,6 +97,12 @@ def question_options(adapter, shards: str | Path) -> dict[str, tuple[str, ...]]:
     return {key: values for key, values in options.items() if len(values) >= 2}
 
 
+def judge_vocabulary(adapter, options: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Each attribute's values as the offline judge should know them: the adapter's vocabulary, or
+    where it has none of its own (options drawn from the data) the question options."""
+    return {key: tuple(values) or options.get(key, ()) for key, values in adapter.ATTRIBUTES.items()}
+
+
 def askable(options: dict[str, tuple[str, ...]], attributes: dict[str, str]) -> list[str]:
     """Attribute keys of an image that a question can ask (value among the key's options), in vocabulary order."""
     return [k for k, values in options.items() if attributes.get(k) in values]

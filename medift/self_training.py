@@ -42,7 +42,7 @@ from medift.chat import (
 )
 from medift.generation import generate_answers, sample_texts, to_model
 from medift.images import decode_image
-from medift.instructions import adapter_of, require_attributes
+from medift.instructions import adapter_of, judge_vocabulary, question_options, require_attributes
 from medift.judge import JudgeItem, make_judge
 from medift.objectives import sequence_log_probs
 from medift.runtime import set_torch_threads
@@ -205,7 +205,10 @@ def make_preferences(config: PreferenceConfig) -> dict:
     adapter = adapter_of(config.shards)
     require_attributes(adapter, "st_dpo preference pairs")
     judge = make_judge(
-        json.loads(config.judge), adapter.ATTRIBUTES, Path(config.judge_cache or config.out_dir), adapter.QUESTION_TEXT
+        json.loads(config.judge),
+        judge_vocabulary(adapter, question_options(adapter, config.shards)),
+        Path(config.judge_cache or config.out_dir),
+        adapter.QUESTION_TEXT,
     )
     model, processor = load_model(config.model, config.dtype, config.device, config.trust_remote_code)
     counts: Counter = Counter()

@@ -40,7 +40,7 @@ from medift import mcq
 from medift.chat import CAPTION_INSTRUCTION, encode_prompt
 from medift.generation import pooled_hidden_states, sample_texts
 from medift.images import decode_image
-from medift.instructions import adapter_of, image_turns, question_options, require_attributes
+from medift.instructions import adapter_of, image_turns, judge_vocabulary, question_options, require_attributes
 from medift.judge import JudgeItem, make_judge
 from medift.model.loading import load_base_model
 from medift.runtime import set_torch_threads
@@ -181,7 +181,10 @@ def make_candidates(config: CandidateConfig) -> dict:
     adapter = adapter_of(config.shards)
     require_attributes(adapter, "vital_select candidates")
     judge = make_judge(
-        json.loads(config.judge), adapter.ATTRIBUTES, Path(config.judge_cache or config.out_dir), adapter.QUESTION_TEXT
+        json.loads(config.judge),
+        judge_vocabulary(adapter, question_options(adapter, config.shards)),
+        Path(config.judge_cache or config.out_dir),
+        adapter.QUESTION_TEXT,
     )
     model, processor = load_model(config.base_model, config.dtype, config.device, config.trust_remote_code)
     counts: Counter = Counter()
