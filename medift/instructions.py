@@ -30,11 +30,20 @@ from tqdm import tqdm
 
 from medift import mcq
 from medift.datasets import get_dataset
+from medift.settings import check_fields
 from medift.shards import CONVERSATIONS, DESCRIPTIONS, ShardRows, read_manifest, write_generated_shards
 
 log = logging.getLogger(__name__)
 
 FORMS = ("mcq", "open", "verify")
+FORMS_PATTERN = r"^(mcq|open|verify)(,(mcq|open|verify))*$"
+# Each setting's limits (the command's check and the workflow schema's, generated: medift/settings.py).
+INSTRUCTION_LIMITS = {
+    "forms": {"pattern": FORMS_PATTERN},
+    "rounds": {"minimum": 1},
+    "turns_per_conversation": {"minimum": 1},
+    "max_options": {"minimum": 2, "maximum": 26},
+}
 YES_NO = {"yes", "no", "uncertain"}
 
 
@@ -51,14 +60,7 @@ class InstructionConfig:
     max_options: int = field(default=4, metadata={"help": "Most options of a generated multiple-choice question."})
 
     def __post_init__(self):
-        forms = self.form_list
-        if not forms or any(f not in FORMS for f in forms):
-            raise ValueError(f"forms {self.forms!r}: choose from {','.join(FORMS)}")
-        for name in ("rounds", "turns_per_conversation"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if not 2 <= self.max_options <= 26:
-            raise ValueError("max_options must be in 2..26")
+        check_fields(self, INSTRUCTION_LIMITS)
 
     @property
     def form_list(self) -> list[str]:

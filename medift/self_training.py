@@ -46,11 +46,22 @@ from medift.instructions import adapter_of, judge_vocabulary, question_options, 
 from medift.judge import JudgeItem, make_judge
 from medift.objectives import sequence_log_probs
 from medift.runtime import set_torch_threads
+from medift.settings import check_fields
 from medift.shards import DESCRIPTIONS, PREFERENCES, ShardRows, write_generated_shards
-from medift.vital import load_model
+from medift.vital import INFERENCE_LIMITS, load_model
 
 log = logging.getLogger(__name__)
 
+# Each setting's limits (the command's check and the workflow schema's, generated: medift/settings.py).
+PREFERENCE_LIMITS = {
+    **INFERENCE_LIMITS,
+    "questions_per_image": {"minimum": 1},
+    "temperature": {"exclusive_minimum": 0},
+    "top_p": {"exclusive_minimum": 0, "maximum": 1},
+    "describe_max_new_tokens": {"minimum": 1},
+    "question_max_new_tokens": {"minimum": 1},
+    "answer_max_new_tokens": {"minimum": 1},
+}
 _SENTINEL = "\u2063MEDIFT-QUESTION\u2063"
 
 
@@ -77,10 +88,7 @@ class PreferenceConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "Only for checkpoints that need it."})
 
     def __post_init__(self):
-        if self.questions_per_image < 1:
-            raise ValueError("questions_per_image must be >= 1")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be > 0 and top_p in (0, 1]")
+        check_fields(self, PREFERENCE_LIMITS)
 
 
 def next_question_prompt(processor, description: str) -> Encoded:

@@ -102,10 +102,10 @@ ADAPTERS_WITH_ATTRIBUTES = ("wbcatt", "cbis_ddsm", "skincon", "mimic_cxr")
 # fields the workflow fills itself are not keys (paths, seed, judge, and the inference
 # settings, which come from the `evaluate` block).
 BASELINE_BLOCKS = {
-    "instructions": ("medift.instructions", "InstructionConfig"),
-    "candidates": ("medift.vital", "CandidateConfig"),
-    "selection": ("medift.vital", "SelectConfig"),
-    "preferences": ("medift.self_training", "PreferenceConfig"),
+    "instructions": ("medift.instructions", "InstructionConfig", "INSTRUCTION_LIMITS"),
+    "candidates": ("medift.vital", "CandidateConfig", "CANDIDATE_LIMITS"),
+    "selection": ("medift.vital", "SelectConfig", "SELECT_LIMITS"),
+    "preferences": ("medift.self_training", "PreferenceConfig", "PREFERENCE_LIMITS"),
 }
 BASELINE_JOB_FIELDS = (
     "shards",
@@ -260,14 +260,16 @@ def evaluate_setting_fields() -> tuple[list, dict]:
     return [f for f in dataclasses.fields(EvaluateConfig) if f.name not in EVALUATE_JOB_FIELDS], EVALUATE_LIMITS
 
 
-def baseline_setting_fields() -> dict[str, list]:
-    """Each `baselines:` block's fields (the data-making commands' settings the workflow passes on)."""
+def baseline_setting_fields() -> dict[str, tuple[list, dict]]:
+    """Each `baselines:` block's fields (the data-making commands' settings the workflow passes on)
+    and their limits."""
     import importlib
 
     blocks = {}
-    for block, (module, name) in BASELINE_BLOCKS.items():
-        config_class = getattr(importlib.import_module(module), name)
-        blocks[block] = [f for f in dataclasses.fields(config_class) if f.name not in BASELINE_JOB_FIELDS]
+    for block, (module, name, limits) in BASELINE_BLOCKS.items():
+        loaded = importlib.import_module(module)
+        fields = [f for f in dataclasses.fields(getattr(loaded, name)) if f.name not in BASELINE_JOB_FIELDS]
+        blocks[block] = (fields, getattr(loaded, limits))
     return blocks
 
 
@@ -331,9 +333,9 @@ def generated_sections() -> dict[str, list[str]]:
         "train_defaults": [f"{f.name}: {_flow({'default': f.default})}" for f in train],
         "evaluate": [f"{f.name}: {_flow(schema_property(f, evaluate_limits, with_default=True))}" for f in evaluate],
     }
-    for block, fields in baseline_setting_fields().items():
+    for block, (fields, limits) in baseline_setting_fields().items():
         sections[f"baselines_{block}"] = [
-            f"{f.name}: {_flow(schema_property(f, {}, with_default=True))}" for f in fields
+            f"{f.name}: {_flow(schema_property(f, limits, with_default=True))}" for f in fields
         ]
     return sections
 
@@ -353,7 +355,7 @@ def generated_tables() -> dict[str, list[str]]:
         return table
 
     tables = {"train": rows(train_setting_fields()[0]), "evaluate": rows(evaluate_setting_fields()[0])}
-    for block, fields in baseline_setting_fields().items():
+    for block, (fields, _) in baseline_setting_fields().items():
         tables[f"baselines_{block}"] = rows(fields)
     return tables
 

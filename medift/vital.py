@@ -40,7 +40,14 @@ from medift import mcq
 from medift.chat import CAPTION_INSTRUCTION, encode_prompt
 from medift.generation import pooled_hidden_states, sample_texts
 from medift.images import decode_image
-from medift.instructions import adapter_of, image_turns, judge_vocabulary, question_options, require_attributes
+from medift.instructions import (
+    FORMS_PATTERN,
+    adapter_of,
+    image_turns,
+    judge_vocabulary,
+    question_options,
+    require_attributes,
+)
 from medift.judge import JudgeItem, make_judge
 from medift.model.loading import load_base_model
 from medift.runtime import set_torch_threads
@@ -52,6 +59,7 @@ from medift.selection import (
     split_pairs,
     train_selection_model,
 )
+from medift.settings import DTYPES, check_fields
 from medift.shards import (
     CANDIDATES,
     CONVERSATIONS,
@@ -63,6 +71,27 @@ from medift.shards import (
 log = logging.getLogger(__name__)
 
 GROUND_TRUTH, MODEL = "ground_truth", "model"
+# Each setting's limits (the commands' check and the workflow schema's, generated: medift/settings.py).
+INFERENCE_LIMITS = {"batch_size": {"minimum": 1}, "threads": {"minimum": 1}, "dtype": {"choices": DTYPES}}
+CANDIDATE_LIMITS = {
+    **INFERENCE_LIMITS,
+    "forms": {"pattern": FORMS_PATTERN},
+    "rounds": {"minimum": 1},
+    "max_options": {"minimum": 2, "maximum": 26},
+    "temperature": {"exclusive_minimum": 0},
+    "top_p": {"exclusive_minimum": 0, "maximum": 1},
+    "max_new_tokens": {"minimum": 1},
+}
+SELECT_LIMITS = {
+    **INFERENCE_LIMITS,
+    "keep_fraction": {"exclusive_minimum": 0, "maximum": 1},
+    "clinician_pairs": {"minimum": 0},
+    "clinician_weight": {"minimum": 0},
+    "pairs_per_candidate": {"exclusive_minimum": 0},
+    "lr": {"exclusive_minimum": 0},
+    "epochs": {"minimum": 1},
+    "pair_batch_size": {"minimum": 1},
+}
 
 
 @dataclass
@@ -87,6 +116,9 @@ class CandidateConfig:
     threads: int = field(default=1, metadata={"help": "Torch threads."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Only for checkpoints that need it."})
 
+    def __post_init__(self):
+        check_fields(self, CANDIDATE_LIMITS)
+
 
 @dataclass
 class SelectConfig:
@@ -109,8 +141,7 @@ class SelectConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "Only for checkpoints that need it."})
 
     def __post_init__(self):
-        if not 0 < self.keep_fraction <= 1:
-            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        check_fields(self, SELECT_LIMITS)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -320,6 +320,13 @@ def test_the_proxy_learns_at_the_model_lr_unless_its_own_is_set(tmp_path):
             lambda c: c.update(gpus=2) or c["train"].update(accelerator="cuda", ranks=4),
             "needs 4 GPU card(s), but this machine has 2 (0,1)",
         ),
+        # The baselines' keys and settings (docs/baselines.md).
+        (lambda c: c["methods"]["st_dpo"].pop("start_from"), "methods.st_dpo: data preferences needs start_from"),
+        (lambda c: c["methods"]["inst_ft"].update(proxy=True), "methods.inst_ft: data instructions"),
+        (lambda c: c["methods"]["vital_select"].update(keep_fraction=1.5), "keep_fraction"),
+        (lambda c: c.update(baselines={"candidates": {"top_p": 2.0}}), "top_p"),
+        (lambda c: c.update(baselines={"instructions": {"forms": "mcq,essay"}}), "forms"),
+        (lambda c: c.update(judge={"kind": "hosted", "url": "http://127.0.0.1:9/v1"}), "judge"),
     ],
 )
 def test_invalid_config_is_rejected(tmp_path, change, message):

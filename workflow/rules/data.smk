@@ -41,6 +41,9 @@ rule make_shards:
         strict=lambda wildcards: get_dataset_config(wildcards)["strict"],
     log:
         "logs/make_shards/{dataset}.log",
+    # First when two slots are free: it takes `threads.prepare` CPU slots, and one-slot jobs of
+    # another dataset would otherwise keep taking them (every later job of this dataset waits).
+    priority: 10
     threads: config["threads"]["prepare"]
     resources:
         cpu_slots=get_cpu_slots,
