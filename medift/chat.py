@@ -30,8 +30,9 @@ class Encoded:
     text: str | None = None  # the rendered chat text the processor is given
 
 
-def user_message(text: str, with_image: bool) -> dict:
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+def user_message(text: str, with_image: bool | int) -> dict:
+    """A user turn: `with_image` image placeholders (True: one), then the text."""
+    content = [{"type": "image"}] * int(with_image) + [{"type": "text", "text": text}]
     return {"role": "user", "content": content}
 
 
@@ -78,20 +79,24 @@ def encode_conversation(processor, user_turns: list[str], responses: list[str], 
     return Encoded(ids, labels, with_image, text)
 
 
-def encode_prompt(processor, user_text: str, with_image: bool, answer_start: str = "") -> Encoded:
-    """A single user turn, the generation prompt and `answer_start` (the forced start of the answer)."""
+def encode_prompt(processor, user_text: str, with_image: bool | int, answer_start: str = "") -> Encoded:
+    """A single user turn (`with_image` images: True is one), the generation prompt and
+    `answer_start` (the forced start of the answer)."""
     text = render(processor, [user_message(user_text, with_image)], True) + answer_start
     ids = tokenize_text(processor, text)
-    return Encoded(ids, [IGNORE_INDEX] * len(ids), with_image, text)
+    return Encoded(ids, [IGNORE_INDEX] * len(ids), bool(with_image), text)
 
 
 def images_argument(images: Sequence) -> list | None:
-    """Images as processors take them for a batch: one list per row (empty: a text-only row)."""
+    """Images as processors take them for a batch: one list per row (empty: a text-only row; a
+    row given a list of images, a question on several, keeps them all)."""
     if all(image is None for image in images):
         return None
-    if any(image is None for image in images):
-        return [[image] if image is not None else [] for image in images]
-    return [[image] for image in images]
+
+    def row(image) -> list:
+        return [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+
+    return [row(image) for image in images]
 
 
 def model_inputs(

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +31,13 @@ from tqdm import tqdm
 from transformers import HfArgumentParser
 
 from medift import mcq, metrics
+from medift.benchmarks import UNLABELLED
 from medift.generation import best_letter, generate_answers, score_letters
 from medift.images import decode_image
 from medift.model.loading import load_base_model
 from medift.runtime import resolve_device, set_torch_threads
 from medift.settings import DEVICE_PATTERN, DTYPES, SCORING_MODES, SPLITS, check_fields
-from medift.shards import QUESTIONS, ShardRows
+from medift.shards import BENCHMARK, QUESTIONS, ShardRows, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,24 @@ class EvaluateConfig:
         },
     )
     describe_max_new_tokens: int = field(default=64, metadata={"help": "Generation budget per description."})
+    describe_shards: str = field(
+        default="",
+        metadata={
+            "help": (
+                "Shard directory whose test images are described (with --descriptions); empty: --shards. A dataset "
+                "evaluated on a benchmark (eval_from) describes its own test images."
+            )
+        },
+    )
+    unlabelled: str = field(
+        default="",
+        metadata={
+            "help": (
+                "CSV of the questions their release gives no answer for (benchmark shards), asked once and "
+                "written, not scored; without such questions the file holds the header only."
+            )
+        },
+    )
 
     def __post_init__(self):
         if self.descriptions and not (self.description_summary and self.adapter):
@@ -179,8 +199,11 @@ def score_questions(model, processor, questions: pd.DataFrame, config: EvaluateC
     """
     asked = asked_prompts(questions, config.circular)
     instructions = [mcq.build_mcq_instruction(q, opts) for q, opts in zip(asked["question"], asked["options"])]
-    # Rotations of a question share its image: decode each image once.
-    decoded = {image_id: decode_image(data) for image_id, data in zip(asked["image_id"], asked["image"])}
+    # Rotations of a question share its image: decode each image once (a question on several: each of them).
+    decoded = {
+        image_id: [decode_image(d) for d in data] if isinstance(data, list) else decode_image(data)
+        for image_id, data in zip(asked["image_id"], asked["image"])
+    }
     images = [decoded[image_id] for image_id in asked["image_id"]]
     n_options = [len(options) for options in asked["options"]]
     own_bar = progress is None
@@ -242,6 +265,68 @@ def summarize(predictions: pd.DataFrame) -> dict:
 
 
 QUESTION_COLUMNS = ("question_id", "image_id", "attribute", "question", "options", "answer_index", "image")
+BENCHMARK_COLUMNS = (*QUESTION_COLUMNS, "images", "category", "l2_category")
+SEVERAL_IMAGES = "question on several images: the family's processor takes one per row"
+
+
+def is_benchmark(shards: str | Path) -> bool:
+    """Whether a shard directory holds an evaluation-only benchmark (medift.benchmarks)."""
+    return read_manifest(Path(shards), verify=False).get("kind") == BENCHMARK
+
+
+def benchmark_parts(frame: pd.DataFrame, several_images: bool, refused: Counter) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A benchmark row group as (labelled, unlabelled) questions; a question on several images
+    keeps them all in `image` where the family takes several, and is refused (counted) elsewhere."""
+    several = frame["images"].map(len) > 1
+    if several.any() and not several_images:
+        refused[SEVERAL_IMAGES] += int(several.sum())
+        frame = frame[~several]
+    frame = frame.copy()
+    frame["image"] = [
+        list(images) if len(images) > 1 else image for image, images in zip(frame["image"], frame["images"])
+    ]
+    unlabelled = frame["answer_index"] == UNLABELLED
+    return frame[~unlabelled], frame[unlabelled]
+
+
+def unlabelled_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Predictions of questions without an answer: what was asked and answered, nothing scored."""
+    columns = ["question_id", "image_id", "attribute", "question", "options", "prompt", "raw_output", "letter_scores"]
+    frame = predictions[columns + [c for c in ("category", "l2_category") if c in predictions]].copy()
+    frame.insert(len(columns), "parsed_letter", predictions["parsed_letter"])
+    return frame
+
+
+def score_benchmark(model, processor, config: EvaluateConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Predictions of a benchmark's labelled questions, those of its unlabelled ones (asked once),
+    and the questions refused by reason."""
+    from medift.model.families import family_of
+
+    shards = Path(config.shards)
+    reader = ShardRows(shards, BENCHMARK, "test", BENCHMARK_COLUMNS)
+    several_images = family_of(model.config).several_images
+    refused: Counter = Counter()
+    parts, unlabelled_parts = [], []
+    plain = EvaluateConfig(**{**config.__dict__, "circular": False})
+    with tqdm(total=len(reader), desc=f"evaluate ({config.scoring})", unit="q", mininterval=5) as bar:
+        for frame in reader.row_groups():
+            labelled, unlabelled = benchmark_parts(frame, several_images, refused)
+            for part, target, settings in ((labelled, parts, config), (unlabelled, unlabelled_parts, plain)):
+                if len(part):
+                    scored = score_questions(model, processor, part, settings)
+                    categories = part.set_index("question_id")[["category", "l2_category"]]
+                    target.append(scored.join(categories, on="question_id"))
+            bar.update(len(frame))
+    if refused:
+        log.warning("refused %d question(s): %s", sum(refused.values()), dict(refused))
+    if not parts:
+        raise ValueError(f"{config.shards}: no labelled question to score ({dict(refused) or 'all unlabelled'})")
+    unlabelled = pd.concat(unlabelled_parts, ignore_index=True) if unlabelled_parts else None
+    return (
+        pd.concat(parts, ignore_index=True),
+        unlabelled_predictions(unlabelled) if unlabelled is not None else pd.DataFrame(),
+        dict(refused),
+    )
 
 
 def score_split(model, processor, config: EvaluateConfig) -> pd.DataFrame:
@@ -276,12 +361,22 @@ def evaluate(config: EvaluateConfig) -> dict:
         # The workflow's jobs see only the card(s) medift.gpus gave them: cuda:0 is that card.
         log.info("scoring on %s (CUDA_VISIBLE_DEVICES=%s)", device, os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
     scoring_started = time.time()
-    predictions = score_split(model, processor, config)
+    extra = {}
+    if is_benchmark(config.shards):
+        predictions, unlabelled, refused = score_benchmark(model, processor, config)
+        extra = {"unlabelled": len(unlabelled), "refused": refused}
+        if config.unlabelled:
+            unlabelled.to_csv(config.unlabelled, index=False)
+    else:
+        predictions = score_split(model, processor, config)
+        if config.unlabelled:  # every question has its answer: an empty file, for the workflow's outputs
+            unlabelled_predictions(predictions.iloc[:0]).to_csv(config.unlabelled, index=False)
     scoring_seconds = time.time() - scoring_started
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(config.out, index=False)
     summary = {
         **summarize(predictions),
+        **extra,
         "scoring": config.scoring,
         "scoring_seconds": round(scoring_seconds, 2),
         "seconds": round(time.time() - started, 1),
@@ -299,7 +394,7 @@ def evaluate(config: EvaluateConfig) -> dict:
             processor,
             DescribeConfig(
                 model=config.model,
-                shards=config.shards,
+                shards=config.describe_shards or config.shards,
                 adapter=config.adapter,
                 out=config.descriptions,
                 summary=config.description_summary,

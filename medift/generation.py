@@ -22,11 +22,16 @@ def prompt_batch(
 ) -> dict:
     """Left-padded prompts (no labels: nothing to predict) on the model's device, pixels in its dtype."""
     rows = [
-        encode_prompt(processor, text, image is not None, answer_start) for text, image in zip(instructions, images)
+        encode_prompt(processor, text, image_count(image), answer_start) for text, image in zip(instructions, images)
     ]
     batch = model_inputs(processor, rows, list(images), padding_side="left")
     batch.pop("labels")
     return to_model(model, batch)
+
+
+def image_count(image) -> int:
+    """Images of a prompt: none, one, or a list of them (a question on several images)."""
+    return 0 if image is None else len(image) if isinstance(image, (list, tuple)) else 1
 
 
 def to_model(model, batch: dict) -> dict:

@@ -83,6 +83,8 @@ EVALUATE_JOB_FIELDS = (
     "descriptions",
     "description_summary",
     "adapter",
+    "describe_shards",
+    "unlabelled",
 )
 EVALUATE_WORKFLOW_KEYS = ("describe", "threads")
 

@@ -95,6 +95,11 @@ CONVERSATIONS = "conversations"
 PREFERENCES = "preferences"
 CANDIDATES = "candidates"
 GENERATED_KINDS = (CONVERSATIONS, PREFERENCES, CANDIDATES)
+# Benchmark row (an evaluation-only dataset, medift.benchmarks): a published multiple-choice
+# question as the question rows have it (image = its first image), plus every image of it,
+# its category columns and answer_index -1 when the release gives no answer (predicted and
+# written, not scored). image_id names the image set, so questions on one image group.
+BENCHMARK = "benchmark"
 CONVERSATION_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
@@ -133,7 +138,23 @@ CANDIDATE_SCHEMA = pa.schema(
         pa.field("rating", pa.float64(), nullable=True),
     ]
 )
+BENCHMARK_SCHEMA = pa.schema(
+    [
+        pa.field("question_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("attribute", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("options", pa.list_(pa.string()), nullable=False),
+        pa.field("answer_index", pa.int32(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("images", pa.list_(pa.binary()), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("l2_category", pa.string(), nullable=False),
+    ]
+)
 SCHEMAS = {
+    BENCHMARK: BENCHMARK_SCHEMA,
     CANDIDATES: CANDIDATE_SCHEMA,
     DESCRIPTIONS: DESCRIPTION_SCHEMA,
     QUESTIONS: QUESTION_SCHEMA,
@@ -439,20 +460,25 @@ def write_shards(
 
 
 def write_generated_shards(
-    out_dir: Path, kind: str, rows: Iterable[dict], summary: Callable[[], dict], rows_per_shard: int = 512
+    out_dir: Path,
+    kind: str,
+    rows: Iterable[dict],
+    summary: Callable[[], dict],
+    rows_per_shard: int = 512,
+    split: str = "train",
 ) -> dict:
     """Write a method's generated rows (`kind`: conversations, preferences or candidates; split
-    train) as shards with a manifest, in the order given, and return the manifest. `summary()`
+    `split`, train by default) as shards with a manifest, in the order given, and return the manifest. `summary()`
     (what was generated, kept and rejected, and how), called once every row is written, goes
     into the manifest as it is."""
-    if kind not in GENERATED_KINDS:
-        raise ValueError(f"unknown generated kind {kind!r}; expected one of {GENERATED_KINDS}")
+    if kind not in (*GENERATED_KINDS, BENCHMARK):
+        raise ValueError(f"unknown generated kind {kind!r}; expected one of {(*GENERATED_KINDS, BENCHMARK)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in [*out_dir.glob(f"{kind}-*.parquet"), out_dir / MANIFEST_NAME]:
         if path.exists():
             path.unlink()
-    writer = _ShardWriter(out_dir, kind, "train", rows_per_shard)
+    writer = _ShardWriter(out_dir, kind, split, rows_per_shard)
     for row in rows:
         writer.add(row)
     writer.flush()
@@ -460,7 +486,7 @@ def write_generated_shards(
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "files": writer.files,
-        "totals": {kind: {"train": sum(entry["rows"] for entry in writer.files)}},
+        "totals": {kind: {split: sum(entry["rows"] for entry in writer.files)}},
         "summary": summary(),
     }
     _write_manifest(out_dir, manifest)

@@ -33,6 +33,9 @@ class Family:
     tile_mask: str | None = None
     # The FLOP formula of medift/flops.py for this family's layout; None: no formula (no MFU reported).
     flops: str | None = None
+    # Whether a question on several images is asked (its processor and model take several images
+    # per row; tested on a tiny checkpoint): otherwise such questions are refused and counted.
+    several_images: bool = False
 
 
 def _lm(prefix: str) -> str:
@@ -62,6 +65,7 @@ _add(
             "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
             "vision": rf"(^|\.)vision_tower\..*{SELF_ATTN_QV}",
         },
+        several_images=True,
     ),
 )
 _add(
@@ -105,6 +109,7 @@ _add(
         # The processor pads every image to max_image_tiles; aspect_ratio_mask marks the real ones.
         tile_mask="aspect_ratio_mask",
         flops="mllama",
+        several_images=True,
     ),
 )
 _add(

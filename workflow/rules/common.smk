@@ -42,6 +42,8 @@ MODEL_DIR = "resources/models/{dataset}/{method}/seed-{seed}"  # a tuned model
 CHECKPOINT_DIR = "resources/checkpoints/{dataset}/{method}/seed-{seed}"
 TENSORBOARD_DIR = "logs/tensorboard/{dataset}/{method}/seed-{seed}"
 RESULTS_DIR = "results/{dataset}/{method}/seed-{seed}"  # an evaluation's files
+BENCHMARK_DIR = "resources/benchmarks/{benchmark}"  # an evaluation-only benchmark's shards
+BENCHMARK_REPORT = "results/benchmarks/{benchmark}/data_report.json"
 # Training data a baseline's data-making jobs generate (workflow/rules/baselines.smk).
 GENERATED_DIR = "resources/generated/{dataset}"
 INSTRUCTIONS_DIR = f"{GENERATED_DIR}/instructions"  # inst_ft, st_dpo's first stage
@@ -205,6 +207,12 @@ def _check_config():
                 SETTINGS.check_train_settings(get_train_settings(SimpleNamespace(method=method, dataset=dataset)))
             except ValueError as error:
                 raise WorkflowError(f"methods.{method} on {dataset}: {error}")
+    for name, entry in config["datasets"].items():
+        if entry["eval_from"] is not None and entry["eval_from"] not in config["benchmarks"]:
+            raise WorkflowError(
+                f"datasets.{name}.eval_from: no benchmark {entry['eval_from']!r} under `benchmarks:` "
+                f"({', '.join(config['benchmarks']) or 'none configured'})"
+            )
     if config["evaluate"]["device"].startswith("cuda:"):
         raise WorkflowError(
             f"evaluate.device {config['evaluate']['device']}: the workflow gives each evaluation job a card of "
@@ -242,6 +250,7 @@ def _alternatives(names):
 
 
 wildcard_constraints:
+    benchmark=_alternatives(config["benchmarks"]) or "^$",
     dataset=_alternatives(config["datasets"]),
     method=_alternatives(config["methods"]),
     table=_alternatives(config["tables"]),
@@ -591,6 +600,39 @@ def get_method_seeds(method):
     """Seeds a method runs with: all of `seeds`, or the first only for a method without training
     (its evaluation does not depend on a seed)."""
     return config["seeds"] if is_trained(method) else config["seeds"][:1]
+
+
+##### benchmarks (evaluation-only questions, workflow/rules/data.smk) #####
+
+
+def get_eval_benchmark(wildcards):
+    """The benchmark a dataset's methods are evaluated on (eval_from), or None: its own questions."""
+    return get_dataset_config(wildcards)["eval_from"]
+
+
+def get_eval_shards_manifest(wildcards):
+    """The shards an evaluation asks its questions from: the dataset's, or its benchmark's."""
+    benchmark = get_eval_benchmark(wildcards)
+    if benchmark is None:
+        return SHARDS_MANIFEST.format(dataset=wildcards.dataset)
+    return generated_manifest(BENCHMARK_DIR).format(benchmark=benchmark)
+
+
+def get_benchmark_args(wildcards):
+    """A benchmark's settings as `python -m medift.benchmarks` options."""
+    entry = config["benchmarks"][wildcards.benchmark]
+    settings = {
+        "name": wildcards.benchmark,
+        "file": entry["file"],
+        "format": entry["format"],
+        "preset": entry["preset"] or "",
+        "columns": json.dumps(entry["columns"], sort_keys=True),
+        "image_root": entry["image_root"] or "",
+        "category": entry["category"],
+        "strict": entry["strict"],
+        "image_size": get_image_size(),
+    }
+    return SETTINGS.to_arguments(settings, list(settings))
 
 
 def get_model_dir(wildcards):

@@ -54,3 +54,23 @@ rule make_shards:
         " --raw_dir {params.raw_dir} --out_dir {params.out_dir} --report {output.report}"
         " --image_size {params.image_size} --seed {params.seed} --strict {params.strict}"
         " --threads {threads} > {log} 2>&1"
+
+
+rule make_benchmark_shards:
+    """An evaluation-only benchmark (`benchmarks:`) -> question shards: every image letterboxed
+    once, unlabelled questions kept (asked, not scored), quarantines counted in the report."""
+    output:
+        manifest=generated_manifest(BENCHMARK_DIR),
+        report=BENCHMARK_REPORT,
+    params:
+        out_dir=subpath(output.manifest, parent=True),
+        args=get_benchmark_args,
+    log:
+        "logs/make_benchmark_shards/{benchmark}.log",
+    threads: 1
+    resources:
+        cpu_slots=get_cpu_slots,
+    conda:
+        "../envs/medift.yaml"
+    shell:
+        "python -m medift.benchmarks {params.args} --out_dir {params.out_dir} --report {output.report} > {log} 2>&1"

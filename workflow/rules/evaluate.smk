@@ -2,15 +2,21 @@ rule evaluate_model:
     """Multiple-choice evaluation of one (dataset, method, seed), and with `evaluate.describe` its
     description accuracy; `train: false` methods use the base model."""
     input:
-        manifest=SHARDS_MANIFEST,
+        # The questions: the dataset's own, or its benchmark's (eval_from).
+        manifest=get_eval_shards_manifest,
+        # The test images it describes: always the dataset's own.
+        own=SHARDS_MANIFEST,
         model=get_model_files,
         cards_check=check_evaluate_cards,  # no files: the machine has a card for it
     output:
         predictions=result_file("predictions.csv"),
         metrics=result_file("metrics.json"),
+        # A benchmark's questions without an answer, asked and written, not scored (empty otherwise).
+        unlabelled=result_file("unlabelled.csv"),
         # With evaluate.describe: description accuracy, measured with the same loaded model.
         **get_description_outputs(),
     params:
+        describe_shards=subpath(input.own, parent=True),
         shards=subpath(input.manifest, parent=True),
         model=lambda wildcards, input: os.path.dirname(input.model[0]),
         trust_remote_code=config["base_model"]["trust_remote_code"],
@@ -37,5 +43,6 @@ rule evaluate_model:
         # --take 0 runs the command as it is; otherwise it runs on a card of its own (medift/gpus.py).
         "HF_HUB_OFFLINE=1 python -m medift.gpus --take {resources.gpu} -- python -m medift.evaluate --model {params.model}"
         " --shards {params.shards} {params.args} --out {output.predictions} --summary {output.metrics}"
-        " --trust_remote_code {params.trust_remote_code} {params.describe} --threads {threads} > {log} 2>&1"
+        " --trust_remote_code {params.trust_remote_code} {params.describe} --describe_shards {params.describe_shards}"
+        " --unlabelled {output.unlabelled} --threads {threads} > {log} 2>&1"
 
