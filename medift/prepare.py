@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -39,7 +40,9 @@ class SynthesizeConfig:
 
 @dataclass
 class ShardsConfig:
-    dataset: str = field(metadata={"help": "Dataset adapter (wbcatt, cbis_ddsm, skincon, mimic_cxr)."})
+    dataset: str = field(
+        metadata={"help": "Dataset adapter (wbcatt, cbis_ddsm, skincon, mimic_cxr, or captions: your own set)."}
+    )
     raw_dir: str = field(metadata={"help": "Raw dataset root, as its publisher ships it."})
     out_dir: str = field(metadata={"help": "Shard directory to write."})
     report: str = field(metadata={"help": "data_report.json to write (counts per split)."})
@@ -61,6 +64,36 @@ class ShardsConfig:
     threads: int = field(
         default=1, metadata={"help": "Image decoding worker processes (memory stays bounded whatever the count)."}
     )
+    adapter_options: str = field(
+        default="",
+        metadata={
+            "help": (
+                "The adapter's options as a JSON object; the captions adapter needs them (medift.datasets.captions: "
+                'e.g. {"file": "captions.csv", "attributes": ["modality"]}), the published datasets take none.'
+            )
+        },
+    )
+
+
+def parse_adapter_options(text: str) -> dict | None:
+    """ShardsConfig.adapter_options (JSON) -> the dict get_dataset takes; None when empty."""
+    if not text.strip():
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"adapter_options is not JSON ({error})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"adapter_options must be a JSON object, got {type(options).__name__}")
+    return options
+
+
+def adapter_options_of(module, given: dict | None) -> dict:
+    """The options the adapter ran with, defaults included, for the data report ({} for a module)."""
+    options = getattr(module, "options", None)
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        return dataclasses.asdict(options)
+    return dict(given or {})
 
 
 def build_texts(module, records, seed: int):
@@ -192,7 +225,8 @@ def data_report(result: AdapterResult, questions) -> dict:
 
 
 def prepare_shards(config: ShardsConfig) -> dict:
-    module = get_dataset(config.dataset)
+    options = parse_adapter_options(config.adapter_options)
+    module = get_dataset(config.dataset, options)
     result = module.read_records(Path(config.raw_dir), seed=config.seed, strict=config.strict)
     check_patient_splits(result.records)
     result = quarantine_empty_descriptions(module, result, config.strict)
@@ -213,6 +247,7 @@ def prepare_shards(config: ShardsConfig) -> dict:
     written = {r.image_id for r in result.records}
     report = data_report(result, {k: v for k, v in questions.items() if k in written})
     report["dataset"] = config.dataset
+    report["adapter_options"] = adapter_options_of(module, options)
     report["shard_rows"] = manifest.get("totals")
     Path(config.report).parent.mkdir(parents=True, exist_ok=True)
     Path(config.report).write_text(json.dumps(report, indent=1))

@@ -502,3 +502,36 @@ def test_real_cbis_files(tmp_path):
             assert question.options[question.answer_index] == record.attributes[question.attribute]
     assert asked["pathology"] == len(records) and asked["abnormality_type"] == len(records)
     assert 0 < asked["mass_shape"] < 1318 and 0 < asked["calc_type"] < 1546
+
+
+# --- empty annotation files -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["wbcatt", "cbis_ddsm", "skincon", "mimic_cxr"])
+@pytest.mark.parametrize("content", [b"", b"  \n\t\n"], ids=["zero-bytes", "whitespace"])
+def test_empty_annotation_file_is_a_data_error_naming_it(name, content, tmp_path):
+    """Every annotation file of every adapter, emptied in turn: a DataError naming the file
+    (not pandas' bare EmptyDataError)."""
+    import gzip
+
+    write_synthetic(name, tmp_path, seed=0, n_train=4, n_val=2, n_test=2, image_size=32)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file() and ".csv" in p.name)
+    assert files
+    get_dataset(name).read_records(tmp_path, seed=0)  # the intact release reads
+    for path in files:
+        intact = path.read_bytes()
+        # A gzip file may be empty itself or hold an empty text; both are an empty file.
+        path.write_bytes(gzip.compress(content) if path.suffix == ".gz" and content else content)
+        with pytest.raises(DataError, match="empty file") as error:
+            get_dataset(name).read_records(tmp_path, seed=0)
+        assert path.name in str(error.value), (path, str(error.value))
+        path.write_bytes(intact)
+
+
+def test_empty_mimic_reports_zip_is_a_data_error_naming_it(tmp_path):
+    from medift.datasets import mimic_cxr
+
+    write_synthetic("mimic_cxr", tmp_path, seed=0, n_train=4, n_val=2, n_test=2, image_size=32)
+    (tmp_path / mimic_cxr.REPORTS_ZIP).write_bytes(b"")
+    with pytest.raises(DataError, match=r"mimic-cxr-reports\.zip: empty file"):
+        mimic_cxr.read_records(tmp_path, seed=0)

@@ -12,6 +12,11 @@ Each module exposes:
   only); `observed` maps each attribute key to the values that occur in the whole dataset
   (`common.observed_values`), for datasets whose distractors are drawn from the data.
 
+`captions` (medift.datasets.captions) is the exception: a user's own image-description set,
+configured per dataset, so an object (`CaptionsAdapter`) with this API rather than a module;
+`get_dataset("captions", options)` builds it. It is not in `DATASETS`, which lists the
+published datasets the workflow and the embedded model know.
+
 Adding a dataset here does not change the embedded base model's vocabulary: that is built
 from the fixed list `medift.embedded.llava.tokenizer_corpus` names.
 """
@@ -19,23 +24,49 @@ from the fixed list `medift.embedded.llava.tokenizer_corpus` names.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 from medift.datasets import cbis_ddsm, mimic_cxr, skincon, wbcatt
+from medift.datasets.captions import CaptionsAdapter, CaptionsOptions
 from medift.datasets.common import AdapterResult, DataError, Quarantined
 
+# The published datasets: one module each, no options.
 DATASETS: dict[str, ModuleType] = {
     "wbcatt": wbcatt,
     "cbis_ddsm": cbis_ddsm,
     "skincon": skincon,
     "mimic_cxr": mimic_cxr,
 }
+# A user's own image-description set: an object configured by options (medift.datasets.captions).
+CAPTIONS = "captions"
 
 
-def get_dataset(name: str) -> ModuleType:
+def get_dataset(name: str, options: dict[str, Any] | None = None) -> ModuleType | CaptionsAdapter:
+    """The adapter of `name`: a module of DATASETS, or for "captions" a `CaptionsAdapter`
+    built from `options` (the `CaptionsOptions` fields; required, unknown keys an error)."""
+    if name == CAPTIONS:
+        if options is None:
+            raise ValueError(
+                "dataset 'captions' needs options (medift.datasets.captions.CaptionsOptions), at least "
+                '{"file": ...}; give them as ShardsConfig.adapter_options (JSON)'
+            )
+        return CaptionsAdapter(CaptionsOptions.from_dict(options))
     try:
-        return DATASETS[name]
+        module = DATASETS[name]
     except KeyError:
-        raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}") from None
+        raise KeyError(f"unknown dataset {name!r}; known: {sorted([*DATASETS, CAPTIONS])}") from None
+    if options:
+        raise ValueError(f"dataset {name!r} takes no options (only {CAPTIONS!r} does); got {sorted(options)}")
+    return module
 
 
-__all__ = ["DATASETS", "get_dataset", "AdapterResult", "DataError", "Quarantined"]
+__all__ = [
+    "CAPTIONS",
+    "DATASETS",
+    "get_dataset",
+    "AdapterResult",
+    "CaptionsAdapter",
+    "CaptionsOptions",
+    "DataError",
+    "Quarantined",
+]

@@ -84,17 +84,28 @@ def find_file(directory: Path, names: Iterable[str], what: str) -> Path:
     raise FileNotFoundError(f"{what} not found in {directory}: expected one of {names}")
 
 
-def read_csv_checked(path: Path, required_columns: Iterable[str]) -> pd.DataFrame:
+def read_csv_checked(path: Path, required_columns: Iterable[str], sep: str = ",") -> pd.DataFrame:
     """Read a CSV as plain strings and insist on the columns the adapter uses.
 
     Everything stays a string (`keep_default_na=False`) so that `NA`, `nil` and empty
     cells reach the dataset rules unchanged instead of becoming NaN. Cells are stripped
-    because CBIS-DDSM carries a quoted trailing newline in one path column.
+    because CBIS-DDSM carries a quoted trailing newline in one path column. An empty file
+    (0 bytes, or only whitespace, compressed or not) is a `DataError` naming the file: a
+    header-only file is the way to give a split without rows.
     """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
-    # Compression (`.csv.gz`) is inferred from the name.
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    required_columns = tuple(required_columns)
+    try:
+        # Compression (`.csv.gz`) is inferred from the name.
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.EmptyDataError:
+        expected = f"expected a header row with the columns {list(required_columns)}" if required_columns else ""
+        raise DataError(
+            f"{path}: empty file (no header row); {expected or 'expected at least a header row'} "
+            "(a truncated download or copy?)"
+        ) from None
     frame.columns = [str(column).strip() for column in frame.columns]
     for column in required_columns:
         if column not in frame.columns:

@@ -261,7 +261,12 @@ class Reports:
         self.members: dict[str, str] = {}
         zip_path = raw_dir / REPORTS_ZIP
         if zip_path.is_file():
-            self.archive = zipfile.ZipFile(zip_path)
+            try:
+                self.archive = zipfile.ZipFile(zip_path)
+            except zipfile.BadZipFile as error:
+                # A 0-byte or cut-off download: say which file, not just "not a zip file".
+                kind = "empty file" if zip_path.stat().st_size == 0 else f"not a readable zip archive ({error})"
+                raise DataError(f"{zip_path}: {kind}; expected the MIMIC-CXR reports archive") from None
             # Index members by their last three parts, whatever folder the archive adds.
             for member in self.archive.namelist():
                 if member.endswith(".txt"):
