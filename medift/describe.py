@@ -39,7 +39,7 @@ from medift.generation import generate_answers
 from medift.images import decode_image
 from medift.model.loading import load_base_model
 from medift.runtime import resolve_device, set_torch_threads
-from medift.shards import DESCRIPTIONS, ShardRows
+from medift.shards import DESCRIPTIONS, ShardRows, read_manifest
 from medift.stats import bootstrap_mean_ci
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ def phrase_found(phrase: str, text: str) -> bool:
 
 def describe_split(model, processor, config: DescribeConfig) -> pd.DataFrame:
     """One row per image: image_id, generated, found (JSON attribute -> 0/1)."""
-    adapter = get_dataset(config.adapter)
+    options = read_manifest(Path(config.shards), verify=False)["config"].get("adapter_options")
+    adapter = get_dataset(config.adapter, options if config.adapter == "captions" else None)
     reader = ShardRows(
         Path(config.shards), DESCRIPTIONS, config.split, ("image_id", "image", "attributes", "description")
     )

@@ -29,9 +29,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from medift import mcq
-from medift.datasets import get_dataset
+from medift.datasets import adapter_of_shards
 from medift.settings import check_fields
-from medift.shards import CONVERSATIONS, DESCRIPTIONS, ShardRows, read_manifest, write_generated_shards
+from medift.shards import CONVERSATIONS, DESCRIPTIONS, ShardRows, write_generated_shards
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ class InstructionConfig:
 
 
 def adapter_of(shards: str | Path):
-    """The dataset adapter of a shard directory (its manifest names the dataset)."""
-    return get_dataset(read_manifest(Path(shards), verify=False)["dataset"])
+    """The dataset adapter of a shard directory (its manifest names the dataset and its options)."""
+    return adapter_of_shards(shards)
 
 
 def require_attributes(adapter, what: str) -> None:

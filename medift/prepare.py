@@ -242,6 +242,7 @@ def prepare_shards(config: ShardsConfig) -> dict:
         threads=config.threads,
         seed=config.seed,
         unreadable=unreadable,
+        adapter_options=adapter_options_of(module, options) if options else None,
     )
     result = quarantine_unreadable(result, unreadable)
     written = {r.image_id for r in result.records}

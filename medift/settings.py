@@ -127,8 +127,10 @@ BASELINE_JOB_FIELDS = (
 )
 
 
-def check_method(name: str, entry: dict, methods: dict, adapters: list[str]) -> None:
-    """A method entry's own keys, before any job: its data source, its start, the datasets' attributes."""
+def check_method(name: str, entry: dict, methods: dict, without_attributes: list[str]) -> None:
+    """A method entry's own keys, before any job: its data source, its start, and that no dataset
+    it runs on (`without_attributes`: those whose records have no structured attributes) lacks
+    the attributes its generated data asks about."""
     data = entry.get("data", "descriptions")
     if data != "descriptions" and entry.get("proxy", True):
         raise ValueError(f"data {data}: generated instructions and preferences train without a proxy (proxy: false)")
@@ -148,14 +150,12 @@ def check_method(name: str, entry: dict, methods: dict, adapters: list[str]) -> 
                 raise ValueError(f"start_from makes a cycle: {' -> '.join(seen + [start])}")
             seen.append(start)
             start = methods[start].get("start_from")
-    if data != "descriptions":
-        without = [a for a in adapters if a not in ADAPTERS_WITH_ATTRIBUTES]
-        if without:
-            raise ValueError(
-                f"data {data} asks questions about structured attributes, which dataset(s) with adapter "
-                f"{', '.join(without)} do not have (free-text reports): leave them out of this method's tables "
-                "or give their releases labels the adapter reads"
-            )
+    if data != "descriptions" and without_attributes:
+        raise ValueError(
+            f"data {data} asks questions about structured attributes, which dataset(s) "
+            f"{', '.join(without_attributes)} do not have (free-text descriptions only): give their releases "
+            "labels the adapter reads (captions: `attributes` columns) or leave this method out"
+        )
 
 
 ##### checks #####

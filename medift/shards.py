@@ -383,6 +383,7 @@ def write_shards(
     *,
     seed: int | None = None,
     unreadable: list[tuple[Record, str]] | None = None,
+    adapter_options: dict | None = None,
 ) -> dict:
     """Write the shard directory for one dataset and return its manifest.
 
@@ -445,6 +446,8 @@ def write_shards(
             "seed": seed,
             "image_format": "png",
             "letterbox_fill": [0, 0, 0],
+            # An adapter configured per dataset (captions) is rebuilt from these by later steps.
+            **({"adapter_options": adapter_options} if adapter_options else {}),
         },
         "files": files,
         "totals": _totals(files, written),

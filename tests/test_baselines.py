@@ -100,8 +100,8 @@ def test_a_dataset_without_structured_attributes_cannot_make_instructions():
     reports = SimpleNamespace(NAME="reports", ATTRIBUTES={}, QUESTION_OPTIONS={})
     with pytest.raises(ValueError, match="'reports' has no structured attributes"):
         require_attributes(reports, "generated instructions")
-    with pytest.raises(ValueError, match="captions do not have"):
-        settings.check_method("inst_ft", {"proxy": False, "data": "instructions"}, {}, ["wbcatt", "captions"])
+    with pytest.raises(ValueError, match="dataset\\(s\\) reports do not have"):
+        settings.check_method("inst_ft", {"proxy": False, "data": "instructions"}, {}, ["reports"])
     # The workflow's list is the package's: the adapters with attributes to ask about.
     assert set(settings.ADAPTERS_WITH_ATTRIBUTES) == {n for n, m in DATASETS.items() if m.ATTRIBUTES}
 
@@ -120,7 +120,7 @@ def test_method_entries_are_checked_before_any_job(entry, message):
     methods = {"zero_shot": {"train": False}, "b": {"proxy": False, "data": "instructions", "start_from": "a"}}
     methods["a"] = entry
     with pytest.raises(ValueError, match=message):
-        settings.check_method("a", entry, methods, ["wbcatt"])
+        settings.check_method("a", entry, methods, [])
 
 
 # --------------------------------------------------------------------------- vital_select and st_dpo pieces

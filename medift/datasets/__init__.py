@@ -70,3 +70,14 @@ __all__ = [
     "DataError",
     "Quarantined",
 ]
+
+
+def adapter_of_shards(shard_dir) -> object:
+    """The adapter a shard directory was made with: its manifest's dataset, with the adapter
+    options it recorded (a per-dataset adapter such as captions)."""
+    from pathlib import Path
+
+    from medift.shards import read_manifest
+
+    manifest = read_manifest(Path(shard_dir), verify=False)
+    return get_dataset(manifest["dataset"], manifest["config"].get("adapter_options"))

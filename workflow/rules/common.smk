@@ -25,7 +25,7 @@ os.environ.update(
 )
 
 # Adapters that medift.datasets provides (also the synthetic generators).
-ADAPTERS = ("wbcatt", "cbis_ddsm", "skincon", "mimic_cxr")
+ADAPTERS = ("wbcatt", "cbis_ddsm", "skincon", "mimic_cxr", "captions")
 # The embedded models (committed; `base_model.path` names them): the default is the tiny
 # Mllama (rule distill_base_model), distilled from the tiny LLaVA (rule pretrain_base_model).
 EMBEDDED_MODEL_DIRS = {"embedded": "models/embedded-mllama", "embedded_llava": "models/embedded-base"}
@@ -163,6 +163,13 @@ def _check_config():
                 f"datasets.{name}: no adapter {adapter!r}; name the entry after one of "
                 f"{', '.join(ADAPTERS)} or set `adapter:`"
             )
+        if adapter == "captions" and (entry["source"] != "raw" or not entry["captions"].get("file")):
+            raise WorkflowError(
+                f"datasets.{name}: the captions adapter reads your own files: set source: raw, raw_dir and "
+                "captions: {file: ...} (docs/data.md, your own data)"
+            )
+        if adapter != "captions" and entry["captions"]:
+            raise WorkflowError(f"datasets.{name}: `captions:` options are for adapter: captions only")
         if is_embedded_base() and adapter not in EMBEDDED_DATASETS:
             raise WorkflowError(
                 f"datasets.{name}: the embedded base model's vocabulary covers only "
@@ -193,10 +200,10 @@ def _check_config():
                 f"base_model.path {str(path)!r}: model_type {model_type!r} is not a known VLM family "
                 f"({', '.join(sorted(FAMILIES.FAMILIES))}); add it to medift/model/families.py"
             )
-    adapters = [entry["adapter"] or name for name, entry in config["datasets"].items()]
+    without_attributes = [name for name in config["datasets"] if not has_attributes(name)]
     for method, entry in config["methods"].items():
         try:
-            SETTINGS.check_method(method, entry, config["methods"], adapters)
+            SETTINGS.check_method(method, entry, config["methods"], without_attributes)
         except ValueError as error:
             raise WorkflowError(f"methods.{method}: {error}")
     for method in get_trained_methods():
@@ -267,6 +274,21 @@ def get_datasets():
 
 def get_dataset_config(wildcards):
     return config["datasets"][wildcards.dataset]
+
+
+def has_attributes(dataset):
+    """Whether a dataset's records carry structured attributes (generated instructions, the judge)."""
+    entry = config["datasets"][dataset]
+    adapter = entry["adapter"] or dataset
+    if adapter == "captions":
+        return bool(entry["captions"].get("attributes"))
+    return adapter in SETTINGS.ADAPTERS_WITH_ATTRIBUTES
+
+
+def get_adapter_options(wildcards):
+    """The adapter's options as `python -m medift.prepare shards` takes them (captions only)."""
+    options = get_dataset_config(wildcards)["captions"]
+    return f"--adapter_options {shlex.quote(json.dumps(options, sort_keys=True))}" if options else ""
 
 
 def get_adapter(wildcards):

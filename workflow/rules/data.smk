@@ -39,6 +39,7 @@ rule make_shards:
         image_size=get_image_size(),
         seed=config["seed"],
         strict=lambda wildcards: get_dataset_config(wildcards)["strict"],
+        options=get_adapter_options,
     log:
         "logs/make_shards/{dataset}.log",
     # First when two slots are free: it takes `threads.prepare` CPU slots, and one-slot jobs of
@@ -52,7 +53,7 @@ rule make_shards:
     shell:
         "python -m medift.prepare shards --dataset {params.adapter}"
         " --raw_dir {params.raw_dir} --out_dir {params.out_dir} --report {output.report}"
-        " --image_size {params.image_size} --seed {params.seed} --strict {params.strict}"
+        " --image_size {params.image_size} --seed {params.seed} --strict {params.strict} {params.options}"
         " --threads {threads} > {log} 2>&1"
 
 
