@@ -751,6 +751,54 @@ def test_end_to_end_table1_on_a_tiny_mllama_checkpoint(tmp_path):
 
 
 @pytest.mark.e2e
+def test_your_own_captions_tuned_and_evaluated_on_published_benchmark_forms(tmp_path):
+    """docs/data.md's "your own data" through the real DAG on a tiny Mllama checkpoint: two
+    datasets tuned on one captions CSV, one evaluated on a VLMEvalKit TSV, the other on JSONL records."""
+    from medift.testing.tiny_checkpoints import build_tiny_checkpoint
+    from tests.fixtures.own_data import write_captions, write_jsonl_records, write_vlmevalkit_tsv
+
+    checkpoint = build_tiny_checkpoint("mllama", tmp_path / "tiny-mllama")
+    captions = write_captions(tmp_path / "captions")
+    tsv = write_vlmevalkit_tsv(tmp_path / "bench.tsv")
+    config = tiny_config(base_model=str(checkpoint))
+    own = {"adapter": "captions", "source": "raw", "raw_dir": str(tmp_path / "captions"), "captions": captions}
+    own["train"] = {"shuffle_responses": False}  # free text: no comma-separated phrases to shuffle
+    config["datasets"] = {"slides_tsv": {**own, "eval_from": "tsv"}, "slides_jsonl": {**own, "eval_from": "jsonl"}}
+    config["benchmarks"] = {"tsv": {"file": str(tmp_path / "bench.tsv")}, "jsonl": write_jsonl_records(tmp_path)}
+    config["methods"] = {"zero_shot": {"train": False}, "ift": {"proxy": True}}
+    config["tables"] = {"own": ["zero_shot", "ift"]}
+    config["comparisons"] = {"ift": "zero_shot"}
+    config["seeds"] = [1]
+    config["train"]["train_modules"] = "vision,fusion"
+    configfile = write_config(tmp_path / "config.yaml", config)
+    work = tmp_path / "work"
+    snakemake(f"--configfile={configfile}", "results/own.csv", workdir=work, timeout=900)
+
+    table = pd.read_csv(work / "results/own.csv", index_col=0)
+    assert list(table.columns) == ["slides_tsv", "slides_jsonl", "average"] and table.notna().all().all()
+    # The TSV's questions: the labelled ones scored (Mllama takes the two-image one), the unlabelled written.
+    predictions = pd.read_csv(work / "results/slides_tsv/ift/seed-1/predictions.csv", dtype=str)
+    assert sorted(set(predictions["question_id"])) == ["1", "2", "3", "4", "5"]
+    unlabelled = pd.read_csv(work / "results/slides_tsv/ift/seed-1/unlabelled.csv", dtype=str)
+    assert list(unlabelled["question_id"]) == ["6"]
+    assert json.loads((work / "results/slides_tsv/ift/seed-1/metrics.json").read_text())["unlabelled"] == 1
+    jsonl = pd.read_csv(work / "results/slides_jsonl/zero_shot/seed-1/predictions.csv", dtype=str)
+    assert sorted(set(jsonl["question_id"])) == [f"q{i}" for i in range(5)]
+    # Per-category accuracy: the benchmark's categories are the attribute table's rows.
+    attributes = pd.read_csv(work / "results/own_attributes.csv")
+    assert set(attributes[attributes["dataset"] == "slides_tsv"]["attribute"]) == tsv["categories"]
+    # Tuned on the captions' train split (by patient), described on its own test images.
+    report = json.loads((work / "results/slides_tsv/data_report.json").read_text())
+    assert report["adapter_options"]["attributes"] == ["stain"]
+    summary = json.loads((work / "resources/models/slides_tsv/ift/seed-1/train_summary.json").read_text())
+    assert summary["train_images"] == report["splits"]["train"]["records"]
+    described = pd.read_csv(work / "results/slides_tsv/ift/seed-1/descriptions.csv", keep_default_na=False)
+    assert len(described) == report["splits"]["test"]["records"]
+    bench = json.loads((work / "results/benchmarks/tsv/data_report.json").read_text())
+    assert bench["questions"] == tsv["rows"] and bench["quarantined"] == 0
+
+
+@pytest.mark.e2e
 def test_a_killed_training_job_resumes_under_rerun_incomplete(tmp_path):
     """Snakemake killed (with its job) after the job's first checkpoint; `--unlock` and
     `--rerun-incomplete` then resume the job from that checkpoint instead of step 0."""
