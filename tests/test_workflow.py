@@ -798,6 +798,34 @@ def test_your_own_captions_tuned_and_evaluated_on_published_benchmark_forms(tmp_
     assert bench["questions"] == tsv["rows"] and bench["quarantined"] == 0
 
 
+def test_the_own_data_example_config_is_complete(tmp_path):
+    """config/own-data.yaml with its /path/to placeholders pointed at files of the forms it names:
+    the DAG it plans (a dry run) tunes both datasets and evaluates one on the benchmark."""
+    import yaml
+
+    from medift.testing.tiny_checkpoints import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint("mllama", tmp_path / "checkpoint")
+    slides = tmp_path / "my-slides"
+    slides.mkdir()
+    (slides / "captions.csv").write_text("path,report,patient,split,stain,tissue\n")
+    (tmp_path / "GMAI-MMBench_VAL.tsv").write_text("index\timage\tquestion\tA\tB\tanswer\n")
+    text = (REPO / "config" / "own-data.yaml").read_text()
+    text = text.replace("/path/to/Llama-3.2-11B-Vision-Instruct", str(checkpoint)).replace("/path/to/", f"{tmp_path}/")
+    config = yaml.safe_load(text)
+    assert config["datasets"]["slides"]["captions"]["attributes"] == ["stain", "tissue"]
+    configfile = write_config(tmp_path / "config.yaml", config)
+    jobs = dry_run("results/own.csv", workdir=tmp_path / "work", configfile=configfile)
+    assert rule_counts(jobs) == {
+        "make_shards": 2,
+        "make_benchmark_shards": 1,
+        "train_model": 4,
+        "evaluate_model": 6,
+        "make_table": 1,
+    }
+    assert {w["benchmark"] for rule, w in jobs if rule == "make_benchmark_shards"} == {"gmai"}
+
+
 @pytest.mark.e2e
 def test_a_killed_training_job_resumes_under_rerun_incomplete(tmp_path):
     """Snakemake killed (with its job) after the job's first checkpoint; `--unlock` and

@@ -60,6 +60,9 @@ rule make_shards:
 rule make_benchmark_shards:
     """An evaluation-only benchmark (`benchmarks:`) -> question shards: every image letterboxed
     once, unlabelled questions kept (asked, not scored), quarantines counted in the report."""
+    input:
+        # The release's file: a missing one stops the workflow before any job.
+        file=lambda wildcards: config["benchmarks"][wildcards.benchmark]["file"],
     output:
         manifest=generated_manifest(BENCHMARK_DIR),
         report=BENCHMARK_REPORT,
