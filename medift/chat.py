@@ -49,16 +49,37 @@ def tokenize_text(processor, text: str) -> list[int]:
     return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_conversation(processor, user_turns: list[str], responses: list[str], with_image: bool) -> Encoded:
-    """Token ids and labels for a conversation whose loss is on the responses only.
+def encode_conversation(
+    processor,
+    user_turns: list[str],
+    responses: list[str],
+    with_image: bool,
+    learn_questions: Sequence[bool] | None = None,
+) -> Encoded:
+    """Token ids and labels for a conversation whose loss is on the responses.
 
     Each response's tokens are found as the difference between the rendering that
     ends with the generation prompt and the rendering that ends with the response,
     so any chat template works; a template whose rendering or tokenization is not
     prefix-stable is an error rather than a silently shifted mask.
+
+    `learn_questions` (one flag per turn; STLLaVA-Med's first stage, medift.objectives.keep_flags)
+    also labels each flagged user turn i > 0: the tokens that rendering that user message adds
+    after the previous assistant turn, up to (not including) the generation prompt, i.e. the
+    template's role marker, the question and its end-of-turn marker where the template has one
+    (Llama 3: `<|start_header_id|>user<|end_header_id|>\\n\\n` + question + `<|eot_id|>`;
+    Vicuna/LLaVA-1.5: `USER: ` + question). Precisely: the longest run of the prompt's new tokens
+    that the conversation rendered without the generation prompt tokenizes to as well, so a token
+    merged across the boundary with the generation prompt is left out. The first turn (the one
+    with the image) is never learned; with no flag set the result is the plain one.
     """
     if len(user_turns) != len(responses):
         raise ValueError("every user turn needs a response")
+    learn = list(learn_questions) if learn_questions is not None else [False] * len(user_turns)
+    if len(learn) != len(user_turns):
+        raise ValueError("learn_questions needs one flag per user turn")
+    if learn and learn[0]:
+        raise ValueError("the first user turn (the one with the image) is never kept in the loss")
     messages: list[dict] = []
     ids: list[int] = []
     labels: list[int] = []
@@ -73,10 +94,35 @@ def encode_conversation(processor, user_turns: list[str], responses: list[str], 
         prompt_ids, full_ids = tokenize_text(processor, prompt_text), tokenize_text(processor, full_text)
         if prompt_ids[: len(ids)] != ids or full_ids[: len(prompt_ids)] != prompt_ids:
             raise ValueError("chat template tokenization is not prefix-stable; cannot mask the prompt")
-        labels += [IGNORE_INDEX] * (len(prompt_ids) - len(ids))
+        kept = _user_turn_length(processor, messages[:-1], text, ids, prompt_text, prompt_ids) if learn[i] else 0
+        labels += prompt_ids[len(ids) : len(ids) + kept]
+        labels += [IGNORE_INDEX] * (len(prompt_ids) - len(ids) - kept)
         labels += full_ids[len(prompt_ids) :]
         ids, text = full_ids, full_text
     return Encoded(ids, labels, with_image, text)
+
+
+def _user_turn_length(
+    processor,
+    messages: list[dict],
+    previous_text: str,
+    previous_ids: list[int],
+    prompt_text: str,
+    prompt_ids: list[int],
+) -> int:
+    """How many of the prompt's new tokens (after `previous_ids`) belong to the last user message's own rendering."""
+    user_text = render(processor, messages, False)
+    if not (user_text.startswith(previous_text) and prompt_text.startswith(user_text)):
+        raise ValueError("the chat template's rendering of a user turn is not prefix-stable; cannot label the question")
+    user_ids = tokenize_text(processor, user_text)
+    if user_ids[: len(previous_ids)] != previous_ids:
+        raise ValueError("chat template tokenization of a user turn is not prefix-stable; cannot label the question")
+    common = len(previous_ids)
+    while common < min(len(user_ids), len(prompt_ids)) and user_ids[common] == prompt_ids[common]:
+        common += 1
+    if common == len(previous_ids):
+        raise ValueError("no token of the user turn survives in the prompt's tokenization; cannot label the question")
+    return common - len(previous_ids)
 
 
 def encode_prompt(processor, user_text: str, with_image: bool | int, answer_start: str = "") -> Encoded:

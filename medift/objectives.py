@@ -3,20 +3,19 @@
 - `response_log_probs` / `sequence_log_probs`: a response's summed log-probability under a
   causal model, on the positions `model_inputs` labels (everything else is IGNORE_INDEX);
 - `dpo_loss`: direct preference optimisation on those sums, with the usual reward metrics;
-- `encode_conversation_with_questions` / `keep_flags`: STLLaVA-Med's stage 1, in which a
-  non-first user turn is, with probability 0.5, kept in the loss too (the model learns to
-  ask the follow-up questions), built on chat.py's rendering exactly as `encode_conversation` is.
+- `keep_flags`: STLLaVA-Med's stage 1, in which a non-first user turn is, with probability
+  0.5, kept in the loss too (the model learns to ask the follow-up questions): the flags
+  `medift.chat.encode_conversation` takes as `learn_questions`.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from medift.chat import IGNORE_INDEX, Encoded, assistant_message, render, tokenize_text, user_message
+from medift.chat import IGNORE_INDEX
 
 
 def response_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -92,73 +91,3 @@ def keep_flags(n_turns: int, seed_key: str, p: float = 0.5) -> list[bool]:
         raise ValueError(f"p must be in [0, 1], got {p}")
     rng = random.Random(seed_key)
     return [False] + [rng.random() < p for _ in range(n_turns - 1)] if n_turns > 0 else []
-
-
-def encode_conversation_with_questions(
-    processor, user_turns: list[str], responses: list[str], with_image: bool, keep_user_turn: Sequence[bool]
-) -> Encoded:
-    """`encode_conversation` with, in addition, the kept user turns' tokens in the labels.
-
-    Every response is labelled as in `encode_conversation` (same rendering, same prefix-stable
-    checks; with no turn kept the result is identical). For a turn i > 0 with
-    `keep_user_turn[i]`, the labels also cover the tokens that rendering that user message adds
-    after the previous assistant turn, up to (not including) the generation prompt: the
-    template's role marker, the question, and its end-of-turn marker where the template has
-    one (Llama 3: `<|start_header_id|>user<|end_header_id|>\\n\\n` + question + `<|eot_id|>`;
-    Vicuna/LLaVA-1.5: `USER: ` + question). Precisely: the longest run of the prompt's new
-    tokens that the conversation rendered without the generation prompt tokenizes to as well,
-    so a token merged across the boundary with the generation prompt is left out. The first
-    turn (the one with the image) is never kept.
-    """
-    if len(user_turns) != len(responses):
-        raise ValueError("every user turn needs a response")
-    if len(keep_user_turn) != len(user_turns):
-        raise ValueError("keep_user_turn needs one flag per user turn")
-    if keep_user_turn and keep_user_turn[0]:
-        raise ValueError("the first user turn (the one with the image) is never kept in the loss")
-    messages: list[dict] = []
-    ids: list[int] = []
-    labels: list[int] = []
-    text = ""
-    for i, (user, response) in enumerate(zip(user_turns, responses)):
-        messages.append(user_message(user, with_image and i == 0))
-        prompt_text = render(processor, messages, True)
-        messages.append(assistant_message(response))
-        full_text = render(processor, messages, False)
-        if not (prompt_text.startswith(text) and full_text.startswith(prompt_text)):
-            raise ValueError("the chat template's rendering is not prefix-stable; cannot mask the prompt")
-        prompt_ids, full_ids = tokenize_text(processor, prompt_text), tokenize_text(processor, full_text)
-        if prompt_ids[: len(ids)] != ids or full_ids[: len(prompt_ids)] != prompt_ids:
-            raise ValueError("chat template tokenization is not prefix-stable; cannot mask the prompt")
-        if keep_user_turn[i]:
-            kept = _user_turn_length(processor, messages[:-1], text, ids, prompt_text, prompt_ids)
-            labels += prompt_ids[len(ids) : len(ids) + kept]
-            labels += [IGNORE_INDEX] * (len(prompt_ids) - len(ids) - kept)
-        else:
-            labels += [IGNORE_INDEX] * (len(prompt_ids) - len(ids))
-        labels += full_ids[len(prompt_ids) :]
-        ids, text = full_ids, full_text
-    return Encoded(ids, labels, with_image, text)
-
-
-def _user_turn_length(
-    processor,
-    messages: list[dict],
-    previous_text: str,
-    previous_ids: list[int],
-    prompt_text: str,
-    prompt_ids: list[int],
-) -> int:
-    """How many of the prompt's new tokens (after `previous_ids`) belong to the last user message's own rendering."""
-    user_text = render(processor, messages, False)
-    if not (user_text.startswith(previous_text) and prompt_text.startswith(user_text)):
-        raise ValueError("the chat template's rendering of a user turn is not prefix-stable; cannot label the question")
-    user_ids = tokenize_text(processor, user_text)
-    if user_ids[: len(previous_ids)] != previous_ids:
-        raise ValueError("chat template tokenization of a user turn is not prefix-stable; cannot label the question")
-    common = len(previous_ids)
-    while common < min(len(user_ids), len(prompt_ids)) and user_ids[common] == prompt_ids[common]:
-        common += 1
-    if common == len(previous_ids):
-        raise ValueError("no token of the user turn survives in the prompt's tokenization; cannot label the question")
-    return common - len(previous_ids)

@@ -39,7 +39,7 @@ from medift.model.loading import (
     select_trainable,
     unwrap_lora,
 )
-from medift.objectives import dpo_loss, encode_conversation_with_questions, keep_flags, sequence_log_probs
+from medift.objectives import dpo_loss, keep_flags, sequence_log_probs
 from medift.proxy import ProxyInstruction
 from medift.runtime import set_torch_threads
 from medift.settings import (
@@ -480,11 +480,10 @@ class ConversationSamples(torch.utils.data.Dataset):
         row = self.rows.row(index)
         turns = json.loads(row["turns"])
         questions, answers = [q for q, _ in turns], [a for _, a in turns]
+        keep = None
         if self.question_loss > 0:
             keep = keep_flags(len(turns), f"{self.seed}:{index}:{load_count}", self.question_loss)
-            encoded = encode_conversation_with_questions(self.processor, questions, answers, True, keep)
-        else:
-            encoded = encode_conversation(self.processor, questions, answers, with_image=True)
+        encoded = encode_conversation(self.processor, questions, answers, True, learn_questions=keep)
         return encoded, decode_image(row["image"])
 
 

@@ -12,7 +12,6 @@ from medift.chat import IGNORE_INDEX, encode_conversation, model_inputs
 from medift.model.loading import load_base_model
 from medift.objectives import (
     dpo_loss,
-    encode_conversation_with_questions,
     keep_flags,
     response_log_probs,
     sequence_log_probs,
@@ -173,7 +172,7 @@ def test_no_kept_turn_is_encode_conversation_exactly(family, checkpoints):
     _, processor = load_base_model(str(checkpoints[family]))
     for with_image in (True, False):
         plain = encode_conversation(processor, USER_TURNS, RESPONSES, with_image)
-        assert encode_conversation_with_questions(processor, USER_TURNS, RESPONSES, with_image, [False] * 3) == plain
+        assert encode_conversation(processor, USER_TURNS, RESPONSES, with_image, learn_questions=[False] * 3) == plain
 
 
 @pytest.mark.parametrize("family", ["mllama", "llava"])
@@ -181,7 +180,7 @@ def test_kept_user_turns_are_labelled_with_their_question(family, checkpoints):
     _, processor = load_base_model(str(checkpoints[family]))
     tokenizer = processor.tokenizer
     plain = encode_conversation(processor, USER_TURNS, RESPONSES, with_image=True)
-    kept = encode_conversation_with_questions(processor, USER_TURNS, RESPONSES, True, [False, True, False])
+    kept = encode_conversation(processor, USER_TURNS, RESPONSES, True, learn_questions=[False, True, False])
     assert kept.input_ids == plain.input_ids and kept.text == plain.text
     # Every response label is still there; the only new labels are one run: the second question's turn.
     assert all(b == a for a, b in zip(plain.labels, kept.labels) if a != IGNORE_INDEX)
@@ -202,7 +201,7 @@ def test_kept_user_turns_are_labelled_with_their_question(family, checkpoints):
     assert USER_TURNS[1] in supervised and all(response in supervised for response in RESPONSES)
     assert USER_TURNS[0] not in supervised and USER_TURNS[2] not in supervised
     # Both later turns kept: both questions labelled.
-    both = encode_conversation_with_questions(processor, USER_TURNS, RESPONSES, True, [False, True, True])
+    both = encode_conversation(processor, USER_TURNS, RESPONSES, True, learn_questions=[False, True, True])
     labelled = tokenizer.decode([t for t in both.labels if t != IGNORE_INDEX])
     assert USER_TURNS[1] in labelled and USER_TURNS[2] in labelled and USER_TURNS[0] not in labelled
 
@@ -210,6 +209,6 @@ def test_kept_user_turns_are_labelled_with_their_question(family, checkpoints):
 def test_the_first_turn_is_never_kept(checkpoints):
     _, processor = load_base_model(str(checkpoints["llava"]))
     with pytest.raises(ValueError, match="first user turn"):
-        encode_conversation_with_questions(processor, USER_TURNS, RESPONSES, True, [True, False, False])
+        encode_conversation(processor, USER_TURNS, RESPONSES, True, learn_questions=[True, False, False])
     with pytest.raises(ValueError, match="one flag per user turn"):
-        encode_conversation_with_questions(processor, USER_TURNS, RESPONSES, True, [False, True])
+        encode_conversation(processor, USER_TURNS, RESPONSES, True, learn_questions=[False, True])
