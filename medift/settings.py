@@ -100,6 +100,9 @@ DATA_SOURCES = ("descriptions", "instructions", "vital_select", "preferences")
 # instructions, candidates and the offline judge need (tests/test_settings.py holds it equal to
 # medift.datasets).
 ADAPTERS_WITH_ATTRIBUTES = ("wbcatt", "cbis_ddsm", "skincon", "mimic_cxr")
+# Every adapter a dataset entry may name (medift.datasets.get_dataset): the four releases and
+# `captions`, a user's own image-description set (tests/test_workflow.py holds it equal).
+ADAPTERS = ("wbcatt", "cbis_ddsm", "skincon", "mimic_cxr", "captions")
 # The blocks of `baselines:` and the dataclass each is generated from (module, class); the
 # fields the workflow fills itself are not keys (paths, seed, judge, and the inference
 # settings, which come from the `evaluate` block).

@@ -880,13 +880,20 @@ def test_a_killed_training_job_resumes_under_rerun_incomplete(tmp_path):
 
 
 def test_workflow_adapters_are_the_package_datasets():
-    """common.smk lists adapters without importing medift (a conda driver env may lack it)."""
-    import re
-
-    from medift.datasets import DATASETS
+    """common.smk takes the adapters from medift/settings.py (standard library only: a conda driver
+    env may lack medift's dependencies), which lists those medift.datasets provides."""
+    from medift import settings
+    from medift.datasets import DATASETS, get_dataset
+    from medift.datasets.captions import CaptionsAdapter
 
     common = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "common.smk").read_text()
-    listed = re.search(r"\nADAPTERS = \(([^)]*)\)", common).group(1)
-    assert sorted(re.findall(r'"(\w+)"', listed)) == sorted(DATASETS)
+    assert "ADAPTERS = SETTINGS.ADAPTERS" in common
+    assert set(settings.ADAPTERS) == set(DATASETS) | {"captions"}
+    assert isinstance(get_dataset("captions", {"file": "captions.csv"}), CaptionsAdapter)
+    import yaml
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    adapter = schema["properties"]["datasets"]["additionalProperties"]["properties"]["adapter"]
+    assert adapter["enum"] == [*settings.ADAPTERS, None]
     # The embedded datasets come from medift/settings.py (tests/test_settings.py), not a copy.
     assert "EMBEDDED_DATASETS = SETTINGS.EMBEDDED_DATASETS" in common

@@ -24,8 +24,6 @@ os.environ.update(
     PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 )
 
-# Adapters that medift.datasets provides (also the synthetic generators).
-ADAPTERS = ("wbcatt", "cbis_ddsm", "skincon", "mimic_cxr", "captions")
 # The embedded models (committed; `base_model.path` names them): the default is the tiny
 # Mllama (rule distill_base_model), distilled from the tiny LLaVA (rule pretrain_base_model).
 EMBEDDED_MODEL_DIRS = {"embedded": "models/embedded-mllama", "embedded_llava": "models/embedded-base"}
@@ -89,6 +87,7 @@ BATCHING = _load_medift_module("batching.py")  # global batch = batch_size x acc
 SETTINGS = _load_medift_module("settings.py")
 # Datasets whose words the embedded model's closed vocabulary holds, and its image side.
 EMBEDDED_DATASETS = SETTINGS.EMBEDDED_DATASETS
+ADAPTERS = SETTINGS.ADAPTERS  # the adapters medift.datasets provides
 EMBEDDED_IMAGE_SIZE = SETTINGS.EMBEDDED_IMAGE_SIZE
 
 
