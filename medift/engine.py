@@ -155,6 +155,18 @@ def gather_across_ranks(values: list[float]) -> torch.Tensor:
     return torch.stack(rows).cpu()
 
 
+def gather_objects(value) -> list:
+    """Every rank's `value` (any picklable object, e.g. a frame of predictions), in rank order, on
+    every rank; [value] without a process group."""
+    import torch.distributed as dist
+
+    if not _collective_ready():
+        return [value]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)  # NCCL: through the rank's current device, set at init
+    return gathered
+
+
 def max_across_ranks(value: float) -> float:
     """The largest `value` of any rank (every rank gets the same answer)."""
     import torch.distributed as dist

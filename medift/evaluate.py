@@ -30,6 +30,7 @@ import pandas as pd
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
+from medift import engine as ds_engine
 from medift import mcq, metrics
 from medift.benchmarks import UNLABELLED
 from medift.generation import best_letter, generate_answers, score_letters
@@ -308,15 +309,22 @@ def score_benchmark(model, processor, config: EvaluateConfig) -> tuple[pd.DataFr
     refused: Counter = Counter()
     parts, unlabelled_parts = [], []
     plain = EvaluateConfig(**{**config.__dict__, "circular": False})
-    with tqdm(total=len(reader), desc=f"evaluate ({config.scoring})", unit="q", mininterval=5) as bar:
-        for frame in reader.row_groups():
+    share = (ds_engine.rank(), ds_engine.world_size())
+    empty = pd.DataFrame()
+    with tqdm(
+        total=len(reader), desc=f"evaluate ({config.scoring})", unit="q", mininterval=5, disable=share[0] > 0
+    ) as bar:
+        for frame in reader.row_groups(share):
             labelled, unlabelled = benchmark_parts(frame, several_images, refused)
             for part, target, settings in ((labelled, parts, config), (unlabelled, unlabelled_parts, plain)):
+                scored = score_questions(model, processor, part, settings) if len(part) else empty
                 if len(part):
-                    scored = score_questions(model, processor, part, settings)
-                    categories = part.set_index("question_id")[["category", "l2_category"]]
-                    target.append(scored.join(categories, on="question_id"))
+                    scored = scored.join(part.set_index("question_id")[["category", "l2_category"]], on="question_id")
+                target.append(scored)  # one part per row group, empty or not: merged in order
             bar.update(len(frame))
+    refused = sum((Counter(r) for r in ds_engine.gather_objects(dict(refused))), Counter())
+    parts, unlabelled_parts = merged_in_order(parts), merged_in_order(unlabelled_parts)
+    parts, unlabelled_parts = [parts] if len(parts) else [], [unlabelled_parts] if len(unlabelled_parts) else []
     if refused:
         log.warning("refused %d question(s): %s", sum(refused.values()), dict(refused))
     if not parts:
@@ -342,16 +350,42 @@ def score_split(model, processor, config: EvaluateConfig) -> pd.DataFrame:
         for frame in ShardRows(shards, QUESTIONS, config.split, ["options"], verify=False).row_groups()
         for options in frame["options"]
     )
+    share = (ds_engine.rank(), ds_engine.world_size())
     parts = []
-    with tqdm(total=n_prompts, desc=f"evaluate ({config.scoring})", unit="q", mininterval=5) as bar:
-        for frame in reader.row_groups():
+    with tqdm(
+        total=n_prompts, desc=f"evaluate ({config.scoring})", unit="q", mininterval=5, disable=share[0] > 0
+    ) as bar:
+        for frame in reader.row_groups(share):
             parts.append(score_questions(model, processor, frame, config, progress=bar))
-    return pd.concat(parts, ignore_index=True)
+    return merged_in_order(parts)
+
+
+def merged_in_order(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """Every rank's row groups' predictions, in the shards' order: rank r scored groups r, r + R,
+    r + 2R, ... (ShardRows.row_groups' share), so group k is part k // R of rank k % R."""
+    gathered = ds_engine.gather_objects(parts)
+    ranks = len(gathered)
+    ordered = [gathered[k % ranks][k // ranks] for k in range(sum(len(p) for p in gathered))]
+    return pd.concat(ordered, ignore_index=True)
+
+
+def join_evaluation_ranks() -> None:
+    """Several ranks (a launcher's WORLD_SIZE > 1): one process group, each rank on its own card
+    (LOCAL_RANK) when there are cards; the questions are shared out by row group."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def evaluate(config: EvaluateConfig) -> dict:
     set_torch_threads(config.threads)
     started = time.time()
+    join_evaluation_ranks()
     # Straight onto the scoring device in its dtype: no full CPU copy of the model first.
     device = resolve_device(config.device)
     model, processor = load_base_model(
@@ -365,15 +399,16 @@ def evaluate(config: EvaluateConfig) -> dict:
     if is_benchmark(config.shards):
         predictions, unlabelled, refused = score_benchmark(model, processor, config)
         extra = {"unlabelled": len(unlabelled), "refused": refused}
-        if config.unlabelled:
-            unlabelled.to_csv(config.unlabelled, index=False)
     else:
         predictions = score_split(model, processor, config)
-        if config.unlabelled:  # every question has its answer: an empty file, for the workflow's outputs
-            unlabelled_predictions(predictions.iloc[:0]).to_csv(config.unlabelled, index=False)
+        unlabelled = unlabelled_predictions(predictions.iloc[:0])  # every question has its answer
     scoring_seconds = time.time() - scoring_started
+    if ds_engine.rank() > 0:
+        return {}  # every rank has every prediction: rank 0 writes the files and describes the images
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(config.out, index=False)
+    if config.unlabelled:  # (the header only when every question has its answer: a workflow output)
+        unlabelled.to_csv(config.unlabelled, index=False)
     summary = {
         **summarize(predictions),
         **extra,
@@ -384,6 +419,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         "model": config.model,
         "device": str(model.device),
         "dtype": config.dtype,
+        "ranks": ds_engine.world_size(),
     }
     Path(config.summary).write_text(json.dumps(summary, indent=1))
     if config.descriptions:
@@ -411,12 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (config,) = HfArgumentParser(EvaluateConfig).parse_args_into_dataclasses(argv)
     summary = evaluate(config)
-    log.info(
-        "accuracy %.2f%% on %d questions, %d parse failures",
-        summary["accuracy"],
-        summary["n"],
-        summary["parse_failures"],
-    )
+    ds_engine.shutdown()  # the ranks leave together, once rank 0 has written and described
+    if summary:
+        log.info(
+            "accuracy %.2f%% on %d questions, %d parse failures",
+            summary["accuracy"],
+            summary["n"],
+            summary["parse_failures"],
+        )
     return 0
 
 

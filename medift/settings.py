@@ -86,7 +86,7 @@ EVALUATE_JOB_FIELDS = (
     "describe_shards",
     "unlabelled",
 )
-EVALUATE_WORKFLOW_KEYS = ("describe", "threads")
+EVALUATE_WORKFLOW_KEYS = ("describe", "threads", "ranks")
 
 
 # Keys of a `methods:` entry that are not train settings: whether it trains, what it trains on

@@ -638,12 +638,18 @@ class ShardRows:
         group = self._read_group(int(self._file[index]), int(self._group[index]))
         return {c: group[c][int(self._row[index])] for c in self.columns}
 
-    def row_groups(self) -> Iterator[pd.DataFrame]:
+    def row_groups(self, share: tuple[int, int] = (0, 1)) -> Iterator[pd.DataFrame]:
         """Every row, one row group at a time, in order (each decoded once); a question's
-        `options` as a Python list."""
+        `options` as a Python list. `share` (rank, ranks): only the row groups whose number
+        (counted over the files, in order) is rank modulo ranks, the others not even read."""
+        rank, ranks = share
+        number = -1
         for path in self.paths:
             handle = pq.ParquetFile(path)
             for group in range(handle.metadata.num_row_groups):
+                number += 1
+                if number % ranks != rank:
+                    continue
                 frame = handle.read_row_group(group, columns=self.columns).to_pandas()
                 if "options" in frame:
                     frame["options"] = [list(options) for options in frame["options"]]

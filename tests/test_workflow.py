@@ -201,6 +201,23 @@ def _job_blocks(output: str, rule: str) -> list[tuple[dict[str, str], str]]:
     return jobs
 
 
+def test_evaluation_ranks_start_through_torchrun(tmp_path):
+    config = copy.deepcopy(default_config())
+    config["evaluate"].update(ranks=2, threads=2)
+    result = snakemake(
+        "-n",
+        "-p",
+        f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
+        "results/table1.csv",
+        workdir=tmp_path / "work",
+    )
+    jobs = _job_blocks(result.stdout + result.stderr, "evaluate_model")
+    assert len(jobs) == 6
+    launcher = "python -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node 2 -m medift.evaluate"
+    # 2 threads x 2 ranks, capped at the test's --cores 2, shared out over the ranks.
+    assert all(launcher in shell and "--threads $(( 2 / 2 ))" in shell for _, shell in jobs)
+
+
 def test_local_gpu_jobs_take_cards_of_their_own(tmp_path):
     """On an 8-card machine (`gpus: 8`; no GPU needed for a dry run) each training job takes a
     card per rank and each evaluation one, through medift.gpus, and Snakemake's `gpu` resource

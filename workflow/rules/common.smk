@@ -541,9 +541,14 @@ def check_train_cards(wildcards):
 
 
 def get_evaluate_gpus(wildcards):
-    """Cards of an evaluation job: one with evaluate.device cuda, or auto on a machine with cards."""
+    """Cards of an evaluation job: one per rank with evaluate.device cuda, or auto on a machine with cards."""
     device = config["evaluate"]["device"]
-    return 1 if device == "cuda" or (device == "auto" and LOCAL_CARDS) else 0
+    return config["evaluate"]["ranks"] if device == "cuda" or (device == "auto" and LOCAL_CARDS) else 0
+
+
+def get_evaluate_launcher(wildcards):
+    """The evaluation's launcher: the module for one rank, torchrun for several (medift.settings)."""
+    return " ".join(SETTINGS.launcher_arguments(config["evaluate"]["ranks"], ("-m", "medift.evaluate")))
 
 
 def check_evaluate_cards(wildcards):

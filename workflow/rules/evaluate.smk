@@ -25,11 +25,13 @@ rule evaluate_model:
         # The same settings as medift.evaluate options (derived from `input`: not compared twice).
         args=lambda wildcards, input: get_evaluate_args(wildcards),
         describe=get_describe_options,
+        launcher=get_evaluate_launcher,
+        ranks=config["evaluate"]["ranks"],
     log:
         "logs/evaluate_model/{dataset}/{method}/seed-{seed}.log",
     benchmark:
         "benchmarks/evaluate_model/{dataset}/{method}/seed-{seed}.tsv"
-    threads: config["evaluate"]["threads"]
+    threads: config["evaluate"]["threads"] * config["evaluate"]["ranks"]
     resources:
         cpu_slots=get_cpu_slots,
         # From the model's and the questions' size (common.smk); a profile's set-resources overrides them.
@@ -41,8 +43,8 @@ rule evaluate_model:
         "../envs/medift.yaml"
     shell:
         # --take 0 runs the command as it is; otherwise it runs on a card of its own (medift/gpus.py).
-        "HF_HUB_OFFLINE=1 python -m medift.gpus --take {resources.gpu} -- python -m medift.evaluate --model {params.model}"
+        "HF_HUB_OFFLINE=1 python -m medift.gpus --take {resources.gpu} -- {params.launcher} --model {params.model}"
         " --shards {params.shards} {params.args} --out {output.predictions} --summary {output.metrics}"
         " --trust_remote_code {params.trust_remote_code} {params.describe} --describe_shards {params.describe_shards}"
-        " --unlabelled {output.unlabelled} --threads {threads} > {log} 2>&1"
+        " --unlabelled {output.unlabelled} --threads $(( {threads} / {params.ranks} )) > {log} 2>&1"
 
