@@ -33,6 +33,16 @@ class Family:
     tile_mask: str | None = None
     # The FLOP formula of medift/flops.py for this family's layout; None: no formula (no MFU reported).
     flops: str | None = None
+    # How an image's encoding, computed once, is handed to `generate` for every prompt about that image
+    # (medift.image_encoding): CROSS_ATTENTION_STATES (the vision model's projected output that the
+    # decoder's cross-attention layers read, Mllama), PLACEHOLDER_FEATURES (the projected features that
+    # fill the image's placeholder tokens, transformers' `mm_encoder_outputs`), or None: every prompt
+    # encodes its image itself (the evaluation's `encode_once` falls back to that).
+    image_encoding: str | None = None
+
+
+CROSS_ATTENTION_STATES = "cross_attention_states"
+PLACEHOLDER_FEATURES = "mm_encoder_outputs"
 
 
 def _lm(prefix: str) -> str:
@@ -62,6 +72,7 @@ _add(
             "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
             "vision": rf"(^|\.)vision_tower\..*{SELF_ATTN_QV}",
         },
+        image_encoding=PLACEHOLDER_FEATURES,
     ),
 )
 _add(
@@ -78,6 +89,7 @@ _add(
             "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
             "vision": rf"(^|\.)vision_tower\..*{SELF_ATTN_QV}",
         },
+        image_encoding=PLACEHOLDER_FEATURES,
     ),
 )
 _add(
@@ -105,6 +117,7 @@ _add(
         # The processor pads every image to max_image_tiles; aspect_ratio_mask marks the real ones.
         tile_mask="aspect_ratio_mask",
         flops="mllama",
+        image_encoding=CROSS_ATTENTION_STATES,
     ),
 )
 _add(
@@ -117,6 +130,7 @@ _add(
             "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
             "vision": r"(^|\.)visual\.blocks\.\d+\.attn\.qkv$",
         },
+        image_encoding=PLACEHOLDER_FEATURES,
     ),
 )
 _add(
@@ -125,6 +139,7 @@ _add(
         "Idefics3 / SmolVLM",
         {"projector": r"(^|\.)connector\.", "vision": r"(^|\.)vision_model\.", "language_model": _lm("text_model")},
         {"language_model": rf"(^|\.)text_model\..*{SELF_ATTN_QV}", "vision": rf"(^|\.)vision_model\..*{SELF_ATTN_QV}"},
+        image_encoding=PLACEHOLDER_FEATURES,
     ),
 )
 _add(
@@ -140,6 +155,7 @@ _add(
             "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
             "vision": rf"(^|\.)vision_tower\..*{SELF_ATTN_QV}",
         },
+        image_encoding=PLACEHOLDER_FEATURES,
     ),
 )
 _add(
@@ -155,6 +171,7 @@ _add(
             "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
             "vision": r"(^|\.)vision_tower\..*attention\.(q_proj|v_proj)$",
         },
+        image_encoding=PLACEHOLDER_FEATURES,
     ),
 )
 
