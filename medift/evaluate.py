@@ -10,6 +10,10 @@ Scoring modes (`--scoring`):
 With `--circular`, every question is also asked with its options rotated (all n
 rotations); tables then count a question as right only if every rotation is.
 
+With `--encode_once` (the default), the prompts are batched image by image and each image
+is encoded once for all its questions and rotations (medift.image_encoding); the answers
+are the same as with every prompt encoding its image.
+
 Every asked prompt's options, raw output (or letter scores), parsed letter and
 correctness are saved, so any number in a table can be audited back to the model.
 `python -m medift.evaluate --help` lists the options.
@@ -86,6 +90,18 @@ class EvaluateConfig:
                 "Prompts per forward or generate call; predictions do not depend on it (left padding, "
                 "positions from the "
                 "attention mask; tested per family)."
+            )
+        },
+    )
+    encode_once: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Encode each image once for all the prompts about it (its questions and their rotations): the "
+                "prompts are batched image by image and the image's vision encoding (Mllama's cross-attention "
+                "states; the placeholder features of the families with image tokens in the sequence) is computed "
+                "once and given to every prompt's own text. The answers are the same as with false (every prompt "
+                "encodes its image); a family without the fact in medift/model/families.py runs as with false."
             )
         },
     )
@@ -215,12 +231,21 @@ def score_questions(model, processor, questions: pd.DataFrame, config: EvaluateC
     )
     if config.scoring == "generate":
         outputs = generate_answers(
-            model, processor, instructions, images, config.max_new_tokens, config.batch_size, bar
+            model,
+            processor,
+            instructions,
+            images,
+            config.max_new_tokens,
+            config.batch_size,
+            bar,
+            encode_once=config.encode_once,
         )
         letters = [mcq.parse_answer_letter(output, n) for output, n in zip(outputs, n_options)]
         scores = [""] * len(outputs)
     else:
-        letter_scores = score_letters(model, processor, instructions, images, n_options, config.batch_size, bar)
+        letter_scores = score_letters(
+            model, processor, instructions, images, n_options, config.batch_size, bar, encode_once=config.encode_once
+        )
         letters = [best_letter(s) for s in letter_scores]
         outputs = [""] * len(letters)
         scores = [json.dumps({k: round(v, 4) for k, v in s.items()}) for s in letter_scores]

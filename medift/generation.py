@@ -4,6 +4,10 @@ Both paths build their inputs with the one model-input builder (`medift.chat.mod
 left padding) and run through the model's own `generate`, which derives every family's
 positions from the attention mask (1-D for Llama-style decoders, 3-D M-RoPE for Qwen),
 so a prompt's answer does not depend on which prompts share its batch.
+
+With `encode_once`, the prompts are batched image by image and each image is encoded once
+for all the prompts about it (medift.image_encoding); the answers are returned in the
+prompts' order and are the same as without it.
 """
 
 from __future__ import annotations
@@ -15,18 +19,57 @@ from PIL import Image
 
 from medift import mcq
 from medift.chat import IGNORE_INDEX, encode_conversation, encode_prompt, model_inputs, render, user_message
+from medift.image_encoding import ImageEncodings, encoding_kind, generating, grouped_order
 
 
 def prompt_batch(
     model, processor, instructions: Sequence[str], images: Sequence[Image.Image | None], answer_start: str = ""
 ) -> dict:
     """Left-padded prompts (no labels: nothing to predict) on the model's device, pixels in its dtype."""
+    return _prompt_batch(model, processor, instructions, images, answer_start)[0]
+
+
+def _prompt_batch(model, processor, instructions, images, answer_start: str) -> tuple[dict, list[str]]:
     rows = [
         encode_prompt(processor, text, image_count(image), answer_start) for text, image in zip(instructions, images)
     ]
     batch = model_inputs(processor, rows, list(images), padding_side="left")
     batch.pop("labels")
-    return to_model(model, batch)
+    return to_model(model, batch), [row.text for row in rows]
+
+
+def prompt_batches(
+    model,
+    processor,
+    instructions: Sequence[str],
+    images: Sequence[Image.Image | None],
+    batch_size: int,
+    answer_start: str = "",
+    encode_once: bool = False,
+):
+    """(prompt indices, generate inputs) per batch of `batch_size` prompts.
+
+    Without `encode_once` (or for a family without a precomputed image encoding,
+    medift/model/families.py): the prompts in order, each batch as `prompt_batch` makes it.
+    With it: the prompts grouped by image (`grouped_order`), and each batch's pixels replaced
+    by its images' encodings, computed the first time an image is met and kept until its last
+    prompt has been batched (medift.image_encoding)."""
+    kind = encoding_kind(model) if encode_once else None
+    if kind is None:
+        order, encodings = list(range(len(instructions))), None
+    else:
+        order, encodings = grouped_order(images), ImageEncodings(model, processor, kind)
+        last_use = {id(images[i]): position for position, i in enumerate(order)}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch, texts = _prompt_batch(
+            model, processor, [instructions[i] for i in chunk], [images[i] for i in chunk], answer_start
+        )
+        if encodings is not None:
+            batch = encodings.inputs(batch, texts, [images[i] for i in chunk])
+        yield chunk, batch
+        if encodings is not None:
+            encodings.forget(key for key in encodings.encoded if last_use[key] < start + len(chunk))
 
 
 def image_count(image) -> int:
@@ -52,30 +95,32 @@ def generate_answers(
     batch_size: int = 32,
     progress=None,
     min_new_tokens: int = 0,
+    encode_once: bool = False,
 ) -> list[str]:
     """Greedy decoding after each prompt; returns the decoded new text per prompt.
 
     `min_new_tokens` > 0 suppresses the end of sequence until then (benchmarks use it to
-    time the full budget, as a model that explains its answer would use it).
+    time the full budget, as a model that explains its answer would use it). `encode_once`:
+    each image encoded once for all its prompts (`prompt_batches`); the same answers.
     """
     tokenizer = processor.tokenizer
     model.eval()
-    outputs: list[str] = []
-    for start in range(0, len(instructions), batch_size):
-        chunk = slice(start, min(start + batch_size, len(instructions)))
-        batch = prompt_batch(model, processor, instructions[chunk], images[chunk])
-        generated = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens or None,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    outputs: list[str] = [""] * len(instructions)
+    for chunk, batch in prompt_batches(model, processor, instructions, images, batch_size, encode_once=encode_once):
+        with generating(model, batch):
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens or None,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
-        outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+            outputs[i] = text.strip()
         if progress is not None:
             progress.update(len(new_tokens))
-    return [text.strip() for text in outputs]
+    return outputs
 
 
 @torch.no_grad()
@@ -163,6 +208,7 @@ def score_letters(
     n_options: Sequence[int],
     batch_size: int = 32,
     progress=None,
+    encode_once: bool = False,
 ) -> list[dict[str, float]]:
     """Next-token logits of the valid option letters after the forced answer prefix.
 
@@ -170,29 +216,27 @@ def score_letters(
     positions and caches are the family's own): the prompt, then `The correct answer is`,
     and the logits of the last position restricted to the letters of that question's
     options. Returns {letter: logit} per question; the prediction is its argmax
-    (`best_letter`), so a letter outside the options can never be predicted.
+    (`best_letter`), so a letter outside the options can never be predicted. `encode_once`:
+    each image encoded once for all its prompts (`prompt_batches`); the same scores.
     """
     prefix_text, letter_ids = forced_answer_context(processor, max(n_options))
     model.eval()
-    scores: list[dict[str, float]] = []
-    for start in range(0, len(instructions), batch_size):
-        chunk = range(start, min(start + batch_size, len(instructions)))
-        batch = prompt_batch(
-            model, processor, [instructions[i] for i in chunk], [images[i] for i in chunk], prefix_text
-        )
-        out = model.generate(
-            **batch,
-            max_new_tokens=1,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=processor.tokenizer.pad_token_id,
-        )
+    scores: list[dict[str, float]] = [{} for _ in instructions]
+    for chunk, batch in prompt_batches(
+        model, processor, instructions, images, batch_size, prefix_text, encode_once=encode_once
+    ):
+        with generating(model, batch):
+            out = model.generate(
+                **batch,
+                max_new_tokens=1,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=processor.tokenizer.pad_token_id,
+            )
         logits = out.logits[0].float()
         for row, i in enumerate(chunk):
-            scores.append(
-                {letter: float(logits[row, letter_ids[letter]]) for letter in mcq.option_letters(n_options[i])}
-            )
+            scores[i] = {letter: float(logits[row, letter_ids[letter]]) for letter in mcq.option_letters(n_options[i])}
         if progress is not None:
             progress.update(len(chunk))
     return scores

@@ -744,6 +744,10 @@ class Validation:
             scoring="letter",
             circular=False,
             batch_size=batch_size,
+            # Every rank must run the same forwards (ZeRO-3 gathers each layer's parameters in them):
+            # encoding each image once would run the vision tower a number of times that depends on
+            # the images of the rank's share.
+            encode_once=False,
         )
 
     def accuracy(self, model, processor, proxy) -> float:

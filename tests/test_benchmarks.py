@@ -92,3 +92,25 @@ def test_benchmark_evaluation_asks_several_images_where_the_family_takes_them(fa
     unlabelled = pd.read_csv(tmp_path / "unlabelled.csv", keep_default_na=False, dtype=str)
     assert list(unlabelled["question_id"]) == ["6"] and summary["unlabelled"] == 1
     assert "correct" not in unlabelled.columns and "answer_letter" not in unlabelled.columns
+
+
+def test_a_question_on_several_images_gets_the_same_answers_with_and_without_encode_once(tsv_shards, tmp_path):
+    shards, _, _ = tsv_shards
+    checkpoint = build_tiny_checkpoint("mllama", tmp_path / "mllama")
+    written = {}
+    for encode_once in (False, True):
+        out = tmp_path / str(encode_once)
+        out.mkdir()
+        evaluate(
+            EvaluateConfig(
+                model=str(checkpoint),
+                shards=str(shards),
+                out=str(out / "predictions.csv"),
+                summary=str(out / "metrics.json"),
+                scoring="letter",
+                encode_once=encode_once,
+                device="cpu",
+            )
+        )
+        written[encode_once] = (out / "predictions.csv").read_bytes()
+    assert written[True] == written[False]

@@ -36,6 +36,16 @@ class Family:
     # Whether a question on several images is asked (its processor and model take several images
     # per row; tested on a tiny checkpoint): otherwise such questions are refused and counted.
     several_images: bool = False
+    # How an image's encoding, computed once, is handed to `generate` for every prompt about that image
+    # (medift.image_encoding): CROSS_ATTENTION_STATES (the vision model's projected output that the
+    # decoder's cross-attention layers read, Mllama), PLACEHOLDER_FEATURES (the projected features that
+    # fill the image's placeholder tokens, transformers' `mm_encoder_outputs`), or None: every prompt
+    # encodes its image itself (the evaluation's `encode_once` falls back to that).
+    image_encoding: str | None = None
+
+
+CROSS_ATTENTION_STATES = "cross_attention_states"
+PLACEHOLDER_FEATURES = "mm_encoder_outputs"
 
 
 def _lm(prefix: str) -> str:
@@ -66,6 +76,7 @@ _add(
             "vision": rf"(^|\.)vision_tower\..*{SELF_ATTN_QV}",
         },
         several_images=True,
+        image_encoding=PLACEHOLDER_FEATURES,
     ),
 )
 _add(
@@ -82,6 +93,7 @@ _add(
             "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
             "vision": rf"(^|\.)vision_tower\..*{SELF_ATTN_QV}",
         },
+        image_encoding=PLACEHOLDER_FEATURES,
     ),
 )
 _add(
@@ -110,6 +122,7 @@ _add(
         tile_mask="aspect_ratio_mask",
         flops="mllama",
         several_images=True,
+        image_encoding=CROSS_ATTENTION_STATES,
     ),
 )
 _add(
@@ -122,6 +135,7 @@ _add(
             "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
             "vision": r"(^|\.)visual\.blocks\.\d+\.attn\.qkv$",
         },
+        image_encoding=PLACEHOLDER_FEATURES,
     ),
 )
 _add(
@@ -130,6 +144,7 @@ _add(
         "Idefics3 / SmolVLM",
         {"projector": r"(^|\.)connector\.", "vision": r"(^|\.)vision_model\.", "language_model": _lm("text_model")},
         {"language_model": rf"(^|\.)text_model\..*{SELF_ATTN_QV}", "vision": rf"(^|\.)vision_model\..*{SELF_ATTN_QV}"},
+        image_encoding=PLACEHOLDER_FEATURES,
     ),
 )
 _add(
@@ -145,6 +160,7 @@ _add(
             "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
             "vision": rf"(^|\.)vision_tower\..*{SELF_ATTN_QV}",
         },
+        image_encoding=PLACEHOLDER_FEATURES,
     ),
 )
 _add(
@@ -160,6 +176,7 @@ _add(
             "language_model": rf"(^|\.)language_model\..*{SELF_ATTN_QV}",
             "vision": r"(^|\.)vision_tower\..*attention\.(q_proj|v_proj)$",
         },
+        image_encoding=PLACEHOLDER_FEATURES,
     ),
 )
 

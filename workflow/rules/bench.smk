@@ -64,3 +64,21 @@ rule bench_real_size:
         "../envs/medift.yaml"
     shell:
         "HF_HUB_OFFLINE=1 python bench/real_size.py --size auto --out {output} > {log} 2>&1"
+
+
+rule bench_encode_once:
+    """Benchmark (not part of `all`): the evaluation with each image encoded once for all its
+    prompts (evaluate.encode_once) vs every prompt encoding its image, on the embedded Mllama and
+    on the real Llama-3.2-11B-Vision widths at reduced depth (random weights), plain, circular and
+    every attribute of each image; seconds, the speed ratio and the agreement (must be 1.0)."""
+    output:
+        "results/bench/encode_once.json",
+    log:
+        "logs/bench_encode_once.log",
+    threads: config["evaluate"]["threads"]
+    resources:
+        cpu_slots=get_cpu_slots,
+    conda:
+        "../envs/medift.yaml"
+    shell:
+        "HF_HUB_OFFLINE=1 python bench/encode_once.py --threads {threads} --out {output} > {log} 2>&1"
