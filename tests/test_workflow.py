@@ -732,6 +732,12 @@ def test_end_to_end_table3_adds_only_the_baselines_jobs(table1_run, tmp_path):
         assert dpo["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     for rule in ("make_instructions", "make_candidates"):
         assert (work / "logs" / rule / "wbcatt.log").stat().st_size > 0
+    # Rerunning one method reruns only its jobs: a new kept fraction, a new selection and its training.
+    config["methods"]["vital_select"]["keep_fraction"] = 0.8
+    write_config(configfile, config)
+    jobs = dry_run("results/table3.csv", workdir=work, configfile=configfile)
+    assert rule_counts(jobs) == {"select_candidates": 1, "train_model": 1, "evaluate_model": 1, "make_table": 1}
+    assert {w.get("method") for rule, w in jobs if rule != "make_table"} == {"vital_select"}
 
 
 @pytest.mark.e2e
