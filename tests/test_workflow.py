@@ -821,6 +821,40 @@ def test_your_own_captions_tuned_and_evaluated_on_published_benchmark_forms(tmp_
     assert bench["questions"] == tsv["rows"] and bench["quarantined"] == 0
 
 
+@pytest.mark.e2e
+def test_an_evaluation_only_column_scores_the_base_model_on_a_benchmark(tmp_path):
+    """A benchmark as a table column of its own (source none, eval_from): zero_shot on a
+    VLMEvalKit TSV, no tuning data, no shards of its own, nothing described."""
+    from medift.testing.tiny_checkpoints import build_tiny_checkpoint
+    from tests.fixtures.own_data import write_vlmevalkit_tsv
+
+    checkpoint = build_tiny_checkpoint("mllama", tmp_path / "tiny-mllama")
+    facts = write_vlmevalkit_tsv(tmp_path / "bench.tsv")
+    config = tiny_config(base_model=str(checkpoint))
+    config["datasets"] = {"gmai": {"source": "none", "eval_from": "tsv"}}
+    config["benchmarks"] = {"tsv": {"file": str(tmp_path / "bench.tsv"), "category": "l2_category"}}
+    config["methods"] = {"zero_shot": {"train": False}, "ift": {"proxy": True}}
+    config["tables"] = {"bench": ["zero_shot"]}
+    config["comparisons"] = {}
+    configfile = write_config(tmp_path / "config.yaml", config)
+    work = tmp_path / "work"
+    jobs = dry_run("results/bench.csv", workdir=work, configfile=configfile)
+    assert rule_counts(jobs) == {"make_benchmark_shards": 1, "evaluate_on_benchmark_only": 1, "make_table": 1}
+    snakemake(f"--configfile={configfile}", "results/bench.csv", workdir=work, timeout=600)
+    table = pd.read_csv(work / "results/bench.csv", index_col=0)
+    assert list(table.index) == ["zero_shot"] and list(table.columns) == ["gmai", "average"]
+    long = pd.read_csv(work / "results/bench_long.csv")
+    assert long["n"].tolist() == [facts["labelled_single"] + facts["several_images"]]
+    assert long["description_accuracy"].isna().all()  # nothing of its own to describe
+    attributes = pd.read_csv(work / "results/bench_attributes.csv")
+    assert set(attributes["attribute"]) == {"colour", "shape", "count", "all"}  # its l2-categories
+    assert not (work / "resources/shards").exists()
+    # A trained method has no tuning data in such a column: refused before any job.
+    config["tables"] = {"bench": ["zero_shot", "ift"]}
+    result = snakemake("-n", f"--configfile={write_config(configfile, config)}", workdir=work, check=False)
+    assert result.returncode != 0 and "an evaluation-only column (source none)" in result.stdout + result.stderr
+
+
 def test_the_own_data_example_config_is_complete(tmp_path):
     """config/own-data.yaml with its /path/to placeholders pointed at files of the forms it names:
     the DAG it plans (a dry run) tunes both datasets and evaluates one on the benchmark."""

@@ -156,6 +156,19 @@ def check_cards(needed, what):
 
 def _check_config():
     for name, entry in config["datasets"].items():
+        if entry["source"] == "none":
+            if entry["eval_from"] is None:
+                raise WorkflowError(
+                    f"datasets.{name}: source none (no tuning data) is an evaluation-only column: set eval_from"
+                )
+            trained = sorted({m for methods in config["tables"].values() for m in methods if is_trained(m)})
+            if trained:
+                raise WorkflowError(
+                    f"datasets.{name}: an evaluation-only column (source none) has no tuning data for the trained "
+                    f"methods {', '.join(trained)} of the tables; evaluate them on its benchmark through a dataset "
+                    "with tuning data (eval_from) instead"
+                )
+            continue
         adapter = entry["adapter"] or name
         if adapter not in ADAPTERS:
             raise WorkflowError(
@@ -199,7 +212,7 @@ def _check_config():
                 f"base_model.path {str(path)!r}: model_type {model_type!r} is not a known VLM family "
                 f"({', '.join(sorted(FAMILIES.FAMILIES))}); add it to medift/model/families.py"
             )
-    without_attributes = [name for name in config["datasets"] if not has_attributes(name)]
+    without_attributes = [n for n, e in config["datasets"].items() if e["source"] != "none" and not has_attributes(n)]
     for method, entry in config["methods"].items():
         try:
             SETTINGS.check_method(method, entry, config["methods"], without_attributes)
@@ -269,6 +282,15 @@ wildcard_constraints:
 def get_datasets():
     """Configured datasets, in table column order."""
     return list(config["datasets"])
+
+
+def get_evaluation_only_datasets():
+    """Datasets without tuning data (source none): their questions are a benchmark's, nothing is described."""
+    return [name for name, entry in config["datasets"].items() if entry["source"] == "none"]
+
+
+def get_tuning_datasets():
+    return [name for name in config["datasets"] if name not in get_evaluation_only_datasets()]
 
 
 def get_dataset_config(wildcards):
@@ -706,21 +728,23 @@ def get_description_outputs():
     }
 
 
-def get_describe_options(wildcards, output):
-    """The evaluation's description outputs and the dataset's adapter (whose phrases count)."""
+def get_describe_options(wildcards, input, output):
+    """The evaluation's description outputs, the dataset's adapter (whose phrases count) and the
+    shards whose test images it describes (the dataset's own, also when its questions are a benchmark's)."""
     if not config["evaluate"]["describe"]:
         return ""
     return (
         f"--descriptions {output.descriptions} --description_summary {output.description_metrics}"
-        f" --adapter {get_adapter(wildcards)}"
+        f" --adapter {get_adapter(wildcards)} --describe_shards {os.path.dirname(input.own)}"
     )
 
 
 def get_table_descriptions(wildcards):
-    """descriptions.csv of every (method, seed, dataset) of the table when `evaluate.describe` is on."""
+    """descriptions.csv of every (method, seed, dataset with tuning data) of the table when
+    `evaluate.describe` is on (an evaluation-only column has no images of its own to describe)."""
     if not config["evaluate"]["describe"]:
         return []
-    return _table_results(wildcards, "descriptions.csv")
+    return [path for path in _table_results(wildcards, "descriptions.csv") if path.split("/")[1] in get_tuning_datasets()]
 
 
 def get_comparison_pairs():

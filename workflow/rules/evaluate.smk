@@ -16,7 +16,6 @@ rule evaluate_model:
         # With evaluate.describe: description accuracy, measured with the same loaded model.
         **get_description_outputs(),
     params:
-        describe_shards=subpath(input.own, parent=True),
         shards=subpath(input.manifest, parent=True),
         model=lambda wildcards, input: os.path.dirname(input.model[0]),
         trust_remote_code=config["base_model"]["trust_remote_code"],
@@ -27,6 +26,8 @@ rule evaluate_model:
         describe=get_describe_options,
         launcher=get_evaluate_launcher,
         ranks=config["evaluate"]["ranks"],
+    wildcard_constraints:
+        dataset=_alternatives(get_tuning_datasets()) or "^$",
     log:
         "logs/evaluate_model/{dataset}/{method}/seed-{seed}.log",
     benchmark:
@@ -45,6 +46,32 @@ rule evaluate_model:
         # --take 0 runs the command as it is; otherwise it runs on a card of its own (medift/gpus.py).
         "HF_HUB_OFFLINE=1 python -m medift.gpus --take {resources.gpu} -- {params.launcher} --model {params.model}"
         " --shards {params.shards} {params.args} --out {output.predictions} --summary {output.metrics}"
-        " --trust_remote_code {params.trust_remote_code} {params.describe} --describe_shards {params.describe_shards}"
+        " --trust_remote_code {params.trust_remote_code} {params.describe}"
         " --unlabelled {output.unlabelled} --threads $(( {threads} / {params.ranks} )) > {log} 2>&1"
 
+
+
+use rule evaluate_model as evaluate_on_benchmark_only with:
+    input:
+        manifest=get_eval_shards_manifest,
+        model=get_model_files,
+        cards_check=check_evaluate_cards,
+    output:
+        predictions=result_file("predictions.csv"),
+        metrics=result_file("metrics.json"),
+        unlabelled=result_file("unlabelled.csv"),
+    params:
+        shards=subpath(input.manifest, parent=True),
+        model=lambda wildcards, input: os.path.dirname(input.model[0]),
+        trust_remote_code=config["base_model"]["trust_remote_code"],
+        **get_evaluate_params(),
+        args=lambda wildcards, input: get_evaluate_args(wildcards),
+        describe="",  # an evaluation-only column has no images of its own to describe
+        launcher=get_evaluate_launcher,
+        ranks=config["evaluate"]["ranks"],
+    wildcard_constraints:
+        dataset=_alternatives(get_evaluation_only_datasets()) or "^$",
+    log:
+        "logs/evaluate_model/{dataset}/{method}/seed-{seed}.log",
+    benchmark:
+        "benchmarks/evaluate_model/{dataset}/{method}/seed-{seed}.tsv"
