@@ -21,6 +21,7 @@ correctness are saved, so any number in a table can be audited back to the model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -333,7 +334,7 @@ def score_benchmark(model, processor, config: EvaluateConfig) -> tuple[pd.DataFr
     several_images = family_of(model.config).several_images
     refused: Counter = Counter()
     parts, unlabelled_parts = [], []
-    plain = EvaluateConfig(**{**config.__dict__, "circular": False})
+    plain = dataclasses.replace(config, circular=False)  # an unlabelled question is asked once
     share = (ds_engine.rank(), ds_engine.world_size())
     empty = pd.DataFrame()
     with tqdm(

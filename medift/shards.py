@@ -89,7 +89,8 @@ QUESTION_SCHEMA = pa.schema(
 # Preference row: one question on an image with a chosen and a rejected answer, their judge
 # scores, and the reference model's summed log-probabilities of each (DPO's fixed reference,
 # computed once by the job that made the pair, so training holds one model).
-# Candidate row (vital_select): one question/answer about an image, where it came from (the
+# Candidate row (vital_select): one question/answer about an image (by its image_id: the image
+# itself stays once in the dataset's shards, not once per candidate), where it came from (the
 # ground truth, the base model's sample) and the judge's 0-10 rating (null: unparsable).
 CONVERSATIONS = "conversations"
 PREFERENCES = "preferences"
@@ -128,7 +129,6 @@ CANDIDATE_SCHEMA = pa.schema(
         pa.field("candidate_id", pa.string(), nullable=False),
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),
         pa.field("question", pa.string(), nullable=False),
         pa.field("answer", pa.string(), nullable=False),
         pa.field("form", pa.string(), nullable=False),

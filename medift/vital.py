@@ -157,10 +157,9 @@ def load_model(path: str, dtype: str, device: str, trust_remote_code: bool):
 ##### candidates #####
 
 
-def candidate_rows(config: CandidateConfig, adapter, model, processor, judge, counts: Counter):
+def candidate_rows(config: CandidateConfig, adapter, options: dict, model, processor, judge, counts: Counter):
     """Every training image's candidates, rated, row group by row group (shard order)."""
     rows = ShardRows(Path(config.shards), DESCRIPTIONS, "train", ("image_id", "image", "attributes"))
-    options = question_options(adapter, config.shards)
     progress = tqdm(total=len(rows), desc="candidates", unit="img", file=sys.stderr)
     for frame in rows.row_groups():
         asked = []  # (image_id, image bytes, attributes, turn)
@@ -194,7 +193,6 @@ def candidate_rows(config: CandidateConfig, adapter, model, processor, judge, co
                     "candidate_id": f"{image_id}:{counts['candidates'] - 1}",
                     "image_id": image_id,
                     "split": "train",
-                    "image": image,
                     "question": turn.question,
                     "answer": answer,
                     "form": turn.form,
@@ -211,9 +209,10 @@ def make_candidates(config: CandidateConfig) -> dict:
     set_torch_threads(config.threads)
     adapter = adapter_of(config.shards)
     require_attributes(adapter, "vital_select candidates")
+    options = question_options(adapter, config.shards)  # read once: the judge's vocabulary and the questions'
     judge = make_judge(
         json.loads(config.judge),
-        judge_vocabulary(adapter, question_options(adapter, config.shards)),
+        judge_vocabulary(adapter, options),
         Path(config.judge_cache or config.out_dir),
         adapter.QUESTION_TEXT,
     )
@@ -235,7 +234,10 @@ def make_candidates(config: CandidateConfig) -> dict:
         }
 
     manifest = write_generated_shards(
-        Path(config.out_dir), CANDIDATES, candidate_rows(config, adapter, model, processor, judge, counts), summary
+        Path(config.out_dir),
+        CANDIDATES,
+        candidate_rows(config, adapter, options, model, processor, judge, counts),
+        summary,
     )
     log.info("%d images -> %d candidates (%d judge calls)", counts["images"], counts["candidates"], judge.calls)
     return manifest
@@ -263,13 +265,13 @@ def feature_text(description: str, question: str, answer: str) -> str:
     return f"{description}\n{question}\n{answer}"
 
 
-def selection_features(config: SelectConfig, candidates, corrupted, descriptions) -> tuple[torch.Tensor, torch.Tensor]:
+def selection_features(
+    config: SelectConfig, candidates, corrupted, descriptions, train_images: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Image and text features of every item (the candidates, then the corrupted answers) from the base model."""
     model, processor = load_model(config.base_model, config.dtype, config.device, config.trust_remote_code)
     image_ids = sorted(set(candidates["image_id"]))
-    images = {
-        row["image_id"]: decode_image(row["image"]) for row in candidates.drop_duplicates("image_id").to_dict("records")
-    }
+    images = {image_id: decode_image(data) for image_id, data in train_images.items() if image_id in image_ids}
     image_prompt = [encode_prompt(processor, CAPTION_INSTRUCTION, with_image=True)] * len(image_ids)
     per_image = pooled_hidden_states(model, processor, image_prompt, [images[i] for i in image_ids], config.batch_size)
     image_index = {image_id: n for n, image_id in enumerate(image_ids)}
@@ -295,15 +297,14 @@ def select(config: SelectConfig) -> dict:
         Path(config.candidates),
         CANDIDATES,
         "train",
-        ["candidate_id", "image_id", "image", "question", "answer", "form", "attribute", "options", "origin", "rating"],
+        ["candidate_id", "image_id", "question", "answer", "form", "attribute", "options", "origin", "rating"],
     ).frame()
     if candidates.empty:
         raise ValueError(f"{config.candidates}: no candidates")
-    descriptions = dict(
-        ShardRows(Path(config.shards), DESCRIPTIONS, "train", ("image_id", "description"))
-        .frame()
-        .itertuples(index=False)
-    )
+    # Each training image once (its description and its stored image), read in one pass.
+    train = ShardRows(Path(config.shards), DESCRIPTIONS, "train", ("image_id", "description", "image")).frame()
+    descriptions = dict(zip(train["image_id"], train["description"]))
+    train_images = dict(zip(train["image_id"], train["image"]))
     options = question_options(adapter, config.shards)
     rng = random.Random(f"{config.seed}:clinician")
     truth = [i for i in candidates.index[candidates["origin"] == GROUND_TRUTH]]
@@ -312,7 +313,7 @@ def select(config: SelectConfig) -> dict:
         answer = corrupted_answer(candidates.loc[i].to_dict(), rng, options)
         if answer is not None:
             corrupted.append((i, answer))
-    image_features, text_features = selection_features(config, candidates, corrupted, descriptions)
+    image_features, text_features = selection_features(config, candidates, corrupted, descriptions, train_images)
 
     ratings = [None if r is None or np.isnan(r) else float(r) for r in candidates["rating"]]
     rated = sum(r is not None for r in ratings)
@@ -370,7 +371,7 @@ def select(config: SelectConfig) -> dict:
         {
             "image_id": row["image_id"],
             "split": "train",
-            "image": row["image"],
+            "image": train_images[row["image_id"]],
             "turns": json.dumps([[row["question"], row["answer"]]], ensure_ascii=False),
             "origin": f"{row['origin']}:{row['form']}",
         }

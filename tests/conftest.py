@@ -6,22 +6,9 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_wbcatt_shards(tmp_path_factory) -> Path:
     """Shards of a 4/2/4-image synthetic WBCAtt release (64 px): enough for one training step."""
-    from medift.datasets.synthetic import write_synthetic
-    from medift.prepare import ShardsConfig, prepare_shards
+    from tests.fixtures.data import synthetic_shards
 
-    root = tmp_path_factory.mktemp("tiny-wbcatt")
-    write_synthetic("wbcatt", root / "raw", seed=3, n_train=4, n_val=2, n_test=4, image_size=64)
-    prepare_shards(
-        ShardsConfig(
-            dataset="wbcatt",
-            raw_dir=str(root / "raw"),
-            out_dir=str(root / "shards"),
-            report=str(root / "report.json"),
-            image_size=64,
-            seed=3,
-        )
-    )
-    return root / "shards"
+    return synthetic_shards(tmp_path_factory.mktemp("tiny-wbcatt"), seed=3, n_train=4, n_val=2, n_test=4)
 
 
 @pytest.fixture(scope="session")

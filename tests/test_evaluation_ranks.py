@@ -12,11 +12,10 @@ import sys
 import pytest
 
 from medift.benchmarks import BenchmarkConfig, make_benchmark_shards
-from medift.datasets.synthetic import write_synthetic
-from medift.prepare import ShardsConfig, prepare_shards
 from medift.settings import launcher_arguments, option_arguments
 from medift.shards import QUESTIONS, ShardRows
 from medift.testing.tiny_checkpoints import build_tiny_checkpoint
+from tests.fixtures.data import synthetic_shards
 from tests.fixtures.own_data import write_vlmevalkit_tsv
 
 
@@ -24,17 +23,7 @@ from tests.fixtures.own_data import write_vlmevalkit_tsv
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluation-ranks")
     # 70 test questions: two row groups of the shards (64 rows a group), so each rank has one.
-    write_synthetic("wbcatt", root / "raw", seed=5, n_train=2, n_val=1, n_test=70, image_size=32)
-    prepare_shards(
-        ShardsConfig(
-            dataset="wbcatt",
-            raw_dir=str(root / "raw"),
-            out_dir=str(root / "shards"),
-            report=str(root / "report.json"),
-            image_size=32,
-            seed=5,
-        )
-    )
+    synthetic_shards(root, seed=5, n_train=2, n_val=1, n_test=70, image_size=32)
     assert len(ShardRows(root / "shards", QUESTIONS, "test", ["question_id"]).group_sizes()) == 2
     write_vlmevalkit_tsv(root / "bench.tsv")
     make_benchmark_shards(

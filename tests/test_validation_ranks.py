@@ -48,23 +48,11 @@ engine.shutdown()
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from medift.datasets.synthetic import write_synthetic
-    from medift.prepare import ShardsConfig, prepare_shards
     from medift.testing.tiny_checkpoints import build_tiny_checkpoint
+    from tests.fixtures.data import synthetic_shards
 
     root = tmp_path_factory.mktemp("validation-ranks")
-    write_synthetic("wbcatt", root / "raw", seed=3, n_train=4, n_val=15, n_test=2, image_size=64)
-    prepare_shards(
-        ShardsConfig(
-            dataset="wbcatt",
-            raw_dir=str(root / "raw"),
-            out_dir=str(root / "shards"),
-            report=str(root / "report.json"),
-            image_size=64,
-            seed=3,
-            rows_per_shard=4,
-        )
-    )
+    synthetic_shards(root, seed=3, n_train=4, n_val=15, n_test=2, rows_per_shard=4)
     (root / "validate.py").write_text(SCRIPT)
     return root, build_tiny_checkpoint("mllama", root / "mllama"), root / "shards"
 
