@@ -271,9 +271,20 @@ def selection_features(
     """Image and text features of every item (the candidates, then the corrupted answers) from the base model."""
     model, processor = load_model(config.base_model, config.dtype, config.device, config.trust_remote_code)
     image_ids = sorted(set(candidates["image_id"]))
-    images = {image_id: decode_image(data) for image_id, data in train_images.items() if image_id in image_ids}
-    image_prompt = [encode_prompt(processor, CAPTION_INSTRUCTION, with_image=True)] * len(image_ids)
-    per_image = pooled_hidden_states(model, processor, image_prompt, [images[i] for i in image_ids], config.batch_size)
+    image_prompt = encode_prompt(processor, CAPTION_INSTRUCTION, with_image=True)
+    # Decoded a batch at a time: the split's images are never all decoded at once.
+    per_image = torch.cat(
+        [
+            pooled_hidden_states(
+                model,
+                processor,
+                [image_prompt] * len(chunk),
+                [decode_image(train_images[i]) for i in chunk],
+                config.batch_size,
+            )
+            for chunk in (image_ids[k : k + config.batch_size] for k in range(0, len(image_ids), config.batch_size))
+        ]
+    )
     image_index = {image_id: n for n, image_id in enumerate(image_ids)}
     items = [(row["image_id"], row["question"], row["answer"]) for row in candidates.to_dict("records")] + [
         (candidates.loc[i, "image_id"], candidates.loc[i, "question"], answer) for i, answer in corrupted
