@@ -824,6 +824,10 @@ class Board:
                 if value is not None:
                     self.writer.add_scalar(key, value, step)
 
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -912,6 +916,9 @@ class Run:
         if self.checkpoints is not None and checkpoint_due(
             self.step, since_checkpoint, self.config.checkpoint_every, self.config.checkpoint_minutes
         ):
+            # The events up to this step reach the disk before the checkpoint does: a job killed once
+            # the checkpoint is written has lost none of them (the writer otherwise flushes every 2 min).
+            self.board.flush()
             self.checkpoints.save(self.step, self.state, self.proxy, optimizer, engine, self.best_weights)
             self.checkpoint_clock = time.perf_counter()  # the writing is not training time
 

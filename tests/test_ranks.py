@@ -24,6 +24,9 @@ from medift.settings import launcher_arguments, option_arguments
 from medift.testing.tiny_checkpoints import build_tiny_checkpoint
 from medift.train import TrainConfig, checkpoint_due, count_loads, global_batches, my_micro_batches
 
+# One pytest-xdist worker for the module: its slow tests share one reference run (`two_ranks`).
+pytestmark = pytest.mark.xdist_group("ranks")
+
 STRICT_LAUNCHER = os.path.join(os.path.dirname(__file__), "fixtures", "strict_collectives.py")
 
 
@@ -76,10 +79,18 @@ def max_difference(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def two_ranks(setup) -> dict:
+    """The module's reference run, trained once: two ranks, micro-batch 1, ZeRO-2 (the default)."""
+    out = setup[0] / "two-ranks"
+    if (out / "train_summary.json").is_file():
+        return json.loads((out / "train_summary.json").read_text()) | {"out": out}
+    return run_training(setup, "two-ranks", 2, batch_size=1, gradient_accumulation=1)
+
+
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_accumulation(setup):
     one = run_training(setup, "one-rank", 1, batch_size=1, gradient_accumulation=2)
-    two = run_training(setup, "two-ranks", 2, batch_size=1, gradient_accumulation=1)
+    two = two_ranks(setup)
     assert (one["ranks"], two["ranks"]) == (1, 2) and one["global_batch"] == two["global_batch"] == 2
     assert [h["loss"] for h in one["history"]] == pytest.approx([h["loss"] for h in two["history"]], abs=1e-6)
     assert len(two["history"]) == 6  # 2 global steps per epoch (4 images), warm-up + 2 epochs
@@ -95,11 +106,10 @@ def test_two_ranks_equal_one_rank_with_accumulation(setup):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,offload", [(3, "none"), (2, "optimizer"), (3, "optimizer+parameters")])
 def test_zero_stages_and_offload_give_the_same_weights(setup, stage, offload):
-    reference_dir = setup[0] / "zero2"
-    if not (reference_dir / "train_summary.json").is_file():
-        run_training(setup, "zero2", 2, batch_size=1, zero_stage=2)
+    reference = two_ranks(setup)  # ZeRO-2 without offload
+    assert reference["config"]["zero_stage"] == 2 and reference["config"]["offload"] == "none"
     other = run_training(setup, f"zero{stage}-{offload}", 2, batch_size=1, zero_stage=stage, offload=offload)
-    assert max_difference(weights(reference_dir), weights(other["out"])) <= 1e-5
+    assert max_difference(weights(reference["out"]), weights(other["out"])) <= 1e-5
 
 
 def test_impossible_offload_fails_before_training():

@@ -764,9 +764,12 @@ def test_end_to_end_table1_on_a_tiny_mllama_checkpoint(tmp_path):
     assert set(summary["trainable_parameters"]["per_group"]) == {"vision", "fusion", "projector"}
     generated = pd.read_csv(work / "results/wbcatt/ift/seed-1/predictions.csv")
 
+    # Letter scoring: a new evaluation setting reruns the evaluations (here only ift's is asked for).
     config["evaluate"]["scoring"] = "letter"
     write_config(configfile, config)
-    snakemake(f"--configfile={configfile}", "results/table1.csv", workdir=work, timeout=900)
+    jobs = dry_run("results/table1.csv", workdir=work, configfile=configfile)
+    assert rule_counts(jobs) == {"evaluate_model": 3, "make_table": 1}
+    snakemake(f"--configfile={configfile}", "results/wbcatt/ift/seed-1/predictions.csv", workdir=work, timeout=900)
     scored = pd.read_csv(work / "results/wbcatt/ift/seed-1/predictions.csv")
     assert len(scored) == len(generated) and scored["parse_failed"].eq(0).all()
     assert scored["letter_scores"].map(json.loads).map(len).eq(scored["options"].map(json.loads).map(len)).all()
