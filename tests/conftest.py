@@ -23,6 +23,18 @@ def table1_run(tmp_path_factory) -> dict:
     return shared_table1_run((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "table1-run")
 
 
+def pytest_configure(config):
+    # Under pytest-xdist the workers share the machine's cores: torch's default of one thread per
+    # core in every worker oversubscribes them (OpenMP threads spinning for a core).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        from medift.settings import available_cpus
+
+        torch.set_num_threads(max(1, available_cpus() // workers))
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(items):
     for item in items:

@@ -216,7 +216,7 @@ def test_table1_through_the_slurm_profile_equals_the_local_run(slurm_cluster, re
     monkeypatch.setenv("PATH", slurm_cluster["env"]["PATH"])
     # The shared local run's config (ift with 2 ranks: torchrun inside the sbatch job, 2 CPUs;
     # caption_ft with one), cut to one dataset and one seed: every rule goes through sbatch all
-    # the same, in a quarter of the jobs. Its jobs' files must equal the local run's.
+    # the same, in half the jobs. Its jobs' files must equal the local run's.
     config = table1_run_config()
     config["seeds"] = [1]
     config["datasets"] = {"wbcatt": config["datasets"]["wbcatt"]}
