@@ -38,6 +38,7 @@ from tests.fixtures.workflow import (
     dry_run,
     dry_run_jobs,
     embedded_base_available,
+    printed_dry_run,
     rule_counts,
     snakemake,
     tiny_config,
@@ -162,14 +163,7 @@ def test_real_checkpoint_settings_are_checked_before_any_job(tmp_path):
 def test_several_ranks_start_through_torchrun_with_their_threads(tmp_path):
     config = copy.deepcopy(default_config())
     config["methods"]["ift"].update(ranks=2, gradient_accumulation=2)
-    result = snakemake(
-        "-n",
-        "-p",
-        f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
-        "results/table1.csv",
-        workdir=tmp_path / "work",
-    )
-    output = result.stdout + result.stderr
+    output = printed_dry_run(config, tmp_path)
     ift = [
         block
         for block in output.split("\n\n")
@@ -204,14 +198,8 @@ def _job_blocks(output: str, rule: str) -> list[tuple[dict[str, str], str]]:
 def test_evaluation_ranks_start_through_torchrun(tmp_path):
     config = copy.deepcopy(default_config())
     config["evaluate"].update(ranks=2, threads=2)
-    result = snakemake(
-        "-n",
-        "-p",
-        f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
-        "results/table1.csv",
-        workdir=tmp_path / "work",
-    )
-    jobs = _job_blocks(result.stdout + result.stderr, "evaluate_model")
+    output = printed_dry_run(config, tmp_path)
+    jobs = _job_blocks(output, "evaluate_model")
     assert len(jobs) == 6
     launcher = "python -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node 2 -m medift.evaluate"
     # 2 threads x 2 ranks, capped at the test's --cores 2, shared out over the ranks.
@@ -227,14 +215,7 @@ def test_local_gpu_jobs_take_cards_of_their_own(tmp_path):
     config["train"].update(accelerator="cuda")
     config["methods"]["ift"].update(ranks=2, global_batch=32)  # 16 x 2 ranks: accumulation 1
     config["evaluate"]["device"] = "cuda"
-    result = snakemake(
-        "-n",
-        "-p",
-        f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
-        "results/table1.csv",
-        workdir=tmp_path / "work",
-    )
-    output = result.stdout + result.stderr
+    output = printed_dry_run(config, tmp_path)
     train, evaluate = _job_blocks(output, "train_model"), _job_blocks(output, "evaluate_model")
     assert len(train) == 4 and len(evaluate) == 6
     for resources, shell in train:
@@ -249,14 +230,7 @@ def test_local_gpu_jobs_take_cards_of_their_own(tmp_path):
     for device, cards in (("cpu", "0"), ("auto", "0")):  # auto: this machine has no card
         config = copy.deepcopy(default_config())
         config["evaluate"]["device"] = device
-        result = snakemake(
-            "-n",
-            "-p",
-            f"--configfile={write_config(tmp_path / f'{device}.yaml', config)}",
-            "results/table1.csv",
-            workdir=tmp_path / "work",
-        )
-        output = result.stdout + result.stderr
+        output = printed_dry_run(config, tmp_path / device)
         assert all(r["gpu"] == "0" and "python -m medift.gpus" not in s for r, s in _job_blocks(output, "train_model"))
         assert all(
             r["gpu"] == cards and f"medift.gpus --take {cards} --" in s
@@ -268,14 +242,8 @@ def test_global_batch_derives_the_accumulation(tmp_path):
     config = copy.deepcopy(default_config())
     config["train"].update(batch_size=4, global_batch=32)
     config["methods"]["ift"].update(ranks=2)
-    result = snakemake(
-        "-n",
-        "-p",
-        f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
-        "results/table1.csv",
-        workdir=tmp_path / "work",
-    )
-    for _, shell in _job_blocks(result.stdout + result.stderr, "train_model"):
+    output = printed_dry_run(config, tmp_path)
+    for _, shell in _job_blocks(output, "train_model"):
         accumulation = 4 if "/ift/" in shell else 8  # 32 / (4 x 2 ranks), 32 / (4 x 1 rank)
         assert f"--batch_size 4 --gradient_accumulation {accumulation} --global_batch 32 " in shell
 
@@ -285,19 +253,8 @@ def test_the_proxy_learns_at_the_model_lr_unless_its_own_is_set(tmp_path):
     config["train"].update(lr=3.0e-5, proxy_lr=None)
     config["methods"]["ift_no_momentum"]["proxy_lr"] = 2.0e-3
     config["methods"]["caption_ft"]["proxy_lr"] = 5.0e-3  # no proxy: a job parameter that changes nothing
-    result = snakemake(
-        "-n",
-        "-p",
-        "results/table1.csv",
-        "results/table2.csv",
-        f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
-        workdir=tmp_path / "work",
-    )
-    blocks = [
-        b
-        for b in (result.stdout + result.stderr).split("\n\n")
-        if "medift.train" in b and "seed-1/model.safetensors" in b
-    ]
+    output = printed_dry_run(config, tmp_path, "results/table1.csv", "results/table2.csv")
+    blocks = [b for b in output.split("\n\n") if "medift.train" in b and "seed-1/model.safetensors" in b]
     of = {
         method: [b for b in blocks if f"/{method}/seed-1/" in b] for method in ("ift", "ift_no_momentum", "caption_ft")
     }
@@ -537,15 +494,9 @@ def test_table2_ablations_reach_their_training_jobs(tmp_path):
     """Table 2's methods differ from ift by one setting each: a dry run's shell lines carry it
     (the shared end-to-end run trains table 1's methods; the same rules train these)."""
     config = tiny_config()
-    result = snakemake(
-        "-n",
-        "-p",
-        f"--configfile={write_config(tmp_path / 'config.yaml', config)}",
-        "results/table2.csv",
-        workdir=tmp_path / "work",
-    )
+    output = printed_dry_run(config, tmp_path, "results/table2.csv")
     commands = {}
-    for _, command in _job_blocks(result.stdout + result.stderr, "train_model"):
+    for _, command in _job_blocks(output, "train_model"):
         trained = re.search(r"--out_dir resources/models/wbcatt/(\w+)/seed-1 ", command)
         if trained:
             commands[trained.group(1)] = command
