@@ -150,13 +150,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def evaluate_once(model, processor, questions, scoring, circular, encode_once, config, device) -> tuple:
-    from medift.evaluate import EvaluateConfig, score_questions
+    from medift.evaluate import score_questions, scoring_settings
 
-    settings = EvaluateConfig(
-        model="",
-        shards="",
-        out="",
-        summary="",
+    settings = scoring_settings(
         scoring=scoring,
         circular=circular,
         batch_size=config.batch_size,

@@ -175,6 +175,12 @@ class EvaluateConfig:
         check_fields(self, EVALUATE_LIMITS)
 
 
+def scoring_settings(**settings) -> EvaluateConfig:
+    """Settings for questions scored in memory (`score_questions`: validation, benchmarks, tests):
+    the files an evaluation job reads and writes are left empty unless given."""
+    return EvaluateConfig(**{"model": "", "shards": "", "out": "", "summary": "", **settings})
+
+
 # Each setting's limits (the CLI's check, check_fields, and the schema's, generated).
 EVALUATE_LIMITS = {
     "split": {"choices": SPLITS},

@@ -25,7 +25,7 @@ from medift import flops
 from medift.batching import resolve_accumulation
 from medift.chat import CAPTION_INSTRUCTION, Encoded, encode_conversation, model_inputs
 from medift.checkpoints import Checkpoints
-from medift.evaluate import QUESTION_COLUMNS, EvaluateConfig, score_questions
+from medift.evaluate import QUESTION_COLUMNS, score_questions, scoring_settings
 from medift.images import decode_image
 from medift.model.families import family_of
 from medift.model.loading import (
@@ -735,11 +735,8 @@ class Validation:
         self.reader = ShardRows(Path(shards), QUESTIONS, "val", QUESTION_COLUMNS, verify=verify)
         if len(self.reader) == 0:
             raise ValueError(f"{shards}: no validation questions (set validate false)")
-        self.config = EvaluateConfig(
-            model="",
+        self.config = scoring_settings(
             shards=shards,
-            out="",
-            summary="",
             split="val",
             scoring="letter",
             circular=False,

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from medift import mcq
-from medift.evaluate import EvaluateConfig, asked_prompts, score_questions
+from medift.evaluate import EvaluateConfig, asked_prompts, score_questions, scoring_settings
 from medift.generation import generate_answers, score_letters
 from medift.image_encoding import encoding_kind, generating, grouped_order
 from medift.images import decode_image
@@ -93,11 +93,7 @@ class ImagesEncoded:
 
 
 def config(scoring: str, batch_size: int, encode_once: bool) -> EvaluateConfig:
-    return EvaluateConfig(
-        model="",
-        shards="",
-        out="",
-        summary="",
+    return scoring_settings(
         scoring=scoring,
         circular=True,
         batch_size=batch_size,

@@ -24,7 +24,7 @@ from PIL import Image
 from medift import mcq
 from medift.chat import IGNORE_INDEX, encode_conversation, model_inputs
 from medift.embedded.pretrain import held_out_questions
-from medift.evaluate import EvaluateConfig, score_questions
+from medift.evaluate import score_questions, scoring_settings
 from medift.images import encode_image
 from medift.model.families import FAMILIES, native_image_size
 from medift.model.loading import ADAPTER_DIR, load_base_model, parameter_groups, select_trainable
@@ -337,11 +337,7 @@ def test_generate_and_letter_scoring_are_batch_invariant_and_agree(family, check
     letters = {}
     for scoring in ("generate", "letter"):
         for batch_size in (1, 8):
-            config = EvaluateConfig(
-                model="",
-                shards="",
-                out="",
-                summary="",
+            config = scoring_settings(
                 scoring=scoring,
                 batch_size=batch_size,
                 max_new_tokens=12,

@@ -12,7 +12,7 @@ from PIL import Image
 from medift import mcq
 from medift.embedded.llava import EmbeddedModelConfig, build_processor
 from medift.embedded.pretrain import held_out_questions
-from medift.evaluate import EvaluateConfig, asked_prompts, score_questions, summarize
+from medift.evaluate import asked_prompts, score_questions, scoring_settings, summarize
 from medift.generation import best_letter, forced_answer_context, score_letters
 from medift.images import encode_image
 from medift.model.loading import load_base_model
@@ -111,11 +111,7 @@ def test_predictions_do_not_depend_on_the_batch_size(shipped, scoring):
     questions = _questions_frame(20)
     letters = {}
     for batch_size in (1, 16):
-        config = EvaluateConfig(
-            model="",
-            shards="",
-            out="",
-            summary="",
+        config = scoring_settings(
             scoring=scoring,
             batch_size=batch_size,
             max_new_tokens=12,
@@ -134,13 +130,13 @@ def test_letter_scoring_agrees_with_generation_and_circular_summary(shipped):
         model,
         processor,
         questions,
-        EvaluateConfig(model="", shards="", out="", summary="", scoring="generate", circular=True, max_new_tokens=12),
+        scoring_settings(scoring="generate", circular=True, max_new_tokens=12),
     )
     scored = score_questions(
         model,
         processor,
         questions,
-        EvaluateConfig(model="", shards="", out="", summary="", scoring="letter", circular=True),
+        scoring_settings(scoring="letter", circular=True),
     )
     assert list(generated["parsed_letter"]) == list(scored["parsed_letter"])
     assert scored["raw_output"].eq("").all() and scored["parse_failed"].eq(0).all()
