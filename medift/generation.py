@@ -13,6 +13,7 @@ prompts' order and are the same as without it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -20,6 +21,23 @@ from PIL import Image
 from medift import mcq
 from medift.chat import IGNORE_INDEX, encode_conversation, encode_prompt, model_inputs, render, user_message
 from medift.image_encoding import ImageEncodings, encoding_kind, generating, grouped_order
+
+
+@dataclass(kw_only=True)
+class JudgedSamplingConfig:
+    """Settings shared by the data-making jobs that sample a model's answers and have a judge rate
+    them (medift.vital's candidates, medift.self_training's preferences); keyword-only, so each
+    job's own required fields stay first."""
+
+    judge: str = field(
+        default='{"kind": "offline"}', metadata={"help": "The judge's settings as JSON (medift.judge.make_judge)."}
+    )
+    judge_cache: str = field(default="", metadata={"help": "Directory of a hosted judge's cache of calls."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per forward."})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16."})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda."})
+    threads: int = field(default=1, metadata={"help": "Torch threads."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Only for checkpoints that need it."})
 
 
 def prompt_batch(

@@ -40,7 +40,7 @@ from medift.chat import (
     tokenize_text,
     user_message,
 )
-from medift.generation import generate_answers, sample_texts, to_model
+from medift.generation import JudgedSamplingConfig, generate_answers, sample_texts, to_model
 from medift.images import decode_image
 from medift.instructions import adapter_of, judge_vocabulary, question_options, require_attributes
 from medift.judge import JudgeItem, make_judge
@@ -66,14 +66,10 @@ _SENTINEL = "\u2063MEDIFT-QUESTION\u2063"
 
 
 @dataclass
-class PreferenceConfig:
+class PreferenceConfig(JudgedSamplingConfig):
     shards: str = field(metadata={"help": "The dataset's shard directory (train images and attributes)."})
     model: str = field(metadata={"help": "The stage-1 model: it asks, answers, and is DPO's reference."})
     out_dir: str = field(metadata={"help": "Directory of the preference shards written."})
-    judge: str = field(
-        default='{"kind": "offline"}', metadata={"help": "The judge's settings as JSON (medift.judge.make_judge)."}
-    )
-    judge_cache: str = field(default="", metadata={"help": "Directory of a hosted judge's cache of calls."})
     seed: int = field(default=1, metadata={"help": "Seeds the sampled questions and answers."})
     questions_per_image: int = field(default=1, metadata={"help": "Questions the model asks about each image."})
     temperature: float = field(default=1.2, metadata={"help": "Sampling temperature (reference 1.2)."})
@@ -81,11 +77,6 @@ class PreferenceConfig:
     describe_max_new_tokens: int = field(default=32, metadata={"help": "Longest description, in tokens."})
     question_max_new_tokens: int = field(default=24, metadata={"help": "Longest question, in tokens."})
     answer_max_new_tokens: int = field(default=24, metadata={"help": "Longest answer, in tokens."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts per forward."})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16."})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda."})
-    threads: int = field(default=1, metadata={"help": "Torch threads."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Only for checkpoints that need it."})
 
     def __post_init__(self):
         check_fields(self, PREFERENCE_LIMITS)

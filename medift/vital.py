@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from medift import mcq
 from medift.chat import CAPTION_INSTRUCTION, encode_prompt
-from medift.generation import pooled_hidden_states, sample_texts
+from medift.generation import JudgedSamplingConfig, pooled_hidden_states, sample_texts
 from medift.images import decode_image
 from medift.instructions import (
     FORMS_PATTERN,
@@ -95,14 +95,10 @@ SELECT_LIMITS = {
 
 
 @dataclass
-class CandidateConfig:
+class CandidateConfig(JudgedSamplingConfig):
     shards: str = field(metadata={"help": "The dataset's shard directory (train descriptions and attributes)."})
     base_model: str = field(metadata={"help": "The model whose sampled answers are candidates beside the truth."})
     out_dir: str = field(metadata={"help": "Directory of the candidate shards written."})
-    judge: str = field(
-        default='{"kind": "offline"}', metadata={"help": "The judge's settings as JSON (medift.judge.make_judge)."}
-    )
-    judge_cache: str = field(default="", metadata={"help": "Directory of a hosted judge's cache of calls."})
     seed: int = field(default=1, metadata={"help": "Seeds the questions and the model's samples."})
     forms: str = field(default="mcq,open,verify", metadata={"help": "Question phrasings (medift.instructions)."})
     rounds: int = field(default=2, metadata={"help": "Passes over each image's attributes (questions per attribute)."})
@@ -110,11 +106,6 @@ class CandidateConfig:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the model's answers."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus of the model's answers."})
     max_new_tokens: int = field(default=24, metadata={"help": "Longest sampled answer, in tokens."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts per forward."})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16."})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda."})
-    threads: int = field(default=1, metadata={"help": "Torch threads."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Only for checkpoints that need it."})
 
     def __post_init__(self):
         check_fields(self, CANDIDATE_LIMITS)
